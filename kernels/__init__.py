@@ -1,0 +1,1 @@
+"""GPU kernels behind the plugins."""

@@ -1,0 +1,1 @@
+"""TensorRT plugins for fusegraph ops."""

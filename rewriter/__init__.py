@@ -1,0 +1,1 @@
+"""fusegraph: declarative pattern matching and fusion for ONNX."""

@@ -1,0 +1,9 @@
+"""The one error type the command line turns into a single line and exit code 2.
+
+Anything wrong with what the user handed us (a file, a model, a pattern, a flag) raises
+`InputError`; everything else is a bug and keeps its traceback.
+"""
+
+
+class InputError(Exception):
+    """Bad input: the CLI prints `rewrite: error: <message>` and exits with code 2."""
