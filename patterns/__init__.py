@@ -1,1 +1,13 @@
-"""The fusion library."""
+"""The fusion library: each module holds one family of rules and lists them in `RULES`."""
+
+from __future__ import annotations
+
+from fusegraph.rule import RuleSet
+
+from . import gemm_epilogue
+
+MODULES = (gemm_epilogue,)
+
+
+def all_rules() -> RuleSet:
+    return RuleSet(r for m in MODULES for r in m.RULES)

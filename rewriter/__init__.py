@@ -1,1 +1,21 @@
-"""fusegraph: declarative pattern matching and fusion for ONNX."""
+"""fusegraph: declarative pattern matching and fusion for ONNX graphs headed to TensorRT.
+
+    import fusegraph
+    from fusegraph import Rule, Const, optional
+
+    def pattern(op, x):
+        return op.Mul(x, op.Sigmoid(x))
+
+    def replacement(op, x):
+        return op.Silu(x, _domain="my.ops")
+
+    model = fusegraph.rewrite(model, [Rule("silu", pattern, replacement)])
+"""
+
+from .api import default_rules, rewrite, rewrite_file, rewrite_with_report
+from .errors import InputError
+from .pattern import Attr, Const, Var, is_op, optional, wildcard
+from .rule import Rule, RuleSet, reject
+
+__all__ = ["Attr", "Const", "InputError", "Rule", "RuleSet", "Var", "default_rules", "is_op", "optional",
+           "reject", "rewrite", "rewrite_file", "rewrite_with_report", "wildcard"]

@@ -1,0 +1,319 @@
+"""Launch the fused-op kernels without torch, for the TensorRT plugins' ``enqueue``.
+
+A plugin gets raw device pointers and a CUDA stream, not tensors, so the Triton JIT's
+launcher (which wants torch tensors and its own C stub) is no use there.  Instead each
+``launch_*`` function below
+
+1. describes one launch (``KernelLaunch``): the Triton kernel, its constexprs and tiles
+   (from the same ``*_config`` functions the torch entries use), and the runtime
+   arguments with their Triton types;
+2. compiles it ahead of time for the current GPU with ``triton.compile(ASTSource(...))``
+   (cached per signature; the JIT's specialisation is mirrored: pointers and ints that
+   are multiples of 16 get the ``tt.divisibility`` hint, which enables 16-byte accesses);
+3. loads the cubin with ``cuModuleLoadData`` (cached per CUDA context) and launches it
+   with ``cuLaunchKernel`` on the given stream.
+
+Kernel ABI (read from triton/backends/nvidia/driver.py, Triton 3.6-3.9): the cubin's
+entry takes every non-constexpr argument in declaration order, then two hidden pointers,
+``global_scratch`` and ``profile_scratch``.  Our kernels need neither (this module
+refuses a kernel that does), so both are passed as 0.  The block is 32 x num_warps
+threads, and the dynamic shared memory is the compiled kernel's ``shared`` size.
+
+Callers pass contiguous row-major buffers, dtype names "float16", "bfloat16" or
+"float32", and a stream handle (an int ``cudaStream_t`` / ``CUstream``; 0 = legacy).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import attention, gemm_epilogue, norms, rope
+
+_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "fp32": ctypes.c_float}
+
+
+def _elem(dtype: str) -> str:
+    try:
+        return _TRITON_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_TRITON_DTYPES)}, got {dtype!r}") from None
+
+
+def _int_type(value: int) -> str:
+    return "i32" if -(2**31) <= value < 2**31 else "i64"
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """Everything one launch needs; ``args`` are (name, triton type, value) in kernel order."""
+
+    kernel: object
+    args: tuple
+    constexprs: tuple
+    grid: tuple
+    num_warps: int
+    num_stages: int
+
+    def runtime_args(self) -> tuple:
+        """Args passed at launch: ints equal to 1 become constexprs, as the JIT specialises
+        them (a unit stride known at compile time is what makes loads vectorise)."""
+        return tuple(a for a in self.args if not (a[1] in ("i32", "i64") and a[2] == 1))
+
+    def all_constexprs(self) -> tuple:
+        ones = tuple((name, 1) for name, ty, value in self.args
+                     if ty in ("i32", "i64") and value == 1)
+        return self.constexprs + ones
+
+    def signature(self) -> dict:
+        sig = {name: ty for name, ty, _ in self.runtime_args()}
+        sig.update({name: "constexpr" for name, _ in self.all_constexprs()})
+        return {name: sig[name] for name in self.kernel.arg_names}
+
+    def hints(self) -> tuple:
+        """Indices of args that are multiples of 16 (pointers and ints), as the JIT would mark."""
+        names = self.kernel.arg_names
+        return tuple(names.index(name) for name, ty, value in self.runtime_args()
+                     if ty != "fp32" and value % 16 == 0 and value != 0)
+
+    def compile(self, target: GPUTarget):
+        return _compile(self.kernel, tuple(self.signature().items()), self.all_constexprs(),
+                        self.hints(), self.num_warps, self.num_stages, target)
+
+    def c_args(self) -> list:
+        """ctypes values of the runtime args plus the two hidden scratch pointers."""
+        vals = [ctypes.c_uint64(value) if ty.startswith("*") else _CTYPES[ty](value)
+                for _, ty, value in self.runtime_args()]
+        return vals + [ctypes.c_uint64(0), ctypes.c_uint64(0)]
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(kernel, signature, constexprs, hints, num_warps, num_stages, target):
+    src = ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs),
+                    attrs={(i,): [["tt.divisibility", 16]] for i in hints})
+    compiled = triton.compile(src, target=target,
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    md = compiled.metadata
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise RuntimeError(f"{kernel.__name__} needs Triton scratch memory, which the "
+                           "torch-free launcher does not allocate")
+    return compiled
+
+
+# --- CUDA driver side (cuda-python) -------------------------------------------------------
+
+def _driver():
+    from cuda.bindings import driver  # imported lazily: compiling needs no GPU
+
+    return driver
+
+
+def _check(result):
+    """Unwrap a cuda.bindings (err, *values) tuple, raising on any error."""
+    drv = _driver()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        _, msg = drv.cuGetErrorString(err)
+        raise RuntimeError(f"CUDA driver error {err}: {msg.decode() if msg else '?'}")
+    return values[0] if len(values) == 1 else values
+
+
+def _current_context():
+    """The caller's current context (TensorRT's, or the primary one, retained if none is)."""
+    drv = _driver()
+    _check(drv.cuInit(0))
+    ctx = _check(drv.cuCtxGetCurrent())
+    if int(ctx) == 0:
+        ctx = _check(drv.cuDevicePrimaryCtxRetain(_check(drv.cuDeviceGet(0))))
+        _check(drv.cuCtxSetCurrent(ctx))
+    return ctx
+
+
+@functools.lru_cache(maxsize=None)
+def _target(device: int) -> GPUTarget:
+    drv = _driver()
+    attr = drv.CUdevice_attribute
+    major = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device))
+    minor = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device))
+    return GPUTarget("cuda", major * 10 + minor, 32)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(compiled, ctx_handle: int):
+    """Load a cubin into the current context once; returns (CUfunction, shared bytes)."""
+    drv = _driver()
+    module = _check(drv.cuModuleLoadData(compiled.asm["cubin"]))
+    func = _check(drv.cuModuleGetFunction(module, compiled.metadata.name.encode()))
+    shared = compiled.metadata.shared
+    if shared > 48 * 1024:
+        _check(drv.cuFuncSetAttribute(
+            func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared))
+    return func, shared
+
+
+def run(launch: KernelLaunch, stream) -> None:
+    """Compile (cached), load (cached) and enqueue ``launch`` on ``stream``."""
+    drv = _driver()
+    ctx = _current_context()
+    device = int(_check(drv.cuCtxGetDevice()))
+    func, shared = _load(launch.compile(_target(device)), int(ctx))
+    c_args = launch.c_args()
+    params = (ctypes.c_void_p * len(c_args))(*[ctypes.addressof(a) for a in c_args])
+    stream = stream if isinstance(stream, drv.CUstream) else drv.CUstream(int(stream))
+    gx, gy, gz = launch.grid
+    _check(drv.cuLaunchKernel(func, gx, gy, gz, 32 * launch.num_warps, 1, 1, shared, stream,
+                              ctypes.addressof(params), 0))
+
+
+# --- Launch descriptions, one per fused op ----------------------------------------------
+
+def _ptr(name: str, dtype: str, value: int) -> tuple:
+    return (name, "*" + _elem(dtype), int(value))
+
+
+def _ints(**values) -> list:
+    return [(name, _int_type(int(v)), int(v)) for name, v in values.items()]
+
+
+def norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
+                rms: bool) -> KernelLaunch:
+    """RMS/LayerNorm, with the residual when ``r_ptr`` is nonzero, beta when ``beta_ptr`` is."""
+    cfg = norms.norm_config(rows, cols, 4 if dtype == "float32" else 2)
+    has_res, has_beta = bool(r_ptr), bool(beta_ptr)
+    args = [_ptr("x_ptr", dtype, x_ptr), _ptr("r_ptr", dtype, r_ptr or x_ptr),
+            _ptr("gamma_ptr", dtype, gamma_ptr), _ptr("beta_ptr", dtype, beta_ptr or gamma_ptr),
+            _ptr("y_ptr", dtype, y_ptr), _ptr("s_ptr", dtype, s_ptr or y_ptr),
+            *_ints(rows=rows, cols=cols, stride_x=cols, stride_r=cols, stride_y=cols, stride_s=cols),
+            ("eps", "fp32", float(eps))]
+    const = (("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_C", cfg["BLOCK_C"]), ("RMS", rms),
+             ("HAS_RESIDUAL", has_res), ("HAS_BETA", has_beta))
+    return KernelLaunch(norms.norm_kernel, tuple(args), const, norms.norm_grid(rows, cfg),
+                        cfg["num_warps"], 1)
+
+
+def launch_rms_norm(x_ptr, gamma_ptr, y_ptr, rows, cols, eps, dtype, stream) -> None:
+    """``RMSNorm`` on a [rows, cols] buffer; gamma [cols] in the same dtype."""
+    run(norm_launch(x_ptr, 0, gamma_ptr, 0, y_ptr, 0, rows, cols, eps, dtype, True), stream)
+
+
+def launch_skip_rms_norm(x_ptr, r_ptr, gamma_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
+                         stream) -> None:
+    """``SkipRMSNorm``: S = X + R and Y = RMSNorm(S), both [rows, cols]."""
+    run(norm_launch(x_ptr, r_ptr, gamma_ptr, 0, y_ptr, s_ptr, rows, cols, eps, dtype, True), stream)
+
+
+def launch_layer_norm(x_ptr, gamma_ptr, beta_ptr, y_ptr, rows, cols, eps, dtype, stream) -> None:
+    """``LayerNorm``; ``beta_ptr`` 0 means no beta."""
+    run(norm_launch(x_ptr, 0, gamma_ptr, beta_ptr, y_ptr, 0, rows, cols, eps, dtype, False), stream)
+
+
+def launch_skip_layer_norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps,
+                           dtype, stream) -> None:
+    """``SkipLayerNorm``: S = X + R and Y = LayerNorm(S); ``beta_ptr`` 0 means no beta."""
+    run(norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
+                    False), stream)
+
+
+def gemm_launch(x_ptr, w_ptr, wu_ptr, b_ptr, bu_ptr, y_ptr, M, N, K, act, dtype) -> KernelLaunch:
+    """X [M, K] @ W [K, N] (+ b) -> act, times (X @ Wu + bu) when ``wu_ptr`` is nonzero."""
+    if act not in gemm_epilogue.ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {gemm_epilogue.ACTIVATIONS}")
+    glu = bool(wu_ptr)
+    cfg = gemm_epilogue.gemm_config(M, N, K, glu)
+    args = [_ptr("x_ptr", dtype, x_ptr), _ptr("w_ptr", dtype, w_ptr),
+            _ptr("wu_ptr", dtype, wu_ptr or w_ptr), _ptr("b_ptr", dtype, b_ptr or w_ptr),
+            _ptr("bu_ptr", dtype, bu_ptr or b_ptr or w_ptr), _ptr("y_ptr", dtype, y_ptr),
+            *_ints(M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wk=N, stride_wn=1, stride_ym=N)]
+    const = (("ACT", act), ("HAS_BIAS", bool(b_ptr)), ("GLU", glu),
+             ("EVEN_K", K % cfg["BLOCK_K"] == 0), ("BLOCK_M", cfg["BLOCK_M"]),
+             ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"]), ("GROUP_M", cfg["GROUP_M"]))
+    return KernelLaunch(gemm_epilogue.gemm_kernel, tuple(args), const,
+                        gemm_epilogue.gemm_grid(M, N, cfg), cfg["num_warps"], cfg["num_stages"])
+
+
+def launch_matmul_bias_act(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, act, dtype, stream) -> None:
+    """``MatMulBias{Act}``: Y [M, N] = act(X [M, K] @ W [K, N] + b [N]); ``b_ptr`` 0 = no bias.
+    ``act`` is one of "none", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu"."""
+    run(gemm_launch(x_ptr, w_ptr, 0, b_ptr, 0, y_ptr, M, N, K, act, dtype), stream)
+
+
+def launch_swiglu(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, M, N, K, act, dtype,
+                  stream) -> None:
+    """Y = act(X @ Wg + bg) * (X @ Wu + bu); ``act`` "Silu" or "Gelu"; biases both 0 or both set."""
+    if bool(bg_ptr) != bool(bu_ptr):
+        raise ValueError("swiglu takes both biases or neither")
+    run(gemm_launch(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, M, N, K, act, dtype), stream)
+
+
+def attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
+                     head_dim, scale, is_causal, dtype, mask_ptr=0, mask_strides=(0, 0, 0, 0),
+                     mask_dtype=None) -> KernelLaunch:
+    """Contiguous Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], O like Q; mask strides in elements."""
+    if heads_q % heads_kv:
+        raise ValueError(f"query heads {heads_q} must be a multiple of kv heads {heads_kv}")
+    cfg = attention.attention_config(head_dim, seq_q, bool(is_causal))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    D = head_dim
+    args = [_ptr("q_ptr", dtype, q_ptr), _ptr("k_ptr", dtype, k_ptr), _ptr("v_ptr", dtype, v_ptr),
+            _ptr("mask_ptr", mask_dtype or dtype, mask_ptr or q_ptr), _ptr("o_ptr", dtype, o_ptr),
+            *_ints(sqb=heads_q * seq_q * D, sqh=seq_q * D, sqm=D,
+                   skb=heads_kv * seq_k * D, skh=seq_k * D, skn=D,
+                   svb=heads_kv * seq_k * D, svh=seq_k * D, svn=D,
+                   smb=mask_strides[0], smh=mask_strides[1], smm=mask_strides[2],
+                   smn=mask_strides[3],
+                   sob=heads_q * seq_q * D, soh=seq_q * D, som=D,
+                   HQ=heads_q, GROUP=heads_q // heads_kv, SQ=seq_q, SK=seq_k),
+            ("qk_scale", "fp32", float(scale) * attention.LOG2E)]
+    const = (("HEAD_DIM", D), ("BLOCK_D", cfg["BLOCK_D"]), ("BLOCK_M", cfg["BLOCK_M"]),
+             ("BLOCK_N", cfg["BLOCK_N"]), ("IS_CAUSAL", bool(is_causal)),
+             ("HAS_MASK", bool(mask_ptr)))
+    return KernelLaunch(attention.attention_kernel, tuple(args), const,
+                        attention.attention_grid(batch, heads_q, seq_q, cfg),
+                        cfg["num_warps"], cfg["num_stages"])
+
+
+def launch_attention(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
+                     head_dim, scale, is_causal, dtype, stream, mask_ptr=0,
+                     mask_strides=(0, 0, 0, 0), mask_dtype=None) -> None:
+    """``Attention``; ``scale`` None = 1/sqrt(D).  An additive mask broadcastable to
+    [B, Hq, Sq, Sk] is passed as ``mask_ptr`` with its (b, h, q, k) element strides, 0 on
+    broadcast axes (e.g. a contiguous [Sq, Sk] mask: (0, 0, Sk, 1))."""
+    run(attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
+                         head_dim, scale, is_causal, dtype, mask_ptr, mask_strides, mask_dtype),
+        stream)
+
+
+def rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rotary_dim,
+                interleaved, dtype, cs_strides=None) -> KernelLaunch:
+    """X, Y contiguous [B, H, S, D]; cos/sin share (b, h, s) element strides ``cs_strides``
+    (default: contiguous [S, rotary_dim], i.e. (0, 0, rotary_dim))."""
+    rd = rotary_dim or head_dim
+    in_place = x_ptr == y_ptr
+    n_rows = batch * heads * seq
+    cfg = rope.rope_config(n_rows, head_dim, rd, 4 if dtype == "float32" else 2, in_place)
+    cb, ch, cs = cs_strides or (0, 0, rd)
+    args = [_ptr("x_ptr", dtype, x_ptr), _ptr("cos_ptr", dtype, cos_ptr),
+            _ptr("sin_ptr", dtype, sin_ptr), _ptr("y_ptr", dtype, y_ptr),
+            *_ints(n_rows=n_rows, H=heads, S=seq,
+                   sxb=heads * seq * head_dim, sxh=seq * head_dim, sxs=head_dim,
+                   syb=heads * seq * head_dim, syh=seq * head_dim, sys=head_dim,
+                   scb=cb, sch=ch, scs=cs, ssb=cb, ssh=ch, sss=cs)]
+    const = (("HEAD_DIM", head_dim), ("ROT_DIM", rd), ("BLOCK_R", cfg["BLOCK_R"]),
+             ("BLOCK_D", cfg["BLOCK_D"]), ("INTERLEAVED", bool(interleaved)),
+             ("IN_PLACE", in_place))
+    return KernelLaunch(rope.rope_kernel, tuple(args), const, rope.rope_grid(n_rows, cfg),
+                        cfg["num_warps"], 1)
+
+
+def launch_rotary_embedding(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim,
+                            rotary_dim, interleaved, dtype, stream, cs_strides=None) -> None:
+    """``RotaryEmbedding``; ``y_ptr == x_ptr`` rotates in place.  See ``rope_launch``."""
+    run(rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rotary_dim,
+                    interleaved, dtype, cs_strides), stream)

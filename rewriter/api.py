@@ -1,0 +1,77 @@
+"""The Python entry points: rewrite a ModelProto or a file with a rule set."""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+
+import onnx
+
+from .ir import Graph
+from .model_io import load_model, save_model, validate
+from .rewrite import RewriteReport, Rewriter, finalize
+from .rule import Rule, RuleSet
+
+
+def default_rules() -> RuleSet:
+    """Every rule in `fusegraph.patterns`, in priority order."""
+    from fusegraph.patterns import all_rules
+    return all_rules()
+
+
+def rewrite(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None) -> onnx.ModelProto:
+    """Return a rewritten copy of `model` (the argument is left unchanged)."""
+    return rewrite_with_report(model, rules)[0]
+
+
+def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None, *,
+                        explain: str | None = None, progress: bool = False,
+                        base_dir: str | None = None, copy: bool = True,
+                        source: str = "model") -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite to a fixpoint and report what fused.
+
+    `base_dir` is where external data lives (for reading small constants); `copy=False` edits
+    `model` in place, for callers that own it.
+    """
+    if copy:
+        original, model = model, onnx.ModelProto()
+        model.CopyFrom(original)
+    rules = default_rules() if rules is None else rules
+    with _gc_paused():
+        graph = Graph(model, base_dir)
+        validate(model, graph, source)
+        report = Rewriter(rules, explain=explain, progress=progress).run(graph)
+        out = finalize(graph, report)
+    if _has_untyped_new_values(graph):
+        out = onnx.shape_inference.infer_shapes(out)
+    return out, report
+
+
+def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, *,
+                 explain: str | None = None, progress: bool = False) -> RewriteReport:
+    """Rewrite the model at `src` into `dst`; external data is never loaded into memory."""
+    model = load_model(src)
+    base_dir = os.path.dirname(os.path.abspath(src))
+    out, report = rewrite_with_report(model, rules, explain=explain, progress=progress,
+                                      base_dir=base_dir, copy=False, source=src)
+    save_model(out, dst, source_dir=base_dir)
+    return report
+
+
+@contextmanager
+def _gc_paused():
+    """The IR allocates an object per node and value and frees none of them while it works:
+    the cyclic collector would rescan that growing heap over and over (half the build time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _has_untyped_new_values(graph: Graph) -> bool:
+    """New intermediate values (inside a replacement) carry no type until inferred."""
+    return any(graph.values[name].type_proto is None for name in graph.created_values if name in graph.values)

@@ -1,0 +1,511 @@
+"""fusegraph's graph IR: a thin, indexed view over an ONNX ModelProto.
+
+Why not onnx-graphsurgeon's Graph (the card's choice)? Importing a 100k-node graph into it takes
+about 6 s on the reference machine and its toposort another 2 s (benchmarks/RESULTS.md), while the
+goal is the whole rewrite in under 2 s. This IR keeps only what matching needs:
+
+- one `Node` per NodeProto and one `Value` per tensor name, with producer and consumer links, so a
+  pattern walks the graph in O(1) per edge;
+- an index of live nodes by (domain, op_type), so a rule visits only the nodes of its root op;
+- the original NodeProto for every untouched node, so exporting copies protos instead of
+  rebuilding them, and initializers never leave their TensorProto (external data stays on disk).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import InputError
+
+#: Constants bigger than this are never read from external data just to test a pattern's
+#: constraint: weights stay on disk, scales and epsilons (a few elements) are read.
+MAX_EXTERNAL_CONST_ELEMENTS = 4096
+
+_SUBGRAPH_ATTR_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+class Value:
+    """A tensor: a graph input, an initializer, or a node output."""
+
+    __slots__ = ("name", "producer", "consumers", "graph", "_const", "_type")
+
+    def __init__(self, name: str, graph: "Graph"):
+        self.name = name
+        self.producer: Node | None = None
+        self.consumers: list[Node] = []
+        self.graph = graph
+        self._const: Any = _UNREAD
+        self._type: onnx.TypeProto | None | object = _UNREAD
+
+    def __repr__(self) -> str:
+        return f"Value({self.name!r})"
+
+    # -- type information ---------------------------------------------------------------
+    @property
+    def type_proto(self) -> onnx.TypeProto | None:
+        if self._type is _UNREAD:
+            self._type = self.graph._type_of(self.name)
+        return self._type  # type: ignore[return-value]
+
+    @type_proto.setter
+    def type_proto(self, tp: onnx.TypeProto | None) -> None:
+        self._type = tp
+
+    @property
+    def dtype(self) -> int | None:
+        """The ONNX element type (onnx.TensorProto.FLOAT, ...) or None when unknown."""
+        tp = self.type_proto
+        if tp is None or not tp.HasField("tensor_type"):
+            return None
+        return tp.tensor_type.elem_type or None
+
+    @property
+    def shape(self) -> tuple[int | str | None, ...] | None:
+        """Dims as ints (static), strings (symbolic) or None (unknown); None if rank unknown."""
+        tp = self.type_proto
+        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+            return None
+        return tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tp.tensor_type.shape.dim
+        )
+
+    @property
+    def rank(self) -> int | None:
+        s = self.shape
+        return None if s is None else len(s)
+
+    # -- constants ----------------------------------------------------------------------
+    @property
+    def is_constant(self) -> bool:
+        return self.name in self.graph.initializers or (
+            self.producer is not None and self.producer.op_type == "Constant" and not self.producer.domain
+        )
+
+    @property
+    def const_value(self) -> np.ndarray | None:
+        """The constant's value, or None if it is not a constant (or a weight left on disk)."""
+        if self._const is _UNREAD:
+            self._const = self.graph._read_constant(self)
+        return self._const
+
+    @property
+    def is_graph_output(self) -> bool:
+        return self.name in self.graph.output_names
+
+
+class _Unread:
+    __slots__ = ()
+
+
+_UNREAD = _Unread()
+
+
+class Node:
+    """An operator application. `proto` is the original NodeProto while the node is unchanged."""
+
+    __slots__ = ("op_type", "domain", "name", "inputs", "outputs", "proto", "_attrs", "alive", "order",
+                 "order_lo", "seq", "implicit_inputs")
+
+    def __init__(self, op_type: str, domain: str, name: str, inputs: list[Value | None],
+                 outputs: list[Value], attrs: dict[str, onnx.AttributeProto] | None = None,
+                 proto: onnx.NodeProto | None = None):
+        self.op_type = op_type
+        self.domain = domain
+        self.name = name
+        self.inputs = inputs
+        self.outputs = outputs
+        self.proto = proto
+        self._attrs = attrs
+        self.alive = True
+        # Position in topological order; a fused node spans [order_lo, order] of what it replaced.
+        self.order = 0
+        self.order_lo = 0
+        self.seq = 0
+        self.implicit_inputs: list[Value] = []
+
+    def __repr__(self) -> str:
+        return f"Node({self.op_type}, {self.name!r})"
+
+    @property
+    def attrs(self) -> dict[str, onnx.AttributeProto]:
+        if self._attrs is None:
+            self._attrs = {a.name: a for a in self.proto.attribute} if self.proto is not None else {}
+        return self._attrs
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        """The attribute as a Python value (ints, floats, strings, lists, TensorProto)."""
+        a = self.attrs.get(name)
+        if a is None:
+            return default
+        value = helper.get_attribute_value(a)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def touch(self) -> None:
+        """Mark the node changed: export rebuilds its NodeProto from the fields."""
+        if self.proto is not None:
+            _ = self.attrs
+            self.proto = None
+
+    def to_proto(self) -> onnx.NodeProto:
+        if self.proto is not None:
+            return self.proto
+        p = onnx.NodeProto()
+        p.op_type = self.op_type
+        p.domain = self.domain
+        p.name = self.name
+        p.input.extend(v.name if v is not None else "" for v in self.inputs)
+        p.output.extend(v.name for v in self.outputs)
+        p.attribute.extend(self.attrs.values())
+        return p
+
+
+class Graph:
+    """The main graph of a model, indexed for matching and edited in batches."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+        self.model = model
+        self.base_dir = base_dir
+        g = model.graph
+        self.opset = {o.domain or "": o.version for o in model.opset_import}
+        self.values: dict[str, Value] = {}
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        self._value_info: dict[str, onnx.ValueInfoProto] | None = None
+        self.nodes: list[Node] = []
+        self.by_op: dict[tuple[str, str], list[Node]] = defaultdict(list)
+        self._used_node_names: set[str] = set()
+        self._counter = 0
+        #: Names of values created by edits (their types are unknown until inferred).
+        self.created_values: set[str] = set()
+        #: True when an edit may have broken the (order, seq) invariant; see `toposort`.
+        self.order_dirty = True
+
+        values = self.values
+        nodes = self.nodes
+        by_op = self.by_op
+        node_names = self._used_node_names
+        for p in g.node:
+            op_type = p.op_type
+            domain = p.domain
+            ins: list[Value | None] = []
+            node = Node(op_type, domain, p.name, ins, [], None, p)
+            for name in p.input:
+                if not name:
+                    ins.append(None)
+                    continue
+                v = values.get(name)
+                if v is None:
+                    v = values[name] = Value(name, self)
+                v.consumers.append(node)
+                ins.append(v)
+            outs = node.outputs
+            for name in p.output:
+                v = values.get(name)
+                if v is None:
+                    v = values[name] = Value(name, self)
+                elif v.producer is not None:
+                    raise InputError(f"tensor {name!r} is produced by two nodes ({v.producer.name!r}, {p.name!r})")
+                v.producer = node
+                outs.append(v)
+            node.order = node.order_lo = len(nodes)
+            nodes.append(node)
+            by_op[(domain, op_type)].append(node)
+            node_names.add(p.name)
+            if op_type in ("If", "Loop", "Scan") or (domain and _has_subgraph(p)):
+                self._link_outer_scope(node)
+        self.inputs = [self.value(i.name) for i in g.input]
+        self.outputs = [self.value(o.name) for o in g.output]
+        self.output_names = {v.name for v in self.outputs}
+        for name in self.initializers:
+            self.value(name)
+
+    # -- lookup -------------------------------------------------------------------------
+    def value(self, name: str) -> Value:
+        v = self.values.get(name)
+        if v is None:
+            v = self.values[name] = Value(name, self)
+        return v
+
+    def nodes_of(self, domain: str, op_type: str) -> Iterator[Node]:
+        """Live nodes of one op type, in graph order (nodes added later come last)."""
+        for n in self.by_op.get((domain, op_type), ()):
+            if n.alive:
+                yield n
+
+    def live_nodes(self) -> Iterator[Node]:
+        return (n for n in self.nodes if n.alive)
+
+    def _type_of(self, name: str) -> onnx.TypeProto | None:
+        if self._value_info is None:
+            g = self.model.graph
+            self._value_info = {vi.name: vi for vi in g.value_info}
+            for vi in list(g.input) + list(g.output):
+                self._value_info[vi.name] = vi
+        vi = self._value_info.get(name)
+        if vi is not None and vi.type.HasField("tensor_type"):
+            return vi.type
+        init = self.initializers.get(name)
+        if init is not None:
+            return helper.make_tensor_type_proto(init.data_type, list(init.dims))
+        v = self.values.get(name)
+        if v is not None and v.producer is not None and v.producer.op_type == "Constant":
+            t = v.producer.attr("value")
+            if isinstance(t, onnx.TensorProto):
+                return helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        return None
+
+    def _read_constant(self, v: Value) -> np.ndarray | None:
+        t = self.initializers.get(v.name)
+        if t is None:
+            p = v.producer
+            if p is None or p.op_type != "Constant" or p.domain:
+                return None
+            t = p.attr("value")
+            if t is None:
+                for key, make in (("value_float", np.float32), ("value_int", np.int64),
+                                  ("value_floats", np.float32), ("value_ints", np.int64)):
+                    raw = p.attr(key)
+                    if raw is not None:
+                        return np.asarray(raw, dtype=make)
+                return None
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            if int(np.prod(t.dims)) > MAX_EXTERNAL_CONST_ELEMENTS or self.base_dir is None:
+                return None
+            return _read_external(t, self.base_dir)
+        return numpy_helper.to_array(t)
+
+    # -- editing ------------------------------------------------------------------------
+    def fresh_value_name(self, hint: str) -> str:
+        while True:
+            self._counter += 1
+            name = f"{hint}__{self._counter}"
+            if name not in self.values:
+                return name
+
+    def fresh_node_name(self, hint: str) -> str:
+        name = hint
+        while name in self._used_node_names:
+            self._counter += 1
+            name = f"{hint}_{self._counter}"
+        self._used_node_names.add(name)
+        return name
+
+    def add_node(self, op_type: str, inputs: list[Value | None], num_outputs: int = 1, *,
+                 domain: str = "", attrs: dict[str, Any] | None = None, name: str | None = None,
+                 output_hint: str | None = None) -> Node:
+        """Append a new node with fresh output values; order is restored by `toposort`."""
+        node_name = self.fresh_node_name(name or op_type)
+        hint = output_hint or node_name
+        outs = [Value(self.fresh_value_name(hint), self) for _ in range(num_outputs)]
+        for v in outs:
+            self.values[v.name] = v
+        protos = {k: helper.make_attribute(k, a) for k, a in (attrs or {}).items() if a is not None}
+        node = Node(op_type, domain, node_name, list(inputs), outs, protos)
+        for v in inputs:
+            if v is not None:
+                v.consumers.append(node)
+        for v in outs:
+            v.producer = node
+            v._type = None
+        node.order = node.order_lo = len(self.nodes)
+        node.seq = node.order
+        self.nodes.append(node)
+        self.by_op[(domain, op_type)].append(node)
+        self.created_values.update(v.name for v in outs)
+        return node
+
+    def add_initializer(self, array: np.ndarray, hint: str = "const") -> Value:
+        name = self.fresh_value_name(hint)
+        t = numpy_helper.from_array(np.asarray(array), name)
+        self.initializers[name] = t
+        self.model.graph.initializer.append(t)
+        return self.value(name)
+
+    def remove_node(self, node: Node) -> None:
+        """Disconnect a node; its outputs must already have no consumers that stay alive."""
+        node.alive = False
+        for v in node.inputs:
+            if v is not None:
+                v.consumers.remove(node)
+        for v in node.implicit_inputs:
+            v.consumers.remove(node)
+        for v in node.outputs:
+            if v.producer is node:
+                v.producer = None
+
+    def set_producer(self, value: Value, node: Node, index: int) -> None:
+        """Make `value` (an existing tensor, name kept) the `index`-th output of `node`."""
+        old = node.outputs[index]
+        if old is value:
+            return
+        old.producer = None
+        self.values.pop(old.name, None)
+        self.created_values.discard(old.name)
+        node.outputs[index] = value
+        value.producer = node
+        node.touch()
+
+    def replace_uses(self, old: Value, new: Value) -> None:
+        """Point every consumer of `old` at `new` (graph outputs are handled by the caller)."""
+        for c in old.consumers:
+            c.inputs = [new if v is old else v for v in c.inputs]
+            new.consumers.append(c)
+            c.touch()
+        old.consumers = []
+
+    # -- order and export ---------------------------------------------------------------
+    def toposort(self) -> list[Node]:
+        """Live nodes in topological order; raises InputError on a cycle.
+
+        Rewrites keep an invariant that makes this cheap: a fused node takes the position of the
+        last node it replaced (`order`), where all its inputs are already computed and all its
+        consumers still follow, so sorting by (order, creation) restores a valid order. Edits
+        that may break the invariant (`order_dirty`) get a full depth-first sort instead.
+        """
+        live = [n for n in self.nodes if n.alive]
+        if self.order_dirty:
+            live = _depth_first_order(live)
+            self.order_dirty = False
+        else:
+            live.sort(key=_order_key)
+        for i, n in enumerate(live):
+            n.order = n.order_lo = i
+            n.seq = 0
+        self.nodes = live
+        return live
+
+    def remove_dead(self) -> int:
+        """Remove nodes none of whose outputs is used (ONNX ops have no side effects)."""
+        def unused(n: Node) -> bool:
+            return not any(v.consumers or v.name in self.output_names for v in n.outputs)
+        work = [n for n in self.nodes if n.alive and unused(n)]
+        removed = 0
+        while work:
+            n = work.pop()
+            if not n.alive:
+                continue
+            self.remove_node(n)
+            removed += 1
+            for v in _node_deps(n):
+                p = v.producer
+                if p is not None and p.alive and unused(p):
+                    work.append(p)
+        return removed
+
+    def to_model(self) -> onnx.ModelProto:
+        """Write the graph back into the model (nodes, initializers, value_info)."""
+        order = self.toposort()
+        g = self.model.graph
+        g.ClearField("node")
+        g.node.extend([n.to_proto() for n in order])
+        used = {v.name for n in order for v in n.inputs if v is not None}
+        used.update(v.name for n in order for v in n.implicit_inputs)
+        used.update(self.output_names)
+        if any(name not in used for name in self.initializers):
+            keep = [t for t in g.initializer if t.name in used]
+            g.ClearField("initializer")
+            g.initializer.extend(keep)
+            self.initializers = {t.name: t for t in keep}
+        produced = {v.name for n in order for v in n.outputs}
+        if any(vi.name not in produced for vi in g.value_info):
+            keep_vi = [vi for vi in g.value_info if vi.name in produced]
+            g.ClearField("value_info")
+            g.value_info.extend(keep_vi)
+        return self.model
+
+    def _link_outer_scope(self, node: Node) -> None:
+        """Count values a subgraph reads from the outer scope as uses by the node that owns it."""
+        names: set[str] = set()
+        for a in node.proto.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _outer_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    names |= _outer_names(sub)
+        for name in sorted(names):
+            v = self.value(name)
+            v.consumers.append(node)
+            node.implicit_inputs.append(v)
+
+
+def _order_key(n: Node) -> tuple[int, int]:
+    return (n.order, n.seq)
+
+
+def _depth_first_order(nodes: list[Node]) -> list[Node]:
+    """Each node after its producers, keeping the given order where it is already valid."""
+    state: dict[int, int] = {}  # id(node) -> 1 visiting, 2 done
+    order: list[Node] = []
+    for root in nodes:
+        if state.get(id(root)) == 2:
+            continue
+        stack: list[tuple[Node, list[Value], int]] = [(root, list(_node_deps(root)), 0)]
+        state[id(root)] = 1
+        while stack:
+            node, deps, i = stack[-1]
+            while i < len(deps):
+                p = deps[i].producer
+                i += 1
+                if p is None or not p.alive:
+                    continue
+                s = state.get(id(p))
+                if s == 2:
+                    continue
+                if s == 1:
+                    raise InputError(f"the graph has a cycle through node {p.name!r} ({p.op_type})")
+                state[id(p)] = 1
+                stack[-1] = (node, deps, i)
+                stack.append((p, list(_node_deps(p)), 0))
+                break
+            else:
+                stack.pop()
+                state[id(node)] = 2
+                order.append(node)
+    return order
+
+
+def _node_deps(node: Node) -> Iterator[Value]:
+    for v in node.inputs:
+        if v is not None:
+            yield v
+    yield from node.implicit_inputs
+
+
+def _has_subgraph(p: onnx.NodeProto) -> bool:
+    return any(a.type in _SUBGRAPH_ATTR_TYPES for a in p.attribute)
+
+
+def _outer_names(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph uses but does not define (its references to enclosing scopes)."""
+    defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+    used: set[str] = set()
+    for n in g.node:
+        used.update(x for x in n.input if x)
+        defined.update(n.output)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                used |= _outer_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    used |= _outer_names(sub)
+    used.update(o.name for o in g.output)
+    return used - defined
+
+
+def _read_external(t: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """Read one small external tensor without touching the rest of its file."""
+    info = {e.key: e.value for e in t.external_data}
+    path = os.path.join(base_dir, info["location"])
+    offset = int(info.get("offset", 0))
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    count = int(np.prod(t.dims))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(count * np.dtype(dtype).itemsize)
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(t.dims)).copy()

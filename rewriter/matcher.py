@@ -1,0 +1,240 @@
+"""Matching a pattern against the graph, anchored at one candidate node.
+
+The matcher walks from the pattern's root towards its inputs, following each value to its
+producer, so one attempt costs O(pattern size) and never scans the graph. Alternatives and
+commutative operand orders backtrack through generators: every consistent set of bindings is
+produced in a fixed order, so results are deterministic.
+
+When asked to explain, each failure is recorded with how far the match had got (the number of
+operators bound), and the deepest ones are the near-misses a pattern author wants to see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator
+
+import onnx
+from onnx import helper
+
+from .ir import Node, Value
+from .pattern import (Alt, Attr, Const, Constrained, NodeOutput, NodePattern, Pattern, Var,
+                      attr_equal)
+
+_MISSING = object()
+
+
+class Bindings:
+    """What a partial match has bound: captured values and attributes, and matched nodes.
+
+    Copied on every new binding (a handful of entries), so backtracking needs no undo log.
+    """
+
+    __slots__ = ("values", "nodes", "attrs")
+
+    def __init__(self, values: dict[str, Value], nodes: dict[int, Node], attrs: dict[str, Any]):
+        self.values = values
+        self.nodes = nodes
+        self.attrs = attrs
+
+    def bind_value(self, name: str, v: Value) -> "Bindings":
+        return Bindings({**self.values, name: v}, self.nodes, self.attrs)
+
+    def bind_node(self, np_: NodePattern, n: Node) -> "Bindings":
+        return Bindings(self.values, {**self.nodes, id(np_): n}, self.attrs)
+
+    def bind_attr(self, name: str, a: Any) -> "Bindings":
+        return Bindings(self.values, self.nodes, {**self.attrs, name: a})
+
+
+EMPTY = Bindings({}, {}, {})
+
+
+@dataclass
+class Failure:
+    """One reason a match attempt stopped: at which graph node, for which pattern part."""
+
+    depth: int
+    node: str
+    reason: str
+
+
+@dataclass
+class Matcher:
+    opset: dict[str, int]
+    explain: bool = False
+    failures: list[Failure] = field(default_factory=list)
+
+    def _fail(self, env: Bindings, where: Node | Value | None, reason: str) -> None:
+        if self.explain:
+            label = ("graph input/constant " + where.name if isinstance(where, Value)
+                     else f"{where.op_type} {where.name!r}" if where is not None else "-")
+            self.failures.append(Failure(len(env.nodes), label, reason))
+
+    def match(self, p: Pattern, v: Value | None, env: Bindings) -> Iterator[Bindings]:
+        """Every extension of `env` under which pattern `p` matches value `v`."""
+        if v is None:
+            self._fail(env, None, f"expected {p!r}, found an absent input")
+            return
+        if isinstance(p, NodeOutput):
+            yield from self._match_node_output(p, v, env)
+        elif isinstance(p, Var):
+            if p.name is None:
+                yield env
+                return
+            bound = env.values.get(p.name)
+            if bound is None:
+                yield env.bind_value(p.name, v)
+            elif bound is v:
+                yield env
+            else:
+                self._fail(env, v.producer or v, f"{p.name} must be the same value as {bound.name!r}")
+        elif isinstance(p, Alt):
+            for option in p.options:
+                yield from self.match(option, v, env)
+        elif isinstance(p, Constrained):
+            for e in self.match(p.inner, v, env):
+                if p.predicate(v):
+                    yield e
+                else:
+                    self._fail(e, v.producer or v, f"{v.name!r} fails: {p.why}")
+        elif isinstance(p, Const):
+            if not v.is_constant:
+                self._fail(env, v.producer or v, f"expected {p!r}, {v.name!r} is not a constant")
+                return
+            if not p.accepts(v.const_value):
+                self._fail(env, v.producer or v, f"{v.name!r} fails: {p!r}")
+                return
+            if p.name is None:
+                yield env
+            else:
+                bound = env.values.get(p.name)
+                if bound is None:
+                    yield env.bind_value(p.name, v)
+                elif bound is v:
+                    yield env
+        else:
+            raise TypeError(f"not a pattern: {p!r}")
+
+    def _match_node_output(self, p: NodeOutput, v: Value, env: Bindings) -> Iterator[Bindings]:
+        np_ = p.node
+        n = v.producer
+        if n is None or not n.alive:
+            self._fail(env, v, f"expected {np_.op_type}, {v.name!r} is a graph input or initializer")
+            return
+        if n.op_type != np_.op_type or n.domain != np_.domain:
+            self._fail(env, n, f"expected {np_.op_type}, found {n.op_type}")
+            return
+        if p.index >= len(n.outputs) or n.outputs[p.index] is not v:
+            self._fail(env, n, f"expected output {p.index} of {np_.op_type}")
+            return
+        bound = env.nodes.get(id(np_))
+        if bound is not None:
+            if bound is n:
+                yield env
+            else:
+                self._fail(env, n, f"{np_.op_type} must be the node already matched ({bound.name!r})")
+            return
+        env = env.bind_node(np_, n)
+        for name, want in np_.attrs.items():
+            actual = n.attr(name, _MISSING)
+            if actual is _MISSING:
+                actual = default_attribute(n.op_type, n.domain, self.opset.get(n.domain, 1), name)
+            if isinstance(want, Attr):
+                if want.predicate is not None and (actual is None or not want.predicate(actual)):
+                    self._fail(env, n, f"attribute {name}={actual!r} fails: {want.why}")
+                    return
+                if want.name is not None:
+                    env = env.bind_attr(want.name, actual)
+            elif not attr_equal(actual, want):
+                self._fail(env, n, f"attribute {name}={actual!r}, pattern wants {want!r}")
+                return
+        inputs = n.inputs
+        k = len(inputs)
+        while k and inputs[k - 1] is None:
+            k -= 1
+        pats = np_.inputs
+        if k != len(pats):
+            self._fail(env, n, f"{np_.op_type} has {k} inputs, pattern wants {len(pats)}")
+            return
+        yield from self._match_inputs(pats, inputs, 0, env)
+        if np_.commutative and inputs[0] is not inputs[1]:
+            yield from self._match_inputs(pats, (inputs[1], inputs[0]), 0, env)
+
+    def _match_inputs(self, pats: tuple[Pattern | None, ...], vals: Any, i: int,
+                      env: Bindings) -> Iterator[Bindings]:
+        if i == len(pats):
+            yield env
+            return
+        p = pats[i]
+        if p is None:
+            if vals[i] is None:
+                yield from self._match_inputs(pats, vals, i + 1, env)
+            return
+        for e in self.match(p, vals[i], env):
+            yield from self._match_inputs(pats, vals, i + 1, e)
+
+
+@lru_cache(maxsize=None)
+def default_attribute(op_type: str, domain: str, version: int, name: str) -> Any:
+    """The value ONNX gives an attribute the node leaves out (None if it has no default)."""
+    try:
+        schema = onnx.defs.get_schema(op_type, version, domain)
+    except onnx.defs.SchemaError:
+        return None
+    a = schema.attributes.get(name)
+    if a is None or not a.default_value.name:
+        return None
+    value = helper.get_attribute_value(a.default_value)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def root_op_types(p: Pattern) -> set[tuple[str, str]]:
+    """The (domain, op_type)s a pattern's root can be: the index keys its rule visits."""
+    if isinstance(p, NodeOutput):
+        return {(p.node.domain, p.node.op_type)}
+    if isinstance(p, Constrained):
+        return root_op_types(p.inner)
+    if isinstance(p, Alt):
+        out: set[tuple[str, str]] = set()
+        for o in p.options:
+            sub = root_op_types(o)
+            if not sub:
+                return set()
+            out |= sub
+        return out
+    return set()
+
+
+def pattern_depth(p: Pattern | None, seen: dict[int, int] | None = None) -> int:
+    """The longest operator chain in a pattern (how far a change can reach a root)."""
+    if p is None:
+        return 0
+    seen = {} if seen is None else seen
+    if isinstance(p, NodeOutput):
+        key = id(p.node)
+        if key not in seen:
+            seen[key] = 1 + max((pattern_depth(i, seen) for i in p.node.inputs), default=0)
+        return seen[key]
+    if isinstance(p, Constrained):
+        return pattern_depth(p.inner, seen)
+    if isinstance(p, Alt):
+        return max(pattern_depth(o, seen) for o in p.options)
+    return 0
+
+
+def pattern_nodes(p: Pattern | None, out: dict[int, NodePattern] | None = None) -> dict[int, NodePattern]:
+    """Every operator of a pattern, by identity."""
+    out = {} if out is None else out
+    if isinstance(p, NodeOutput):
+        if id(p.node) not in out:
+            out[id(p.node)] = p.node
+            for i in p.node.inputs:
+                pattern_nodes(i, out)
+    elif isinstance(p, Constrained):
+        pattern_nodes(p.inner, out)
+    elif isinstance(p, Alt):
+        for o in p.options:
+            pattern_nodes(o, out)
+    return out

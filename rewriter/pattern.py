@@ -1,0 +1,274 @@
+"""The pattern algebra: values, operators, alternatives and constraints, written like the math.
+
+A pattern describes a subgraph by the value it computes. Two ways to write one, freely mixed:
+
+    # traced from an ordinary function over `op` (as in onnxscript and PyTorch Inductor)
+    def gelu(op, x):
+        return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Div(x, SQRT2)), 1.0))
+
+    # or built directly (as in TVM's dataflow patterns)
+    x = Var("x")
+    relu = is_op("Relu")(is_op("Add")(is_op("MatMul")(x, Var("w")), Var("b")))
+
+Building blocks:
+- `Var("x")` captures the matched value as `x`; the same Var used twice must match the same value
+  (`op.Mul(x, op.Sigmoid(x))`); `wildcard()` matches anything without capturing.
+- `Const(value, rtol=..)` matches a constant (initializer or Constant node) close to `value`;
+  `Const(name="eps")` captures any constant; `Const(where=pred)` tests its array.
+- `a | b` tries alternatives in order; `optional(op.Cast(x))` matches the Cast or just `x`.
+- `.has_dtype(...)`, `.has_rank(n)`, `.has_shape(...)`, `.where(pred, why)` constrain a value.
+- attributes: `op.Softmax(x, axis=-1)` requires the value (ONNX defaults apply when the node
+  omits it); `axis=Attr("axis")` captures it; `Attr(where=pred)` tests it.
+- commutative ops (Add, Mul, Max, Min, And, Or, Xor, Equal, Sum) match either operand order.
+- a function returning a tuple is a pattern with several outputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+COMMUTATIVE_OPS = frozenset({"Add", "Mul", "Max", "Min", "And", "Or", "Xor", "Equal", "Sum",
+                             "BitwiseAnd", "BitwiseOr", "BitwiseXor"})
+
+
+class Pattern:
+    """A pattern that matches one value of the graph."""
+
+    def __or__(self, other: "Pattern") -> "Alt":
+        return Alt(self, as_pattern(other))
+
+    def __ror__(self, other: "Pattern") -> "Alt":
+        return Alt(as_pattern(other), self)
+
+    def where(self, predicate: Callable[[Any], bool], why: str) -> "Constrained":
+        """Constrain the matched `Value` with `predicate`; `why` names it in --explain."""
+        return Constrained(self, predicate, why)
+
+    def has_dtype(self, *dtypes: int | str | np.dtype) -> "Constrained":
+        wanted = frozenset(to_onnx_dtype(d) for d in dtypes)
+        names = "|".join(onnx.TensorProto.DataType.Name(d) for d in sorted(wanted))
+        return self.where(lambda v: v.dtype in wanted, f"dtype is {names}")
+
+    def has_rank(self, *ranks: int) -> "Constrained":
+        return self.where(lambda v: v.rank in ranks, f"rank is {'|'.join(map(str, ranks))}")
+
+    def has_shape(self, shape: Sequence[int | str | None]) -> "Constrained":
+        """Each dim: an int (exact), a string (that symbolic name) or None (anything)."""
+        want = tuple(shape)
+
+        def fits(v: Any) -> bool:
+            s = v.shape
+            return s is not None and len(s) == len(want) and all(
+                w is None or w == d for w, d in zip(want, s))
+        return self.where(fits, f"shape is {want}")
+
+
+class Var(Pattern):
+    """Any value; captured under `name` (and required equal wherever the same Var recurs)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str | None = None):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name or "_"
+
+
+def wildcard() -> Var:
+    return Var(None)
+
+
+class Const(Pattern):
+    """A constant: an initializer or a Constant node's output.
+
+    `value` (optional) must match elementwise within `rtol`/`atol` (a scalar also matches any
+    tensor whose elements all equal it); `where` tests the array; `name` captures the value.
+    """
+
+    __slots__ = ("value", "name", "rtol", "atol", "predicate", "why")
+
+    def __init__(self, value: Any = None, *, name: str | None = None, rtol: float = 1e-3,
+                 atol: float = 1e-6, where: Callable[[np.ndarray], bool] | None = None,
+                 why: str | None = None):
+        self.value = None if value is None else np.asarray(value)
+        self.name = name
+        self.rtol = rtol
+        self.atol = atol
+        self.predicate = where
+        self.why = why or ("constant" if value is None else f"constant ≈ {value}")
+
+    def __repr__(self) -> str:
+        return self.why
+
+    def accepts(self, array: np.ndarray | None) -> bool:
+        if self.value is None and self.predicate is None:
+            return True
+        if array is None:
+            return False
+        if self.value is not None:
+            if array.dtype.kind not in "biuf" or array.size == 0:
+                return False
+            try:
+                if not np.allclose(array.astype(np.float64), self.value, rtol=self.rtol, atol=self.atol):
+                    return False
+            except ValueError:
+                return False
+            if self.value.ndim and self.value.shape != array.shape:
+                return False
+        return self.predicate is None or bool(self.predicate(array))
+
+
+class Attr:
+    """An attribute pattern: capture it as `name`, and/or test it with `where`."""
+
+    __slots__ = ("name", "predicate", "why")
+
+    def __init__(self, name: str | None = None, *, where: Callable[[Any], bool] | None = None,
+                 why: str | None = None):
+        self.name = name
+        self.predicate = where
+        self.why = why or "attribute predicate"
+
+
+class NodePattern:
+    """One operator of a pattern; its outputs are `NodeOutput` patterns."""
+
+    __slots__ = ("op_type", "domain", "inputs", "attrs", "num_outputs", "commutative")
+
+    def __init__(self, op_type: str, inputs: Sequence[Pattern | None], attrs: dict[str, Any],
+                 domain: str = "", num_outputs: int = 1):
+        self.op_type = op_type
+        self.domain = domain
+        self.inputs = tuple(inputs)
+        self.attrs = attrs
+        self.num_outputs = num_outputs
+        self.commutative = op_type in COMMUTATIVE_OPS and not domain and len(inputs) == 2
+
+    def __repr__(self) -> str:
+        return f"{self.domain + '.' if self.domain else ''}{self.op_type}({', '.join(map(repr, self.inputs))})"
+
+
+class NodeOutput(Pattern):
+    __slots__ = ("node", "index")
+
+    def __init__(self, node: NodePattern, index: int = 0):
+        self.node = node
+        self.index = index
+
+    def __repr__(self) -> str:
+        return repr(self.node) + (f"[{self.index}]" if self.node.num_outputs > 1 else "")
+
+
+class Alt(Pattern):
+    """The first alternative that matches (and lets the rest of the pattern match) wins."""
+
+    __slots__ = ("options",)
+
+    def __init__(self, *options: Pattern):
+        flat: list[Pattern] = []
+        for o in options:
+            flat.extend(o.options if isinstance(o, Alt) else (o,))
+        self.options = tuple(flat)
+
+    def __repr__(self) -> str:
+        return " | ".join(map(repr, self.options))
+
+
+class Constrained(Pattern):
+    __slots__ = ("inner", "predicate", "why")
+
+    def __init__(self, inner: Pattern, predicate: Callable[[Any], bool], why: str):
+        self.inner = inner
+        self.predicate = predicate
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r}.where({self.why})"
+
+
+def optional(p: Pattern) -> Alt:
+    """Match the operator `p` or, when it is absent, its first input (an optional Cast, Add, ...)."""
+    base = p.inner if isinstance(p, Constrained) else p
+    if not isinstance(base, NodeOutput) or not base.node.inputs or base.node.inputs[0] is None:
+        raise InputError("optional() takes an operator pattern with a first input")
+    return Alt(p, base.node.inputs[0])
+
+
+def as_pattern(x: Any) -> Pattern:
+    if isinstance(x, Pattern):
+        return x
+    if isinstance(x, (int, float, np.ndarray, np.generic, list)):
+        return Const(x)
+    raise InputError(f"cannot use {x!r} in a pattern")
+
+
+def is_op(op_type: str, domain: str = "", num_outputs: int = 1) -> Callable[..., Any]:
+    """TVM-style constructor: `is_op("Add")(a, b, attr=...)`."""
+    def make(*inputs: Any, **attrs: Any) -> Any:
+        return _make_node(op_type, domain, num_outputs, inputs, attrs)
+    return make
+
+
+def _make_node(op_type: str, domain: str, num_outputs: int, inputs: Iterable[Any],
+               attrs: dict[str, Any]) -> Any:
+    node = NodePattern(op_type, [None if i is None else as_pattern(i) for i in inputs], attrs,
+                       domain, num_outputs)
+    if num_outputs == 1:
+        return NodeOutput(node, 0)
+    return tuple(NodeOutput(node, i) for i in range(num_outputs))
+
+
+class PatternOps:
+    """The `op` handed to pattern functions: `op.Relu(x)`, `op.Split(x, _outputs=2)`,
+    `op.MyOp(x, _domain="custom")`."""
+
+    def __getattr__(self, op_type: str) -> Callable[..., Any]:
+        if op_type.startswith("_"):
+            raise AttributeError(op_type)
+
+        def make(*inputs: Any, _domain: str = "", _outputs: int = 1, **attrs: Any) -> Any:
+            return _make_node(op_type, _domain, _outputs, inputs, attrs)
+        return make
+
+
+def trace(fn: Callable[..., Any]) -> tuple[Pattern, ...]:
+    """Turn a pattern function `fn(op, x, y, ...)` into its output patterns; each parameter
+    after `op` becomes a `Var` of the same name."""
+    params = list(inspect.signature(fn).parameters)[1:]
+    out = fn(PatternOps(), *[Var(p) for p in params])
+    outs = out if isinstance(out, tuple) else (out,)
+    return tuple(as_pattern(o) for o in outs)
+
+
+def to_onnx_dtype(d: int | str | np.dtype | type) -> int:
+    if isinstance(d, int) and not isinstance(d, bool):
+        return d
+    if isinstance(d, str) and d.upper() in onnx.TensorProto.DataType.keys():
+        return onnx.TensorProto.DataType.Value(d.upper())
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(d))
+
+
+def is_scalar_close(array: np.ndarray | None, target: float, rtol: float = 1e-2) -> bool:
+    """True for a constant whose every element is within `rtol` of `target` (scale checks)."""
+    return array is not None and array.size >= 1 and array.dtype.kind in "biuf" and bool(
+        np.all(np.abs(array.astype(np.float64) - target) <= rtol * abs(target) + 1e-12))
+
+
+def attr_equal(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, float) or isinstance(actual, float):
+        try:
+            return math.isclose(float(actual), float(expected), rel_tol=1e-6, abs_tol=1e-9)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(expected, (list, tuple)):
+        return isinstance(actual, (list, tuple)) and len(actual) == len(expected) and all(
+            attr_equal(a, e) for a, e in zip(actual, expected))
+    return actual == expected

@@ -1,0 +1,361 @@
+"""The rewrite driver: rules to a fixpoint, each match checked for safety, edits in batch.
+
+Order of work. Rules run by priority; each rule visits only the live nodes of its root op types
+(the IR's index), in graph order, so one pass costs O(nodes of those types × pattern size).
+A rewrite marks the nodes within the rule set's pattern depth of the new nodes (up- and
+downstream) as dirty, and later passes visit only dirty nodes: the fixpoint costs what the
+first pass costs plus work proportional to what changed.
+
+Safety. A match is rewritten only if no value computed inside it escapes (to a node outside the
+match or to the graph outputs) unless the pattern returns it, and, for patterns with several
+outputs, only if no input of the match depends on one of its outputs (a fused node would then
+sit in a cycle). Afterwards dead nodes go, the order is topological, names stay unique, graph
+inputs and outputs keep their names and order, and `metadata_props["fusegraph.fusions"]` records
+which rule fused which nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from . import fused_ops
+from .errors import InputError
+from .ir import Graph, Node, Value
+from .matcher import EMPTY, Bindings, Failure, Matcher, pattern_depth, root_op_types
+from .pattern import NodeOutput, Pattern
+from .rule import Rule, RuleSet, call_with_captures
+
+FUSIONS_KEY = "fusegraph.fusions"
+
+
+@dataclass
+class Fusion:
+    rule: str
+    matched: list[str]
+    created: list[str]
+
+
+@dataclass
+class NearMiss:
+    """A candidate that a rule tried and refused, with the deepest reason found."""
+
+    rule: str
+    root: str
+    depth: int
+    reason: str
+
+
+@dataclass
+class RewriteReport:
+    fusions: list[Fusion] = field(default_factory=list)
+    ops_before: Counter = field(default_factory=Counter)
+    ops_after: Counter = field(default_factory=Counter)
+    passes: int = 0
+    seconds: float = 0.0
+    near_misses: list[NearMiss] = field(default_factory=list)
+
+    @property
+    def per_rule(self) -> Counter:
+        return Counter(f.rule for f in self.fusions)
+
+    @property
+    def nodes_before(self) -> int:
+        return sum(self.ops_before.values())
+
+    @property
+    def nodes_after(self) -> int:
+        return sum(self.ops_after.values())
+
+
+class ReplacementOps:
+    """The `op` handed to replacements: builds new nodes in the graph.
+
+    `op.Relu(x)`, `op.Split(x, _outputs=3)`, `op.MatMulBiasRelu(x, w, b, _domain="fusegraph")`,
+    `op.const(np.array(...))`. Inputs are `Value`s (captures or earlier results) or numpy arrays.
+    """
+
+    def __init__(self, graph: Graph, hint: str):
+        self._graph = graph
+        self._hint = hint
+        self.created: list[Node] = []
+
+    def const(self, array: Any) -> Value:
+        return self._graph.add_initializer(np.asarray(array), f"{self._hint}_const")
+
+    def __getattr__(self, op_type: str):
+        if op_type.startswith("_"):
+            raise AttributeError(op_type)
+
+        def make(*inputs: Any, _domain: str = "", _outputs: int = 1, **attrs: Any):
+            if _domain == fused_ops.DOMAIN and op_type not in fused_ops.REGISTRY:
+                raise InputError(f"replacement uses unknown fused op {op_type!r}")
+            ins = [i if i is None or isinstance(i, Value) else self.const(i) for i in inputs]
+            node = self._graph.add_node(op_type, ins, _outputs, domain=_domain, attrs=attrs,
+                                        name=f"{self._hint}/{op_type}")
+            self.created.append(node)
+            return node.outputs[0] if _outputs == 1 else tuple(node.outputs)
+        return make
+
+
+class Rewriter:
+    def __init__(self, rules: Iterable[Rule], *, max_passes: int = 8, explain: str | None = None,
+                 progress: bool = False):
+        self.rules = (rules if isinstance(rules, RuleSet) else RuleSet(rules)).by_priority()
+        if explain is not None and explain not in {r.name for r in self.rules}:
+            raise InputError(f"--explain: no rule named {explain!r}")
+        self.max_passes = max_passes
+        self.explain = explain
+        self.progress = progress
+        self.reach = max((r.depth for r in self.rules), default=1)
+
+    def run(self, graph: Graph) -> RewriteReport:
+        start = time.perf_counter()
+        report = RewriteReport(ops_before=_op_histogram(graph))
+        matcher = Matcher(graph.opset)
+        dirty: set[int] | None = None
+        bar = _progress_bar(graph, self.rules) if self.progress else None
+        for _ in range(self.max_passes):
+            graph.toposort()
+            report.passes += 1
+            touched: list[Node] = []
+            for rule in self.rules:
+                explaining = rule.name == self.explain and report.passes == 1
+                for node in self._candidates(graph, rule, dirty):
+                    if bar is not None and report.passes == 1:
+                        bar.update(1)
+                    if not node.alive:
+                        continue
+                    matcher.explain = explaining
+                    matcher.failures = []
+                    fusion = self._try(graph, matcher, rule, node, report if explaining else None)
+                    if fusion is not None:
+                        report.fusions.append(fusion[0])
+                        touched.extend(fusion[1])
+            if not touched:
+                break
+            dirty = self._neighbourhood(touched)
+        if bar is not None:
+            bar.close()
+        graph.remove_dead()
+        graph.toposort()
+        report.ops_after = _op_histogram(graph)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    @staticmethod
+    def _candidates(graph: Graph, rule: Rule, dirty: set[int] | None) -> Iterator[Node]:
+        for key in sorted(rule.root_ops):
+            # Iterating the live list also visits nodes this rule creates during the pass.
+            for node in graph.by_op.get(key, ()):
+                if dirty is None or id(node) in dirty:
+                    yield node
+
+    def _neighbourhood(self, nodes: list[Node]) -> set[int]:
+        """Nodes within `reach` edges of the changed ones: the only roots that can newly match."""
+        seen: set[int] = set()
+        frontier = [n for n in nodes if n.alive]
+        for _ in range(self.reach + 1):
+            nxt: list[Node] = []
+            for n in frontier:
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                for v in n.inputs:
+                    if v is not None and v.producer is not None:
+                        nxt.append(v.producer)
+                for v in n.outputs:
+                    nxt.extend(v.consumers)
+            frontier = nxt
+        return seen
+
+    def _try(self, graph: Graph, matcher: Matcher, rule: Rule, node: Node,
+             explaining: RewriteReport | None) -> tuple[Fusion, list[Node]] | None:
+        reason: str | None = None
+        for out_index, value in enumerate(node.outputs):
+            for env, outputs in self._matches(graph, matcher, rule, node, value):
+                captures = {**env.values, **env.attrs}
+                matched = _unique(env.nodes.values())
+                reason = _escape(matched, outputs) or _cycle(matched, outputs) or rule.check(captures)
+                if reason is None:
+                    return self._apply(graph, rule, captures, matched, outputs)
+                if explaining is not None:
+                    matcher.failures.append(Failure(len(env.nodes) + 1, node.name, reason))
+        if explaining is not None:
+            best = max(matcher.failures, key=lambda f: f.depth, default=None)
+            if best is not None:
+                explaining.near_misses.append(
+                    NearMiss(rule.name, f"{node.op_type} {node.name!r}", best.depth,
+                             f"at {best.node}: {best.reason}"))
+        return None
+
+    def _matches(self, graph: Graph, matcher: Matcher, rule: Rule, node: Node,
+                 value: Value) -> Iterator[tuple[Bindings, list[Value]]]:
+        """Complete matches of every pattern output, the first anchored at `value`."""
+        for env in matcher.match(rule.outputs[0], value, EMPTY):
+            if node not in env.nodes.values():
+                continue
+            yield from self._match_rest(matcher, rule.outputs, 1, env, [value])
+
+    def _match_rest(self, matcher: Matcher, outs: tuple[Pattern, ...], i: int, env: Bindings,
+                    values: list[Value]) -> Iterator[tuple[Bindings, list[Value]]]:
+        if i == len(outs):
+            yield env, values
+            return
+        for cand in _nearby_outputs(outs[i], env, values):
+            if cand in values:
+                continue
+            for e in matcher.match(outs[i], cand, env):
+                yield from self._match_rest(matcher, outs, i + 1, e, values + [cand])
+
+    def _apply(self, graph: Graph, rule: Rule, captures: dict[str, Any], matched: list[Node],
+               outputs: list[Value]) -> tuple[Fusion, list[Node]]:
+        hint = graph.fresh_node_name(rule.name)
+        ops = ReplacementOps(graph, hint)
+        result = call_with_captures(rule.replacement, (ops,), captures)
+        results = result if isinstance(result, tuple) else (result,)
+        if len(results) != len(outputs):
+            raise InputError(f"rule {rule.name!r}: replacement returned {len(results)} values "
+                             f"for a pattern with {len(outputs)} outputs")
+        created = set(map(id, ops.created))
+        lo = min(n.order for n in matched)
+        hi = max(n.order for n in matched)
+        for n in ops.created:
+            n.order, n.order_lo = hi, lo
+        if len(outputs) > 1:
+            graph.order_dirty = True  # an exported intermediate may be read before `hi`
+        for new, old in zip(results, outputs):
+            if new is old:
+                continue
+            p = new.producer
+            if p is not None and id(p) in created and not new.consumers and not new.is_graph_output:
+                graph.set_producer(old, p, p.outputs.index(new))
+            elif old.is_graph_output:
+                ident = graph.add_node("Identity", [new], name=f"{hint}/Identity")
+                graph.set_producer(old, ident, 0)
+                ops.created.append(ident)
+            else:
+                graph.replace_uses(old, new)
+        for n in reversed(matched):
+            if n.alive and not any(v.producer is n and (v.consumers or v.is_graph_output) for v in n.outputs):
+                graph.remove_node(n)
+        fusion = Fusion(rule.name, [n.name for n in matched], [n.name for n in ops.created])
+        return fusion, ops.created
+
+
+def _unique(nodes: Iterable[Node]) -> list[Node]:
+    out: list[Node] = []
+    seen: set[int] = set()
+    for n in nodes:
+        if id(n) not in seen:
+            seen.add(id(n))
+            out.append(n)
+    return sorted(out, key=lambda n: n.order)
+
+
+def _escape(matched: list[Node], outputs: list[Value]) -> str | None:
+    """Why an intermediate value escapes the match, or None if none does."""
+    inside = set(map(id, matched))
+    exported = set(map(id, outputs))
+    for n in matched:
+        for v in n.outputs:
+            if id(v) in exported:
+                continue
+            if v.is_graph_output:
+                return f"intermediate {v.name!r} is a graph output"
+            for c in v.consumers:
+                if id(c) not in inside:
+                    return f"intermediate {v.name!r} is also used by {c.op_type} {c.name!r}"
+    return None
+
+
+def _cycle(matched: list[Node], outputs: list[Value]) -> str | None:
+    """Why fusing the match would create a cycle, or None.
+
+    Only possible with several outputs: an input of the match could then be computed from one
+    of its outputs. Search backwards from the inputs; a node ordered before the whole match
+    (`order` is an upper bound of its original position) cannot depend on it.
+    """
+    if len(outputs) < 2:
+        return None
+    inside = set(map(id, matched))
+    lo = min(n.order_lo for n in matched)
+    stack = [v.producer for n in matched for v in n.inputs
+             if v is not None and v.producer is not None and id(v.producer) not in inside]
+    seen: set[int] = set()
+    while stack:
+        p = stack.pop()
+        if id(p) in seen or p.order < lo:
+            continue
+        seen.add(id(p))
+        for v in p.inputs:
+            if v is None or v.producer is None:
+                continue
+            if id(v.producer) in inside:
+                return f"an input of the match depends on its output {v.name!r} (would create a cycle)"
+            stack.append(v.producer)
+    return None
+
+
+def _nearby_outputs(p: Pattern, env: Bindings, anchors: list[Value]) -> Iterator[Value]:
+    """Values that could be a further output of a multi-output pattern: outputs of nodes reachable
+    downstream from what is already bound (the outputs share inputs or operators with it)."""
+    kinds = root_op_types(p)
+    depth = pattern_depth(p)
+    start = list(env.values.values()) + [v for n in env.nodes.values() for v in n.inputs if v is not None]
+    seen: set[int] = set()
+    frontier = start
+    found: list[Value] = []
+    for _ in range(depth):
+        nxt: list[Value] = []
+        for v in frontier:
+            for c in v.consumers:
+                if id(c) in seen or not c.alive:
+                    continue
+                seen.add(id(c))
+                if (c.domain, c.op_type) in kinds:
+                    found.extend(c.outputs)
+                nxt.extend(c.outputs)
+        frontier = nxt
+    found.sort(key=lambda v: (v.producer.order, v.name))
+    return iter(found)
+
+
+def _op_histogram(graph: Graph) -> Counter:
+    return Counter((f"{n.domain}." if n.domain else "") + n.op_type for n in graph.live_nodes())
+
+
+def _progress_bar(graph: Graph, rules: list[Rule]):
+    total = sum(len(graph.by_op.get(k, ())) for r in rules for k in r.root_ops)
+    if total < 20000:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="matching", unit="node", leave=False)
+
+
+def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
+    """Write the graph back: local functions for fused ops, opset import, fusion record."""
+    model = graph.to_model()
+    used = {n.op_type for n in graph.live_nodes() if n.domain == fused_ops.DOMAIN}
+    have = {(f.domain, f.name) for f in model.functions}
+    opset = graph.opset.get("", 17)
+    model.functions.extend(f for f in fused_ops.functions_for(used, opset) if (f.domain, f.name) not in have)
+    if used and fused_ops.DOMAIN not in graph.opset:
+        model.opset_import.append(onnx.helper.make_opsetid(fused_ops.DOMAIN, fused_ops.VERSION))
+        graph.opset[fused_ops.DOMAIN] = fused_ops.VERSION
+    if report.fusions:
+        record = [{"rule": f.rule, "matched": f.matched, "created": f.created} for f in report.fusions]
+        props = {p.key: p for p in model.metadata_props}
+        if FUSIONS_KEY in props:
+            record = json.loads(props[FUSIONS_KEY].value) + record
+            props[FUSIONS_KEY].value = json.dumps(record)
+        else:
+            onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                                FUSIONS_KEY: json.dumps(record)})
+    return model

@@ -1,0 +1,131 @@
+"""Rules: a pattern, a replacement and optional conditions, as in onnxscript's rewriter.
+
+    def pattern(op, x, w, b):
+        return op.Relu(op.Add(op.MatMul(x, w), b))
+
+    def replacement(op, x, w, b):
+        return op.MatMulBiasRelu(x, w, b, _domain="fusegraph")
+
+    def bias_is_vector(w, b):
+        return b.rank == 1 or reject("bias is not a vector")
+
+    rule = Rule("matmul_bias_relu", pattern, replacement, condition=bias_is_vector)
+
+Pattern and replacement are plain functions over `op`; the replacement and conditions receive
+the pattern's captures by name (values as `Value`, captured attributes as Python values) and
+declare only those they use. A condition returns a bool or calls `reject(why)`, whose reason
+`--explain` prints.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Sequence
+
+from .errors import InputError
+from .matcher import pattern_depth, root_op_types
+from .pattern import Pattern, trace
+
+
+class Reject(Exception):
+    """Raised by a condition to refuse a match, with the reason --explain shows."""
+
+
+def reject(reason: str) -> bool:
+    raise Reject(reason)
+
+
+@dataclass
+class Rule:
+    name: str
+    pattern: Callable[..., Any] | Pattern | tuple[Pattern, ...]
+    replacement: Callable[..., Any]
+    condition: Callable[..., bool] | Sequence[Callable[..., bool]] | None = None
+    #: Rules of higher priority run first over the whole graph; equal priorities keep list order.
+    priority: int = 0
+    description: str = ""
+    outputs: tuple[Pattern, ...] = field(init=False, repr=False)
+    root_ops: frozenset[tuple[str, str]] = field(init=False, repr=False)
+    depth: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        p = self.pattern
+        self.outputs = p if isinstance(p, tuple) else (p,) if isinstance(p, Pattern) else trace(p)
+        for out in self.outputs:
+            if not root_op_types(out):
+                raise InputError(f"rule {self.name!r}: pattern can't be matched: its output {out!r} "
+                                 "is not computed by an operator")
+        self.root_ops = frozenset(root_op_types(self.outputs[0]))
+        self.depth = max(pattern_depth(o) for o in self.outputs)
+        conds = self.condition
+        self.conditions = tuple(conds) if isinstance(conds, (list, tuple)) else (conds,) if conds else ()
+        if not self.description:
+            self.description = (inspect.getdoc(self.replacement) or "").split("\n")[0]
+
+    def check(self, captures: dict[str, Any]) -> str | None:
+        """None if every condition holds, else the reason the first one refused."""
+        for cond in self.conditions:
+            try:
+                ok = call_with_captures(cond, (), captures)
+            except Reject as r:
+                return str(r)
+            if not ok:
+                return f"condition {getattr(cond, '__name__', cond)!s} is false"
+        return None
+
+
+def call_with_captures(fn: Callable[..., Any], leading: tuple[Any, ...], captures: dict[str, Any]) -> Any:
+    """Call `fn(*leading, **captures)` passing only the captures `fn` declares.
+
+    A capture an optional branch did not bind (an absent mask, say) arrives as None.
+    """
+    names = _parameters(fn)
+    if names is None:
+        return fn(*leading, **captures)
+    return fn(*leading, **{k: captures.get(k) for k in names[len(leading):]})
+
+
+@lru_cache(maxsize=None)
+def _parameters(fn: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The parameter names of `fn`, or None if it takes **kwargs."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return tuple(params)
+
+
+class RuleSet:
+    """An ordered, named collection of rules; `select` picks by name or name prefix."""
+
+    def __init__(self, rules: Iterable[Rule]):
+        self.rules = list(rules)
+        seen: set[str] = set()
+        for r in self.rules:
+            if r.name in seen:
+                raise InputError(f"two rules are named {r.name!r}")
+            seen.add(r.name)
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def by_priority(self) -> list[Rule]:
+        return sorted(self.rules, key=lambda r: -r.priority)
+
+    def select(self, names: Iterable[str]) -> "RuleSet":
+        """Rules named exactly, or whose name starts with `prefix*`; unknown names are errors."""
+        chosen: list[Rule] = []
+        for name in names:
+            if name.endswith("*"):
+                hits = [r for r in self.rules if r.name.startswith(name[:-1])]
+            else:
+                hits = [r for r in self.rules if r.name == name]
+            if not hits:
+                known = ", ".join(r.name for r in self.rules)
+                raise InputError(f"no rule named {name!r} (known: {known})")
+            chosen.extend(h for h in hits if h not in chosen)
+        return RuleSet(chosen)

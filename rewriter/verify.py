@@ -1,0 +1,134 @@
+"""Differential runs: the original and the rewritten model in ONNX Runtime on the same inputs.
+
+Inputs are random but tame (floats in [-1, 1), token-like integers in a small range, masks of
+ones) so that a NaN or an overflow means a real difference, not a bad draw; symbolic dims take
+the value given by `--shape` or 2, the same for every input that shares the dim's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import InputError
+
+#: (atol, rtol) per output dtype: an element passes if |a - b| <= atol + rtol * |b|.
+TOLERANCES = {
+    np.dtype(np.float64): (1e-9, 1e-7),
+    np.dtype(np.float32): (1e-4, 1e-3),
+    np.dtype(np.float16): (1e-2, 1e-2),
+}
+DEFAULT_DIM = 2
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    ok: bool
+
+
+def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """`["input_ids:1x128", "mask:1x128"]` -> {"input_ids": (1, 128), ...}."""
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+        except ValueError:
+            raise InputError(f"--shape {spec!r}: expected NAME:DIMxDIM..., e.g. input_ids:1x128") from None
+    return out
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    shapes = shapes or {}
+    rng = np.random.default_rng(seed)
+    dims: dict[str, int] = {}
+    for vi in graph_inputs(model):
+        if vi.name in shapes:
+            for d, given in zip(vi.type.tensor_type.shape.dim, shapes[vi.name]):
+                if d.dim_param:
+                    dims.setdefault(d.dim_param, given)
+    unknown = set(shapes) - {vi.name for vi in graph_inputs(model)}
+    if unknown:
+        raise InputError(f"--shape names no input of the model: {', '.join(sorted(unknown))}")
+    feeds: dict[str, np.ndarray] = {}
+    for vi in graph_inputs(model):
+        tt = vi.type.tensor_type
+        if vi.name in shapes:
+            shape = shapes[vi.name]
+        else:
+            shape = tuple(d.dim_value if d.HasField("dim_value") else dims.setdefault(d.dim_param or "?", DEFAULT_DIM)
+                          for d in tt.shape.dim)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        feeds[vi.name] = _random(rng, vi.name, shape, dtype)
+    return feeds
+
+
+def _random(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if "mask" in name.lower():
+        return np.ones(shape, dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 8, size=shape).astype(dtype)
+    return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+
+
+def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run in ONNX Runtime on the CPU, without ORT's own graph rewrites."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    source = model if isinstance(model, str) else model.SerializeToString()
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
+            atol: float | None = None, rtol: float | None = None) -> list[OutputDiff]:
+    if list(expected) != list(actual):
+        raise InputError(f"the models' outputs differ: {list(expected)} vs {list(actual)}")
+    diffs = []
+    for name, ref in expected.items():
+        got = actual[name]
+        a_tol, r_tol = TOLERANCES.get(ref.dtype, (0.0, 0.0))
+        a_tol = a_tol if atol is None else atol
+        r_tol = r_tol if rtol is None else rtol
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            diffs.append(OutputDiff(name, float("inf"), float("inf"), a_tol, r_tol, False))
+            continue
+        r = ref.astype(np.float64) if ref.dtype.kind in "fc" else ref.astype(np.float64)
+        g = got.astype(np.float64)
+        err = np.abs(g - r)
+        err = np.where(np.isnan(g) & np.isnan(r), 0.0, err)
+        max_abs = float(np.nanmax(err, initial=0.0)) if not np.isnan(err).any() else float("inf")
+        max_rel = float(np.max(err / (np.abs(r) + 1e-12), initial=0.0)) if np.isfinite(max_abs) else float("inf")
+        ok = bool(np.all(err <= a_tol + r_tol * np.abs(r))) and np.isfinite(max_abs)
+        diffs.append(OutputDiff(name, max_abs, max_rel, a_tol, r_tol, ok))
+    return diffs
+
+
+def verify_models(original: onnx.ModelProto | str, rewritten: onnx.ModelProto | str,
+                  shapes: dict[str, tuple[int, ...]] | None = None, *, feeds: dict[str, np.ndarray] | None = None,
+                  atol: float | None = None, rtol: float | None = None, seed: int = 0) -> list[OutputDiff]:
+    """Run both models on the same inputs and compare every output."""
+    header = original if isinstance(original, onnx.ModelProto) else onnx.load(original, load_external_data=False)
+    feeds = make_inputs(header, shapes, seed) if feeds is None else feeds
+    return compare(run(original, feeds), run(rewritten, feeds), atol, rtol)
