@@ -259,13 +259,18 @@ def report_path(engine_path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(engine_path)}.json")
 
 
-def _rewrite(model_path: Path, workdir: str) -> tuple[Path, Any]:
+def _rewrite(model_path: Path, workdir: str) -> tuple[Path, dict[str, Any] | None]:
     try:
         from fusegraph import rewrite_file  # owned by the rewriter; absent in older installs
     except ImportError:
         raise InputError("--rewrite needs fusegraph.rewrite_file, which this fusegraph does not have") from None
     out = Path(workdir) / f"{model_path.stem}.rewritten.onnx"
-    return out, rewrite_file(str(model_path), str(out))
+    result = rewrite_file(str(model_path), str(out))
+    summary = None
+    if hasattr(result, "per_rule"):  # fusegraph's RewriteReport
+        summary = {"nodes_before": result.nodes_before, "nodes_after": result.nodes_after,
+                   "fusions": dict(result.per_rule)}
+    return out, summary
 
 
 def build_engine(model_path: str | os.PathLike, out_path: str | os.PathLike, *,
@@ -290,9 +295,8 @@ def build_engine(model_path: str | os.PathLike, out_path: str | os.PathLike, *,
     report: dict[str, Any] = {"model": str(model_path), "engine": str(out_path), "backend": shim.backend()}
     with tempfile.TemporaryDirectory(prefix="fusegraph-build-") as work:
         if rewrite:
-            parsed_path, rewrite_result = _rewrite(model_path, work)
+            parsed_path, report["rewrite"] = _rewrite(model_path, work)
             report["rewritten_model"] = str(parsed_path)
-            report["rewrite"] = rewrite_result if isinstance(rewrite_result, dict) else None
         else:
             parsed_path = model_path
         try:

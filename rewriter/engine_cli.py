@@ -93,7 +93,10 @@ def _build_text(r: dict[str, Any]) -> str:
     parse = r["parse"]
     lines = [f"{r['model']} -> {r['engine']} ({r['backend']['flavour']} {r['backend']['version']})"]
     if "rewritten_model" in r:
-        lines.append("rewritten with fusegraph before parsing")
+        rw = r.get("rewrite") or {}
+        fusions = ", ".join(f"{k} x{v}" for k, v in rw.get("fusions", {}).items()) or "no fusions"
+        lines.append(f"rewritten with fusegraph first: {rw.get('nodes_before', '?')} -> "
+                     f"{rw.get('nodes_after', '?')} nodes ({fusions})")
     lines.append(f"parsed: {parse['onnx_nodes']} ONNX nodes -> {parse['network_layers']} network layers, "
                  "0 unsupported")
     for i in r["inputs"]:
