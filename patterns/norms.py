@@ -1,0 +1,192 @@
+"""Decomposed LayerNorm and RMSNorm -> one norm op; residual Add + norm -> one Skip*Norm op.
+
+Exporters spell a norm as a chain of ReduceMean/Sub/Pow/Sqrt/Div (T5, Llama and any custom
+module; torch's own layer_norm already exports as `LayerNormalization`). Each chain reads and
+writes the activation several times; one norm op reads it once. The forms matched are the ones
+exporters emit: x*x or Pow(x, 2), Div by the root or Mul by its Reciprocal (or 1/root), Casts
+to float32 around the statistics, ReduceMean's axes as attribute (opset < 18) or input.
+
+Targets: opset 17's `LayerNormalization` (stash_type float32), so LayerNorm is fused only in
+models of opset 17 or newer (older ones have no standard op for it and TensorRT parses the
+decomposition fine); opset 23's `RMSNormalization`, or `fusegraph.RMSNorm` below opset 23.
+
+A transformer block adds its output to the residual stream and normalizes the sum, and the
+next block adds to that same sum: `fusegraph.SkipLayerNorm`/`SkipRMSNorm` compute both, S = X + R
+and Y = norm(S), in one pass (`fusegraph.norm_ops`). They run after the norm rules, so they see
+the norm ops whether exported or fused here.
+"""
+
+from __future__ import annotations
+
+from fusegraph import norm_ops  # noqa: F401  (registers the fused ops)
+from fusegraph.fused_ops import DOMAIN
+from fusegraph.pattern import Attr, Const, Pattern, PatternOps
+from fusegraph.rule import Rule, reject
+
+NORM_PRIORITY = 60
+SKIP_PRIORITY = 50
+
+
+def mean_last(op: PatternOps, x: Pattern, axes: str) -> Pattern:
+    """ReduceMean keeping dims; its axes (attribute or input) are captured as `axes`."""
+    return op.ReduceMean(x, axes=Attr(axes), keepdims=1) | op.ReduceMean(x, Const(name=axes), keepdims=1)
+
+
+def normalize(op: PatternOps, d: Pattern, var: Pattern) -> Pattern:
+    """d / sqrt(var + eps), as a Div or a Mul by the reciprocal."""
+    root = op.Sqrt(op.Add(var, Const(name="eps")))
+    return op.Div(d, root) | op.Mul(d, op.Reciprocal(root)) | op.Mul(d, op.Div(Const(1.0), root))
+
+
+def square(op: PatternOps, x: Pattern) -> Pattern:
+    return op.Pow(x, Const(2.0)) | op.Mul(x, x)
+
+
+def layer_norm_pattern(op, x, gamma, beta):
+    xs = op.Cast(x) | x
+    d = op.Sub(xs, mean_last(op, xs, "mean_axes"))
+    n = normalize(op, d, mean_last(op, square(op, d), "var_axes"))
+    return op.Add(op.Mul(op.Cast(n) | n, gamma), beta)
+
+
+def layer_norm_replacement(op, x, gamma, beta, eps):
+    """decomposed LayerNorm -> LayerNormalization (opset 17)"""
+    return op.LayerNormalization(x, gamma, beta, axis=-1, epsilon=epsilon(eps), stash_type=1)
+
+
+def rms_norm_pattern(op, x, gamma):
+    xs = op.Cast(x) | x
+    n = normalize(op, xs, mean_last(op, square(op, xs), "var_axes"))
+    return op.Mul(op.Cast(n) | n, gamma)
+
+
+def rms_norm_replacement(op, x, gamma, eps):
+    """decomposed RMSNorm -> RMSNormalization (opset 23) or fusegraph.RMSNorm"""
+    if opset(x) >= 23:
+        return op.RMSNormalization(x, gamma, axis=-1, epsilon=epsilon(eps), stash_type=1)
+    return op.RMSNorm(x, gamma, _domain=DOMAIN, epsilon=epsilon(eps))
+
+
+def epsilon(eps) -> float:
+    return float(eps.const_value.reshape(-1)[0])
+
+
+def opset(v) -> int:
+    return v.graph.opset.get("", 1)
+
+
+# -- conditions ------------------------------------------------------------------------------
+def axes_list(axes) -> list[int] | None:
+    """Axes captured from an attribute (a list) or an input (a constant Value)."""
+    if axes is None:
+        return None
+    if hasattr(axes, "const_value"):
+        arr = axes.const_value
+        return None if arr is None else [int(a) for a in arr.reshape(-1)]
+    return [int(a) for a in axes]
+
+
+def is_last_axis(x, axes) -> bool:
+    got = axes_list(axes)
+    return got is not None and len(got) == 1 and (got[0] == -1 or (x.rank is not None and got[0] == x.rank - 1))
+
+
+def means_over_last_axis(x, mean_axes, var_axes) -> bool:
+    """Both means run over the last axis only: -1, or rank-1 when the rank is known."""
+    for axes in (mean_axes, var_axes):
+        if not is_last_axis(x, axes):
+            return reject(f"mean over axes {axes_list(axes)}, not over the last axis only")
+    return True
+
+
+def mean_over_last_axis(x, var_axes) -> bool:
+    return is_last_axis(x, var_axes) or reject(f"mean over axes {axes_list(var_axes)}, not the last axis only")
+
+
+def eps_is_scalar(eps) -> bool:
+    v = eps.const_value
+    ok = v is not None and v.size == 1 and v.dtype.kind == "f" and 0 <= float(v.reshape(-1)[0]) < 1
+    return ok or reject("epsilon is not a small non-negative float scalar")
+
+
+def affine_is_vector(x, gamma, beta) -> bool:
+    """The norm ops take gamma (and beta) over the last axis only, in X's element type."""
+    for p in (gamma, beta):
+        if p is None:
+            continue
+        if p.shape is None or len(p.shape) != 1:
+            return reject(f"{p.name!r} has shape {p.shape}, not a vector")
+        last = x.shape[-1] if x.shape else None
+        if isinstance(last, int) and isinstance(p.shape[0], int) and p.shape[0] != last:
+            return reject(f"{p.name!r} has {p.shape[0]} elements, the last axis has {last}")
+        if p.dtype is not None and x.dtype is not None and p.dtype != x.dtype:
+            return reject(f"{p.name!r} is not of X's element type")
+    return True
+
+
+def has_layer_normalization(x) -> bool:
+    """LayerNormalization exists from opset 17; older models keep the decomposition."""
+    return opset(x) >= 17 or reject(f"model opset {opset(x)} has no LayerNormalization")
+
+
+# -- residual Add + norm ---------------------------------------------------------------------
+def summed(op: PatternOps, x: Pattern, r: Pattern) -> Pattern:
+    """S = X + R as the norm reads it: the Add, or a Cast of it that changes nothing (torch's
+    `.to(float32)` of a float32 tensor, which the next residual Add then reads too)."""
+    s = op.Add(x, r)
+    return op.Cast(s, to=Attr("cast_to")) | s
+
+
+def skip_layer_norm_pattern(op, x, r, gamma, beta):
+    read = summed(op, x, r)
+    return op.LayerNormalization(read, gamma, beta, axis=Attr("axis"), epsilon=Attr("epsilon"), stash_type=1), read
+
+
+def skip_layer_norm_replacement(op, x, r, gamma, beta, epsilon):
+    """residual Add + LayerNorm -> fusegraph.SkipLayerNorm (Y, S)"""
+    return op.SkipLayerNorm(x, r, gamma, beta, _domain=DOMAIN, _outputs=2, epsilon=epsilon)
+
+
+def skip_rms_norm_pattern(op, x, r, gamma):
+    read = summed(op, x, r)
+    norm = (op.RMSNormalization(read, gamma, axis=Attr("axis"), epsilon=Attr("epsilon"), stash_type=1)
+            | op.RMSNorm(read, gamma, _domain=DOMAIN, epsilon=Attr("epsilon")))
+    return norm, read
+
+
+def skip_rms_norm_replacement(op, x, r, gamma, epsilon):
+    """residual Add + RMSNorm -> fusegraph.SkipRMSNorm (Y, S)"""
+    return op.SkipRMSNorm(x, r, gamma, _domain=DOMAIN, _outputs=2, epsilon=epsilon)
+
+
+def is_residual(x, r, cast_to) -> bool:
+    """Both summands are activations of one shape (no broadcast: the kernel reads two [rows,
+    cols] buffers; a constant summand is a bias, not a residual), and a Cast in between
+    keeps the type (else S would change type)."""
+    if x.is_constant or r.is_constant:
+        return reject("a summand is a constant (a bias, not a residual)")
+    if cast_to is not None and (x.dtype is None or cast_to != x.dtype):
+        return reject("the Cast between the Add and the norm changes the type")
+    if x.shape is None or r.shape is None or len(x.shape) != len(r.shape):
+        return reject(f"summand shapes {x.shape} and {r.shape} are not known to be equal")
+    for a, b in zip(x.shape, r.shape):
+        if (isinstance(a, int) and isinstance(b, int) and a != b) or (a == 1) != (b == 1):
+            return reject(f"summand shapes {x.shape} and {r.shape} broadcast")
+    return True
+
+
+def norm_over_last_axis(x, axis) -> bool:
+    return axis is None or axis == -1 or (x.rank is not None and axis == x.rank - 1) or reject(
+        f"norm over axis {axis}, not the last")
+
+
+RULES = [
+    Rule("norms.layer_norm", layer_norm_pattern, layer_norm_replacement,
+         [has_layer_normalization, means_over_last_axis, eps_is_scalar, affine_is_vector], NORM_PRIORITY),
+    Rule("norms.rms_norm", rms_norm_pattern, rms_norm_replacement,
+         [mean_over_last_axis, eps_is_scalar, affine_is_vector], NORM_PRIORITY),
+    Rule("norms.skip_layer_norm", skip_layer_norm_pattern, skip_layer_norm_replacement,
+         [is_residual, norm_over_last_axis], SKIP_PRIORITY),
+    Rule("norms.skip_rms_norm", skip_rms_norm_pattern, skip_rms_norm_replacement,
+         [is_residual, norm_over_last_axis], SKIP_PRIORITY),
+]
