@@ -22,7 +22,7 @@ if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device():
     """Where the kernels run: 'cuda' on a GPU machine, else 'cpu' (the interpreter)."""
     return "cuda" if _has_cuda() else "cpu"
@@ -41,7 +41,7 @@ def rel_err(out, ref) -> float:
 TOL = {"float32": 1e-5, "float16": 2e-3}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def check():
     def _check(out, ref, dtype_name, what=""):
         err = rel_err(out.detach().float().cpu().numpy(), ref)
