@@ -1,1 +1,11 @@
-"""TensorRT plugins for fusegraph ops."""
+"""TensorRT plugins for fusegraph ops.
+
+`core` holds each plugin's logic without TensorRT; `tensorrt_plugin` adapts it to IPluginV3.
+"""
+
+
+def register_all() -> list[dict[str, str]]:
+    """Register every fusegraph plugin creator with TensorRT (imports TensorRT only when called)."""
+    from .tensorrt_plugin import register_all as register
+
+    return register()

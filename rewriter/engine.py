@@ -170,12 +170,13 @@ def _fused_op_report(fused: list[onnx.NodeProto], network_layers: list[dict[str,
     """What each fused node became: a plugin layer, native attention/normalization, or its body."""
     report = []
     for node in fused:
-        mine = [l for l in network_layers if node.name in _callers(l["metadata"])
+        marker = f"[ONNX Layer: {node.name}]"  # a body node without a name takes its caller's
+        mine = [l for l in network_layers if node.name in _callers(l["metadata"]) or marker in l["metadata"]
                 or (l["type"] == "PLUGIN_V3" and l["name"] == node.name)]
         types = [l["type"] for l in mine]
         if "PLUGIN_V3" in types:
             how = "plugin"
-        elif "ATTENTION_INPUT" in types:
+        elif "ATTENTION_INPUT" in types or "ATTENTION_OUTPUT" in types:
             how = "native attention"
         elif "NORMALIZATION" in types:
             how = "native normalization"
@@ -185,7 +186,6 @@ def _fused_op_report(fused: list[onnx.NodeProto], network_layers: list[dict[str,
             how = "inlined local function"
         else:
             how = "not found in the network"
-        marker = f"[ONNX Layer: {node.name}]"
         report.append({
             "node": node.name, "op": node.op_type, "implementation": how,
             "network_layer_types": dict(collections.Counter(types)),

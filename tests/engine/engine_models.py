@@ -66,13 +66,10 @@ def onnx_attention_model(path, dtype=TensorProto.FLOAT, heads=4, head_dim=16, ca
     return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), path)
 
 
-def fused_matmul_model(path, n_in=64, n_out=32, op="MatMulBiasRelu") -> str:
-    """A `fusegraph`-domain MatMulBias{Act} node whose local function is the reference body."""
-    act = op.removeprefix("MatMulBias")
-    body = [helper.make_node("MatMul", ["X", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["a"])]
-    body.append(helper.make_node(act, ["a"], ["Y"]) if act else helper.make_node("Identity", ["a"], ["Y"]))
-    fn = helper.make_function("fusegraph", op, ["X", "W", "B"], ["Y"], body,
-                              opset_imports=[helper.make_opsetid("", 17)])
+def fused_matmul_model(path, n_in=64, n_out=32, op="MatMulBiasRelu", opset=17) -> str:
+    """A `fusegraph`-domain MatMulBias{Act} node carrying the rewriter's own local function."""
+    from fusegraph.fused_ops import REGISTRY
+
     rng = np.random.default_rng(1)
     w = numpy_helper.from_array(rng.standard_normal((n_in, n_out)).astype(np.float32), "W")
     b = numpy_helper.from_array(rng.standard_normal(n_out).astype(np.float32), "B")
@@ -80,8 +77,8 @@ def fused_matmul_model(path, n_in=64, n_out=32, op="MatMulBiasRelu") -> str:
         [helper.make_node(op, ["X", "W", "B"], ["Y"], domain="fusegraph", name="fused_mlp")],
         "fused", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", n_in])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", n_out])], [w, b])
-    return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("fusegraph", 1)],
-                                  functions=[fn]), path)
+    return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("fusegraph", 1)],
+                                  functions=[REGISTRY[op].function(opset)]), path)
 
 
 def unparseable_model(path) -> str:
@@ -95,3 +92,52 @@ def unparseable_model(path) -> str:
     m.ir_version = IR_VERSION
     onnx.save(m, str(path))  # not check_model: the acme op has no schema, which is the point
     return str(path)
+
+
+def _ref_attr(name: str, kind: int) -> onnx.AttributeProto:
+    a = onnx.AttributeProto()
+    a.name, a.ref_attr_name, a.type = name, name, kind
+    return a
+
+
+def fused_and_onnx_attention_model(path, heads=4, seq=8, head_dim=16, scale=0.5) -> str:
+    """A `fusegraph` Attention (local function: opset-23 Attention) feeding a standard ONNX
+    Attention of the same op type: the plugin override must take only the first."""
+    inner = helper.make_node("Attention", ["Q", "K", "V"], ["Y"])
+    inner.attribute.extend([_ref_attr("scale", onnx.AttributeProto.FLOAT),
+                            _ref_attr("is_causal", onnx.AttributeProto.INT)])
+    fn = helper.make_function("fusegraph", "Attention", ["Q", "K", "V"], ["Y"], [inner],
+                              [helper.make_opsetid("", 23)], attributes=["scale", "is_causal"])
+    shape = [1, heads, seq, head_dim]
+    g = helper.make_graph(
+        [helper.make_node("Attention", ["Q", "K", "V"], ["A"], domain="fusegraph", name="fg_attn",
+                          scale=scale, is_causal=1),
+         helper.make_node("Attention", ["A", "K", "V"], ["Y"], name="onnx_attn")],
+        "attn_pair", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "QKV"],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)])
+    return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("fusegraph", 1)],
+                                  functions=[fn]), path)
+
+
+def fused_rms_norm_model(path, hidden=32, epsilon=1e-5) -> str:
+    """A `fusegraph` RMSNorm whose local function spells X / sqrt(mean(X^2) + eps) * gamma."""
+    eps = helper.make_node("Constant", [], ["eps"])
+    eps.attribute.append(_ref_attr("value_float", onnx.AttributeProto.FLOAT))
+    eps.attribute[0].ref_attr_name = "epsilon"
+    body = [helper.make_node("Mul", ["X", "X"], ["sq"]),
+            helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+            eps,
+            helper.make_node("Add", ["ms", "eps"], ["mse"]),
+            helper.make_node("Sqrt", ["mse"], ["rms"]),
+            helper.make_node("Div", ["X", "rms"], ["xn"]),
+            helper.make_node("Mul", ["xn", "gamma"], ["Y"])]
+    axes = helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [-1]))
+    fn = helper.make_function("fusegraph", "RMSNorm", ["X", "gamma"], ["Y"], [axes, *body],
+                              [helper.make_opsetid("", 18)], attributes=["epsilon"])
+    gamma = numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "gamma")
+    g = helper.make_graph(
+        [helper.make_node("RMSNorm", ["X", "gamma"], ["Y"], domain="fusegraph", name="norm0", epsilon=epsilon)],
+        "rms", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 8, hidden])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 8, hidden])], [gamma])
+    return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("fusegraph", 1)],
+                                  functions=[fn]), path)

@@ -1,0 +1,88 @@
+"""The plugins' TensorRT-free logic: attributes, output shapes and dtypes, format support.
+
+Runs without TensorRT or a GPU; benchmarks/check_plugins_gpu.py runs the same cores' `enqueue`
+on a GPU and compares with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fusegraph.fused_ops import REGISTRY
+from fusegraph.plugins.core import CORES, NAMESPACE, Attention, RMSNorm, RotaryEmbedding, SkipLayerNorm
+
+
+def test_every_kernel_op_has_a_plugin_and_names_match_the_rewriter():
+    expected = {f"MatMul{b}{a}" for b in ("", "Bias") for a in ("", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu")}
+    expected -= {"MatMul"}
+    expected |= {"Attention", "RMSNorm", "SkipRMSNorm", "SkipLayerNorm", "RotaryEmbedding"}
+    assert set(CORES) == expected
+    for name, op in REGISTRY.items():  # the fused ops the rewriter emits so far
+        if name in CORES:
+            assert CORES[name].inputs == op.inputs and CORES[name].outputs == op.outputs
+            assert {f.name for f in CORES[name].fields} == set(op.attributes)
+    assert NAMESPACE == "fusegraph"
+
+
+@pytest.mark.parametrize("op, shapes, expected", [
+    ("MatMulBiasRelu", [(2, 5, 64), (64, 32), (32,)], [(2, 5, 32)]),
+    ("MatMulGelu", [(7, 16), (16, 8)], [(7, 8)]),
+    ("Attention", [(2, 8, 10, 64), (2, 2, 12, 64), (2, 2, 12, 64)], [(2, 8, 10, 64)]),
+    ("Attention", [(1, 4, 10, 16), (1, 4, 10, 16), (1, 4, 10, 16), (10, 10)], [(1, 4, 10, 16)]),
+    ("RMSNorm", [(3, 4, 32), (32,)], [(3, 4, 32)]),
+    ("SkipRMSNorm", [(3, 32), (3, 32), (32,)], [(3, 32), (3, 32)]),
+    ("SkipLayerNorm", [(3, 32), (3, 32), (32,), (32,)], [(3, 32), (3, 32)]),
+    ("RotaryEmbedding", [(2, 4, 6, 16), (6, 16), (6, 16)], [(2, 4, 6, 16)]),
+])
+def test_output_shapes(op, shapes, expected):
+    core = CORES[op]()
+    assert core.output_shapes(shapes) == expected
+    assert len(core.output_dims([len(s) for s in shapes])) == len(core.outputs)
+
+
+@pytest.mark.parametrize("op, shapes", [
+    ("MatMulBias", [(2, 64), (63, 32), (32,)]),
+    ("MatMulBias", [(2, 64), (64, 32), (31,)]),
+    ("Attention", [(2, 6, 10, 64), (2, 4, 12, 64), (2, 4, 12, 64)]),
+    ("Attention", [(1, 4, 10, 16), (1, 4, 10, 16), (1, 4, 10, 16), (3, 10)]),
+    ("SkipRMSNorm", [(3, 32), (2, 32), (32,)]),
+    ("RMSNorm", [(3, 32), (16,)]),
+    ("RotaryEmbedding", [(2, 4, 6, 16), (6, 8), (6, 8)]),
+    ("MatMulRelu", [(2, 64)]),
+])
+def test_bad_shapes_are_rejected(op, shapes):
+    with pytest.raises(ValueError):
+        CORES[op]().output_shapes(shapes)
+
+
+@pytest.mark.parametrize("op", sorted(CORES))
+def test_dtypes_follow_the_first_input(op):
+    core = CORES[op]()
+    n = core.min_inputs
+    for dt in ("float32", "float16", "bfloat16"):
+        assert core.output_dtypes([dt] * n) == [dt] * len(core.outputs)
+        assert core.supports(0, [dt], n)
+        assert core.supports(1, [dt, dt], n) and not core.supports(1, [dt, "int32"], n)
+    assert not core.supports(0, ["int32"], n) and not core.supports(0, ["int8"], n)
+
+
+def test_attributes_defaults_and_validation():
+    assert Attention().attributes == {"scale": 0.0, "is_causal": 0}
+    assert Attention(scale=0.125, is_causal=True).attributes == {"scale": 0.125, "is_causal": 1}
+    assert RMSNorm().attributes == {"epsilon": 1e-6} and SkipLayerNorm().attributes == {"epsilon": 1e-5}
+    with pytest.raises(ValueError, match="no attribute"):
+        RMSNorm(eps=1e-5)
+    assert CORES["MatMulBiasSilu"]().attributes == {}
+
+
+def test_broadcast_strides():
+    q = (2, 4, 10, 16)
+    assert Attention.mask_strides([q, q, q, (10, 10)]) == (0, 0, 10, 1)
+    assert Attention.mask_strides([q, q, q, (2, 1, 1, 10)]) == (10, 0, 0, 1)
+    assert Attention.mask_strides([q, q, q, (2, 4, 10, 10)]) == (400, 100, 10, 1)
+    rope = RotaryEmbedding(rotary_dim=8)
+    x = (2, 4, 6, 16)
+    assert rope.cs_strides([x, (6, 8), (6, 8)]) == (0, 0, 8)
+    assert rope.cs_strides([x, (2, 1, 6, 8), (2, 1, 6, 8)]) == (48, 0, 8)
+    with pytest.raises(ValueError):
+        RotaryEmbedding(rotary_dim=7).cs_strides([x, (6, 7), (6, 7)])
