@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fusegraph.rule import RuleSet
 
-from . import gemm_epilogue, norms
+from . import attention, gemm_epilogue, norms
 
-MODULES = (gemm_epilogue, norms)
+MODULES = (attention, gemm_epilogue, norms)
 
 
 def all_rules() -> RuleSet:
