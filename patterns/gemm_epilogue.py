@@ -3,39 +3,22 @@
 The activation runs in the GEMM kernel's registers before the single store
 (`fusegraph.kernels`), so the MatMul's output never makes a round trip through memory. Each
 activation is matched in the forms exporters emit: Relu, Sigmoid and Tanh as single ops; GELU
-as opset-20 `Gelu` (either `approximate`) or its erf decomposition; SiLU as `Silu`-free
-`x * Sigmoid(x)`. The bias must be a constant vector over the output features, which is what a
+as opset-20 `Gelu` (either `approximate`) or its erf and tanh decompositions; SiLU as
+`x * Sigmoid(x)` (the patterns of `fusegraph.patterns.activations`). The bias must be a constant vector over the output features, which is what a
 GEMM epilogue can broadcast.
 """
 
 from __future__ import annotations
 
-import math
-
 from fusegraph.fused_ops import DOMAIN, matmul_epilogue_name
-from fusegraph.pattern import Const, Pattern, PatternOps, Var
+from fusegraph.patterns.activations import gelu_erf, gelu_tanh, silu
 from fusegraph.rule import Rule, reject
-
-SQRT2 = math.sqrt(2.0)
-
-
-def gelu_erf(op: PatternOps, x: Pattern) -> Pattern:
-    """0.5 * x * (1 + erf(x / sqrt(2))), with the division as Mul by 1/sqrt(2) too."""
-    scaled = op.Div(x, Const(SQRT2)) | op.Mul(x, Const(1 / SQRT2))
-    one_plus = op.Add(op.Erf(scaled), Const(1.0))
-    return (op.Mul(op.Mul(x, Const(0.5)), one_plus) | op.Mul(op.Mul(x, one_plus), Const(0.5))
-            | op.Mul(x, op.Mul(one_plus, Const(0.5))) | op.Gelu(x, approximate="none"))
-
-
-def gelu_tanh(op: PatternOps, x: Pattern) -> Pattern:
-    return op.Gelu(x, approximate="tanh")
-
 
 ACTIVATION_PATTERNS = {
     "Relu": lambda op, x: op.Relu(x),
     "Sigmoid": lambda op, x: op.Sigmoid(x),
     "Tanh": lambda op, x: op.Tanh(x),
-    "Silu": lambda op, x: op.Mul(x, op.Sigmoid(x)),
+    "Silu": silu,
     "Gelu": gelu_erf,
     "GeluTanh": gelu_tanh,
 }

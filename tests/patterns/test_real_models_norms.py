@@ -24,6 +24,10 @@ NAMES = sorted(n for n in MANIFEST if (MODELS / n).exists())
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "fusegraph.RMSNorm", "fusegraph.SkipRMSNorm",
             "fusegraph.SkipLayerNorm")
+#: a GELU is fused as a GELU op, or inside a GEMM epilogue or a gated MLP
+GELU_OPS = ("Gelu", "fusegraph.Gelu", "fusegraph.GeluTanh", "fusegraph.MatMulGelu", "fusegraph.MatMulBiasGelu",
+            "fusegraph.MatMulGeluTanh", "fusegraph.MatMulBiasGeluTanh", "fusegraph.GeGLU", "fusegraph.GeGLUTanh")
+ROPE_OPS = ("RotaryEmbedding", "fusegraph.RotaryEmbedding")
 
 
 def feeds(meta: dict) -> dict[str, np.ndarray]:
@@ -55,6 +59,19 @@ def test_every_norm_is_fused(rewritten):
     counts = op_counts(out)
     assert sum(counts[k] for k in NORM_OPS) == MANIFEST[name]["expected"]["norm"], dict(counts)
     assert counts["ReduceMean"] == 0 and counts["Sqrt"] == 0
+
+
+def test_every_gelu_is_fused(rewritten):
+    name, model, out, _ = rewritten
+    counts = op_counts(out)
+    assert sum(counts[k] for k in GELU_OPS) == MANIFEST[name]["expected"]["gelu"], dict(counts)
+    assert counts["Erf"] == 0 and counts["Pow"] == 0
+
+
+def test_every_rope_is_fused(rewritten):
+    name, model, out, _ = rewritten
+    counts = op_counts(out)
+    assert sum(counts[k] for k in ROPE_OPS) == MANIFEST[name]["expected"]["rope"], dict(counts)
 
 
 def test_rewritten_model_is_valid_and_equal(rewritten):

@@ -1,0 +1,135 @@
+"""Activation chains -> one op: GELU (erf, tanh), SiLU, QuickGELU, and gated MLPs.
+
+Exporters decompose GELU into 6-9 elementwise ops (torch's `gelu` below opset 20, HF's
+`gelu_new`/`NewGELUActivation` always), each a pass over the activation. GELU becomes opset 20's
+`Gelu` with `approximate` set to match, or `fusegraph.Gelu`/`GeluTanh` in older models; SiLU
+(x * Sigmoid(x)) and QuickGELU (x * Sigmoid(1.702 x)) become fusegraph ops.
+
+Every spelling seen in exports is matched: the 0.5 applied to x, to (1 + ...) or last; x/sqrt 2
+or x * (1/sqrt 2); x^3 as Pow(x, 3) or x*x*x; constants within 0.1%, so a wrong constant
+(0.6 for 0.5) is not GELU.
+
+Priorities: gated MLPs (act(X @ Wg) * (X @ Wu), Llama's SwiGLU, T5's GeGLU) go first, before
+the GEMM epilogues would take the gate's MatMul alone; then the GEMM epilogues (100+), which
+take an activation right after a MatMul (+ bias) - the patterns here are theirs too; then the
+standalone activations below 100.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fusegraph import activation_ops  # noqa: F401  (registers the fused ops)
+from fusegraph.fused_ops import DOMAIN
+from fusegraph.pattern import Const, Pattern, PatternOps
+from fusegraph.rule import Rule, reject
+
+SQRT2 = math.sqrt(2.0)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GATED_PRIORITY = 130
+ACTIVATION_PRIORITY = 90
+
+
+def half_x_times(op: PatternOps, x: Pattern, one_plus: Pattern) -> Pattern:
+    """0.5 * x * one_plus, in any association."""
+    return (op.Mul(op.Mul(x, Const(0.5)), one_plus) | op.Mul(op.Mul(x, one_plus), Const(0.5))
+            | op.Mul(x, op.Mul(one_plus, Const(0.5))))
+
+
+def gelu_erf_decomposed(op: PatternOps, x: Pattern) -> Pattern:
+    """0.5 * x * (1 + erf(x / sqrt(2))), with the division as Mul by 1/sqrt(2) too."""
+    scaled = op.Div(x, Const(SQRT2)) | op.Mul(x, Const(1 / SQRT2))
+    return half_x_times(op, x, op.Add(op.Erf(scaled), Const(1.0)))
+
+
+def cube(op: PatternOps, x: Pattern) -> Pattern:
+    return op.Pow(x, Const(3.0)) | op.Mul(op.Mul(x, x), x)
+
+
+def gelu_tanh_decomposed(op: PatternOps, x: Pattern) -> Pattern:
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))."""
+    inner = op.Add(x, op.Mul(cube(op, x), Const(0.044715)))
+    return half_x_times(op, x, op.Add(op.Tanh(op.Mul(inner, Const(SQRT_2_OVER_PI))), Const(1.0)))
+
+
+def gelu_erf(op: PatternOps, x: Pattern) -> Pattern:
+    """GELU (erf) in any form: decomposed, opset-20 `Gelu`, or already `fusegraph.Gelu`."""
+    return gelu_erf_decomposed(op, x) | op.Gelu(x, approximate="none") | op.Gelu(x, _domain=DOMAIN)
+
+
+def gelu_tanh(op: PatternOps, x: Pattern) -> Pattern:
+    return gelu_tanh_decomposed(op, x) | op.Gelu(x, approximate="tanh") | op.GeluTanh(x, _domain=DOMAIN)
+
+
+def silu(op: PatternOps, x: Pattern) -> Pattern:
+    return op.Mul(x, op.Sigmoid(x)) | op.Silu(x, _domain=DOMAIN)
+
+
+# -- standalone activations -----------------------------------------------------------------
+def _gelu_rule(name: str, decomposed, approximate: str, fused: str) -> Rule:
+    def pattern(op, x):
+        return decomposed(op, x)
+
+    def replacement(op, x):
+        if x.graph.opset.get("", 1) >= 20:
+            return op.Gelu(x, approximate=approximate)
+        return getattr(op, fused)(x, _domain=DOMAIN)
+    replacement.__doc__ = f"decomposed GELU ({approximate}) -> Gelu (opset 20) or fusegraph.{fused}"
+    return Rule(name, pattern, replacement, priority=ACTIVATION_PRIORITY)
+
+
+def silu_pattern(op, x):
+    return op.Mul(x, op.Sigmoid(x))
+
+
+def silu_replacement(op, x):
+    """x * Sigmoid(x) -> fusegraph.Silu"""
+    return op.Silu(x, _domain=DOMAIN)
+
+
+def quick_gelu_pattern(op, x):
+    return op.Mul(x, op.Sigmoid(op.Mul(x, Const(name="alpha"))))
+
+
+def quick_gelu_replacement(op, x, alpha):
+    """x * Sigmoid(1.702 x) -> fusegraph.QuickGelu"""
+    return op.QuickGelu(x, _domain=DOMAIN, alpha=float(alpha.const_value.reshape(-1)[0]))
+
+
+def alpha_is_quick_gelu(alpha) -> bool:
+    """CLIP's QuickGELU constant; another scale is some other sigmoid-gated unit."""
+    v = alpha.const_value
+    return (v is not None and v.size == 1 and abs(float(v.reshape(-1)[0]) - 1.702) < 1e-3) or reject(
+        "scale is not 1.702")
+
+
+# -- gated MLPs -----------------------------------------------------------------------------
+GATE_ACTIVATIONS = {"SwiGLU": silu, "GeGLU": gelu_erf, "GeGLUTanh": gelu_tanh}
+
+
+def _gated_rule(op_name: str) -> Rule:
+    act = GATE_ACTIVATIONS[op_name]
+
+    def pattern(op, x, wg, wu):
+        return op.Mul(act(op, op.MatMul(x, wg)), op.MatMul(x, wu))
+
+    def replacement(op, x, wg, wu):
+        return getattr(op, op_name)(x, wg, wu, _domain=DOMAIN)
+    replacement.__doc__ = f"act(X @ Wg) * (X @ Wu) -> fusegraph.{op_name}"
+    return Rule(f"activations.{op_name}", pattern, replacement, weights_are_matrices, GATED_PRIORITY)
+
+
+def weights_are_matrices(wg, wu) -> bool:
+    """The gated kernel takes two [K, N] weights of one shape."""
+    if wg.rank != 2 or wu.rank != 2:
+        return reject(f"weights have ranks {wg.rank}, {wu.rank}, not 2")
+    return wg.shape == wu.shape or reject(f"weight shapes {wg.shape} and {wu.shape} differ")
+
+
+RULES = [_gated_rule(name) for name in GATE_ACTIVATIONS] + [
+    _gelu_rule("activations.gelu_erf", gelu_erf_decomposed, "none", "Gelu"),
+    _gelu_rule("activations.gelu_tanh", gelu_tanh_decomposed, "tanh", "GeluTanh"),
+    Rule("activations.quick_gelu", quick_gelu_pattern, quick_gelu_replacement, alpha_is_quick_gelu,
+         ACTIVATION_PRIORITY),
+    Rule("activations.silu", silu_pattern, silu_replacement, priority=ACTIVATION_PRIORITY - 1),
+]
