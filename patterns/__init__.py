@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fusegraph.rule import RuleSet
 
-from . import attention, gemm_epilogue, norms
+from . import activations, attention, gemm_epilogue, norms, rope
 
-MODULES = (attention, gemm_epilogue, norms)
+MODULES = (attention, gemm_epilogue, norms, activations, rope)
 
 
 def all_rules() -> RuleSet:
