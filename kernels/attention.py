@@ -146,15 +146,15 @@ def attention_grid(batch: int, heads_q: int, seq_q: int, cfg: dict) -> tuple:
     return (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads_q, 1)
 
 
-def attention(q, k, v, mask=None, scale=None, is_causal=False, config=None):
+def attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None):
     """Torch entry: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
-    [B, Hq, Sq, Sk]; returns O [B, Hq, Sq, D] in Q's dtype."""
+    [B, Hq, Sq, Sk]; returns O [B, Hq, Sq, D] in Q's dtype (written into ``out`` if given)."""
     bsz, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    o = q.new_empty(q.shape)
+    o = q.new_empty(q.shape) if out is None else out
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cfg = dict(config or attention_config(d, sq, is_causal))
     cfg.setdefault("BLOCK_D", max(16, triton.next_power_of_2(d)))

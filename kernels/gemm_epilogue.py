@@ -122,7 +122,7 @@ def gemm_grid(M: int, N: int, cfg: dict) -> tuple:
     return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), 1, 1)
 
 
-def _run(x, w, wu, b, bu, act, config):
+def _run(x, w, wu, b, bu, act, config, out):
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
     K = x.shape[-1]
@@ -133,7 +133,7 @@ def _run(x, w, wu, b, bu, act, config):
     if glu and wu.stride() != w.stride():
         wu = wu.contiguous()
         w = w.contiguous()
-    y = x.new_empty((M, N))
+    y = x.new_empty((M, N)) if out is None else out.view(M, N)
     cfg = dict(config or gemm_config(M, N, K, glu))
     meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     gemm_kernel[gemm_grid(M, N, cfg)](
@@ -144,13 +144,14 @@ def _run(x, w, wu, b, bu, act, config):
     return y.reshape(*x.shape[:-1], N)
 
 
-def matmul_bias_act(x, w, b=None, act="none", config=None):
-    """Torch entry for ``MatMulBias{Act}``: X [..., K] @ W [K, N] (+ b [N]) then act."""
-    return _run(x, w, None, b, None, act, config)
+def matmul_bias_act(x, w, b=None, act="none", config=None, out=None):
+    """Torch entry for ``MatMulBias{Act}``: X [..., K] @ W [K, N] (+ b [N]) then act;
+    ``out`` (contiguous, X's dtype) receives Y if given."""
+    return _run(x, w, None, b, None, act, config, out)
 
 
-def swiglu(x, wg, wu, bg=None, bu=None, act="Silu", config=None):
+def swiglu(x, wg, wu, bg=None, bu=None, act="Silu", config=None, out=None):
     """Torch entry for act(X@Wg + bg) * (X@Wu + bu); pass both biases or neither."""
     if (bg is None) != (bu is None):
         raise ValueError("swiglu takes both biases or neither")
-    return _run(x, wg, wu, bg, bu, act, config)
+    return _run(x, wg, wu, bg, bu, act, config, out)

@@ -64,18 +64,18 @@ def norm_grid(rows: int, cfg: dict) -> tuple:
     return (triton.cdiv(rows, cfg["BLOCK_R"]), 1, 1)
 
 
-def _launch(x, residual, gamma, beta, eps, rms):
+def _launch(x, residual, gamma, beta, eps, rms, out, residual_out):
     """Torch entry (tests, benchmark): returns Y, or (Y, S) when a residual is given."""
     cols = x.shape[-1]
     x2 = x.reshape(-1, cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    y = x.new_empty(x2.shape)
+    y = x.new_empty(x2.shape) if out is None else out.view(x2.shape)
     r2 = s = x2
     if residual is not None:
         r2 = residual.reshape(-1, cols).contiguous()
-        s = x.new_empty(x2.shape)
+        s = x.new_empty(x2.shape) if residual_out is None else residual_out.view(x2.shape)
     cfg = norm_config(rows, cols, x.element_size())
     norm_kernel[norm_grid(rows, cfg)](
         x2, r2, gamma.contiguous(), gamma if beta is None else beta.contiguous(), y, s,
@@ -88,11 +88,12 @@ def _launch(x, residual, gamma, beta, eps, rms):
     return y if residual is None else (y, s.reshape(x.shape))
 
 
-def rms_norm(x, gamma, eps=1e-6, residual=None):
-    """RMSNorm(X) or, with ``residual``, SkipRMSNorm -> (Y, S); torch tensors on one device."""
-    return _launch(x, residual, gamma, None, eps, rms=True)
+def rms_norm(x, gamma, eps=1e-6, residual=None, out=None, residual_out=None):
+    """RMSNorm(X) or, with ``residual``, SkipRMSNorm -> (Y, S); torch tensors on one device.
+    ``out`` / ``residual_out`` (contiguous) receive Y / S if given."""
+    return _launch(x, residual, gamma, None, eps, True, out, residual_out)
 
 
-def layer_norm(x, gamma, beta=None, eps=1e-5, residual=None):
+def layer_norm(x, gamma, beta=None, eps=1e-5, residual=None, out=None, residual_out=None):
     """LayerNorm(X) or, with ``residual``, SkipLayerNorm -> (Y, S); torch tensors."""
-    return _launch(x, residual, gamma, beta, eps, rms=False)
+    return _launch(x, residual, gamma, beta, eps, False, out, residual_out)

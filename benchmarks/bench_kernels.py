@@ -1,0 +1,507 @@
+"""Correctness and speed of the fusegraph Triton kernels on an NVIDIA GPU, in one run.
+
+    python benchmarks/bench_kernels.py [--out DIR] [--quick]
+
+For each fused op: random inputs, outputs poisoned with NaN, relative error
+||out - ref|| / ||ref|| against a float32 (or float64) torch reference; then median time
+over device events (triton.testing.do_bench, which also flushes L2 between runs) for the
+fused kernel, torch's own fused op where one exists, and the unfused op-by-op sequence
+the rewrite pattern replaces.  The two ceilings (one 8192^3 bf16 matmul, one large
+device-to-device copy) are measured in the same run and every figure is reported as a
+fraction of them.  Then each op is launched once through the torch-free cuda-python path
+(kernels/launch.py) and checked.  Results: a table on stdout and results.json in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from fusegraph.kernels import attention, gemm_epilogue, launch, norms, rope
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
+ROWS: list[dict] = []
+CHECKS: list[dict] = []
+
+
+def bench(fn) -> float:
+    """Median milliseconds of ``fn`` over device events, after warm-up."""
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check(name, out, ref, dtype):
+    err = rel_err(out, ref)
+    ok = err < TOL[dtype]
+    CHECKS.append({"name": name, "rel_err": err, "tol": TOL[dtype], "ok": ok})
+    print(f"  check {name:55s} rel_err {err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def poison(t):
+    return t.fill_(float("nan"))
+
+
+def row(op, shape, impl, ms, flops=None, nbytes=None, ceil=None):
+    r = {"op": op, "shape": shape, "impl": impl, "ms": ms}
+    if flops:
+        r["tflops"] = flops / ms / 1e9
+        r["frac"] = r["tflops"] / ceil["tflops"]
+    if nbytes:
+        r["gbs"] = nbytes / ms / 1e6
+        r["frac"] = r["gbs"] / ceil["gbs"]
+    ROWS.append(r)
+    perf = f"{r['tflops']:7.1f} TFLOP/s" if flops else f"{r['gbs']:7.0f} GB/s"
+    print(f"  {op:14s} {shape:30s} {impl:34s} {ms:8.3f} ms {perf}  {r['frac']:.2f} of ceiling",
+          flush=True)
+    return ms
+
+
+def ceilings() -> dict:
+    a = torch.randn(8192, 8192, device=DEV, dtype=BF16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=BF16)
+    ms = bench(lambda: a @ b)
+    src = torch.randn(2 * 1024**3 // 4, device=DEV)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms_copy = bench(lambda: dst.copy_(src))
+    c = {"tflops": 2 * 8192**3 / ms / 1e9, "gbs": 2 * src.numel() * 4 / ms_copy / 1e6,
+         "matmul_ms": ms, "copy_ms": ms_copy}
+    print(f"ceilings: bf16 matmul 8192^3 {c['tflops']:.0f} TFLOP/s, "
+          f"d2d copy {c['gbs']:.0f} GB/s (read+write)", flush=True)
+    return c
+
+
+# --- attention -----------------------------------------------------------------------------
+
+def ref_attention(q, k, v, mask=None, causal=False):
+    """float32 math reference (GQA by repeat); fully -inf rows are 0 as the op defines."""
+    g = q.shape[1] // k.shape[1]
+    qf, kf, vf = q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s + mask.float()
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(sq, sk, device=DEV, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.nan_to_num(torch.softmax(s, -1), nan=0.0) @ vf
+
+
+def unfused_attention(q, k, v, causal, causal_mask):
+    """The op-by-op graph the Attention pattern replaces: MatMul, Mul, Add mask, Softmax, MatMul."""
+    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]))
+    if causal:
+        s = s + causal_mask
+    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+ATTN_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+]
+
+
+def sdpa_backends():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return {name: (lambda b=b: sdpa_kernel(b)) for name, b in
+            (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION))}
+
+
+def bench_attention(ceil, quick):
+    print("attention (bf16, D=128, B*S=16k tokens, 16 heads)", flush=True)
+    d, heads = 128, 16
+    seqs = [4096] if quick else [2048, 4096, 8192]
+    # correctness first: ragged lengths, GQA 4:1, additive mask with fully masked rows
+    q = torch.randn(2, 8, 1000, d, device=DEV, dtype=BF16)
+    k, v = (torch.randn(2, 2, 1037, d, device=DEV, dtype=BF16) for _ in range(2))
+    mask = torch.randn(2, 1, 1000, 1037, device=DEV, dtype=BF16)
+    mask[:, :, 5] = float("-inf")
+    for causal in (False, True):
+        for m in (None, mask):
+            o = poison(torch.empty_like(q))
+            attention.attention(q, k, v, m, is_causal=causal, out=o)
+            check(f"attention gqa4 ragged causal={causal} mask={m is not None}", o,
+                  ref_attention(q, k, v, m, causal), BF16)
+    best_cfg = {}
+    for causal in (False, True):
+        # tile sweep at 4k: the winner is used for every length
+        s = 4096
+        b = 16384 // s
+        q, k, v = (torch.randn(b, heads, s, d, device=DEV, dtype=BF16) for _ in range(3))
+        times = []
+        for cfg in ATTN_CONFIGS:
+            try:
+                cfg = dict(cfg, BLOCK_D=d)
+                times.append((bench(lambda: attention.attention(q, k, v, is_causal=causal,
+                                                                config=cfg)), cfg))
+            except Exception as exc:  # e.g. out of shared memory for a tile
+                print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+        times.sort(key=lambda t: t[0])
+        flops = 4 * b * heads * s * s * d / (2 if causal else 1)
+        for ms, cfg in times:
+            print(f"    sweep causal={causal} {cfg}: {ms:.3f} ms "
+                  f"{flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        best_cfg[causal] = times[0][1]
+    for s in seqs:
+        b = 16384 // s
+        q, k, v = (torch.randn(b, heads, s, d, device=DEV, dtype=BF16) for _ in range(3))
+        for causal in (False, True):
+            shape = f"B{b} H{heads} S{s} D{d} {'causal' if causal else 'full'}"
+            flops = 4 * b * heads * s * s * d / (2 if causal else 1)
+            o = poison(torch.empty_like(q))
+            cfg = best_cfg[causal]
+            attention.attention(q, k, v, is_causal=causal, config=cfg, out=o)
+            check(f"attention {shape}", o, ref_attention(q, k, v, None, causal), BF16)
+            row("attention", shape, f"fused triton {cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
+                f"w{cfg['num_warps']}s{cfg['num_stages']}",
+                bench(lambda: attention.attention(q, k, v, is_causal=causal, config=cfg, out=o)),
+                flops=flops, ceil=ceil)
+            row("attention", shape, "fused triton default config",
+                bench(lambda: attention.attention(q, k, v, is_causal=causal, out=o)),
+                flops=flops, ceil=ceil)
+            for name, ctx in sdpa_backends().items():
+                try:
+                    with ctx():
+                        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                    row("attention", shape, f"torch sdpa {name}", ms, flops=flops, ceil=ceil)
+                except Exception as exc:
+                    print(f"  sdpa {name} unavailable: {type(exc).__name__}: {str(exc)[:100]}")
+            if s <= 4096:
+                cm = torch.full((s, s), float("-inf"), device=DEV, dtype=BF16).triu(1)
+                row("attention", shape, "unfused op-by-op",
+                    bench(lambda: unfused_attention(q, k, v, causal, cm)), flops=flops, ceil=ceil)
+        torch.cuda.empty_cache()
+
+
+# --- GEMM + epilogue -------------------------------------------------------------------------
+
+TORCH_ACTS = {"none": lambda y: y, "Relu": F.relu, "Gelu": F.gelu,
+              "GeluTanh": lambda y: F.gelu(y, approximate="tanh"), "Sigmoid": torch.sigmoid,
+              "Tanh": torch.tanh, "Silu": F.silu}
+
+GEMM_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+]
+
+
+def sweep(label, fn, configs, flops):
+    times = []
+    for cfg in configs:
+        try:
+            times.append((bench(lambda: fn(cfg)), cfg))
+        except Exception as exc:
+            print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    times.sort(key=lambda t: t[0])
+    for ms, cfg in times:
+        print(f"    sweep {label} {cfg}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+    return times[0][1]
+
+
+def bench_gemm(ceil, quick):
+    print("GEMM + bias + activation (bf16)", flush=True)
+    # correctness at ragged sizes, every activation
+    x = torch.randn(1000, 777, device=DEV, dtype=BF16)
+    w = torch.randn(777, 1234, device=DEV, dtype=BF16) / 28
+    bias = torch.randn(1234, device=DEV, dtype=BF16)
+    for act, fn in TORCH_ACTS.items():
+        y = poison(torch.empty(1000, 1234, device=DEV, dtype=BF16))
+        gemm_epilogue.matmul_bias_act(x, w, bias, act, out=y)
+        check(f"matmul_bias_act ragged {act}", y, fn(x.float() @ w.float() + bias.float()), BF16)
+    m = n = k = 8192
+    shape = f"M{m} N{n} K{k}"
+    x = torch.randn(m, k, device=DEV, dtype=BF16)
+    w = torch.randn(k, n, device=DEV, dtype=BF16) / 90
+    bias = torch.randn(n, device=DEV, dtype=BF16)
+    y = torch.empty(m, n, device=DEV, dtype=BF16)
+    flops = 2 * m * n * k
+    cfg = sweep("gemm Gelu", lambda c: gemm_epilogue.matmul_bias_act(x, w, bias, "Gelu", config=c,
+                                                                     out=y),
+                GEMM_CONFIGS[:2] if quick else GEMM_CONFIGS, flops)
+    row("matmul", shape, "torch.matmul alone", bench(lambda: x @ w), flops=flops, ceil=ceil)
+    for act in (["Gelu"] if quick else list(TORCH_ACTS)):
+        poison(y)
+        gemm_epilogue.matmul_bias_act(x, w, bias, act, config=cfg, out=y)
+        check(f"matmul_bias_act {shape} {act}", y,
+              TORCH_ACTS[act](x.float() @ w.float() + bias.float()), BF16)
+        row("matmul+bias+act", f"{shape} {act}", "fused triton (swept tile)",
+            bench(lambda: gemm_epilogue.matmul_bias_act(x, w, bias, act, config=cfg, out=y)),
+            flops=flops, ceil=ceil)
+        row("matmul+bias+act", f"{shape} {act}", "fused triton default config",
+            bench(lambda: gemm_epilogue.matmul_bias_act(x, w, bias, act, out=y)),
+            flops=flops, ceil=ceil)
+        row("matmul+bias+act", f"{shape} {act}", "torch matmul, +bias, act (unfused)",
+            bench(lambda: TORCH_ACTS[act](x @ w + bias)), flops=flops, ceil=ceil)
+        row("matmul+bias+act", f"{shape} {act}", "torch addmm, act",
+            bench(lambda: TORCH_ACTS[act](torch.addmm(bias, x, w))), flops=flops, ceil=ceil)
+    # SwiGLU, Llama-like MLP shape
+    m, k, n = 8192, 4096, 14336
+    shape = f"M{m} N{n} K{k}"
+    x = torch.randn(m, k, device=DEV, dtype=BF16)
+    wg, wu = (torch.randn(k, n, device=DEV, dtype=BF16) / 64 for _ in range(2))
+    wcat = torch.cat([wg, wu], 1)
+    y = poison(torch.empty(m, n, device=DEV, dtype=BF16))
+    flops = 4 * m * n * k
+    scfg = sweep("swiglu", lambda c: gemm_epilogue.swiglu(x, wg, wu, config=c, out=y),
+                 [c for c in GEMM_CONFIGS if c["BLOCK_N"] <= 128] or GEMM_CONFIGS, flops)
+    poison(y)
+    gemm_epilogue.swiglu(x, wg, wu, config=scfg, out=y)
+    check(f"swiglu {shape}", y, F.silu(x.float() @ wg.float()) * (x.float() @ wu.float()), BF16)
+    row("swiglu", shape, "fused triton (swept tile)",
+        bench(lambda: gemm_epilogue.swiglu(x, wg, wu, config=scfg, out=y)), flops=flops, ceil=ceil)
+    row("swiglu", shape, "fused triton default config",
+        bench(lambda: gemm_epilogue.swiglu(x, wg, wu, out=y)), flops=flops, ceil=ceil)
+    row("swiglu", shape, "torch matmul [K,2N] alone", bench(lambda: x @ wcat), flops=flops, ceil=ceil)
+    row("swiglu", shape, "torch 2 matmuls, silu, mul (unfused)",
+        bench(lambda: F.silu(x @ wg) * (x @ wu)), flops=flops, ceil=ceil)
+    torch.cuda.empty_cache()
+    return cfg, scfg
+
+
+# --- norms and RoPE --------------------------------------------------------------------------
+
+def unfused_rms(x, r, g, eps):
+    s = x + r
+    var = s.float().pow(2).mean(-1, keepdim=True)
+    return (s.float() * torch.rsqrt(var + eps)).to(x.dtype) * g, s
+
+
+def unfused_ln(x, r, g, b, eps):
+    s = x + r
+    sf = s.float()
+    mean = sf.mean(-1, keepdim=True)
+    var = (sf - mean).pow(2).mean(-1, keepdim=True)
+    return ((sf - mean) / torch.sqrt(var + eps) * g.float() + b.float()).to(x.dtype), s
+
+
+def bench_norms(ceil, quick):
+    print("RMSNorm / LayerNorm (bf16, 16384 rows)", flush=True)
+    eps = 1e-6
+    for cols in ([4096] if quick else [1024, 4096, 8192]):
+        rows = 16384
+        x, r = (torch.randn(rows, cols, device=DEV, dtype=BF16) for _ in range(2))
+        g, b = (torch.randn(cols, device=DEV, dtype=BF16) for _ in range(2))
+        y, s = (torch.empty_like(x) for _ in range(2))
+        item = x.element_size()
+        plain, skip = 2 * rows * cols * item, 4 * rows * cols * item
+        shape = f"{rows}x{cols}"
+        # correctness (poisoned outputs)
+        poison(y)
+        norms.rms_norm(x, g, eps, out=y)
+        check(f"rms_norm {shape}", y, F.rms_norm(x.float(), (cols,), g.float(), eps), BF16)
+        poison(y), poison(s)
+        norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s)
+        check(f"skip_rms_norm {shape} Y", y,
+              F.rms_norm((x + r).float(), (cols,), g.float(), eps), BF16)
+        check(f"skip_rms_norm {shape} S", s, (x.float() + r.float()), BF16)
+        poison(y), poison(s)
+        norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s)
+        check(f"skip_layer_norm {shape} Y", y,
+              F.layer_norm((x + r).float(), (cols,), g.float(), b.float(), eps), BF16)
+        row("rms_norm", shape, "fused triton", bench(lambda: norms.rms_norm(x, g, eps, out=y)),
+            nbytes=plain, ceil=ceil)
+        row("rms_norm", shape, "torch F.rms_norm", bench(lambda: F.rms_norm(x, (cols,), g, eps)),
+            nbytes=plain, ceil=ceil)
+        row("skip_rms_norm", shape, "fused triton",
+            bench(lambda: norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s)),
+            nbytes=skip, ceil=ceil)
+        row("skip_rms_norm", shape, "torch add + F.rms_norm",
+            bench(lambda: F.rms_norm(x + r, (cols,), g, eps)), nbytes=skip, ceil=ceil)
+        row("skip_rms_norm", shape, "unfused op-by-op",
+            bench(lambda: unfused_rms(x, r, g, eps)), nbytes=skip, ceil=ceil)
+        row("layer_norm", shape, "fused triton",
+            bench(lambda: norms.layer_norm(x, g, b, eps, out=y)), nbytes=plain, ceil=ceil)
+        row("layer_norm", shape, "torch F.layer_norm",
+            bench(lambda: F.layer_norm(x, (cols,), g, b, eps)), nbytes=plain, ceil=ceil)
+        row("skip_layer_norm", shape, "fused triton",
+            bench(lambda: norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s)),
+            nbytes=skip, ceil=ceil)
+        row("skip_layer_norm", shape, "torch add + F.layer_norm",
+            bench(lambda: F.layer_norm(x + r, (cols,), g, b, eps)), nbytes=skip, ceil=ceil)
+        row("skip_layer_norm", shape, "unfused op-by-op",
+            bench(lambda: unfused_ln(x, r, g, b, eps)), nbytes=skip, ceil=ceil)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), -1)
+
+
+def unfused_rope(x, cos, sin, rd):
+    xr, xp = x[..., :rd], x[..., rd:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), -1)
+
+
+def rope_tables(seq, rd, interleaved):
+    """Real cos/sin tables (HF layout), so repeated in-place rotation keeps X's magnitude."""
+    theta = torch.arange(seq, device=DEV)[:, None] * 10000.0 ** (
+        -torch.arange(0, rd, 2, device=DEV) / rd)
+    theta = theta.repeat_interleave(2, -1) if interleaved else torch.cat((theta, theta), -1)
+    return theta.cos().to(BF16), theta.sin().to(BF16)
+
+
+def bench_rope(ceil, quick):
+    print("RoPE (bf16, [8, 32, 2048, 128])", flush=True)
+    b, h, s, d = 8, 32, 2048, 128
+    x = torch.randn(b, h, s, d, device=DEV, dtype=BF16)
+    y = torch.empty_like(x)
+    nbytes = 2 * x.numel() * x.element_size()
+    for rd, inter in ((128, False), (64, False), (128, True)):
+        cos, sin = rope_tables(s, rd, inter)
+        shape = f"{b}x{h}x{s}x{d} rd{rd}{' inter' if inter else ''}"
+        poison(y)
+        rope.rotary_embedding(x, cos, sin, inter, rd, out=y)
+        xr = x.float()[..., :rd]
+        rot = (torch.stack((-xr[..., 1::2], xr[..., 0::2]), -1).flatten(-2) if inter
+               else rotate_half(xr))
+        ref = torch.cat((xr * cos.float() + rot * sin.float(), x.float()[..., rd:]), -1)
+        check(f"rope {shape}", y, ref, BF16)
+        row("rope", shape, "fused triton out of place",
+            bench(lambda: rope.rotary_embedding(x, cos, sin, inter, rd, out=y)),
+            nbytes=nbytes, ceil=ceil)
+        xi = x.clone()
+        row("rope", shape, "fused triton in place",
+            bench(lambda: rope.rotary_embedding(xi, cos, sin, inter, rd, out=xi)),
+            nbytes=nbytes * rd // d, ceil=ceil)
+        if not inter:
+            row("rope", shape, "unfused op-by-op (HF rotate_half)",
+                bench(lambda: unfused_rope(x, cos, sin, rd)), nbytes=nbytes, ceil=ceil)
+
+
+# --- torch-free launch path ------------------------------------------------------------------
+
+def check_launch_path():
+    print("torch-free launch path (cuda-python)", flush=True)
+    st = torch.cuda.current_stream().cuda_stream
+    p = lambda t: t.data_ptr()  # noqa: E731
+    rows, cols = 999, 4096
+    x, r = (torch.randn(rows, cols, device=DEV, dtype=BF16) for _ in range(2))
+    g, bb = (torch.randn(cols, device=DEV, dtype=BF16) for _ in range(2))
+    y, s = (poison(torch.empty_like(x)) for _ in range(2))
+    launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, 1e-6, "bfloat16", st)
+    torch.cuda.synchronize()
+    check("launch rms_norm", y, F.rms_norm(x.float(), (cols,), g.float(), 1e-6), BF16)
+    poison(y)
+    launch.launch_skip_rms_norm(p(x), p(r), p(g), p(y), p(s), rows, cols, 1e-6, "bfloat16", st)
+    torch.cuda.synchronize()
+    check("launch skip_rms_norm Y", y, F.rms_norm((x + r).float(), (cols,), g.float(), 1e-6), BF16)
+    check("launch skip_rms_norm S", s, x.float() + r.float(), BF16)
+    poison(y)
+    launch.launch_layer_norm(p(x), p(g), p(bb), p(y), rows, cols, 1e-5, "bfloat16", st)
+    torch.cuda.synchronize()
+    check("launch layer_norm", y, F.layer_norm(x.float(), (cols,), g.float(), bb.float(), 1e-5), BF16)
+    poison(y), poison(s)
+    launch.launch_skip_layer_norm(p(x), p(r), p(g), p(bb), p(y), p(s), rows, cols, 1e-5,
+                                  "bfloat16", st)
+    torch.cuda.synchronize()
+    check("launch skip_layer_norm Y", y,
+          F.layer_norm((x + r).float(), (cols,), g.float(), bb.float(), 1e-5), BF16)
+
+    m, n, k = 1000, 1536, 1024
+    xa = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    w, wu = (torch.randn(k, n, device=DEV, dtype=torch.float16) / 32 for _ in range(2))
+    bias, bu = (torch.randn(n, device=DEV, dtype=torch.float16) for _ in range(2))
+    ya = poison(torch.empty(m, n, device=DEV, dtype=torch.float16))
+    launch.launch_matmul_bias_act(p(xa), p(w), p(bias), p(ya), m, n, k, "GeluTanh", "float16", st)
+    torch.cuda.synchronize()
+    check("launch matmul_bias_act GeluTanh", ya,
+          F.gelu(xa.float() @ w.float() + bias.float(), approximate="tanh"), torch.float16)
+    poison(ya)
+    launch.launch_swiglu(p(xa), p(w), p(wu), p(bias), p(bu), p(ya), m, n, k, "Silu", "float16", st)
+    torch.cuda.synchronize()
+    check("launch swiglu", ya, F.silu(xa.float() @ w.float() + bias.float())
+          * (xa.float() @ wu.float() + bu.float()), torch.float16)
+
+    q = torch.randn(2, 8, 777, 128, device=DEV, dtype=BF16)
+    kk, vv = (torch.randn(2, 2, 801, 128, device=DEV, dtype=BF16) for _ in range(2))
+    mask = torch.randn(777, 801, device=DEV, dtype=BF16)
+    o = poison(torch.empty_like(q))
+    launch.launch_attention(p(q), p(kk), p(vv), p(o), 2, 8, 2, 777, 801, 128, None, True,
+                            "bfloat16", st, mask_ptr=p(mask), mask_strides=(0, 0, 801, 1))
+    torch.cuda.synchronize()
+    check("launch attention gqa causal mask", o, ref_attention(q, kk, vv, mask, True), BF16)
+
+    xr = torch.randn(2, 4, 300, 128, device=DEV, dtype=BF16)
+    cos, sin = (torch.randn(300, 64, device=DEV, dtype=BF16) for _ in range(2))
+    ref = unfused_rope(xr.float(), cos.float(), sin.float(), 64)
+    launch.launch_rotary_embedding(p(xr), p(cos), p(sin), p(xr), 2, 4, 300, 128, 64, False,
+                                   "bfloat16", st)
+    torch.cuda.synchronize()
+    check("launch rope in place rd64", xr, ref, BF16)
+
+    # launch overhead of the torch-free path (host side, cached compile and module)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, 1e-6, "bfloat16", st)
+    torch.cuda.synchronize()
+    print(f"  torch-free launch: {(time.perf_counter() - t0) / 200 * 1e6:.1f} us per call "
+          "(host, incl. kernel)", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="one size per op, fewer tile sweeps")
+    ap.add_argument("--only", default="attention,gemm,norms,rope,launch")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    info = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda,
+            "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(info), flush=True)
+    ceil = ceilings()
+    tuned = {}
+    sections = {"attention": lambda: bench_attention(ceil, args.quick),
+                "gemm": lambda: tuned.update(zip(("gemm", "swiglu"), bench_gemm(ceil, args.quick))),
+                "norms": lambda: bench_norms(ceil, args.quick),
+                "rope": lambda: bench_rope(ceil, args.quick),
+                "launch": check_launch_path}
+    failed = []
+    for name in args.only.split(","):
+        try:
+            sections[name]()
+        except Exception:
+            failed.append(name)
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    bad = [c for c in CHECKS if not c["ok"]]
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"info": info, "ceilings": ceil, "rows": ROWS, "checks": CHECKS,
+                   "tuned": tuned, "failed_sections": failed}, f, indent=1)
+    print(f"\n{len(CHECKS) - len(bad)}/{len(CHECKS)} checks passed; failed sections: {failed}")
+    for c in bad:
+        print(f"  FAILED {c['name']}: {c['rel_err']:.2e}")
+    sys.exit(1 if bad or failed else 0)
+
+
+if __name__ == "__main__":
+    main()
