@@ -122,7 +122,7 @@ def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern) -
     k = repeated_kv(op, k_kv) | k
     plain = op.Transpose(scaled(op, k, "k_pre"), perm=[0, 1, 3, 2])
     merged = op.Transpose(scaled(op, k_bshd, "k_pre"), perm=[0, 2, 3, 1])
-    return scaled(op, plain | merged | key_transposed_batched(op, k, k_kv), "k_post")
+    return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv), "k_post")
 
 
 def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):

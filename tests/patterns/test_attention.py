@@ -1,0 +1,288 @@
+"""Attention rules: every drawn BMM-Softmax-BMM variant fuses into one attention op and computes
+what it computed; decoys stay as they are; every attention block of the real exports fuses."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from fusegraph.api import rewrite_with_report
+from fusegraph.patterns import attention
+from fusegraph.testing import assert_rewrites, make_model, node, op_counts
+from fusegraph.verify import compare, run
+
+RULES = attention.RULES
+ATTENTION_OPS = ("Attention", "fusegraph.Attention", "fusegraph.MaskedAttention")
+SCALE_FORMS = ("none", "s_mul", "s_div", "q_mul", "q_div", "k_pre", "k_post", "sqrt_both")
+MASKS = ("none", "add", "keep", "masked_fill", "bias_and_mask", "causal_const", "causal_trilu")
+K_FORMS = ("bhsd", "bshd", "batched")
+
+
+class Graph:
+    """Nodes, initializers and inputs of one test model."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.nodes, self.inits, self.inputs = [], {}, {}
+
+    def op(self, op_type, *inputs, **attrs):
+        out = f"t{len(self.nodes)}"
+        self.nodes.append(node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype=None):
+        name = f"c{len(self.inits)}"
+        self.inits[name] = np.asarray(value, dtype=dtype or self.dtype)
+        return name
+
+    def input(self, name, shape, dtype=None):
+        self.inputs[name] = (dtype or self.dtype, list(shape))
+        return name
+
+    def model(self, out, out_shape, opset, extra_outputs=()):
+        outputs = {out: (self.dtype, out_shape), **{o: (self.dtype, None) for o in extra_outputs}}
+        return make_model(self.nodes, self.inputs, outputs, self.inits, opset=opset)
+
+
+def repeat_kv(g, x, b, hkv, group, s, d):
+    grown = g.op("Expand", g.op("Unsqueeze", x, g.const([2], np.int64)), g.const([b, hkv, group, s, d], np.int64))
+    return g.op("Reshape", grown, g.const([b, hkv * group, s, d], np.int64))
+
+
+def build(*, dtype, b, hkv, group, s, d, scale_form, scale, mask, softmax_fp32, nan_guard, k_form, opset):
+    """softmax(Q K^T * scale + mask) V written the way the variant says; returns (model, causal)."""
+    g = Graph(dtype)
+    hq = hkv * group
+    q = g.input("q", [b, hq, s, d])
+    k = g.input("k", [b, s, hkv, d] if k_form == "bshd" else [b, hkv, s, d])
+    v = g.input("v", [b, hkv, s, d])
+    if k_form == "bshd" and group > 1:  # the head split, then the repeat, then K^T
+        k, k_form = g.op("Transpose", k, perm=[0, 2, 1, 3]), "bhsd"
+    if group > 1:
+        k, v = repeat_kv(g, k, b, hkv, group, s, d), repeat_kv(g, v, b, hkv, group, s, d)
+
+    def k_t(kk):
+        if k_form == "bshd":  # K^T straight from [B, S, H, D]
+            return g.op("Transpose", kk, perm=[0, 2, 3, 1])
+        if k_form == "batched":  # dynamo's SDPA: flatten, transpose, reshape back
+            flat = g.op("Reshape", kk, g.const([b * hq, s, d], np.int64))
+            return g.op("Reshape", g.op("Transpose", flat, perm=[0, 2, 1]), g.const([b, hq, d, s], np.int64))
+        return g.op("Transpose", kk, perm=[0, 1, 3, 2])
+
+    if scale_form == "q_mul":
+        q = g.op("Mul", q, g.const(scale))
+    elif scale_form == "q_div":
+        q = g.op("Div", q, g.const(1 / scale))
+    elif scale_form == "sqrt_both":
+        q = g.op("Mul", q, g.const(math.sqrt(scale)))
+        k = g.op("Mul", k, g.const(math.sqrt(scale)))
+    elif scale_form == "k_pre":
+        k = g.op("Mul", k, g.const(scale))
+    kt = k_t(k)
+    if scale_form == "k_post":
+        kt = g.op("Mul", kt, g.const(scale))
+    scores = g.op("MatMul", q, kt)
+    if scale_form == "s_mul":
+        scores = g.op("Mul", scores, g.const(scale))
+    elif scale_form == "s_div":
+        scores = g.op("Div", scores, g.const(1 / scale))
+    if softmax_fp32:
+        scores = g.op("Cast", scores, to=onnx.TensorProto.FLOAT)
+    fill = np.float32(-1e9) if softmax_fp32 or g.dtype == np.float32 else np.float16(-1e4)
+    fdt = np.float32 if softmax_fp32 else g.dtype
+    tril = np.tril(np.ones((s, s), bool))
+    if mask == "add":
+        scores = g.op("Add", scores, g.input("mask", [b, 1, s, s], fdt))
+    elif mask == "bias_and_mask":
+        bias = g.const(np.random.default_rng(0).standard_normal((1, hq, s, s)), fdt)
+        scores = g.op("Add", g.op("Add", scores, bias), g.input("mask", [b, 1, 1, s], fdt))
+    elif mask == "keep":
+        scores = g.op("Where", g.input("keep", [b, 1, s, s], np.bool_), scores, g.const(fill, fdt))
+    elif mask == "masked_fill":
+        scores = g.op("Where", g.input("drop", [b, 1, s, s], np.bool_), g.const(fill, fdt), scores)
+    elif mask == "causal_const":
+        scores = g.op("Add", scores, g.const(np.where(tril, 0, fill)[None, None], fdt))
+    elif mask == "causal_trilu":
+        ones = g.op("ConstantOfShape", g.const([s, s], np.int64),
+                    value=onnx.numpy_helper.from_array(np.array([1], np.int64)))
+        keep = g.op("Cast", g.op("Trilu", ones, upper=0), to=onnx.TensorProto.BOOL)
+        scores = g.op("Where", keep, scores, g.const(fill, fdt))
+    probs = g.op("Softmax", scores, axis=-1)
+    if softmax_fp32:
+        probs = g.op("Cast", probs, to=onnx.helper.np_dtype_to_tensor_dtype(g.dtype))
+    if nan_guard:
+        probs = g.op("Where", g.op("IsNaN", probs), g.const(0.0), probs)
+    out = g.op("MatMul", probs, v)
+    return g.model(out, [b, hq, s, d], opset), mask.startswith("causal")
+
+
+def feeds_for(model, seed):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in model.graph.input:
+        shape = [dim.dim_value for dim in i.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        if dtype == np.bool_:
+            a = rng.random(shape) < 0.7
+            a[..., 0] = True  # every query keeps a key (a fully masked row differs by design)
+            out[i.name] = a if i.name == "keep" else ~a
+        elif i.name == "mask":
+            out[i.name] = np.where(rng.random(shape) < 0.3, -1e4, 0).astype(dtype)
+        else:
+            out[i.name] = rng.standard_normal(shape).astype(dtype)
+    return out
+
+
+variants = st.fixed_dictionaries(dict(
+    dtype=st.sampled_from([np.float32, np.float16]), b=st.integers(1, 2), hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]), s=st.integers(2, 6), d=st.sampled_from([4, 8]),
+    scale_form=st.sampled_from(SCALE_FORMS), scale=st.sampled_from(["default", 0.3, 1.7]),
+    mask=st.sampled_from(MASKS), softmax_fp32=st.booleans(), nan_guard=st.booleans(),
+    k_form=st.sampled_from(K_FORMS), opset=st.sampled_from([18, 23])))
+
+
+def _resolve(p):
+    p = dict(p)
+    if p["scale"] == "default" or p["scale_form"] == "none":
+        p["scale"] = 1.0 if p["scale_form"] == "none" else 1 / math.sqrt(p["d"])
+    return p
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=variants, seed=st.integers(0, 2**16))
+def test_variant_fuses_and_matches(p, seed):
+    p = _resolve(p)
+    model, causal = build(**p)
+    onnx.checker.check_model(model, full_check=True)
+    tol = {} if p["dtype"] == np.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    out = assert_rewrites(model, RULES, feeds=feeds_for(model, seed), **tol)
+    counts = op_counts(out)
+    assert sum(counts[o] for o in ATTENTION_OPS) == 1, dict(counts)
+    assert counts["Softmax"] == 0 and counts["MatMul"] == 0
+    fused = next(n for n in out.graph.node if n.op_type.endswith("Attention"))
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in fused.attribute}
+    assert fused.domain == ("" if p["opset"] >= 23 else "fusegraph")
+    assert math.isclose(attrs["scale"], p["scale"], rel_tol=1e-3)
+    assert attrs["is_causal"] == int(causal)
+    has_mask = p["mask"] != "none" and not causal
+    assert (len(fused.input) == 4) == has_mask
+    if p["group"] > 1:  # the un-repeated KV goes in: grouped-query attention
+        assert "Expand" not in counts and fused.input[2] == "v"
+
+
+def test_arbitrary_scale_is_the_ops_scale():
+    """A scale other than 1/sqrt(D) is still an attention, with that scale."""
+    model, _ = build(dtype=np.float32, b=1, hkv=2, group=1, s=4, d=8, scale_form="s_mul", scale=0.05,
+                     mask="none", softmax_fp32=False, nan_guard=False, k_form="bhsd", opset=18)
+    out = assert_rewrites(model, RULES, expect={"fusegraph.Attention": 1, "Softmax": 0})
+    scale = next(a.f for n in out.graph.node for a in n.attribute if a.name == "scale")
+    assert math.isclose(scale, 0.05, rel_tol=1e-6)
+
+
+def _plain(**over):
+    p = dict(dtype=np.float32, b=1, hkv=2, group=1, s=4, d=8, scale_form="s_mul", scale=0.25, mask="add",
+             softmax_fp32=False, nan_guard=False, k_form="bhsd", opset=18)
+    p.update(over)
+    return build(**p)[0]
+
+
+def _assert_not_fused(model):
+    out, report = rewrite_with_report(model, RULES)
+    assert not report.fusions
+    assert op_counts(out)["Softmax"] == 1
+
+
+def test_decoy_softmax_on_another_axis():
+    model = _plain()
+    next(n for n in model.graph.node if n.op_type == "Softmax").attribute[0].i = 2
+    _assert_not_fused(model)
+
+
+def test_decoy_per_head_scale():
+    """A [1, H, 1, 1] factor is no single scale."""
+    model = _plain()
+    mul = next(n for n in model.graph.node if n.op_type == "Mul")
+    init = next(t for t in model.graph.initializer if t.name == mul.input[1])
+    init.CopyFrom(onnx.numpy_helper.from_array(np.array([0.1, 0.2], np.float32).reshape(1, 2, 1, 1), init.name))
+    _assert_not_fused(model)
+
+
+def test_decoy_scale_from_an_input():
+    model = _plain()
+    mul = next(n for n in model.graph.node if n.op_type == "Mul")
+    mul.input[1] = "runtime_scale"
+    model.graph.input.append(onnx.helper.make_tensor_value_info("runtime_scale", onnx.TensorProto.FLOAT, []))
+    _assert_not_fused(model)
+
+
+@pytest.mark.parametrize("op_type", ["Add", "Softmax", "Mul"])
+def test_decoy_intermediate_with_a_second_consumer(op_type):
+    """The masked scores, the probabilities or the scaled scores also leave the block."""
+    model = _plain()
+    inner = next(n for n in model.graph.node if n.op_type == op_type).output[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, None))
+    _assert_not_fused(model)
+
+
+def test_decoy_mask_that_grows_the_scores():
+    """A mask with more query rows than the queries broadcasts the scores up: no attention."""
+    g = Graph(np.float32)
+    q, k, v = g.input("q", [1, 2, 1, 8]), g.input("k", [1, 2, 4, 8]), g.input("v", [1, 2, 4, 8])
+    scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.input("mask", [1, 1, 4, 4]))
+    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    _assert_not_fused(g.model(out, [1, 2, 4, 8], 18))
+
+
+def test_gqa_needs_proof_of_the_repeat():
+    """An Expand that also broadcasts the batch is not a plain head repeat: the repeated KV goes
+    in as is (an ordinary attention), never the un-repeated one."""
+    g = Graph(np.float32)
+    q, k, v = g.input("q", [2, 4, 3, 8]), g.input("k", [1, 2, 3, 8]), g.input("v", [2, 4, 3, 8])
+    grown = g.op("Expand", g.op("Unsqueeze", k, g.const([2], np.int64)), g.const([2, 2, 2, 3, 8], np.int64))
+    k4 = g.op("Reshape", grown, g.const([2, 4, 3, 8], np.int64))
+    scores = g.op("MatMul", q, g.op("Transpose", k4, perm=[0, 1, 3, 2]))
+    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    fused = assert_rewrites(g.model(out, [2, 4, 3, 8], 18), RULES, expect={"fusegraph.Attention": 1, "Expand": 1})
+    assert next(n for n in fused.graph.node if n.op_type == "Attention").input[1] == k4
+
+
+# -- the real exports ------------------------------------------------------------------------
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"] if (MODELS / "MANIFEST.json").exists() else {}
+NAMES = sorted(n for n in MANIFEST if (MODELS / n).exists())
+
+
+def model_feeds(meta):
+    rng = np.random.default_rng(0)
+    vocab = meta.get("config", {}).get("vocab_size", 2)
+    out = {}
+    for i in meta["inputs"]:
+        shape = i["example_shape"]
+        if not i["dtype"].startswith("int"):
+            out[i["name"]] = rng.standard_normal(shape).astype(i["dtype"])
+        elif "mask" in i["name"]:
+            out[i["name"]] = np.ones(shape, i["dtype"])
+        elif "token_type" in i["name"]:
+            out[i["name"]] = np.zeros(shape, i["dtype"])
+        else:
+            out[i["name"]] = rng.integers(0, vocab, shape).astype(i["dtype"])
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_attention_block_of_a_real_export_fuses(name):
+    model = onnx.load(MODELS / name)
+    out, _ = rewrite_with_report(model)
+    counts = op_counts(out)
+    assert sum(counts[o] for o in ATTENTION_OPS) == MANIFEST[name]["expected"]["attention"], dict(counts)
+    assert counts["Softmax"] == 0
+    onnx.checker.check_model(out, full_check=True)
+    x = model_feeds(MANIFEST[name])
+    diffs = compare(run(model, x), run(out, x), atol=1e-4)
+    assert all(d.ok for d in diffs), diffs
