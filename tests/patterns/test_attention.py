@@ -284,5 +284,9 @@ def test_every_attention_block_of_a_real_export_fuses(name):
     assert counts["Softmax"] == 0
     onnx.checker.check_model(out, full_check=True)
     x = model_feeds(MANIFEST[name])
-    diffs = compare(run(model, x), run(out, x), atol=1e-4)
+    try:
+        expected = run(model, x)
+    except Exception as e:  # the export itself is broken at these shapes; nothing to compare
+        pytest.skip(f"the original does not run in ONNX Runtime: {str(e)[:200]}")
+    diffs = compare(expected, run(out, x), atol=1e-4)
     assert all(d.ok for d in diffs), diffs
