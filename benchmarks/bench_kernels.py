@@ -115,11 +115,11 @@ def unfused_attention(q, k, v, causal, causal_mask):
 
 ATTN_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 16, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "num_warps": 16, "num_stages": 2},
 ]
 
 
@@ -466,6 +466,31 @@ def check_launch_path():
           "(host, incl. kernel)", flush=True)
 
 
+def write_markdown(path, info, ceil, rows, checks):
+    """Results table: each row's time over the best fused kernel's at the same op and shape."""
+    best = {}
+    for r in rows:
+        if r["impl"].startswith("fused"):
+            key = (r["op"], r["shape"])
+            best[key] = min(best.get(key, float("inf")), r["ms"])
+    lines = [f"Machine: {info['gpu']} ({info['sms']} SMs), torch {info['torch']}, "
+             f"triton {info['triton']}, CUDA {info['cuda']}; {info['date']}.",
+             f"Ceilings measured in the same run: bf16 matmul 8192^3 {ceil['tflops']:.0f} TFLOP/s; "
+             f"device-to-device copy {ceil['gbs']:.0f} GB/s (read + write).", "",
+             "| op | shape | implementation | ms | TFLOP/s or GB/s | of ceiling | time / best fused |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        perf = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else f"{r['gbs']:.0f} GB/s"
+        ratio = r["ms"] / best[(r["op"], r["shape"])] if (r["op"], r["shape"]) in best else float("nan")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {perf} | "
+                     f"{r['frac']:.0%} | {ratio:.2f}x |")
+    bad = [c for c in checks if not c["ok"]]
+    lines += ["", f"Correctness: {len(checks) - len(bad)}/{len(checks)} checks passed "
+              f"(worst relative error {max((c['rel_err'] for c in checks), default=0):.1e})."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -494,6 +519,7 @@ def main():
             traceback.print_exc()
         torch.cuda.empty_cache()
     bad = [c for c in CHECKS if not c["ok"]]
+    write_markdown(os.path.join(args.out, "results.md"), info, ceil, ROWS, CHECKS)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"info": info, "ceilings": ceil, "rows": ROWS, "checks": CHECKS,
                    "tuned": tuned, "failed_sections": failed}, f, indent=1)

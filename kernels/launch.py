@@ -306,7 +306,8 @@ def rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rot
                    syb=heads * seq * head_dim, syh=seq * head_dim, sys=head_dim,
                    scb=cb, sch=ch, scs=cs, ssb=cb, ssh=ch, sss=cs)]
     const = (("HEAD_DIM", head_dim), ("ROT_DIM", rd), ("BLOCK_R", cfg["BLOCK_R"]),
-             ("BLOCK_D", cfg["BLOCK_D"]), ("INTERLEAVED", bool(interleaved)),
+             ("BLOCK_H", cfg["BLOCK_H"]), ("BLOCK_P", cfg["BLOCK_P"]),
+             ("INTERLEAVED", bool(interleaved)),
              ("IN_PLACE", in_place))
     return KernelLaunch(rope.rope_kernel, tuple(args), const, rope.rope_grid(n_rows, cfg),
                         cfg["num_warps"], 1)

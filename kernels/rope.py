@@ -1,11 +1,15 @@
 """Rotary position embedding (rotate-half or interleaved, partial rotary dims), in or out of place.
 
 Why one kernel: the unfused graph slices X, negates, concatenates, multiplies by cos and
-sin and adds (5-7 passes over X).  Here each element is written once as
-``x[c] * cos[c] + sign(c) * x[partner(c)] * sin[c]``: the partner is the element in the
-other half (rotate-half) or the neighbour (interleaved), loaded a second time from the
-same row, which costs cache traffic but no extra DRAM bytes.  Channels past
-``rotary_dim`` are copied when out of place and not touched when in place.
+sin and adds (5-7 passes over X).  Here each element is read once and written once.
+
+The rotation pairs channel j with j + rotary_dim/2 (rotate-half) or 2j with 2j + 1
+(interleaved).  Both partners are loaded as contiguous tiles so loads stay 16 bytes wide:
+rotate-half loads the two halves as two [rows, half] tiles; interleaved loads the
+contiguous [rows, rotary_dim] span and de-interleaves it in registers (reshape + split,
+and join + reshape back before the store).  v1 instead gathered x[partner(c)], which
+broke vectorisation: 18% of copy bandwidth interleaved (see benchmarks/KERNEL_NOTES.md).
+Channels past ``rotary_dim`` are copied when out of place and not touched when in place.
 
 X is [B, H, S, D] with any strides; cos/sin are indexed with (b, h, s) strides so any
 broadcast of [..., S, rotary_dim] (stride 0 on broadcast axes) is read without expansion.
@@ -18,52 +22,73 @@ import triton.language as tl
 
 
 @triton.jit
+def _pair_tile(ptr, row_off, row_ok, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
+               INTERLEAVED: tl.constexpr):
+    """The two rotation partners of a [rows, rotary_dim] span, each [rows, BLOCK_H], in fp32."""
+    if INTERLEAVED:
+        c = tl.arange(0, 2 * BLOCK_H)
+        t = tl.load(ptr + row_off + c[None, :], mask=row_ok[:, None] & (c < 2 * HALF)[None, :],
+                    other=0.0).to(tl.float32)
+        first, second = tl.split(tl.reshape(t, [t.shape[0], BLOCK_H, 2]))
+    else:
+        j = tl.arange(0, BLOCK_H)
+        m = row_ok[:, None] & (j < HALF)[None, :]
+        first = tl.load(ptr + row_off + j[None, :], mask=m, other=0.0).to(tl.float32)
+        second = tl.load(ptr + row_off + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    return first, second
+
+
+@triton.jit
 def rope_kernel(
     x_ptr, cos_ptr, sin_ptr, y_ptr,
     n_rows, H, S,
     sxb, sxh, sxs, syb, syh, sys, scb, sch, scs, ssb, ssh, sss,
-    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
-    """One [BLOCK_R rows of (b, h, s), BLOCK_D channels] tile per program."""
+    """One tile of BLOCK_R rows of (b, h, s) per program: rotate, then copy the pass-through."""
+    HALF: tl.constexpr = ROT_DIM // 2
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < n_rows
     row = row.to(tl.int64)
     s = row % S
     h = (row // S) % H
     b = row // (S * H)
-    c = tl.arange(0, BLOCK_D)
-    if INTERLEAVED:
-        partner = c ^ 1
-        sign = tl.where(c % 2 == 0, -1.0, 1.0)
-    else:
-        half: tl.constexpr = ROT_DIM // 2
-        partner = tl.where(c < half, c + half, c - half)
-        sign = tl.where(c < half, -1.0, 1.0)
-    rot = row_ok[:, None] & (c < ROT_DIM)[None, :]
     x_row = (b * sxb + h * sxh + s * sxs)[:, None]
-    cos = tl.load(cos_ptr + (b * scb + h * sch + s * scs)[:, None] + c[None, :], mask=rot, other=0.0)
-    sin = tl.load(sin_ptr + (b * ssb + h * ssh + s * sss)[:, None] + c[None, :], mask=rot, other=0.0)
-    xp = tl.load(x_ptr + x_row + partner[None, :], mask=rot, other=0.0).to(tl.float32)
-    if IN_PLACE:
-        x = tl.load(x_ptr + x_row + c[None, :], mask=rot, other=0.0).to(tl.float32)
-        out_mask = rot
-    else:
-        out_mask = row_ok[:, None] & (c < HEAD_DIM)[None, :]
-        x = tl.load(x_ptr + x_row + c[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    y = tl.where(rot, x * cos.to(tl.float32) + sign[None, :] * xp * sin.to(tl.float32), x)
     y_row = (b * syb + h * syh + s * sys)[:, None]
-    tl.store(y_ptr + y_row + c[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+    x1, x2 = _pair_tile(x_ptr, x_row, row_ok, BLOCK_H, HALF, INTERLEAVED)
+    c1, c2 = _pair_tile(cos_ptr, (b * scb + h * sch + s * scs)[:, None], row_ok, BLOCK_H, HALF,
+                        INTERLEAVED)
+    s1, s2 = _pair_tile(sin_ptr, (b * ssb + h * ssh + s * sss)[:, None], row_ok, BLOCK_H, HALF,
+                        INTERLEAVED)
+    y1 = (x1 * c1 - x2 * s1).to(y_ptr.dtype.element_ty)
+    y2 = (x2 * c2 + x1 * s2).to(y_ptr.dtype.element_ty)
+    if INTERLEAVED:
+        c = tl.arange(0, 2 * BLOCK_H)
+        tl.store(y_ptr + y_row + c[None, :], tl.reshape(tl.join(y1, y2), [BLOCK_R, 2 * BLOCK_H]),
+                 mask=row_ok[:, None] & (c < ROT_DIM)[None, :])
+    else:
+        j = tl.arange(0, BLOCK_H)
+        m = row_ok[:, None] & (j < HALF)[None, :]
+        tl.store(y_ptr + y_row + j[None, :], y1, mask=m)
+        tl.store(y_ptr + y_row + HALF + j[None, :], y2, mask=m)
+    if not IN_PLACE and ROT_DIM < HEAD_DIM:
+        p = ROT_DIM + tl.arange(0, BLOCK_P)
+        m = row_ok[:, None] & (p < HEAD_DIM)[None, :]
+        tl.store(y_ptr + y_row + p[None, :], tl.load(x_ptr + x_row + p[None, :], mask=m), mask=m)
 
 
 def rope_config(n_rows: int, head_dim: int, rot_dim: int, itemsize: int, in_place: bool) -> dict:
     """Tile and warps: about 16 KB of X per program."""
     if rot_dim % 2 or not 0 < rot_dim <= head_dim:
         raise ValueError(f"rotary_dim must be even and in (0, {head_dim}], got {rot_dim}")
-    block_d = triton.next_power_of_2(rot_dim if in_place else head_dim)
-    block_r = min(triton.next_power_of_2(max(n_rows, 1)), max(1, 16384 // itemsize // block_d))
-    num_warps = min(8, max(1, block_r * block_d * itemsize // 2048))
-    return {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": num_warps}
+    block_h = triton.next_power_of_2(rot_dim // 2)
+    block_p = triton.next_power_of_2(max(head_dim - rot_dim, 1))
+    width = 2 * block_h + (0 if in_place or rot_dim == head_dim else block_p)
+    block_r = min(triton.next_power_of_2(max(n_rows, 1)), max(1, 16384 // itemsize // width))
+    num_warps = min(8, max(1, block_r * width * itemsize // 2048))
+    return {"BLOCK_R": block_r, "BLOCK_H": block_h, "BLOCK_P": block_p, "num_warps": num_warps}
 
 
 def rope_grid(n_rows: int, cfg: dict) -> tuple:
@@ -96,7 +121,8 @@ def rotary_embedding(x, cos, sin, interleaved=False, rotary_dim=0, out=None):
         x, cos, sin, y, n_rows, heads, seq,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
         *_bhs_strides(cos, shape), *_bhs_strides(sin, shape),
-        HEAD_DIM=head_dim, ROT_DIM=rd, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
+        HEAD_DIM=head_dim, ROT_DIM=rd, BLOCK_R=cfg["BLOCK_R"], BLOCK_H=cfg["BLOCK_H"],
+        BLOCK_P=cfg["BLOCK_P"],
         INTERLEAVED=bool(interleaved), IN_PLACE=in_place, num_warps=cfg["num_warps"],
     )
     return y
