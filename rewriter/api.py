@@ -38,7 +38,6 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
         original, model = model, onnx.ModelProto()
         model.CopyFrom(original)
     rules = default_rules() if rules is None else rules
-    _infer_missing_shapes(model)
     with _gc_paused():
         graph = Graph(model, base_dir)
         validate(model, graph, source)
@@ -71,19 +70,6 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-def _infer_missing_shapes(model: onnx.ModelProto) -> None:
-    """Rules test shapes and types (a norm's gamma is a vector, a residual's summands agree);
-    exporters that write no value_info (torch.onnx's TorchScript path) get them inferred, with
-    data propagation so Shape/Gather/Concat chains keep symbolic dims. External data is not read."""
-    if model.graph.value_info or not model.graph.node:
-        return
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError):
-        return
-    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _has_untyped_new_values(graph: Graph) -> bool:

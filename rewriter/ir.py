@@ -177,6 +177,7 @@ class Graph:
         self.values: dict[str, Value] = {}
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
         self._value_info: dict[str, onnx.ValueInfoProto] | None = None
+        self._inferred = False
         self.nodes: list[Node] = []
         self.by_op: dict[tuple[str, str], list[Node]] = defaultdict(list)
         self._used_node_names: set[str] = set()
@@ -248,6 +249,9 @@ class Graph:
             for vi in list(g.input) + list(g.output):
                 self._value_info[vi.name] = vi
         vi = self._value_info.get(name)
+        if vi is None and not self._inferred:
+            self._infer_types()
+            vi = self._value_info.get(name)
         if vi is not None and vi.type.HasField("tensor_type"):
             return vi.type
         init = self.initializers.get(name)
@@ -259,6 +263,22 @@ class Graph:
             if isinstance(t, onnx.TensorProto):
                 return helper.make_tensor_type_proto(t.data_type, list(t.dims))
         return None
+
+    def _infer_types(self) -> None:
+        """Run ONNX shape inference once, the first time a rule asks for a type nobody wrote.
+
+        Exporters that write no value_info (torch.onnx's TorchScript path) leave rules blind to
+        shapes; inference with data propagation keeps symbolic dims through Shape/Gather/Concat
+        chains. It runs on the model as loaded (external data is not read) and only on demand,
+        so rules that never ask about intermediate types never pay for it.
+        """
+        self._inferred = True
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
+        except (onnx.shape_inference.InferenceError, ValueError):
+            return
+        for vi in inferred.graph.value_info:
+            self._value_info.setdefault(vi.name, vi)
 
     def _read_constant(self, v: Value) -> np.ndarray | None:
         t = self.initializers.get(v.name)

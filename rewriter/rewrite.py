@@ -125,6 +125,7 @@ class Rewriter:
             graph.toposort()
             report.passes += 1
             touched: list[Node] = []
+            pass_start = len(report.fusions)
             for rule in self.rules:
                 explaining = rule.name == self.explain and report.passes == 1
                 for node in self._candidates(graph, rule, dirty):
@@ -140,6 +141,10 @@ class Rewriter:
                         touched.extend(fusion[1])
             if not touched:
                 break
+            if report.passes == self.max_passes:
+                last = sorted({f.rule for f in report.fusions[pass_start:]})
+                raise InputError(f"rules did not reach a fixpoint in {self.max_passes} passes (still fusing: "
+                                 f"{', '.join(last)}); does a replacement recreate its own pattern?")
             dirty = self._neighbourhood(touched)
         if bar is not None:
             bar.close()
@@ -152,8 +157,8 @@ class Rewriter:
     @staticmethod
     def _candidates(graph: Graph, rule: Rule, dirty: set[int] | None) -> Iterator[Node]:
         for key in sorted(rule.root_ops):
-            # Iterating the live list also visits nodes this rule creates during the pass.
-            for node in graph.by_op.get(key, ()):
+            # A snapshot: nodes this pass creates are roots in the next pass (they are dirty).
+            for node in list(graph.by_op.get(key, ())):
                 if dirty is None or id(node) in dirty:
                     yield node
 
