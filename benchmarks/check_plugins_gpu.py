@@ -49,6 +49,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+import fusegraph  # noqa: E402
 from fusegraph.fused_ops import REGISTRY  # noqa: E402
 from fusegraph.kernels import reference  # noqa: E402
 from fusegraph.plugins.core import CORES  # noqa: E402
@@ -93,7 +94,10 @@ def numpy_reference(op: str, attrs: dict, a: list[np.ndarray]) -> list[np.ndarra
     if op.startswith("MatMul"):
         act = op.removeprefix("MatMulBias").removeprefix("MatMul") or "none"
         return [reference.matmul_bias_act(a[0], a[1], a[2] if len(a) > 2 else None, act, compute_dtype=f64)]
-    if op == "Attention":
+    if op in ("SwiGLU", "GeGLU", "GeGLUTanh"):
+        act = {"SwiGLU": "Silu", "GeGLU": "Gelu", "GeGLUTanh": "GeluTanh"}[op]
+        return [reference.swiglu(a[0], a[1], a[2], act=act, compute_dtype=f64)]
+    if op in ("Attention", "MaskedAttention"):
         return [reference.attention(a[0], a[1], a[2], a[3] if len(a) > 3 else None, attrs.get("scale") or None,
                                     bool(attrs.get("is_causal")), compute_dtype=f64)]
     if op == "RMSNorm":
@@ -117,9 +121,12 @@ def cases(rng: np.random.Generator):
     for op in sorted(o for o in CORES if o.startswith("MatMul")):
         yield op, op, {}, [x, w, b] if "Bias" in op else [x, w]
     q, k, v = rng.standard_normal((2, 8, 33, 64)), rng.standard_normal((2, 2, 40, 64)), rng.standard_normal((2, 2, 40, 64))
-    yield "Attention causal GQA", "Attention", {"is_causal": 1}, [q, k, v]
+    yield "Attention causal GQA", "Attention", {"scale": 0.125, "is_causal": 1}, [q, k, v]
     mask = np.where(rng.random((33, 40)) < 0.2, -1e4, 0.0)
-    yield "Attention mask scale=0.1", "Attention", {"scale": 0.1}, [q, k, v, mask]
+    yield "MaskedAttention [Sq,Sk] mask scale=0.1", "MaskedAttention", {"scale": 0.1, "is_causal": 0}, [q, k, v, mask]
+    wu = rng.standard_normal((64, 96)) / 8
+    for op in ("SwiGLU", "GeGLU", "GeGLUTanh"):
+        yield op, op, {}, [x, w, wu]
     h, r = rng.standard_normal((4, 17, 128)), rng.standard_normal((4, 17, 128))
     g, beta = 1 + rng.standard_normal(128) / 4, rng.standard_normal(128) / 4
     yield "RMSNorm", "RMSNorm", {"epsilon": 1e-6}, [h, g]
@@ -148,7 +155,7 @@ def check(label: str, op: str, attrs: dict, arrays: list[np.ndarray], dtype: str
     stream.synchronize()
     first_call = time.perf_counter() - start  # includes Triton's compile for this signature
     got = [from_device(o, d) for o, d in zip(outs, out_dtypes)]
-    refs = ort_reference(op, attrs, arrays, len(outs))
+    refs = ort_reference(op, core.attributes, arrays, len(outs))  # every attribute, as the rewriter writes them
     source = "onnxruntime (fused_ops local function)"
     if refs is None:
         refs, source = numpy_reference(op, attrs, arrays), "numpy reference"
@@ -162,6 +169,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    fusegraph.default_rules()  # registers every fused op's local function (the references)
     rng = np.random.default_rng(0)
     stream = cp.cuda.Stream(non_blocking=True)
     results = []

@@ -132,11 +132,11 @@ class MatMulAct(PluginCore):
 
 
 class Attention(PluginCore):
-    """`Attention(Q, K, V, [mask])`: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], additive mask
-    broadcastable to [B, Hq, Sq, Sk]; scale 0 means 1/sqrt(D)."""
+    """`Attention(Q, K, V)`: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], Hq a multiple of Hkv;
+    scale 0 means 1/sqrt(D) (the rewriter always states it)."""
 
     op = "Attention"
-    inputs = ("Q", "K", "V", "mask?")
+    inputs = ("Q", "K", "V")
     outputs = ("Y",)
     fields = (Field("scale", "float", 0.0), Field("is_causal", "int", 0))
 
@@ -147,7 +147,7 @@ class Attention(PluginCore):
         super().check_shapes(shapes)
         q, k, v = (tuple(s) for s in shapes[:3])
         if not (len(q) == len(k) == len(v) == 4) or k != v or q[0] != k[0] or q[3] != k[3] or q[1] % k[1]:
-            raise ValueError(f"Attention: Q {q}, K {k}, V {v} must be [B,Hq,Sq,D], [B,Hkv,Sk,D] x2, Hq % Hkv == 0")
+            raise ValueError(f"{self.op}: Q {q}, K {k}, V {v} must be [B,Hq,Sq,D], [B,Hkv,Sk,D] x2, Hq % Hkv == 0")
         if len(shapes) > 3:
             self.mask_strides(shapes)
 
@@ -157,12 +157,12 @@ class Attention(PluginCore):
         q, k, mask = shapes[0], shapes[1], tuple(shapes[3])
         full = (q[0], q[1], q[2], k[2])
         if len(mask) > 4:
-            raise ValueError(f"Attention: mask {mask} has more than 4 dims")
+            raise ValueError(f"MaskedAttention: mask {mask} has more than 4 dims")
         padded = (1,) * (4 - len(mask)) + mask
         strides, step = [0, 0, 0, 0], 1
         for axis in range(3, -1, -1):
             if padded[axis] not in (1, full[axis]):
-                raise ValueError(f"Attention: mask {mask} does not broadcast to {full}")
+                raise ValueError(f"MaskedAttention: mask {mask} does not broadcast to {full}")
             strides[axis] = step if padded[axis] == full[axis] and full[axis] != 1 else 0
             step *= padded[axis]
         return tuple(strides)
@@ -178,6 +178,55 @@ class Attention(PluginCore):
                          stream, mask_ptr=inputs[3] if has_mask else 0,
                          mask_strides=self.mask_strides(shapes) if has_mask else (0, 0, 0, 0),
                          mask_dtype=dtypes[3] if has_mask else None)
+
+
+class MaskedAttention(Attention):
+    """`MaskedAttention(Q, K, V, Mask)`: Attention plus an additive mask of any float type,
+    broadcastable to [B, Hq, Sq, Sk] (a separate op because function bodies cannot branch)."""
+
+    op = "MaskedAttention"
+    inputs = ("Q", "K", "V", "Mask")
+
+    def supports(self, pos, dtypes, n_inputs):
+        if pos == 3:
+            return dtypes[3] in FLOATS
+        return super().supports(pos, dtypes, n_inputs)
+
+
+class GatedMatMul(PluginCore):
+    """`SwiGLU` / `GeGLU` / `GeGLUTanh`: Y [..., N] = act(X @ Wg) * (X @ Wu), X [..., K], W* [K, N]."""
+
+    outputs = ("Y",)
+    inputs = ("X", "Wg", "Wu")
+    activation: ClassVar[str]
+
+    def output_dims(self, ranks):
+        return [[(0, d) for d in range(ranks[0] - 1)] + [(1, 1)]]
+
+    def check_shapes(self, shapes):
+        super().check_shapes(shapes)
+        x, wg, wu = (tuple(s) for s in shapes)
+        if len(wg) != 2 or wg != wu or len(x) < 2 or x[-1] != wg[0]:
+            raise ValueError(f"{self.op}: X {x}, Wg {wg}, Wu {wu} need Wg == Wu 2-D and X[-1] == Wg[0]")
+
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+        from fusegraph.kernels.launch import launch_swiglu
+
+        x, w = shapes[0], shapes[1]
+        launch_swiglu(inputs[0], inputs[1], inputs[2], 0, 0, outputs[0], _volume(x[:-1]), w[1], w[0],
+                      self.activation, dtypes[0], stream)
+
+
+class SwiGLU(GatedMatMul):
+    op, activation = "SwiGLU", "Silu"
+
+
+class GeGLU(GatedMatMul):
+    op, activation = "GeGLU", "Gelu"
+
+
+class GeGLUTanh(GatedMatMul):
+    op, activation = "GeGLUTanh", "GeluTanh"
 
 
 class _Norm(PluginCore):
@@ -227,7 +276,7 @@ class SkipRMSNorm(_Norm):
 
 class SkipLayerNorm(_Norm):
     op = "SkipLayerNorm"
-    inputs = ("X", "R", "gamma", "beta?")
+    inputs = ("X", "R", "gamma", "beta")
     outputs = ("Y", "S")
     fields = (Field("epsilon", "float", 1e-5),)
 
@@ -235,7 +284,7 @@ class SkipLayerNorm(_Norm):
         from fusegraph.kernels.launch import launch_skip_layer_norm
 
         rows, cols = self._rows_cols(shapes)
-        launch_skip_layer_norm(inputs[0], inputs[1], inputs[2], inputs[3] if len(inputs) > 3 else 0,
+        launch_skip_layer_norm(inputs[0], inputs[1], inputs[2], inputs[3],
                                outputs[0], outputs[1], rows, cols, self.attributes["epsilon"], dtypes[0], stream)
 
 
@@ -296,4 +345,5 @@ def _matmul_cores() -> list[type[PluginCore]]:
 
 
 CORES: dict[str, type[PluginCore]] = {
-    c.op: c for c in (*_matmul_cores(), Attention, RMSNorm, SkipRMSNorm, SkipLayerNorm, RotaryEmbedding)}
+    c.op: c for c in (*_matmul_cores(), Attention, MaskedAttention, SwiGLU, GeGLU, GeGLUTanh, RMSNorm, SkipRMSNorm,
+                      SkipLayerNorm, RotaryEmbedding)}

@@ -125,6 +125,34 @@ def _route_to_plugins(model: onnx.ModelProto, registered: set[str]) -> list[str]
     return routed
 
 
+# Fused ops whose ONNX-standard namesake means the same thing. TensorRT's parser dispatches on
+# op type alone (the domain is ignored) and prefers a native importer to a local function, so
+# these become native layers (for Attention, a fused attention kernel), which is what we want.
+SAME_AS_ONNX = {"Attention", "Gelu"}
+
+
+def _unshadow(model: onnx.ModelProto, parser: Any) -> dict[str, str]:
+    """Rename fused ops that a native importer would otherwise take with the wrong semantics.
+
+    fusegraph's RotaryEmbedding (cos/sin broadcastable to [B, H, S, rotary_dim]) shares its name
+    with ONNX-23 RotaryEmbedding (cos/sin caches [S, rotary_dim/2]); TensorRT imports it natively
+    and rejects or misreads the caches. Renaming the op and its local function ("X" ->
+    "X_fusegraph") makes the parser inline the function. Nodes routed to a plugin keep their
+    name (the plugin override comes before native importers). Returns {old: new}.
+    """
+    renamed = {f.name: f"{f.name}_{DOMAIN}" for f in model.functions
+               if f.domain == DOMAIN and f.name not in SAME_AS_ONNX and parser.supports_operator(f.name)}
+    for f in model.functions:
+        if f.domain == DOMAIN and f.name in renamed:
+            f.name = renamed[f.name]
+    for nodes in (model.graph.node, *(f.node for f in model.functions)):
+        for node in nodes:
+            routed = any(a.name == "plugin_namespace" for a in node.attribute)
+            if node.domain == DOMAIN and node.op_type in renamed and not routed:
+                node.op_type = renamed[node.op_type]
+    return renamed
+
+
 _FUNCTION_CALL = re.compile(r"\| ([^|\]]+?) \((\w+)\)")
 _ENGINE_LAYER = re.compile(r"^Name: (?P<name>.*?), LayerType: (?P<type>[^,]*),.*?"
                            r"TacticName: (?P<tactic>[^,]*), StreamId: \d+, Metadata: (?P<metadata>.*)$")
@@ -165,14 +193,14 @@ def _network_layers(network: Any) -> list[dict[str, str]]:
     return out
 
 
-def _fused_op_report(fused: list[onnx.NodeProto], network_layers: list[dict[str, str]],
+def _fused_op_report(fused: list[tuple[str, str]], network_layers: list[dict[str, str]],
                      engine_layers: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """What each fused node became: a plugin layer, native attention/normalization, or its body."""
+    """What each fused node (name, op) became: a plugin layer, a native layer, or its body."""
     report = []
-    for node in fused:
-        marker = f"[ONNX Layer: {node.name}]"  # a body node without a name takes its caller's
-        mine = [l for l in network_layers if node.name in _callers(l["metadata"]) or marker in l["metadata"]
-                or (l["type"] == "PLUGIN_V3" and l["name"] == node.name)]
+    for name, op in fused:
+        marker = f"[ONNX Layer: {name}]"  # a body node without a name takes its caller's
+        mine = [l for l in network_layers if name in _callers(l["metadata"]) or marker in l["metadata"]
+                or (l["type"] == "PLUGIN_V3" and l["name"] == name)]
         types = [l["type"] for l in mine]
         if "PLUGIN_V3" in types:
             how = "plugin"
@@ -187,10 +215,10 @@ def _fused_op_report(fused: list[onnx.NodeProto], network_layers: list[dict[str,
         else:
             how = "not found in the network"
         report.append({
-            "node": node.name, "op": node.op_type, "implementation": how,
+            "node": name, "op": op, "implementation": how,
             "network_layer_types": dict(collections.Counter(types)),
             "engine_layers": [l["name"] for l in engine_layers
-                              if node.name in _callers(l["metadata"]) or marker in l["metadata"]],
+                              if name in _callers(l["metadata"]) or marker in l["metadata"]],
         })
     return report
 
@@ -303,7 +331,7 @@ def build_engine(model_path: str | os.PathLike, out_path: str | os.PathLike, *,
             model = onnx.load(str(parsed_path), load_external_data=False)
         except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
             raise InputError(f"cannot read {parsed_path} as ONNX: {e}") from None
-        fused = _fused_nodes(model)
+        fused = [(n.name, n.op_type) for n in _fused_nodes(model)]
 
         logger = shim.make_logger(verbose=True)
         registered: list[dict[str, str]] = []
@@ -315,6 +343,7 @@ def build_engine(model_path: str | os.PathLike, out_path: str | os.PathLike, *,
         builder = shim.create_builder(logger)
         network = shim.create_network(builder, strongly_typed)
         parser = shim.create_parser(network, logger, plugin_override=plugins)
+        report["renamed_for_parser"] = _unshadow(model, parser)
         # The path lets the parser find external weight files next to the model.
         if not parser.parse(model.SerializeToString(), str(parsed_path)):
             errors = shim.parser_errors(parser)

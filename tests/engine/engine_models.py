@@ -141,3 +141,22 @@ def fused_rms_norm_model(path, hidden=32, epsilon=1e-5) -> str:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 8, hidden])], [gamma])
     return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("fusegraph", 1)],
                                   functions=[fn]), path)
+
+
+def fused_rotary_model(path, heads=4, seq=8, head_dim=16, opset=18) -> str:
+    """The rewriter's `fusegraph` RotaryEmbedding, whose name ONNX-23 also uses for another op."""
+    import fusegraph
+    from fusegraph.fused_ops import REGISTRY
+
+    fusegraph.default_rules()  # registers the rule modules' fused ops
+    ang = np.outer(np.arange(seq), np.linspace(0.1, 1.0, head_dim // 2)).astype(np.float32)
+    cos = numpy_helper.from_array(np.concatenate([np.cos(ang)] * 2, axis=-1), "cos")
+    sin = numpy_helper.from_array(np.concatenate([np.sin(ang)] * 2, axis=-1), "sin")
+    shape = [1, heads, seq, head_dim]
+    g = helper.make_graph(
+        [helper.make_node("RotaryEmbedding", ["X", "cos", "sin"], ["Y"], domain="fusegraph", name="rope0",
+                          interleaved=0, rotary_dim=head_dim)],
+        "rope", [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)], [cos, sin])
+    return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("fusegraph", 1)],
+                                  functions=[REGISTRY["RotaryEmbedding"].function(opset)]), path)

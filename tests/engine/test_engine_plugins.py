@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_models import fused_and_onnx_attention_model, fused_matmul_model, fused_rms_norm_model, requires_tensorrt
+from engine_models import (fused_and_onnx_attention_model, fused_matmul_model, fused_rms_norm_model, fused_rotary_model,
+                           requires_tensorrt)
 from fusegraph import tensorrt_shim
 from fusegraph.engine import build_engine
 
@@ -72,6 +73,18 @@ def test_plugin_override_leaves_standard_attention_native(tmp_path):
     without = build_engine(model, tmp_path / "b.engine")
     assert [(o["node"], o["implementation"]) for o in without["fused_ops"]] == [("fg_attn", "native attention")]
     assert sorted(without["attention"]["layers"]) == ["fg_attn", "onnx_attn"]
+
+
+def test_fused_op_named_like_an_onnx_op_keeps_its_own_semantics(tmp_path):
+    """fusegraph RotaryEmbedding must not reach TensorRT's ONNX-23 RotaryEmbedding importer
+    (different cos/sin layout: the build failed on every rewritten Llama before the rename)."""
+    model = fused_rotary_model(tmp_path / "rope.onnx")
+    report = build_engine(model, tmp_path / "r.engine")
+    assert report["renamed_for_parser"] == {"RotaryEmbedding": "RotaryEmbedding_fusegraph"}
+    assert report["fused_ops"][0]["implementation"] == "inlined local function"
+    rc, plugged, err = run_build(model, "-o", str(tmp_path / "p.engine"), "--plugins")
+    assert rc == 0, err
+    assert plugged["fused_ops"][0]["implementation"] == "plugin"
 
 
 ATTRIBUTES = """

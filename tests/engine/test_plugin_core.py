@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import pytest
 
+import fusegraph
+
 from fusegraph.fused_ops import REGISTRY
-from fusegraph.plugins.core import CORES, NAMESPACE, Attention, RMSNorm, RotaryEmbedding, SkipLayerNorm
+from fusegraph.plugins.core import CORES, NAMESPACE, Attention, MaskedAttention, RMSNorm, RotaryEmbedding, SkipLayerNorm
 
 
-def test_every_kernel_op_has_a_plugin_and_names_match_the_rewriter():
+def test_plugins_match_the_fused_ops_the_rewriter_emits():
+    """Same op names, inputs, outputs and attributes as `fusegraph.fused_ops`, so the parser's
+    plugin lookup (by op type) finds them and the attributes arrive as the plugin's fields."""
+    fusegraph.default_rules()  # importing the rules registers their fused ops
     expected = {f"MatMul{b}{a}" for b in ("", "Bias") for a in ("", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu")}
     expected -= {"MatMul"}
-    expected |= {"Attention", "RMSNorm", "SkipRMSNorm", "SkipLayerNorm", "RotaryEmbedding"}
+    expected |= {"Attention", "MaskedAttention", "SwiGLU", "GeGLU", "GeGLUTanh", "RMSNorm", "SkipRMSNorm",
+                 "SkipLayerNorm", "RotaryEmbedding"}
     assert set(CORES) == expected
-    for name, op in REGISTRY.items():  # the fused ops the rewriter emits so far
-        if name in CORES:
-            assert CORES[name].inputs == op.inputs and CORES[name].outputs == op.outputs
-            assert {f.name for f in CORES[name].fields} == set(op.attributes)
+    for name, core in CORES.items():
+        op = REGISTRY[name]
+        assert (core.inputs, core.outputs) == (op.inputs, op.outputs), name
+        assert {f.name for f in core.fields} == set(op.attributes), name
     assert NAMESPACE == "fusegraph"
 
 
@@ -28,7 +34,8 @@ def test_every_kernel_op_has_a_plugin_and_names_match_the_rewriter():
     ("MatMulBiasRelu", [(2, 5, 64), (64, 32), (32,)], [(2, 5, 32)]),
     ("MatMulGelu", [(7, 16), (16, 8)], [(7, 8)]),
     ("Attention", [(2, 8, 10, 64), (2, 2, 12, 64), (2, 2, 12, 64)], [(2, 8, 10, 64)]),
-    ("Attention", [(1, 4, 10, 16), (1, 4, 10, 16), (1, 4, 10, 16), (10, 10)], [(1, 4, 10, 16)]),
+    ("MaskedAttention", [(1, 4, 10, 16), (1, 4, 10, 16), (1, 4, 10, 16), (10, 10)], [(1, 4, 10, 16)]),
+    ("SwiGLU", [(2, 5, 64), (64, 48), (64, 48)], [(2, 5, 48)]),
     ("RMSNorm", [(3, 4, 32), (32,)], [(3, 4, 32)]),
     ("SkipRMSNorm", [(3, 32), (3, 32), (32,)], [(3, 32), (3, 32)]),
     ("SkipLayerNorm", [(3, 32), (3, 32), (32,), (32,)], [(3, 32), (3, 32)]),
@@ -44,7 +51,8 @@ def test_output_shapes(op, shapes, expected):
     ("MatMulBias", [(2, 64), (63, 32), (32,)]),
     ("MatMulBias", [(2, 64), (64, 32), (31,)]),
     ("Attention", [(2, 6, 10, 64), (2, 4, 12, 64), (2, 4, 12, 64)]),
-    ("Attention", [(1, 4, 10, 16), (1, 4, 10, 16), (1, 4, 10, 16), (3, 10)]),
+    ("MaskedAttention", [(1, 4, 10, 16), (1, 4, 10, 16), (1, 4, 10, 16), (3, 10)]),
+    ("GeGLU", [(2, 64), (64, 48), (64, 32)]),
     ("SkipRMSNorm", [(3, 32), (2, 32), (32,)]),
     ("RMSNorm", [(3, 32), (16,)]),
     ("RotaryEmbedding", [(2, 4, 6, 16), (6, 8), (6, 8)]),
@@ -64,6 +72,12 @@ def test_dtypes_follow_the_first_input(op):
         assert core.supports(0, [dt], n)
         assert core.supports(1, [dt, dt], n) and not core.supports(1, [dt, "int32"], n)
     assert not core.supports(0, ["int32"], n) and not core.supports(0, ["int8"], n)
+
+
+def test_masked_attention_mask_may_have_its_own_float_type():
+    core = MaskedAttention()
+    assert core.supports(3, ["float16"] * 3 + ["float32"], 4) and not core.supports(3, ["float16"] * 3 + ["int32"], 4)
+    assert core.supports(4, ["float16"] * 3 + ["float32", "float16"], 4)
 
 
 def test_attributes_defaults_and_validation():
