@@ -189,3 +189,5 @@ def _verify_main(argv: list[str]) -> int:
             print(f"{d.name}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g} "
                   f"(atol {d.atol:g}, rtol {d.rtol:g}) {'ok' if d.ok else 'MISMATCH'}")
     return 0 if all(d.ok for d in diffs) else 1
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -231,10 +231,6 @@ class Rewriter:
         created = set(map(id, ops.created))
         lo = min(n.order for n in matched)
         hi = max(n.order for n in matched)
-        for n in ops.created:
-            n.order, n.order_lo = hi, lo
-        if len(outputs) > 1:
-            graph.order_dirty = True  # an exported intermediate may be read before `hi`
         for new, old in zip(results, outputs):
             if new is old:
                 continue
@@ -247,6 +243,10 @@ class Rewriter:
                 ops.created.append(ident)
             else:
                 graph.replace_uses(old, new)
+        for n in ops.created:
+            n.order, n.order_lo = hi, lo
+        if len(outputs) > 1:
+            graph.order_dirty = True  # an exported intermediate may be read before `hi`
         for n in reversed(matched):
             if n.alive and not any(v.producer is n and (v.consumers or v.is_graph_output) for v in n.outputs):
                 graph.remove_node(n)

@@ -1,0 +1,156 @@
+"""The `rewrite` command: the main job, its reports, and bad input (one line, exit 2, nothing
+written, input untouched)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from fusegraph.cli import main
+from fusegraph.testing import make_model, node
+
+F = np.float32
+
+
+def write(path, model):
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def mlp_model(act="Relu"):
+    rng = np.random.default_rng(1)
+    return make_model([node("MatMul", ["x", "w"], ["m"], name="mm"), node("Add", ["m", "b"], ["a"], name="add"),
+                       node(act, ["a"], ["y"], name="act")],
+                      {"x": (F, ["batch", 4])}, {"y": (F, ["batch", 3])},
+                      {"w": rng.standard_normal((4, 3)).astype(F), "b": rng.standard_normal(3).astype(F)})
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_rewrite_verify_and_summary(tmp_path, capsys):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    before = digest(src)
+    rc = main([src, "-o", str(tmp_path / "out.onnx"), "--verify", "--shape", "x:5x4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "nodes: 3 -> 1" in out and "gemm_epilogue.MatMulBiasRelu" in out and "verify y:" in out and " ok" in out
+    assert digest(src) == before
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")), full_check=True)
+
+
+def test_json_summary(tmp_path, capsys):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    assert main([src, "-o", str(tmp_path / "out.onnx"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["nodes_before"] == 3 and summary["nodes_after"] == 1
+    assert summary["fusions"] == {"gemm_epilogue.MatMulBiasRelu": 1}
+    assert summary["ops"]["fusegraph.MatMulBiasRelu"] == [0, 1]
+
+
+def test_rule_selection_and_listing(tmp_path, capsys):
+    assert main(["--list-rules"]) == 0
+    listed = capsys.readouterr().out
+    assert "gemm_epilogue.MatMulBiasRelu" in listed
+    src = write(tmp_path / "in.onnx", mlp_model())
+    assert main([src, "-o", str(tmp_path / "out.onnx"), "--rules", "gemm_epilogue.MatMulBias", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fusions"] == {"gemm_epilogue.MatMulBias": 1}
+
+
+def test_explain_names_the_failed_constraint(tmp_path, capsys):
+    model = mlp_model()
+    model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.ones((2, 3), F), "b"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    src = write(tmp_path / "in.onnx", model)
+    assert main([src, "--explain", "gemm_epilogue.MatMulBiasRelu", "--rules", "gemm_epilogue.MatMulBiasRelu"]) == 0
+    out = capsys.readouterr().out
+    assert "explain gemm_epilogue.MatMulBiasRelu: 0 matches rewritten, 1 candidates refused" in out
+    assert "Relu 'act'" in out and "bias shape (2, 3) is not [N]" in out
+
+
+def test_explain_reports_the_deepest_structural_failure(tmp_path, capsys):
+    model = make_model([node("Sub", ["x", "b"], ["a"]), node("Relu", ["a"], ["y"], name="act")],
+                       {"x": (F, [2, 3])}, {"y": (F, [2, 3])}, {"b": np.ones(3, F)})
+    src = write(tmp_path / "in.onnx", model)
+    assert main([src, "--explain", "gemm_epilogue.MatMulBiasRelu", "--rules", "gemm_epilogue.*"]) == 0
+    assert "expected Add, found Sub" in capsys.readouterr().out
+
+
+def test_verify_mismatch_exits_1(tmp_path, capsys):
+    a = write(tmp_path / "a.onnx", mlp_model("Relu"))
+    b = write(tmp_path / "b.onnx", mlp_model("Sigmoid"))
+    assert main(["verify", a, b]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    assert main(["verify", a, a, "--shape", "x:3x4"]) == 0
+
+
+def cycle_model():
+    return make_model([node("Add", ["x", "c"], ["a"], name="n1"), node("Relu", ["a"], ["c"], name="n2")],
+                      {"x": (F, [2])}, {"c": (F, [2])})
+
+
+def bad_inputs(tmp_path):
+    good = onnx.save(mlp_model(), str(tmp_path / "good.onnx")) or str(tmp_path / "good.onnx")
+    data = open(good, "rb").read()
+    (tmp_path / "trunc.onnx").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.onnx").write_bytes(b"this is not a model\n" * 20)
+    dangling = mlp_model()
+    dangling.graph.node[1].input[1] = "nowhere"
+    unknown = mlp_model()
+    unknown.opset_import[0].version = 99
+    return {
+        "missing": (str(tmp_path / "missing.onnx"), "no such file"),
+        "truncated": (str(tmp_path / "trunc.onnx"), "not a valid ONNX model"),
+        "not_onnx": (str(tmp_path / "text.onnx"), "not a valid ONNX model"),
+        "cycle": (write(tmp_path / "cycle.onnx", cycle_model()), "cycle"),
+        "dangling": (write(tmp_path / "dangling.onnx", dangling), "'nowhere'"),
+        "unknown_opset": (write(tmp_path / "opset.onnx", unknown), "unknown opset 99"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "not_onnx", "cycle", "dangling", "unknown_opset"])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case):
+    path, message = bad_inputs(tmp_path)[case]
+    before = digest(path) if os.path.exists(path) else None
+    out_path = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "fusegraph.cli", path, "-o", str(out_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rewrite: error:") and message in lines[0], proc.stderr
+    assert not out_path.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fusegraph-")] == []
+    if before is not None:
+        assert digest(path) == before
+
+
+def test_unknown_rule_and_bad_flags_exit_2(tmp_path, capsys):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    assert main([src, "-o", str(tmp_path / "o.onnx"), "--rules", "no_such_rule"]) == 2
+    assert main([src]) == 2
+    assert main([src, "-o", str(tmp_path / "o.onnx"), "--verify", "--shape", "x=5"]) == 2
+    assert "no rule named 'no_such_rule'" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_failure_while_saving_leaves_no_partial_output(tmp_path, monkeypatch):
+    from fusegraph import model_io
+    src = write(tmp_path / "in.onnx", mlp_model())
+
+    def boom(self):
+        raise OSError("disk full")
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", boom)
+    with pytest.raises(OSError):
+        model_io.save_model(onnx.load(src), str(tmp_path / "out.onnx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run(["rewrite", "--list-rules"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "gemm_epilogue" in proc.stdout
