@@ -296,21 +296,22 @@ def rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rot
     (default: contiguous [S, rotary_dim], i.e. (0, 0, rotary_dim))."""
     rd = rotary_dim or head_dim
     in_place = x_ptr == y_ptr
-    n_rows = batch * heads * seq
-    cfg = rope.rope_config(n_rows, head_dim, rd, 4 if dtype == "float32" else 2, in_place)
     cb, ch, cs = cs_strides or (0, 0, rd)
+    shared = cb == ch == 0
+    cfg = rope.rope_config(batch * heads, seq, head_dim, rd, 4 if dtype == "float32" else 2,
+                           in_place, shared)
     args = [_ptr("x_ptr", dtype, x_ptr), _ptr("cos_ptr", dtype, cos_ptr),
             _ptr("sin_ptr", dtype, sin_ptr), _ptr("y_ptr", dtype, y_ptr),
-            *_ints(n_rows=n_rows, H=heads, S=seq,
+            *_ints(BH=batch * heads, H=heads, S=seq,
                    sxb=heads * seq * head_dim, sxh=seq * head_dim, sxs=head_dim,
                    syb=heads * seq * head_dim, syh=seq * head_dim, sys=head_dim,
                    scb=cb, sch=ch, scs=cs, ssb=cb, ssh=ch, sss=cs)]
-    const = (("HEAD_DIM", head_dim), ("ROT_DIM", rd), ("BLOCK_R", cfg["BLOCK_R"]),
-             ("BLOCK_H", cfg["BLOCK_H"]), ("BLOCK_P", cfg["BLOCK_P"]),
-             ("INTERLEAVED", bool(interleaved)),
-             ("IN_PLACE", in_place))
-    return KernelLaunch(rope.rope_kernel, tuple(args), const, rope.rope_grid(n_rows, cfg),
-                        cfg["num_warps"], 1)
+    const = (("HEAD_DIM", head_dim), ("ROT_DIM", rd), ("BLOCK_S", cfg["BLOCK_S"]),
+             ("BH_PER_PROG", cfg["BH_PER_PROG"]), ("BLOCK_H", cfg["BLOCK_H"]),
+             ("BLOCK_P", cfg["BLOCK_P"]), ("INTERLEAVED", bool(interleaved)),
+             ("IN_PLACE", in_place), ("CS_SHARED", shared))
+    return KernelLaunch(rope.rope_kernel, tuple(args), const,
+                        rope.rope_grid(batch * heads, seq, cfg), cfg["num_warps"], 1)
 
 
 def launch_rotary_embedding(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim,

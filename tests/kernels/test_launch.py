@@ -36,6 +36,8 @@ cases = {
                                            "float16", mask_ptr=P, mask_strides=(0, 0, 47, 1)),
     "rope_in_place": L.rope_launch(P, P, P, P, 2, 8, 1000, 128, 64, False, "float16"),
     "rope_interleaved": L.rope_launch(P, P, P, 2 * P, 1, 3, 5, 10, 0, True, "float32"),
+    "rope_per_head_tables": L.rope_launch(P, P, P, 2 * P, 2, 4, 9, 96, 32, False, "float16",
+                                          cs_strides=(4 * 9 * 32, 9 * 32, 32)),
 }
 out = {}
 for name, launch in cases.items():
@@ -55,7 +57,7 @@ def test_launch_arguments_match_compiled_entry_points():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result) == 8
+    assert len(result) == 9
     for name, (n_params, n_args, warps_compiled, warps_launch) in result.items():
         assert n_params == n_args, f"{name}: cubin takes {n_params} params, we pass {n_args}"
         assert warps_compiled == warps_launch, name

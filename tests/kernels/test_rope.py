@@ -50,4 +50,14 @@ def test_rope_matches_reference(device, check, b, h, s, case, interleaved, in_pl
 
 def test_rope_rejects_odd_rotary_dim():
     with pytest.raises(ValueError, match="even"):
-        rope.rope_config(4, 8, 3, 2, False)
+        rope.rope_config(4, 8, 8, 3, 2, False, True)
+
+
+@pytest.mark.parametrize("d,rd", [(10, 6), (96, 96), (128, 64), (80, 32), (256, 128)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rope_config_launches_a_power_of_two_warps(d, rd, in_place):
+    """The GPU compiler rejects other warp counts; the interpreter would not notice."""
+    for itemsize in (2, 4):
+        for seq in (1, 7, 2048):
+            warps = rope.rope_config(16, seq, d, rd, itemsize, in_place, True)["num_warps"]
+            assert warps & (warps - 1) == 0 and 1 <= warps <= 8
