@@ -118,8 +118,6 @@ ATTN_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "WARP_SPECIALIZE": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "WARP_SPECIALIZE": True},
 ]
 
 
@@ -176,7 +174,7 @@ def bench_attention(ceil, quick):
             attention.attention(q, k, v, is_causal=causal, config=cfg, out=o)
             check(f"attention {shape}", o, ref_attention(q, k, v, None, causal), BF16)
             row("attention", shape, f"fused triton {cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
-                f"w{cfg['num_warps']}s{cfg['num_stages']}{' ws' if cfg.get('WARP_SPECIALIZE') else ''}",
+                f"w{cfg['num_warps']}s{cfg['num_stages']}",
                 bench(lambda: attention.attention(q, k, v, is_causal=causal, config=cfg, out=o)),
                 flops=flops, ceil=ceil)
             row("attention", shape, "fused triton default config",

@@ -79,7 +79,7 @@ def attention_kernel(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, sob, soh, som,
     HQ, GROUP, SQ, SK, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """O[b, h, rows] for BLOCK_M query rows; grid (cdiv(SQ, BLOCK_M), B * HQ). Unit stride on D."""
     if IS_CAUSAL:
@@ -113,7 +113,7 @@ def attention_kernel(
     else:
         hi = SK
         full = SK // BLOCK_N * BLOCK_N
-    for start_n in tl.range(0, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in range(0, full, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn,
             mask_ptrs + start_n * smn, start_n, offs_m, offs_n, row_ok, d_ok, SK, qk_scale,
