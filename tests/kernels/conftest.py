@@ -47,6 +47,8 @@ def check():
         err = rel_err(out.detach().float().cpu().numpy(), ref)
         bound = TOL[dtype_name]
         if dtype_name == "float32" and out.is_cuda:
-            bound = 1e-3  # tf32 dots on the GPU
+            # Triton's fp32 dots use tf32 on the GPU (operands rounded to 2^-11): ~1e-3 for a
+            # single product at K=1, amplified up to ~3x by Silu/Sigmoid near their tails
+            bound = 5e-3
         assert err < bound, f"{what} relative error {err:.3e} >= {bound:.0e}"
     return _check

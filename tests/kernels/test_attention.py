@@ -44,11 +44,12 @@ def test_fully_masked_rows_are_zero_and_others_exact(device, check):
     m[..., 4, :] = -np.inf          # whole row masked
     m[..., 20, 17:] = -np.inf       # masked from the second key block on
     m[..., 7, 0] = -np.inf          # first key only
-    o = attention.attention(*(torch.from_numpy(a).to(device) for a in (q, k, v, m)),
-                            config=SMALL).cpu().numpy()
+    out = attention.attention(*(torch.from_numpy(a).to(device) for a in (q, k, v, m)),
+                              config=SMALL)
+    o = out.cpu().numpy()
     assert (o[:, :, 4] == 0).all()
     assert np.isfinite(o).all()
-    check(torch.from_numpy(o), reference.attention(q, k, v, m, compute_dtype=np.float64), "float32")
+    check(out, reference.attention(q, k, v, m, compute_dtype=np.float64), "float32")
 
 
 def test_default_config_head_dim_128_causal(device, check):
