@@ -33,7 +33,8 @@ def import_fusegraph() -> None:
         return
     except ImportError:
         pass
-    for name, folder in (("fusegraph", "rewriter"), ("fusegraph.kernels", "kernels"), ("fusegraph.plugins", "plugins")):
+    for name, folder in (("fusegraph", "rewriter"), ("fusegraph.kernels", "kernels"), ("fusegraph.plugins", "plugins"),
+                         ("fusegraph.patterns", "patterns")):
         spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
                                                       submodule_search_locations=[str(ROOT / folder)])
         module = importlib.util.module_from_spec(spec)

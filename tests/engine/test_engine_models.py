@@ -12,12 +12,22 @@ from pathlib import Path
 import pytest
 
 from engine_models import requires_tensorrt
-from fusegraph.engine import build_engine
+from fusegraph import tensorrt_shim
+from fusegraph.engine import ParseError, build_engine
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"] if (MODELS / "MANIFEST.json").is_file() else {}
 
 pytestmark = [pytest.mark.tensorrt, requires_tensorrt]
+
+# Exports TensorRT itself cannot build (rewritten or not), with the parser's reason: the test
+# asserts the failure, so it fails (and asks for this entry to go) once TensorRT builds them.
+KNOWN_TENSORRT_FAILURES = {
+    # TensorRT-RTX 1.7's native RotaryEmbedding wants the cos cache's batch to equal the input's;
+    # dynamo's opset-23 export broadcasts a batch-1 cache over a dynamic batch.
+    **{f"{arch}-sdpa-dynamo23-dynamic.onnx": "cosCache has batch size 1 but must have the same batch size as input"
+       for arch in ("llama", "mistral", "qwen2")},
+}
 
 
 def profile(entry: dict) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -43,6 +53,11 @@ def test_there_are_models_to_build():
 def test_model_parses_and_builds(tmp_path, name, rewrite):
     entry = MANIFEST.get(name)
     assert entry is not None, f"{name} is missing from MANIFEST.json (its input shapes are there)"
+    if name in KNOWN_TENSORRT_FAILURES and tensorrt_shim.is_rtx():
+        with pytest.raises(ParseError) as failure:
+            build_engine(MODELS / name, tmp_path / "model.engine", ranges=profile(entry), rewrite=rewrite)
+        assert any(KNOWN_TENSORRT_FAILURES[name] in e["reason"] for e in failure.value.errors)
+        return
     report = build_engine(MODELS / name, tmp_path / "model.engine", ranges=profile(entry), rewrite=rewrite)
     assert report["parse"]["unsupported"] == []
     assert report["engine_info"]["layer_count"] > 0 and (tmp_path / "model.engine").is_file()
