@@ -35,7 +35,7 @@ def transformer_like(num_nodes: int, hidden: int = 8, opset: int = 17) -> onnx.M
         v = add("MatMul", [x, "w2"], p + "v")
         kt = add("Transpose", [k], p + "kt", perm=[0, 2, 1])
         s = add("MatMul", [q, kt], p + "s")
-        s = add("Mul", [s, "w5"], p + "scaled") if False else add("Div", [s, x], p + "scaled_decoy")
+        s = add("Div", [s, x], p + "scaled_decoy")
         a = add("Softmax", [s], p + "a", axis=-1)
         o = add("MatMul", [a, v], p + "o")
         o = add("MatMul", [o, "w3"], p + "proj")
