@@ -180,7 +180,7 @@ class Graph:
         self._inferred = False
         self.nodes: list[Node] = []
         self.by_op: dict[tuple[str, str], list[Node]] = defaultdict(list)
-        self._used_node_names: set[str] = set()
+        self._used_node_names: set[str] | None = None  # built on the first new node
         self._counter = 0
         #: Names of values created by edits (their types are unknown until inferred).
         self.created_values: set[str] = set()
@@ -190,7 +190,6 @@ class Graph:
         values = self.values
         nodes = self.nodes
         by_op = self.by_op
-        node_names = self._used_node_names
         for p in g.node:
             op_type = p.op_type
             domain = p.domain
@@ -217,7 +216,6 @@ class Graph:
             node.order = node.order_lo = len(nodes)
             nodes.append(node)
             by_op[(domain, op_type)].append(node)
-            node_names.add(p.name)
             if op_type in ("If", "Loop", "Scan") or (domain and _has_subgraph(p)):
                 self._link_outer_scope(node)
         self.inputs = [self.value(i.name) for i in g.input]
@@ -248,12 +246,6 @@ class Graph:
             self._value_info = {vi.name: vi for vi in g.value_info}
             for vi in list(g.input) + list(g.output):
                 self._value_info[vi.name] = vi
-        vi = self._value_info.get(name)
-        if vi is None and not self._inferred:
-            self._infer_types()
-            vi = self._value_info.get(name)
-        if vi is not None and vi.type.HasField("tensor_type"):
-            return vi.type
         init = self.initializers.get(name)
         if init is not None:
             return helper.make_tensor_type_proto(init.data_type, list(init.dims))
@@ -262,6 +254,12 @@ class Graph:
             t = v.producer.attr("value")
             if isinstance(t, onnx.TensorProto):
                 return helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        vi = self._value_info.get(name)
+        if vi is None and not self._inferred:
+            self._infer_types()
+            vi = self._value_info.get(name)
+        if vi is not None and vi.type.HasField("tensor_type"):
+            return vi.type
         return None
 
     def _infer_types(self) -> None:
@@ -309,6 +307,8 @@ class Graph:
                 return name
 
     def fresh_node_name(self, hint: str) -> str:
+        if self._used_node_names is None:
+            self._used_node_names = {n.name for n in self.nodes}
         name = hint
         while name in self._used_node_names:
             self._counter += 1
@@ -389,11 +389,11 @@ class Graph:
         that may break the invariant (`order_dirty`) get a full depth-first sort instead.
         """
         live = [n for n in self.nodes if n.alive]
-        if self.order_dirty:
-            live = _depth_first_order(live)
-            self.order_dirty = False
-        else:
+        if not self.order_dirty:
             live.sort(key=_order_key)
+        elif not _is_topological(live):
+            live = _depth_first_order(live)
+        self.order_dirty = False
         for i, n in enumerate(live):
             n.order = n.order_lo = i
             n.seq = 0
@@ -456,6 +456,25 @@ class Graph:
 
 def _order_key(n: Node) -> tuple[int, int]:
     return (n.order, n.seq)
+
+
+def _is_topological(nodes: list[Node]) -> bool:
+    """One linear pass: does every node come after the producers of its inputs?"""
+    for i, n in enumerate(nodes):
+        n.order = i
+    pos = -1
+    for n in nodes:
+        pos += 1
+        for v in n.inputs:
+            if v is not None:
+                p = v.producer
+                if p is not None and p.alive and p.order >= pos:
+                    return False
+        for v in n.implicit_inputs:
+            p = v.producer
+            if p is not None and p.alive and p.order >= pos:
+                return False
+    return True
 
 
 def _depth_first_order(nodes: list[Node]) -> list[Node]:
