@@ -340,7 +340,7 @@ def histogram(model_proto):
 def config_summary(cfg):
     keys = ["model_type", "num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers",
             "decoder_layers", "hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head", "num_heads",
-            "num_key_value_heads", "head_dim", "d_kv", "intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim",
+            "num_key_value_heads", "encoder_attention_heads", "decoder_attention_heads", "head_dim", "d_kv", "intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim",
             "vocab_size", "hidden_act", "activation_function", "feed_forward_proj", "sliding_window",
             "image_size", "patch_size", "num_mel_bins", "max_source_positions", "rms_norm_eps",
             "layer_norm_eps", "layer_norm_epsilon"]
