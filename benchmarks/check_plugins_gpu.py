@@ -46,7 +46,6 @@ import_fusegraph()
 
 import cupy as cp  # noqa: E402
 import ml_dtypes  # noqa: E402
-import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 

@@ -319,7 +319,7 @@ def build_engine(model_path: str | os.PathLike, out_path: str | os.PathLike, *,
     if not model_path.is_file():
         raise InputError(f"no such model file: {model_path}")
     policy = _attention_policy(decomposable_attention)
-    trt = shim.load()
+    shim.load()  # a missing TensorRT is an InputError before any work
     report: dict[str, Any] = {"model": str(model_path), "engine": str(out_path), "backend": shim.backend()}
     with tempfile.TemporaryDirectory(prefix="fusegraph-build-") as work:
         if rewrite:

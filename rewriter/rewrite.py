@@ -29,7 +29,7 @@ from . import fused_ops
 from .errors import InputError
 from .ir import Graph, Node, Value
 from .matcher import EMPTY, Bindings, Failure, Matcher, pattern_depth, root_op_types
-from .pattern import NodeOutput, Pattern
+from .pattern import Pattern
 from .rule import Rule, RuleSet, call_with_captures
 
 FUSIONS_KEY = "fusegraph.fusions"

@@ -69,3 +69,30 @@ def assert_rewrites(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None =
     assert not second.fusions, f"second rewrite fused again: {second.per_rule}"
     assert op_counts(again) == counts
     return out
+
+
+def manifest_feeds(meta: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a model of the real-export corpus (tests/data/models/MANIFEST.json entry).
+
+    Token ids stay inside the vocabulary, masks are ones, token types zeros. Exports whose
+    example shapes fail in ONNX Runtime (the dynamo exporter bakes a batch-1 RoPE cache into
+    opset-23 RotaryEmbedding) run at batch 1, the shape they were traced for.
+    """
+    rng = np.random.default_rng(seed)
+    vocab = meta.get("config", {}).get("vocab_size", 2)
+    batch_one = not meta.get("checks_ok", True)
+    out = {}
+    for i in meta["inputs"]:
+        shape = list(i["example_shape"])
+        if batch_one and shape:
+            shape[0] = 1
+        dtype = np.dtype(i["dtype"])
+        if dtype.kind == "f":
+            out[i["name"]] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in i["name"]:
+            out[i["name"]] = np.ones(shape, dtype)
+        elif "token_type" in i["name"]:
+            out[i["name"]] = np.zeros(shape, dtype)
+        else:
+            out[i["name"]] = rng.integers(0, vocab, shape).astype(dtype)
+    return out

@@ -33,8 +33,8 @@ def test_intermediate_with_second_consumer_is_not_fused_through():
     """`a` also feeds a Neg, so MatMul+Add+Relu would lose it: the chain stops at MatMul+Add,
     whose output `a` is the match's own output, and Relu stays."""
     model = mlp([node("Neg", ["a"], ["z"])], {"z": (F, [2, 3])})
-    out = assert_rewrites(model, EPILOGUES, expect={"fusegraph.MatMulBiasRelu": 0, "Relu": 1, "Neg": 1,
-                                                    "fusegraph.MatMulBias": 1})
+    assert_rewrites(model, EPILOGUES, expect={"fusegraph.MatMulBiasRelu": 0, "Relu": 1, "Neg": 1,
+                                       "fusegraph.MatMulBias": 1})
 
 
 def test_intermediate_that_is_a_graph_output_is_not_fused_through():

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
 from fusegraph.api import rewrite_with_report
-from fusegraph.testing import op_counts
+from fusegraph.testing import manifest_feeds, op_counts
 from fusegraph.verify import compare, run
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
@@ -28,22 +27,6 @@ NORM_OPS = ("LayerNormalization", "RMSNormalization", "fusegraph.RMSNorm", "fuse
 GELU_OPS = ("Gelu", "fusegraph.Gelu", "fusegraph.GeluTanh", "fusegraph.MatMulGelu", "fusegraph.MatMulBiasGelu",
             "fusegraph.MatMulGeluTanh", "fusegraph.MatMulBiasGeluTanh", "fusegraph.GeGLU", "fusegraph.GeGLUTanh")
 ROPE_OPS = ("RotaryEmbedding", "fusegraph.RotaryEmbedding")
-
-
-def feeds(meta: dict) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    out = {}
-    for i in meta["inputs"]:
-        shape = i["example_shape"]
-        if i["dtype"] != "int64":
-            out[i["name"]] = rng.standard_normal(shape).astype(i["dtype"])
-        elif "mask" in i["name"]:
-            out[i["name"]] = np.ones(shape, np.int64)
-        elif "token_type" in i["name"]:
-            out[i["name"]] = np.zeros(shape, np.int64)
-        else:
-            out[i["name"]] = rng.integers(0, 128, shape).astype(np.int64)
-    return out
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -77,6 +60,6 @@ def test_every_rope_is_fused(rewritten):
 def test_rewritten_model_is_valid_and_equal(rewritten):
     name, model, out, _ = rewritten
     onnx.checker.check_model(out, full_check=True)
-    x = feeds(MANIFEST[name])
+    x = manifest_feeds(MANIFEST[name])
     diffs = compare(run(model, x), run(out, x), atol=1e-4, rtol=0.0)
     assert all(d.ok for d in diffs), diffs
