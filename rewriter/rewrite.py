@@ -175,8 +175,9 @@ class Rewriter:
                 for v in n.inputs:
                     if v is not None and v.producer is not None:
                         nxt.append(v.producer)
-                for v in n.outputs:
-                    nxt.extend(v.consumers)
+                if n.op_type != "Constant":  # a shared constant's consumers are not near
+                    for v in n.outputs:
+                        nxt.extend(v.consumers)
             frontier = nxt
         return seen
 
@@ -313,7 +314,9 @@ def _nearby_outputs(p: Pattern, env: Bindings, anchors: list[Value]) -> Iterator
     downstream from what is already bound (the outputs share inputs or operators with it)."""
     kinds = root_op_types(p)
     depth = pattern_depth(p)
-    start = list(env.values.values()) + [v for n in env.nodes.values() for v in n.inputs if v is not None]
+    # Constants are left out: a weight shared by thousands of nodes would make this O(graph).
+    start = [v for v in env.values.values() if not v.is_constant] + [
+        v for n in env.nodes.values() for v in n.inputs if v is not None and not v.is_constant]
     seen: set[int] = set()
     frontier = start
     found: list[Value] = []
