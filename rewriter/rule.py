@@ -46,6 +46,10 @@ class Rule:
     #: Rules of higher priority run first over the whole graph; equal priorities keep list order.
     priority: int = 0
     description: str = ""
+    #: Concrete captures the self-check (`fusegraph.verify.verify_rule`) builds graphs from,
+    #: where a generic search can't guess them: name -> np.ndarray (a constant of that value),
+    #: (shape, dtype) (a graph input), or a Python value (a captured attribute).
+    examples: Sequence[dict[str, Any]] = ()
     outputs: tuple[Pattern, ...] = field(init=False, repr=False)
     root_ops: frozenset[tuple[str, str]] = field(init=False, repr=False)
     depth: int = field(init=False, repr=False)

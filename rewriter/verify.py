@@ -125,6 +125,14 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
     return diffs
 
 
+def verify_rule(rule, **options):
+    """Self-check a rule on graphs built from its own pattern (see `fusegraph.selfcheck`):
+    raises `selfcheck.RuleCheckFailure` (an AssertionError naming a saved repro) on a
+    violation, returns a `selfcheck.RuleCheck` of what it covered."""
+    from .selfcheck import verify_rule as check
+    return check(rule, **options)
+
+
 def verify_models(original: onnx.ModelProto | str, rewritten: onnx.ModelProto | str,
                   shapes: dict[str, tuple[int, ...]] | None = None, *, feeds: dict[str, np.ndarray] | None = None,
                   atol: float | None = None, rtol: float | None = None, seed: int = 0) -> list[OutputDiff]:

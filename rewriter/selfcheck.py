@@ -1,0 +1,346 @@
+"""Rule self-verification: build graphs from a rule's own pattern, rewrite them, compare.
+
+`verify_rule(rule)` needs nothing but the rule. For every branch path of its pattern (each
+option of every `Alt`/`optional()` and both operand orders of every commutative op, see
+`fusegraph.instantiate`) it searches for a concrete instance the rule fires on (captures as
+inputs or constants of various ranks, or the concrete captures of `Rule.examples`), then
+checks each instance:
+
+1. the rule fires (a branch no instance fires on is dead code or a matcher bug);
+2. the rewritten model passes `onnx.checker.check_model(full_check=True)` and strict shape
+   inference;
+3. ONNX Runtime gives the same outputs as for the original, within `verify.TOLERANCES` for the
+   output dtype, or bit for bit when the graph is linear (`fusegraph.exact`);
+4. so does `onnx.reference.ReferenceEvaluator` (when it can run the original at all).
+
+Then hypothesis varies the instances (dim size, float dtype, opset, constants as initializers
+or Constant nodes, constant and attribute values, input values) under the active settings
+profile and shrinks any failure to the smallest graph and simplest draw. Every failure is
+saved as a repro directory (original.onnx, rewritten.onnx, inputs.npz, README.txt with the
+seed and the instance), whose path the error message gives.
+
+Inputs are floats in [-1, 1) and small non-negative ints; an instance whose *original* output
+is not finite, or that ONNX Runtime refuses to run, is not the rule's fault and is discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .api import rewrite_with_report
+from .exact import compare_exact, exact_inputs, is_exact
+from .instantiate import (FLOAT_DTYPES, Instance, Picker, Uninstantiable, branch_paths, build,
+                          describe_path, leaf_assignments, mentioned_numbers)
+from .rule import Rule
+from .verify import OutputDiff, compare, make_inputs, run
+
+#: Opsets instances are built at: the first that the pattern's ops exist in is used first.
+OPSETS = (18, 23, 17, 21)
+#: Dim sizes hypothesis draws from (the first is the one the search uses).
+SIZES = (3, 2, 4, 5)
+#: How many leaf assignments the search tries per branch path before giving up.
+SEARCH_LIMIT = 240
+
+
+class RuleCheckFailure(AssertionError):
+    """A rule broke a property on some instance; the message names the saved repro."""
+
+
+class Rejected(Exception):
+    """The instance is unusable (invalid original, ORT refuses it, non-finite outputs)."""
+
+
+@dataclass
+class Found:
+    """A branch path and an instance of it that the rule fires on."""
+
+    path: dict[int, int]
+    inst: Instance
+    nodes: int
+    label: list[int]
+
+
+@dataclass
+class RuleCheck:
+    """What `verify_rule` covered."""
+
+    rule: str
+    paths: int = 0
+    covered: list[Found] = field(default_factory=list)
+    instances: int = 0
+    exact_instances: int = 0
+
+
+def default_repro_dir() -> str:
+    return os.environ.get("FUSEGRAPH_REPRO_DIR") or os.path.join(tempfile.gettempdir(), "fusegraph-repro")
+
+
+def verify_rule(rule: Rule, *, repro_dir: str | None = None, max_examples: int | None = None,
+                seed: int | None = None, path_limit: int = 256) -> RuleCheck:
+    """Check `rule` on graphs built from its pattern; raise RuleCheckFailure on any violation.
+
+    `max_examples` (default: the active hypothesis profile's) bounds the random phase; `seed`
+    fixes hypothesis' randomness (to replay a reported failure).
+    """
+    repro_dir = repro_dir or default_repro_dir()
+    result = RuleCheck(rule.name)
+    paths = branch_paths(rule.outputs, path_limit)
+    result.paths = len(paths)
+    dead = []
+    previous: list[Instance] = []
+    for path in paths:
+        found = _search(rule, path, previous, SEARCH_LIMIT if not result.covered else SEARCH_LIMIT // 4)
+        if isinstance(found, str):
+            dead.append(f"  branch {describe_path(rule.outputs, path)}: {found}")
+            if not result.covered:  # not even the first: the search can't instantiate the rule
+                break
+            continue
+        previous.insert(0, found.inst)
+        del previous[4:]
+        result.covered.append(found)
+    if dead:
+        raise RuleCheckFailure(
+            f"rule {rule.name!r}: {len(dead)} of {len(paths)} branch paths never fire "
+            f"(a dead alternative, or the rule needs Rule.examples):\n" + "\n".join(dead))
+    for f in result.covered:
+        _check_counted(rule, f.path, f.inst, repro_dir, result)
+    _random_phase(rule, sorted(result.covered, key=lambda f: (f.nodes, f.label)), repro_dir,
+                  max_examples, seed, result)
+    return result
+
+
+def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: int) -> Found | str:
+    """The first instance of `path` the rule fires on, or why none.
+
+    Tries the instances that fired on earlier paths, then leaf realisations simplest first,
+    each with the first, the second and random value choices."""
+    reason = "no instance was valid ONNX"
+    rng = np.random.default_rng(0)
+    for tries, inst in enumerate(_candidates(rule, path, previous, limit)):
+        picker = Picker(inst.picks, (None, lambda n: 1, lambda n: int(rng.integers(n)))[tries % 3])
+        try:
+            built = build(rule.outputs, path, inst, picker)
+            model = prepare(built.model)
+        except Uninstantiable as e:
+            return str(e)
+        except Rejected as e:
+            reason = f"no valid instance ({e})"
+            continue
+        try:
+            _, report = rewrite_with_report(model, [rule])
+        except Exception as e:
+            raise RuleCheckFailure(f"rule {rule.name!r}, branch {describe_path(rule.outputs, path)}: "
+                                   f"rewriting raised {type(e).__name__}: {_first_line(e)}\n"
+                                   f"  instance: {_describe(inst)}") from e
+        if report.per_rule[rule.name]:
+            return Found(path, replace(inst, picks=tuple(picker.taken)), built.nodes,
+                         describe_path(rule.outputs, path))
+        reason = "the rule fired on none of the instances tried"
+    return reason
+
+
+def _candidates(rule: Rule, path: dict[int, int], previous: list[Instance], limit: int):
+    for inst in previous:
+        for opset in _opsets_from(inst.opset):
+            yield replace(inst, opset=opset)
+    examples = list(rule.examples)
+    hints = mentioned_numbers(rule.conditions)
+    per = max(1, limit // (len(OPSETS) * max(1, len(examples))) // 3)
+    for opset in OPSETS:
+        for ex in examples or [{}]:
+            try:
+                probe = build(rule.outputs, path, Instance(opset=opset, example=ex, hints=hints))
+            except Uninstantiable:
+                return
+            for leaves in leaf_assignments([v for v in probe.var_names if v not in ex], per):
+                inst = Instance(opset=opset, leaves=leaves, example=ex, hints=hints)
+                yield from (inst, inst, inst)  # first, second and random value choices
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Infer types (as exporters record them) and insist the original is valid ONNX."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # checker, inference and protobuf errors alike: not valid ONNX
+        raise Rejected(_first_line(e)) from None
+    outputs = {o.name for o in model.graph.output}
+    keep = [vi for vi in model.graph.value_info if vi.name not in outputs]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    return model
+
+
+def _check_counted(rule: Rule, path: dict[int, int], inst: Instance, repro_dir: str,
+                   result: RuleCheck) -> None:
+    try:
+        exact = check_instance(rule, path, inst, repro_dir)
+    except Rejected:
+        return
+    result.instances += 1
+    result.exact_instances += exact
+
+
+def check_instance(rule: Rule, path: dict[int, int], inst: Instance, repro_dir: str,
+                   picker: Picker | None = None) -> bool:
+    """Build, rewrite and compare one instance; raises RuleCheckFailure (with a saved repro)
+    on a violation and Rejected for an unusable instance. Returns whether it ran exact."""
+    fresh = _replayable(picker)
+    built = build(rule.outputs, path, replace(inst, integer=True), fresh())
+    if not is_exact(built.model):
+        built = build(rule.outputs, path, inst, fresh())
+    original = prepare(built.model)
+    exact = is_exact(original)
+    feeds = (exact_inputs if exact else make_inputs)(original, seed=inst.seed)
+    try:
+        expected = run(original, feeds)
+    except Exception as e:  # ORT lacks a kernel for this op/dtype: not the rule's business
+        raise Rejected(f"ONNX Runtime cannot run the original: {_first_line(e)}") from None
+    if not all(np.all(np.isfinite(v)) for v in expected.values() if v.dtype.kind == "f"):
+        raise Rejected("the original's outputs are not finite")
+
+    def fail(what: str, rewritten: onnx.ModelProto | None, diffs: list[OutputDiff] | None = None) -> None:
+        where = save_repro(repro_dir, rule, path, inst, original, rewritten, feeds, what, diffs)
+        raise RuleCheckFailure(f"rule {rule.name!r}, branch {describe_path(rule.outputs, path)}: {what}\n"
+                               f"  instance: {_describe(inst)}\n  repro: {where}")
+
+    try:
+        rewritten, report = rewrite_with_report(original, [rule])
+    except Exception as e:
+        fail(f"rewriting raised {type(e).__name__}: {_first_line(e)}", None)
+    if not report.per_rule[rule.name]:
+        raise Rejected("the rule does not fire on this variation")
+    try:
+        onnx.checker.check_model(rewritten, full_check=True)
+        onnx.shape_inference.infer_shapes(rewritten, check_type=True, strict_mode=True)
+    except Exception as e:
+        fail(f"the rewritten model is invalid: {_first_line(e)}", rewritten)
+    try:
+        got = run(rewritten, feeds)
+    except Exception as e:
+        fail(f"ONNX Runtime cannot run the rewritten model: {_first_line(e)}", rewritten)
+    exact = exact and is_exact(rewritten)
+    diffs = compare_exact(expected, got) if exact else compare(expected, got)
+    if not all(d.ok for d in diffs):
+        fail(f"ONNX Runtime outputs differ{' (exact mode)' if exact else ''}: "
+             + "; ".join(f"{d.name} max abs {d.max_abs:.3g}" for d in diffs if not d.ok), rewritten, diffs)
+    ref_expected = _reference(original, feeds)
+    if ref_expected is not None:
+        ref_got = _reference(rewritten, feeds)
+        if ref_got is None:
+            fail("onnx.reference cannot run the rewritten model (it runs the original)", rewritten)
+        diffs = compare(ref_expected, ref_got)
+        if not all(d.ok for d in diffs):
+            fail("onnx.reference outputs differ: "
+                 + "; ".join(f"{d.name} max abs {d.max_abs:.3g}" for d in diffs if not d.ok), rewritten, diffs)
+    return exact
+
+
+def _reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    from onnx.reference import ReferenceEvaluator
+    try:
+        sess = ReferenceEvaluator(model)
+        outs = sess.run(None, feeds)
+    except Exception:  # the reference lacks an op or a dtype
+        return None
+    return {o.name: np.asarray(v) for o, v in zip(model.graph.output, outs)}
+
+
+def _random_phase(rule: Rule, found: list[Found], repro_dir: str, max_examples: int | None,
+                  seed: int | None, result: RuleCheck) -> None:
+    """Vary the covered instances with hypothesis; shrinking favours small graphs."""
+    from hypothesis import HealthCheck, assume, given, settings, strategies as st
+    from hypothesis import seed as fix_seed
+
+    if not found:
+        return
+    opts = {} if max_examples is None else {"max_examples": max_examples}
+
+    @settings(deadline=None, suppress_health_check=list(HealthCheck), **opts)
+    @given(st.data())
+    def vary(data):
+        f = found[data.draw(st.integers(0, len(found) - 1), label="instance")]
+        inst = replace(
+            f.inst,
+            n=data.draw(st.sampled_from(SIZES), label="n"),
+            float_dtype=data.draw(st.sampled_from(FLOAT_DTYPES), label="float dtype"),
+            opset=data.draw(st.sampled_from(_opsets_from(f.inst.opset)), label="opset"),
+            const_as_node=data.draw(st.booleans(), label="constants as Constant nodes"),
+            seed=data.draw(st.integers(0, 2**16), label="value seed"))
+
+        def offset(n: int) -> int:
+            return data.draw(st.integers(0, n - 1))
+        try:
+            exact = check_instance(rule, f.path, inst, repro_dir, Picker(inst.picks, offset))
+        except (Rejected, Uninstantiable):
+            assume(False)
+        result.instances += 1
+        result.exact_instances += exact
+
+    test = vary if seed is None else fix_seed(seed)(vary)
+    test()
+
+
+def _replayable(picker: Picker | None) -> Callable[[], Picker | None]:
+    """Fresh pickers that all make the same choices (an instance may be built twice), drawing
+    each offset from `picker` once."""
+    if picker is None or picker.offset is None:
+        return lambda: picker and Picker(picker.base)
+    drawn: list[int] = []
+    source = picker.offset
+
+    def make() -> Picker:
+        count = iter(range(1 << 30))
+
+        def offset(n: int) -> int:
+            k = next(count)
+            if k == len(drawn):
+                drawn.append(source(n))
+            return drawn[k]
+        return Picker(picker.base, offset)
+    return make
+
+
+def _opsets_from(first: int) -> list[int]:
+    return [first] + [o for o in OPSETS if o != first]
+
+
+def save_repro(repro_dir: str, rule: Rule, path: dict[int, int], inst: Instance,
+               original: onnx.ModelProto, rewritten: onnx.ModelProto | None,
+               feeds: dict[str, np.ndarray], what: str, diffs: list[OutputDiff] | None) -> str:
+    """Write the failing instance where a person can replay it with `rewrite verify`."""
+    digest = hashlib.sha1(original.SerializeToString()).hexdigest()[:10]
+    where = os.path.join(repro_dir, f"{rule.name}-{digest}")
+    os.makedirs(where, exist_ok=True)
+    onnx.save(original, os.path.join(where, "original.onnx"))
+    if rewritten is not None:
+        onnx.save(rewritten, os.path.join(where, "rewritten.onnx"))
+    np.savez(os.path.join(where, "inputs.npz"), **feeds)
+    with open(os.path.join(where, "README.txt"), "w") as f:
+        f.write(f"rule: {rule.name}\nfailure: {what}\nbranch path: {describe_path(rule.outputs, path)}\n"
+                f"instance: {_describe(inst)}\n")
+        for d in diffs or ():
+            f.write(f"output {d.name}: max abs {d.max_abs:.6g}, max rel {d.max_rel:.6g}\n")
+        f.write(f"replay: rewrite verify {where}/original.onnx {where}/rewritten.onnx "
+                f"--inputs {where}/inputs.npz\n")
+    return where
+
+
+def _describe(inst: Instance) -> str:
+    leaves = ", ".join(f"{k}={'const' if v.const else 'input'} rank {v.rank} {v.kind}"
+                       f"{' ones ' + str(list(v.ones)) if v.ones else ''}" for k, v in inst.leaves.items())
+    return (f"n={inst.n} dtype={np.dtype(inst.float_dtype).name} opset={inst.opset} "
+            f"const_as_node={inst.const_as_node} seed={inst.seed} leaves[{leaves}]"
+            + (f" example keys={sorted(inst.example)}" if inst.example else ""))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
