@@ -114,13 +114,14 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
         if got.shape != ref.shape or got.dtype != ref.dtype:
             diffs.append(OutputDiff(name, float("inf"), float("inf"), a_tol, r_tol, False))
             continue
-        r = ref.astype(np.float64) if ref.dtype.kind in "fc" else ref.astype(np.float64)
+        r = ref.astype(np.float64)
         g = got.astype(np.float64)
-        err = np.abs(g - r)
-        err = np.where(np.isnan(g) & np.isnan(r), 0.0, err)
+        with np.errstate(invalid="ignore"):
+            # Equal elements (the same infinity included) and NaN against NaN agree.
+            err = np.where((g == r) | (np.isnan(g) & np.isnan(r)), 0.0, np.abs(g - r))
         max_abs = float(np.nanmax(err, initial=0.0)) if not np.isnan(err).any() else float("inf")
         max_rel = float(np.max(err / (np.abs(r) + 1e-12), initial=0.0)) if np.isfinite(max_abs) else float("inf")
-        ok = bool(np.all(err <= a_tol + r_tol * np.abs(r))) and np.isfinite(max_abs)
+        ok = bool(np.all(err <= a_tol + r_tol * np.abs(r))) and bool(np.isfinite(max_abs))
         diffs.append(OutputDiff(name, max_abs, max_rel, a_tol, r_tol, ok))
     return diffs
 
