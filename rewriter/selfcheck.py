@@ -93,18 +93,29 @@ def verify_rule(rule: Rule, *, repro_dir: str | None = None, max_examples: int |
     result = RuleCheck(rule.name)
     paths = branch_paths(rule.outputs, path_limit)
     result.paths = len(paths)
-    dead = []
+    dead: list[dict[int, int]] = []
     previous: list[Instance] = []
-    for path in paths:
+    reasons: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        if i >= 8 and not result.covered:  # the search can't instantiate the rule at all
+            dead.extend(paths[i:])
+            break
         found = _search(rule, path, previous, SEARCH_LIMIT if not result.covered else SEARCH_LIMIT // 4)
         if isinstance(found, str):
-            dead.append(f"  branch {describe_path(rule.outputs, path)}: {found}")
-            if not result.covered:  # not even the first: the search can't instantiate the rule
-                break
+            dead.append(path)
+            reasons[id(path)] = found
             continue
         previous.insert(0, found.inst)
         del previous[4:]
         result.covered.append(found)
+    # Paths searched before any instance was known get the instances found since.
+    retry, dead = dead, []
+    for path in retry:
+        found = _search(rule, path, [f.inst for f in result.covered[:8]], 0) if result.covered else "not searched"
+        if isinstance(found, str):
+            dead.append(f"  branch {describe_path(rule.outputs, path)}: {reasons.get(id(path), found)}")
+        else:
+            result.covered.append(found)
     if dead:
         raise RuleCheckFailure(
             f"rule {rule.name!r}: {len(dead)} of {len(paths)} branch paths never fire "
