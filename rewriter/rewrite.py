@@ -122,7 +122,8 @@ class Rewriter:
         dirty: set[int] | None = None
         bar = _progress_bar(graph, self.rules) if self.progress else None
         for _ in range(self.max_passes):
-            graph.toposort()
+            if graph.order_dirty:
+                graph.toposort()
             report.passes += 1
             touched: list[Node] = []
             pass_start = len(report.fusions)
@@ -149,7 +150,6 @@ class Rewriter:
         if bar is not None:
             bar.close()
         graph.remove_dead()
-        graph.toposort()
         report.ops_after = _op_histogram(graph)
         report.seconds = time.perf_counter() - start
         return report
