@@ -80,16 +80,7 @@ class Matcher:
         if isinstance(p, NodeOutput):
             yield from self._match_node_output(p, v, env)
         elif isinstance(p, Var):
-            if p.name is None:
-                yield env
-                return
-            bound = env.values.get(p.name)
-            if bound is None:
-                yield env.bind_value(p.name, v)
-            elif bound is v:
-                yield env
-            else:
-                self._fail(env, v.producer or v, f"{p.name} must be the same value as {bound.name!r}")
+            yield from self._capture(p.name, v, env)
         elif isinstance(p, Alt):
             for option in p.options:
                 yield from self.match(option, v, env)
@@ -106,16 +97,22 @@ class Matcher:
             if not p.accepts(v.const_value):
                 self._fail(env, v.producer or v, f"{v.name!r} fails: {p!r}")
                 return
-            if p.name is None:
-                yield env
-            else:
-                bound = env.values.get(p.name)
-                if bound is None:
-                    yield env.bind_value(p.name, v)
-                elif bound is v:
-                    yield env
+            yield from self._capture(p.name, v, env)
         else:
             raise TypeError(f"not a pattern: {p!r}")
+
+    def _capture(self, name: str | None, v: Value, env: Bindings) -> Iterator[Bindings]:
+        """Bind `name` to `v`, or check it is already bound to `v` (a value used twice)."""
+        if name is None:
+            yield env
+            return
+        bound = env.values.get(name)
+        if bound is None:
+            yield env.bind_value(name, v)
+        elif bound is v:
+            yield env
+        else:
+            self._fail(env, v.producer or v, f"{name} must be the same value as {bound.name!r}")
 
     def _match_node_output(self, p: NodeOutput, v: Value, env: Bindings) -> Iterator[Bindings]:
         np_ = p.node
