@@ -15,12 +15,11 @@ opset 18) and, for sdpa only, ``dynamo23`` (``dynamo=True``, opset 23: the expor
 opset 23 is the same graph as at opset 18, so it is not repeated).  Shape mode is
 ``static`` (example shapes baked in) or ``dynamic`` (batch and sequence axes symbolic;
 ViT and the Whisper encoder only have a dynamic batch, their other axes are fixed by the
-config).  GPT-2, BERT and Llama get both shape modes; the others only ``dynamic``, which is
-what deployments use, to keep the corpus near 30 MB (Mistral/Qwen2 static graphs differ
-from Llama's only where their dynamic ones do; ViT/Whisper static differ from dynamic only
-in the batch axis).  Where a dynamic export fails for such an architecture, the static
-export of the same grid point is made instead so that the case stays covered
-(``static_fallback`` in the manifest); every failure is recorded under ``export_failures``.
+config).  Every architecture gets both shape modes (for ViT and the Whisper encoder
+``static`` fixes the batch too, the only axis their dynamic exports leave free).  Where a
+dynamic export fails, the static export of the same grid point still covers the case
+(``static_fallback`` in the manifest marks a static export made only for that reason); every
+failure is recorded under ``export_failures``.
 Encoder-decoder models (T5, BART) are exported as one graph of the full forward (encoder +
 decoder, no cache), fed ``input_ids``, ``attention_mask`` and ``decoder_input_ids``.
 
@@ -38,6 +37,7 @@ Run by hand in an environment with torch, transformers, onnx, onnxruntime and on
 
     python tests/data/make_models.py            # whole grid
     python tests/data/make_models.py gpt2 bert  # only these architectures (manifest merged)
+    python tests/data/make_models.py mistral --modes static  # only its static files
 
 Exports are deterministic: rerunning rewrites byte-identical files.
 """
@@ -89,7 +89,7 @@ class Arch:
     config: dict  # the tiny config, recorded in the manifest
     expected: dict  # counts derived from the config
     notes: str = ""
-    shape_modes: tuple = ("dynamic",)  # "static" and/or "dynamic"
+    shape_modes: tuple = ("static", "dynamic")
     call_kwargs: dict = field(default_factory=lambda: {"use_cache": False})  # extra forward kwargs
 
 
@@ -187,17 +187,16 @@ ARCHS = [
     Arch("gpt2", gpt2, TEXT, ["last_hidden_state"], {},
          _counts(L, 2 * L + 1, "LayerNorm", L, "tanh"),
          "Conv1D layers (Gemm/MatMul with transposed weight layout); gelu_new = tanh approximation; "
-         "norms: ln_1, ln_2 per layer + ln_f", shape_modes=("static", "dynamic")),
+         "norms: ln_1, ln_2 per layer + ln_f"),
     Arch("bert", bert, {**TEXT, "token_type_ids": ("zeros", ("batch", "seq"))},
          ["last_hidden_state", "pooler_output"], {},
          _counts(L, 2 * L + 1, "LayerNorm", L, "erf"),
          "norms: embeddings LayerNorm + attention-output and output LayerNorm per layer (post-norm, "
-         "residual Add right before each: SkipLayerNorm candidates); pooler is Gemm+Tanh, not a GELU",
-         shape_modes=("static", "dynamic")),
+         "residual Add right before each: SkipLayerNorm candidates); pooler is Gemm+Tanh, not a GELU"),
     Arch("llama", _decoder_only(transformers.LlamaConfig, transformers.LlamaModel), TEXT, ["last_hidden_state"], {},
          _counts(L, 2 * L + 1, "RMSNorm", rope=2 * L, glu=L, glu_kind="SwiGLU"),
          "GQA 4 q heads / 2 kv heads (repeat_kv); RoPE counted once for q and once for k per layer; "
-         "norms: input_layernorm, post_attention_layernorm per layer + final norm", shape_modes=("static", "dynamic")),
+         "norms: input_layernorm, post_attention_layernorm per layer + final norm"),
     Arch("mistral", _decoder_only(transformers.MistralConfig, transformers.MistralModel), TEXT,
          ["last_hidden_state"], {},
          _counts(L, 2 * L + 1, "RMSNorm", rope=2 * L, glu=L, glu_kind="SwiGLU"),
@@ -396,6 +395,7 @@ def generate(arch, label, dynamo, opset, attn, dynamic, path: Path) -> dict:
 
 def write_manifest(manifest: dict) -> None:
     manifest["models"] = dict(sorted(manifest["models"].items()))
+    manifest["export_failures"] = dict(sorted(manifest["export_failures"].items()))
     for entry in manifest["models"].values():
         # True when the file passed the onnx full check and every ORT run matched PyTorch;
         # consumers that execute the originals should skip the others.
@@ -422,19 +422,23 @@ def write_manifest(manifest: dict) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("archs", nargs="*", help="architectures to (re)generate; default all")
+    parser.add_argument("--modes", nargs="+", choices=("static", "dynamic"), default=["static", "dynamic"],
+                        help="shape modes to (re)generate; files and entries of the others are kept")
     args = parser.parse_args(argv)
     selected = [a for a in ARCHS if not args.archs or a.name in args.archs]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {"models": {}, "export_failures": {}}
     for arch in selected:
-        # An architecture is regenerated whole: entries (and below, files) of grid points no
-        # longer in the grid go.
-        manifest["models"] = {k: v for k, v in manifest["models"].items() if v["architecture"] != arch.name}
+        # The selected shape modes of an architecture are regenerated whole: their entries (and
+        # below, files) of grid points no longer in the grid go.
+        manifest["models"] = {k: v for k, v in manifest["models"].items()
+                              if v["architecture"] != arch.name
+                              or ("dynamic" if v["dynamic"] else "static") not in args.modes}
         manifest["export_failures"] = {k: v for k, v in manifest["export_failures"].items()
-                                       if not k.startswith(f"{arch.name}-")}
+                                       if not k.startswith(f"{arch.name}-") or k.rsplit("-", 1)[1] not in args.modes}
         for label, dynamo, opset, attns in EXPORTS:
             for attn in attns:
-                modes = list(arch.shape_modes)
+                modes = [m for m in arch.shape_modes if m in args.modes]
                 for mode in modes:
                     stem = f"{arch.name}-{attn}-{label}-{mode}"
                     path = OUT_DIR / f"{stem}.onnx"
@@ -445,7 +449,7 @@ def main(argv=None):
                         reason = failure_reason(e)
                         manifest["export_failures"][stem] = reason
                         print(f"EXPORT FAILED {stem}: {reason}", flush=True)
-                        if mode == "dynamic" and "static" not in modes:
+                        if mode == "dynamic" and "static" not in arch.shape_modes:
                             modes.append("static")  # keep the grid point covered at fixed shapes
                     else:
                         # True for a static export made only because the dynamic one failed.
