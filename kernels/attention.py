@@ -129,8 +129,17 @@ def attention_kernel(
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def attention_config(head_dim: int, seq_q: int, is_causal: bool) -> dict:
-    """Tiles for an H100-class GPU (see benchmarks/KERNEL_NOTES.md), clipped for short rows."""
+SMEM_BUDGET = 200 * 1024  # as in gemm_epilogue: below the 227 KB opt-in limit of sm_90
+
+
+def attention_smem_bytes(cfg: dict, itemsize: int) -> int:
+    """Shared memory of the Q tile plus ``num_stages`` K and V tiles (matches sm_90 builds)."""
+    return (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) * cfg["BLOCK_D"] * itemsize
+
+
+def attention_config(head_dim: int, seq_q: int, is_causal: bool, itemsize: int = 2) -> dict:
+    """Tiles for an H100-class GPU (see benchmarks/KERNEL_NOTES.md), clipped for short rows;
+    for large tiles (fp32, head_dim > 128) stages, then BLOCK_N, shrink to fit ``SMEM_BUDGET``."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
@@ -139,6 +148,15 @@ def attention_config(head_dim: int, seq_q: int, is_causal: bool) -> dict:
     cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], triton.next_power_of_2(seq_q)))
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], cfg["BLOCK_M"])
     cfg["BLOCK_D"] = block_d
+    while attention_smem_bytes(cfg, itemsize) > SMEM_BUDGET:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        elif cfg["BLOCK_M"] > 16:
+            cfg["BLOCK_M"] //= 2
+        else:
+            break
     return cfg
 
 
@@ -156,7 +174,7 @@ def attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = q.new_empty(q.shape) if out is None else out
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    cfg = dict(config or attention_config(d, sq, is_causal))
+    cfg = dict(config or attention_config(d, sq, is_causal, q.element_size()))
     cfg.setdefault("BLOCK_D", max(16, triton.next_power_of_2(d)))
     meta = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     mstr = (0, 0, 0, 0) if mask is None else mask.expand(bsz, hq, sq, sk).stride()

@@ -27,12 +27,34 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _gelu_erf(x):
+    """0.5 x (1 + erf(x / sqrt 2)) through erfc's Chebyshev fit (Numerical Recipes' erfcc,
+    relative error < 1.2e-7 for all z >= 0): one reciprocal, one exp2 and 10 FMAs, no
+    branches, where libdevice's erff branches per element.  With z = |x| / sqrt 2:
+    x >= 0: x (1 - erfc(z) / 2);  x < 0: x erfc(z) / 2."""
+    z = tl.abs(x) * 0.7071067811865476
+    t = 1.0 / (1.0 + 0.5 * z)
+    p = 0.17087277
+    p = p * t - 0.82215223
+    p = p * t + 1.48851587
+    p = p * t - 1.13520398
+    p = p * t + 0.27886807
+    p = p * t - 0.18628806
+    p = p * t + 0.09678418
+    p = p * t + 0.37409196
+    p = p * t + 1.00002368
+    p = p * t - 1.26551223
+    half_erfc = 0.5 * t * tl.exp2((p - z * z) * 1.4426950408889634)
+    return x * tl.where(x >= 0.0, 1.0 - half_erfc, half_erfc)
+
+
+@triton.jit
 def apply_activation(x, ACT: tl.constexpr):
     """The ``fusegraph`` activations on an fp32 tile (tanh written through sigmoid)."""
     if ACT == "Relu":
         x = tl.maximum(x, 0.0)
     elif ACT == "Gelu":
-        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        x = _gelu_erf(x)
     elif ACT == "GeluTanh":
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = x * _sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(u)) == sigmoid(2u)
@@ -106,8 +128,23 @@ def gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(om < M)[:, None] & (on < N)[None, :])
 
 
-def gemm_config(M: int, N: int, K: int, glu: bool) -> dict:
-    """Tiles for an H100-class GPU (from benchmarks/KERNEL_NOTES.md), clipped for small problems."""
+# Shared memory a config may plan for: the H100/H200 opt-in limit is 227 KB per block; the
+# margin leaves room for the epilogue's layout-conversion scratch.  Only fp32 tiles come
+# near it (the bf16/fp16 tiles below use 96-144 KB).
+SMEM_BUDGET = 200 * 1024
+
+
+def gemm_smem_bytes(cfg: dict, glu: bool, itemsize: int) -> int:
+    """Shared memory of the pipelined operand buffers: ``num_stages`` copies of the X tile
+    and the W (and Wu) tiles.  Matches the compiled kernels' ``shared`` on sm_90."""
+    per_stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"] * (2 if glu else 1)
+    return cfg["num_stages"] * per_stage * itemsize
+
+
+def gemm_config(M: int, N: int, K: int, glu: bool, itemsize: int = 2) -> dict:
+    """Tiles for an H100-class GPU (from benchmarks/KERNEL_NOTES.md), clipped for small problems.
+    ``itemsize`` is the element size of X/W: fp32 tiles are twice as large in shared memory,
+    so BLOCK_K (then the stage count) shrinks until the buffers fit ``SMEM_BUDGET``."""
     if glu:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     else:
@@ -115,6 +152,13 @@ def gemm_config(M: int, N: int, K: int, glu: bool) -> dict:
     cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], triton.next_power_of_2(M)))
     cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(N)))
     cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(K)))
+    while gemm_smem_bytes(cfg, glu, itemsize) > SMEM_BUDGET:
+        if cfg["BLOCK_K"] > 32:
+            cfg["BLOCK_K"] //= 2
+        elif cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        else:
+            break  # the launcher checks the compiled size against the device's limit
     return cfg
 
 
@@ -134,7 +178,7 @@ def _run(x, w, wu, b, bu, act, config, out):
         wu = wu.contiguous()
         w = w.contiguous()
     y = x.new_empty((M, N)) if out is None else out.view(M, N)
-    cfg = dict(config or gemm_config(M, N, K, glu))
+    cfg = dict(config or gemm_config(M, N, K, glu, x.element_size()))
     meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     gemm_kernel[gemm_grid(M, N, cfg)](
         x2, w, w if wu is None else wu, w if b is None else b, w if bu is None else bu, y,

@@ -19,6 +19,13 @@ entry takes every non-constexpr argument in declaration order, then two hidden p
 refuses a kernel that does), so both are passed as 0.  The block is 32 x num_warps
 threads, and the dynamic shared memory is the compiled kernel's ``shared`` size.
 
+Shared memory: a block may use more than 48 KB of dynamic shared memory only after
+``cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)``, and never more than the device's
+opt-in limit (227 KB on sm_90); asking for more fails with CUDA_ERROR_INVALID_VALUE.  The
+tile configs plan for the element size (fp32 tiles are twice as large), and ``run`` checks
+the compiled size against the device's limit, recompiling with fewer pipeline stages when a
+kernel does not fit (e.g. on a GPU with less shared memory than an H100).
+
 Callers pass contiguous row-major buffers, dtype names "float16", "bfloat16" or
 "float32", and a stream handle (an int ``cudaStream_t`` / ``CUstream``; 0 = legacy).
 """
@@ -45,6 +52,10 @@ def _elem(dtype: str) -> str:
         return _TRITON_DTYPES[dtype]
     except KeyError:
         raise ValueError(f"dtype must be one of {sorted(_TRITON_DTYPES)}, got {dtype!r}") from None
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if _elem(dtype) == "fp32" else 2
 
 
 def _int_type(value: int) -> str:
@@ -146,24 +157,51 @@ def _target(device: int) -> GPUTarget:
 
 
 @functools.lru_cache(maxsize=None)
+def _max_shared(device: int) -> int:
+    """The most dynamic shared memory one block may opt in to on ``device``."""
+    drv = _driver()
+    attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    return int(_check(drv.cuDeviceGetAttribute(attr, device)))
+
+
+DEFAULT_SHARED_LIMIT = 48 * 1024  # more than this needs the opt-in attribute
+
+
+def compile_fitting(launch: KernelLaunch, target: GPUTarget, max_shared: int):
+    """Compile ``launch``; if its shared memory exceeds ``max_shared``, recompile with fewer
+    pipeline stages (same tiles, same results) until it fits.  Returns (compiled, stages)."""
+    for stages in range(launch.num_stages, 0, -1):
+        compiled = _compile(launch.kernel, tuple(launch.signature().items()),
+                            launch.all_constexprs(), launch.hints(), launch.num_warps, stages,
+                            target)
+        if compiled.metadata.shared <= max_shared:
+            return compiled, stages
+    raise RuntimeError(f"{launch.kernel.__name__} needs {compiled.metadata.shared} bytes of shared "
+                       f"memory even with 1 stage; the device allows {max_shared} per block")
+
+
+@functools.lru_cache(maxsize=None)
 def _load(compiled, ctx_handle: int):
-    """Load a cubin into the current context once; returns (CUfunction, shared bytes)."""
+    """Load a cubin into the current context once; returns (CUfunction, shared bytes).
+    Above 48 KB of dynamic shared memory the function must opt in first."""
     drv = _driver()
     module = _check(drv.cuModuleLoadData(compiled.asm["cubin"]))
     func = _check(drv.cuModuleGetFunction(module, compiled.metadata.name.encode()))
     shared = compiled.metadata.shared
-    if shared > 48 * 1024:
+    if shared > DEFAULT_SHARED_LIMIT:
         _check(drv.cuFuncSetAttribute(
             func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared))
     return func, shared
 
 
 def run(launch: KernelLaunch, stream) -> None:
-    """Compile (cached), load (cached) and enqueue ``launch`` on ``stream``."""
+    """Compile (cached, fitted to the device's shared memory), load (cached) and enqueue
+    ``launch`` on ``stream``."""
     drv = _driver()
     ctx = _current_context()
     device = int(_check(drv.cuCtxGetDevice()))
-    func, shared = _load(launch.compile(_target(device)), int(ctx))
+    compiled, _ = compile_fitting(launch, _target(device), _max_shared(device))
+    func, shared = _load(compiled, int(ctx))
     c_args = launch.c_args()
     params = (ctypes.c_void_p * len(c_args))(*[ctypes.addressof(a) for a in c_args])
     stream = stream if isinstance(stream, drv.CUstream) else drv.CUstream(int(stream))
@@ -185,7 +223,7 @@ def _ints(**values) -> list:
 def norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
                 rms: bool) -> KernelLaunch:
     """RMS/LayerNorm, with the residual when ``r_ptr`` is nonzero, beta when ``beta_ptr`` is."""
-    cfg = norms.norm_config(rows, cols, 4 if dtype == "float32" else 2)
+    cfg = norms.norm_config(rows, cols, _itemsize(dtype))
     has_res, has_beta = bool(r_ptr), bool(beta_ptr)
     args = [_ptr("x_ptr", dtype, x_ptr), _ptr("r_ptr", dtype, r_ptr or x_ptr),
             _ptr("gamma_ptr", dtype, gamma_ptr), _ptr("beta_ptr", dtype, beta_ptr or gamma_ptr),
@@ -226,7 +264,7 @@ def gemm_launch(x_ptr, w_ptr, wu_ptr, b_ptr, bu_ptr, y_ptr, M, N, K, act, dtype)
     if act not in gemm_epilogue.ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {gemm_epilogue.ACTIVATIONS}")
     glu = bool(wu_ptr)
-    cfg = gemm_epilogue.gemm_config(M, N, K, glu)
+    cfg = gemm_epilogue.gemm_config(M, N, K, glu, _itemsize(dtype))
     args = [_ptr("x_ptr", dtype, x_ptr), _ptr("w_ptr", dtype, w_ptr),
             _ptr("wu_ptr", dtype, wu_ptr or w_ptr), _ptr("b_ptr", dtype, b_ptr or w_ptr),
             _ptr("bu_ptr", dtype, bu_ptr or b_ptr or w_ptr), _ptr("y_ptr", dtype, y_ptr),
@@ -258,7 +296,7 @@ def attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
     """Contiguous Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], O like Q; mask strides in elements."""
     if heads_q % heads_kv:
         raise ValueError(f"query heads {heads_q} must be a multiple of kv heads {heads_kv}")
-    cfg = attention.attention_config(head_dim, seq_q, bool(is_causal))
+    cfg = attention.attention_config(head_dim, seq_q, bool(is_causal), _itemsize(dtype))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     D = head_dim
     args = [_ptr("q_ptr", dtype, q_ptr), _ptr("k_ptr", dtype, k_ptr), _ptr("v_ptr", dtype, v_ptr),
@@ -298,7 +336,7 @@ def rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rot
     in_place = x_ptr == y_ptr
     cb, ch, cs = cs_strides or (0, 0, rd)
     shared = cb == ch == 0
-    cfg = rope.rope_config(batch * heads, seq, head_dim, rd, 4 if dtype == "float32" else 2,
+    cfg = rope.rope_config(batch * heads, seq, head_dim, rd, _itemsize(dtype),
                            in_place, shared)
     args = [_ptr("x_ptr", dtype, x_ptr), _ptr("cos_ptr", dtype, cos_ptr),
             _ptr("sin_ptr", dtype, sin_ptr), _ptr("y_ptr", dtype, y_ptr),

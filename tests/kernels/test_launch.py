@@ -102,3 +102,96 @@ def test_launch_on_raw_pointers_matches_reference():
     torch.cuda.synchronize()
     ref = reference.attention(q, k, v, is_causal=True, compute_dtype=np.float64)
     assert np.linalg.norm(o.double().cpu().numpy() - ref) / np.linalg.norm(ref) < 2e-3
+
+
+# Shared memory (issue 6 round 2: fp32 SwiGLU failed on the H100 with
+# CUDA_ERROR_INVALID_VALUE).  The launcher did opt in above 48 KB, but the fp32 GLU tile
+# needed 288 KB, above the 227 KB an sm_90 block may opt in to, so cuFuncSetAttribute
+# refused it.  This drives `run` against a fake driver (no GPU): what it loads, the
+# attribute it sets and the shared bytes it launches with, for an H100-sized limit and a
+# smaller one (e.g. sm_86, 99 KB) where the launcher must drop pipeline stages.
+_SHARED_SCRIPT = r"""
+import json, types
+from triton.backends.compiler import GPUTarget
+from fusegraph.kernels import launch as L, gemm_epilogue as G
+
+class Fake:
+    CUresult = types.SimpleNamespace(CUDA_SUCCESS=0)
+    CUfunction_attribute = types.SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="MAXDYN")
+    CUdevice_attribute = types.SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR="MAJ",
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR="MIN",
+        CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN="OPTIN")
+    class CUstream(int):
+        pass
+    def __init__(self, optin):
+        self.optin, self.calls = optin, []
+    def cuGetErrorString(self, err): return 0, b"fake error"
+    def cuInit(self, flags): return (0,)
+    def cuCtxGetCurrent(self): return 0, 1
+    def cuCtxGetDevice(self): return 0, 0
+    def cuDeviceGetAttribute(self, attr, dev): return 0, {"MAJ": 9, "MIN": 0, "OPTIN": self.optin}[attr]
+    def cuModuleLoadData(self, cubin): return 0, "module"
+    def cuModuleGetFunction(self, module, name): return 0, "func"
+    def cuFuncSetAttribute(self, func, attr, value):
+        self.calls.append(["set", attr, value])
+        return (1 if value > self.optin else 0,)   # the real driver: INVALID_VALUE
+    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        self.calls.append(["launch", shared])
+        return (0,)
+
+def clear():
+    for fn in (L._load, L._target, L._max_shared):
+        fn.cache_clear()
+
+P = 4096
+out = {}
+for optin in (232448, 101376):  # H100/H200 opt-in limit; sm_86's
+    fake = Fake(optin)
+    L._driver = lambda: fake
+    clear()
+    L.launch_swiglu(P, P, P, 0, 0, P, 111, 96, 64, "Silu", "float32", 0)    # check_plugins_gpu case
+    L.launch_rms_norm(P, P, P, 37, 300, 1e-6, "float16", 0)                  # small shared
+    L.launch_attention(P, P, P, P, 1, 2, 2, 300, 300, 128, None, True, "float32", 0)
+    out[optin] = fake.calls
+# the old fp32 GLU tile (fp16-sized config) fits only after dropping stages
+old = L.gemm_launch(P, P, P, 0, 0, P, 111, 96, 64, "Silu", "bfloat16")
+old_fp32 = L.KernelLaunch(old.kernel, tuple((n, "*fp32" if t.startswith("*") else t, v)
+                          for n, t, v in old.args), old.constexprs, old.grid, old.num_warps,
+                          old.num_stages)
+t = GPUTarget("cuda", 90, 32)
+c3 = old_fp32.compile(t)
+c, stages = L.compile_fitting(old_fp32, t, 232448)
+try:
+    L.compile_fitting(old_fp32, t, 1000)
+    raised = False
+except RuntimeError:
+    raised = True
+out["old"] = [c3.metadata.shared, c.metadata.shared, stages, raised]
+print(json.dumps(out))
+"""
+
+
+def test_launcher_shared_memory_opt_in_and_fit():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SHARED_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for optin in ("232448", "101376"):
+        calls = result[optin]
+        launches = [c[1] for c in calls if c[0] == "launch"]
+        sets = [c[2] for c in calls if c[0] == "set"]
+        assert len(launches) == 3, calls
+        # every launch fits the device, and each one above 48 KB opted in with its exact size
+        assert all(s <= int(optin) for s in launches), calls
+        assert sorted(sets) == sorted(s for s in launches if s > 48 * 1024), calls
+        assert launches[1] <= 48 * 1024  # the small norm needs no opt-in
+        assert launches[0] > 48 * 1024 and launches[2] > 48 * 1024  # fp32 GLU, fp32 attention
+        assert all(c[1] == "MAXDYN" for c in calls if c[0] == "set")
+    # on the 99 KB device the fp32 GLU ran with fewer stages, so less shared memory
+    first_launch = {o: next(c[1] for c in result[o] if c[0] == "launch") for o in ("232448", "101376")}
+    assert first_launch["101376"] < first_launch["232448"]
+    old3, fitted, stages, raised = result["old"]
+    assert old3 > 232448  # the round-1 fp32 GLU tile: what the H100 refused
+    assert fitted <= 232448 and stages < 3
+    assert raised  # nothing fits 1000 bytes: a clear error, not a driver failure
