@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fusegraph.rule import RuleSet
 
-from . import activations, attention, gemm_epilogue, norms, rope
+from . import activations, attention, gemm_epilogue, norms, qkv, rope
 
-MODULES = (attention, gemm_epilogue, norms, activations, rope)
+MODULES = (attention, qkv, gemm_epilogue, norms, activations, rope)
 
 
 def all_rules() -> RuleSet:
