@@ -9,6 +9,8 @@ to float32 around the statistics, ReduceMean's axes as attribute (opset < 18) or
 Targets: opset 17's `LayerNormalization` (stash_type float32), so LayerNorm is fused only in
 models of opset 17 or newer (older ones have no standard op for it and TensorRT parses the
 decomposition fine); opset 23's `RMSNormalization`, or `fusegraph.RMSNorm` below opset 23.
+All of them compute the statistics in float32, so float64 norms are not fused
+(`stats_fit_float32`): the result would lose float64's precision.
 
 A transformer block adds its output to the residual stream and normalizes the sum, and the
 next block adds to that same sum: `fusegraph.SkipLayerNorm`/`SkipRMSNorm` compute both, S = X + R
@@ -18,8 +20,11 @@ the norm ops whether exported or fused here.
 
 from __future__ import annotations
 
+import onnx
+
 from fusegraph import norm_ops  # noqa: F401  (registers the fused ops)
 from fusegraph.fused_ops import DOMAIN
+from fusegraph.instantiate import Leaf
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps
 from fusegraph.rule import Rule, reject
 
@@ -124,6 +129,14 @@ def affine_is_vector(x, gamma, beta) -> bool:
     return True
 
 
+def stats_fit_float32(x) -> bool:
+    """The fused ops compute the statistics in float32 (stash_type 1, `norm_ops`' bodies); a
+    float64 decomposition computes them in float64, and the results would differ by float32
+    rounding (~1e-8), far beyond float64's."""
+    return x.dtype != onnx.TensorProto.DOUBLE or reject(
+        "float64 input: the fused norm would be computed in float32")
+
+
 def has_layer_normalization(x) -> bool:
     """LayerNormalization exists from opset 17; older models keep the decomposition."""
     return opset(x) >= 17 or reject(f"model opset {opset(x)} has no LayerNormalization")
@@ -182,11 +195,12 @@ def norm_over_last_axis(x, axis) -> bool:
 
 RULES = [
     Rule("norms.layer_norm", layer_norm_pattern, layer_norm_replacement,
-         [has_layer_normalization, means_over_last_axis, eps_is_scalar, affine_is_vector], NORM_PRIORITY),
+         [has_layer_normalization, means_over_last_axis, eps_is_scalar, affine_is_vector, stats_fit_float32],
+         NORM_PRIORITY, examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)}]),
     Rule("norms.rms_norm", rms_norm_pattern, rms_norm_replacement,
-         [mean_over_last_axis, eps_is_scalar, affine_is_vector], NORM_PRIORITY),
+         [mean_over_last_axis, eps_is_scalar, affine_is_vector, stats_fit_float32], NORM_PRIORITY),
     Rule("norms.skip_layer_norm", skip_layer_norm_pattern, skip_layer_norm_replacement,
          [is_residual, norm_over_last_axis], SKIP_PRIORITY),
     Rule("norms.skip_rms_norm", skip_rms_norm_pattern, skip_rms_norm_replacement,
-         [is_residual, norm_over_last_axis], SKIP_PRIORITY),
+         [is_residual, norm_over_last_axis, stats_fit_float32], SKIP_PRIORITY),
 ]

@@ -69,8 +69,9 @@ class Instance:
     float_dtype: Any = np.float32
     opset: int = 18
     leaves: Mapping[str, Leaf] = field(default_factory=dict)
-    #: Concrete captures from `Rule.examples`: arrays (constants), (shape, dtype) (inputs), or
-    #: Python values (captured attributes).
+    #: Concrete captures from `Rule.examples`: arrays (constants), (shape, dtype) (inputs),
+    #: `Leaf`s, or Python values (captured attributes). Float arrays and inputs take the
+    #: instance's float type, so varying it varies the examples too.
     example: Mapping[str, Any] = field(default_factory=dict)
     const_as_node: bool = False
     seed: int = 0
@@ -228,12 +229,13 @@ class _Walker:
             # An index-like slot (axes, starts, shape): a small integer constant.
             given = self.pick(self.typed(self.const_candidates(), types) or [None])
         if isinstance(given, np.ndarray):
-            out = self.constant(given, key)
+            out = self.constant(self.float_typed(given), key)
         elif isinstance(given, tuple):
             shape, dtype = given
-            out = self.graph_input(key, tuple(shape), np.dtype(dtype))
+            dtype = np.dtype(dtype)
+            out = self.graph_input(key, tuple(shape), np.dtype(self.inst.float_dtype) if dtype.kind == "f" else dtype)
         else:
-            leaf = self.inst.leaves.get(key, Leaf())
+            leaf = given if isinstance(given, Leaf) else self.inst.leaves.get(key, Leaf())
             shape = leaf.shape(self.inst.n)
             dtype = np.dtype(self.inst.float_dtype if leaf.kind == "float" else leaf.kind)
             if leaf.const:
@@ -265,7 +267,7 @@ class _Walker:
             return self.vars[p.name]
         given = self.inst.example.get(p.name) if p.name else None
         if given is not None:
-            array = np.asarray(given)
+            array = self.float_typed(np.asarray(given))
         elif p.value is not None:
             array = p.value
             if array.dtype.kind == "f":
@@ -283,6 +285,10 @@ class _Walker:
         if p.name is not None:
             self.vars[p.name] = out
         return out
+
+    def float_typed(self, array: np.ndarray) -> np.ndarray:
+        """An example's float array in the instance's float type (other arrays as given)."""
+        return array.astype(self.inst.float_dtype) if array.dtype.kind == "f" else array
 
     def typed(self, candidates: list[np.ndarray], types: frozenset[str] | None) -> list[np.ndarray]:
         """The candidates a slot accepts; only floats of the instance's type where it takes those."""

@@ -48,7 +48,9 @@ class Rule:
     description: str = ""
     #: Concrete captures the self-check (`fusegraph.verify.verify_rule`) builds graphs from,
     #: where a generic search can't guess them: name -> np.ndarray (a constant of that value),
-    #: (shape, dtype) (a graph input), or a Python value (a captured attribute).
+    #: (shape, dtype) (a graph input), a `fusegraph.instantiate.Leaf` (an input or constant
+    #: sized by the instance), or a Python value (a captured attribute). Float arrays and
+    #: inputs take the instance's float type, which the random phase varies.
     examples: Sequence[dict[str, Any]] = ()
     outputs: tuple[Pattern, ...] = field(init=False, repr=False)
     root_ops: frozenset[tuple[str, str]] = field(init=False, repr=False)

@@ -47,6 +47,8 @@ OPSETS = (18, 23, 17, 21)
 SIZES = (3, 2, 4, 5)
 #: How many leaf assignments the search tries per branch path before giving up.
 SEARCH_LIMIT = 240
+#: Up to how many dead paths are tried in pairs (`_cover_jointly`).
+PAIR_LIMIT = 8
 
 
 class RuleCheckFailure(AssertionError):
@@ -113,9 +115,11 @@ def verify_rule(rule: Rule, *, repro_dir: str | None = None, max_examples: int |
     for path in retry:
         found = _search(rule, path, [f.inst for f in result.covered[:8]], 0) if result.covered else "not searched"
         if isinstance(found, str):
-            dead.append(f"  branch {describe_path(rule.outputs, path)}: {reasons.get(id(path), found)}")
+            dead.append(path)
         else:
             result.covered.append(found)
+    dead = _cover_jointly(rule, dead, [f.inst for f in result.covered[:8]], result)
+    dead = [f"  branch {describe_path(rule.outputs, p)}: {reasons.get(id(p), 'not searched')}" for p in dead]
     if dead:
         raise RuleCheckFailure(
             f"rule {rule.name!r}: {len(dead)} of {len(paths)} branch paths never fire "
@@ -125,6 +129,32 @@ def verify_rule(rule: Rule, *, repro_dir: str | None = None, max_examples: int |
     _random_phase(rule, sorted(result.covered, key=lambda f: (f.nodes, f.label)), repro_dir,
                   max_examples, seed, result)
     return result
+
+
+def _cover_jointly(rule: Rule, dead: list[dict[int, int]], previous: list[Instance],
+                   result: RuleCheck) -> list[dict[int, int]]:
+    """The dead paths whose choices fire on no path that also takes another dead path's.
+
+    Each path deviates from another in one choice; some choices only make valid ONNX together
+    (ReduceMean's axes as input in both of a norm's means: a model has one opset). A dead path
+    is covered by a firing path that takes its choices and another dead path's non-first ones.
+    Tried only when few paths are dead (pairs grow quadratically) and with the instances found.
+    """
+    if not previous or len(dead) > PAIR_LIMIT:
+        return dead
+    left = []
+    for path in dead:
+        for other in dead:
+            merged = {**path, **{k: c for k, c in other.items() if c and not path.get(k)}}
+            if other is path or merged == path:
+                continue
+            found = _search(rule, merged, previous, 0)
+            if not isinstance(found, str):
+                result.covered.append(found)
+                break
+        else:
+            left.append(path)
+    return left
 
 
 def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: int) -> Found | str:

@@ -191,3 +191,26 @@ def test_decoy_add_that_is_not_a_residual(f, seed, kind, decoy):
     out, report = rewrite_with_report(model, RULES)
     assert report.per_rule.keys() == {"norms.layer_norm" if kind == "layer" else "norms.rms_norm"}
     assert op_counts(out)["Add"] == 1
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "skip_rms"])
+def test_regression_rms_norm_float64_precision(kind):
+    """The fused norms compute the statistics in float32 (stash_type 1, fusegraph.RMSNorm's
+    body), off by ~3e-8 from a float64 decomposition (found by the rule self-check): float64
+    norms stay as they are, the same norm in float32 still fuses."""
+    def model(dtype):
+        f = dict(dtype=dtype, opset=23, shape=[2, 8], cast=False, square="mul", divide="div", eps=1e-6,
+                 mean_axis=-1, var_axis=-1, exponent=2.0, gamma_first=False, const_nodes=False)
+        norm = Norm(f, np.random.default_rng(0))
+        if kind != "skip_rms":
+            return norm.model(norm.build(kind))
+        s = norm.b.op("Add", "x", "r")
+        y = norm.b.op("RMSNormalization", s, norm.b.weight(np.ones(8)), axis=-1, epsilon=1e-6)
+        return norm.b.model({"x": f["shape"], "r": f["shape"]}, {y: f["shape"], s: f["shape"]}, 23)
+
+    fused = {"layer": "LayerNormalization", "rms": "RMSNormalization", "skip_rms": "fusegraph.SkipRMSNorm"}[kind]
+    assert_rewrites(model(np.float32), RULES, expect={fused: 1})
+    out, report = rewrite_with_report(model(np.float64), RULES, explain=f"norms.{kind}_norm")
+    assert not report.fusions, report.per_rule
+    assert op_counts(out) == op_counts(model(np.float64))
+    assert any("float64" in m.reason for m in report.near_misses), report.near_misses
