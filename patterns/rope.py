@@ -13,6 +13,8 @@ Slice bounds are constants or Shape arithmetic (dynamic exports compute D/2 from
 they are evaluated (`static_int`) and must split the head exactly in half over the last axis,
 else this is some other concatenation. cos and sin are HF's [.., S, rd] tables.
 
+Float64 RoPE is not fused: the fused op computes in float32.
+
 The target is `fusegraph.RotaryEmbedding` at every opset: opset 23's `RotaryEmbedding` takes
 cos/sin of width rd/2, which equals HF's tables only if their halves are equal - a property of
 the values, not the graph.
@@ -21,6 +23,7 @@ the values, not the graph.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from fusegraph import rope_ops  # noqa: F401  (registers the fused op)
 from fusegraph.fused_ops import DOMAIN
@@ -40,9 +43,15 @@ def rotate_half(op: PatternOps, x: Pattern) -> Pattern:
     return op.Concat(op.Neg(slice_last(op, x, "hi")), slice_last(op, x, "lo"), axis=-1)
 
 
+def strided_last(op: PatternOps, x: Pattern, tag: str) -> Pattern:
+    """x[start:end:step] on one axis, steps given (even/odd channels take step 2)."""
+    s, e, a, st = (Var(f"{tag}_{k}") for k in ("start", "end", "axes", "steps"))
+    return op.Slice(x, s, e, a, st)
+
+
 def rotate_interleaved(op: PatternOps, x: Pattern) -> Pattern:
-    pair = op.Concat(op.Unsqueeze(op.Neg(slice_last(op, x, "hi")), Var("ax1")),
-                     op.Unsqueeze(slice_last(op, x, "lo"), Var("ax2")), axis=-1)
+    pair = op.Concat(op.Unsqueeze(op.Neg(strided_last(op, x, "hi")), Var("ax1")),
+                     op.Unsqueeze(strided_last(op, x, "lo"), Var("ax2")), axis=-1)
     return op.Reshape(pair, Var("shape"), allowzero=Attr("allowzero"))
 
 
@@ -196,12 +205,43 @@ def rotates_leading_channels(interleaved: bool):
     return check
 
 
+def math_fits_float32(x) -> bool:
+    """The fused op rotates in float32 (`rope_ops`); a float64 rotation would lose precision."""
+    return x.dtype != onnx.TensorProto.DOUBLE or reject("float64 input: the fused RoPE would be computed in float32")
+
+
+# -- self-check examples --------------------------------------------------------------------
+def _ints(*v: int) -> np.ndarray:
+    return np.array(v, np.int64)
+
+
+def _bounds(tag: str, start: int, end: int, step: int = 1) -> dict:
+    return {f"{tag}_start": _ints(start), f"{tag}_end": _ints(end), f"{tag}_axes": _ints(-1),
+            f"{tag}_steps": _ints(step)}
+
+
+def example(interleaved: bool, partial: bool) -> dict:
+    """Q [B, H, S, D] = [1, 2, 3, 6] (partial: rotary dim 4) or [1, 2, 3, 4], HF's [S, rd]
+    tables, and the Slice bounds, Unsqueeze axes and Reshape target the conditions accept;
+    the generic search can't make the halves of a head agree with its width."""
+    rd, width = 4, 6 if partial else 4
+    ex = {"x": ((1, 2, 3, width), np.float32), "cos": ((3, rd), np.float32), "sin": ((3, rd), np.float32)}
+    if interleaved:
+        ex |= _bounds("hi", 1, rd, 2) | _bounds("lo", 0, rd, 2)
+        ex |= {"ax1": _ints(-1), "ax2": _ints(-1), "shape": _ints(1, 2, 3, rd)}
+    else:
+        ex |= _bounds("hi", rd // 2, rd) | _bounds("lo", 0, rd // 2)
+    if partial:
+        ex |= _bounds("rot", 0, rd) | _bounds("pass", rd, width)
+    return ex
+
+
 RULES = [
     Rule(f"rope.{kind}{'_partial' if partial else ''}",
          (partial_pattern if partial else full_pattern)(rotate),
          replacement_for(kind == "interleaved"),
-         (rotates_leading_channels if partial else rotates_whole_head)(kind == "interleaved"),
-         PRIORITY + partial)
+         [(rotates_leading_channels if partial else rotates_whole_head)(kind == "interleaved"), math_fits_float32],
+         PRIORITY + partial, examples=[example(kind == "interleaved", partial)])
     for partial in (True, False)
     for kind, rotate in (("rotate_half", rotate_half), ("interleaved", rotate_interleaved))
 ]

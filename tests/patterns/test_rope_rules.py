@@ -81,3 +81,14 @@ def test_decoy_rotation_with_a_second_consumer(f):
     m = build(f, extra_output=True)
     out, report = rewrite_with_report(m, RULES)
     assert not report.fusions and op_counts(out)["Neg"] == 1
+
+
+@settings(max_examples=6, deadline=None)
+@given(f=forms())
+def test_regression_rope_float64_precision(f):
+    """The fused op rotates in float32, ~1e-7 off a float64 rotation: float64 RoPE stays as it
+    is (found by the rule self-check); the same graph in float32 fuses."""
+    assert_rewrites(build({**f, "dtype": np.float32}), RULES, expect={"fusegraph.RotaryEmbedding": 1})
+    m = build({**f, "dtype": np.float64})
+    out, report = rewrite_with_report(m, RULES)
+    assert not report.fusions and op_counts(out) == op_counts(m)
