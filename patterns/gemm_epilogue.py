@@ -1,16 +1,26 @@
-"""MatMul (+ bias Add) (+ activation) -> one fused GEMM-epilogue op.
+"""MatMul (+ bias Add) (+ activation), and Gemm (+ activation) -> one fused GEMM-epilogue op.
 
 The activation runs in the GEMM kernel's registers before the single store
 (`fusegraph.kernels`), so the MatMul's output never makes a round trip through memory. Each
 activation is matched in the forms exporters emit: Relu, Sigmoid and Tanh as single ops; GELU
 as opset-20 `Gelu` (either `approximate`) or its erf and tanh decompositions; SiLU as
 `x * Sigmoid(x)` (the patterns of `fusegraph.patterns.activations`). The bias must be a constant vector over the output features, which is what a
-GEMM epilogue can broadcast.
+GEMM epilogue can broadcast; TorchScript shares equal biases (all zeros in a fresh model) as
+Identity nodes of one initializer, which count as constants.
+
+`Gemm` (alpha = beta = 1, transA = 0) is how exporters write a 2-D Linear: BERT's and ViT's
+pooler `Gemm -> Tanh` (transB = 1), GPT-2's Conv1D `Reshape -> Gemm -> Reshape -> GELU`
+(transB = 0). A Reshape between the Gemm and the activation is taken along: an elementwise
+activation commutes with it, so act(Reshape(Gemm(x))) = Reshape(act(Gemm(x))) exactly, and the
+replacement keeps the Reshape after the fused op. transB = 1 feeds the fused op a `Transpose` of
+the weight, which TensorRT and ONNX Runtime fold into a constant when they build. A Gemm with
+no activation is left alone: it already is one op with its bias.
 """
 
 from __future__ import annotations
 
 from fusegraph.fused_ops import DOMAIN, matmul_epilogue_name
+from fusegraph.pattern import Attr, optional
 from fusegraph.patterns.activations import gelu_erf, gelu_tanh, silu
 from fusegraph.rule import Rule, reject
 
@@ -24,15 +34,28 @@ ACTIVATION_PATTERNS = {
 }
 
 
-def bias_is_vector(w, b) -> bool:
-    """A GEMM epilogue broadcasts a bias over the output features: b is [N] (or [1, N])."""
-    if not b.is_constant:
+def constant_source(v):
+    """The constant behind an Identity node, else `v` itself."""
+    p = v.producer
+    return p.inputs[0] if p is not None and p.op_type == "Identity" and not p.domain else v
+
+
+def _bias_over(b, n) -> bool:
+    """A GEMM epilogue broadcasts a bias over the N output features: b is [N] (or [1, N])."""
+    if not constant_source(b).is_constant:
         return reject("bias is not a constant")
-    n = w.shape[-1] if w.shape else None
     bshape = b.shape
     if bshape is None or any(d != 1 for d in bshape[:-1]) or (n is not None and bshape[-1] != n):
         return reject(f"bias shape {bshape} is not [N] with N = {n}")
     return True
+
+
+def bias_is_vector(w, b) -> bool:
+    return _bias_over(b, w.shape[-1] if w.shape else None)
+
+
+def gemm_bias_is_vector(w, b, trans_b) -> bool:
+    return _bias_over(b, w.shape[0 if trans_b else 1] if w.shape else None)
 
 
 def weight_is_matrix(w) -> bool:
@@ -59,4 +82,26 @@ def _make_rule(bias: bool, activation: str) -> Rule:
     return Rule(f"gemm_epilogue.{op_name}", pattern, replacement, conditions, priority)
 
 
-RULES = [_make_rule(bias, act) for act in ACTIVATION_PATTERNS for bias in (True, False)] + [_make_rule(True, "")]
+def _make_gemm_rule(bias: bool, activation: str) -> Rule:
+    op_name = matmul_epilogue_name(bias, activation)
+    act = ACTIVATION_PATTERNS[activation]
+
+    def pattern(op, x, w, b, shape):
+        y = op.Gemm(*((x, w, b) if bias else (x, w)), alpha=1.0, beta=1.0, transA=0, transB=Attr("trans_b"))
+        return act(op, optional(op.Reshape(y, shape, allowzero=Attr("allowzero"))))
+
+    def replacement(op, x, w, b, shape, trans_b, allowzero):
+        w = op.Transpose(w, perm=[1, 0]) if trans_b else w
+        y = getattr(op, op_name)(*((x, w, b) if bias else (x, w)), _domain=DOMAIN)
+        if shape is None:
+            return y
+        return op.Reshape(y, shape, **({} if allowzero is None else {"allowzero": allowzero}))
+    replacement.__doc__ = f"Gemm{' + bias' if bias else ''} (+ Reshape) + {activation} -> fusegraph.{op_name}"
+
+    conditions = [weight_is_matrix] + ([gemm_bias_is_vector] if bias else [])
+    return Rule(f"gemm_epilogue.Gemm{op_name[len('MatMul'):]}", pattern, replacement, conditions,
+                100 + 10 + (5 if bias else 0))
+
+
+RULES = [_make_rule(bias, act) for act in ACTIVATION_PATTERNS for bias in (True, False)] + [_make_rule(True, "")] + [
+    _make_gemm_rule(bias, act) for act in ACTIVATION_PATTERNS for bias in (True, False)]

@@ -33,6 +33,8 @@ import numpy as np
 
 from fusegraph.rule import Rule, reject
 
+from .gemm_epilogue import constant_source
+
 PRIORITY = 120
 SPLIT_INPUT_OPSET = 13  # Split takes its sizes as an input from opset 13
 
@@ -63,17 +65,10 @@ def _split(op, y, weights):
 
 def _concat(op, parts, axis):
     """One initializer when every part is in memory, else a Concat node the builder folds."""
-    arrays = [_source(p).const_value for p in parts]
+    arrays = [constant_source(p).const_value for p in parts]
     if all(a is not None for a in arrays):
         return op.const(np.concatenate(arrays, axis=axis))
     return op.Concat(*parts, axis=axis)
-
-
-def _source(v):
-    """The constant behind an Identity: TorchScript shares equal biases (all zeros in a fresh
-    model) as Identity nodes of one initializer."""
-    p = v.producer
-    return p.inputs[0] if p is not None and p.op_type == "Identity" and not p.domain else v
 
 
 def x_feeds_three_matmuls(x) -> bool:
@@ -93,7 +88,7 @@ def weights_are_constant_matrices(wq, wk, wv) -> bool:
 def biases_are_vectors(wq, wk, wv, bq, bk, bv) -> bool:
     """Concatenated, the biases must still be one vector over the output features."""
     for w, b in zip((wq, wk, wv), (bq, bk, bv)):
-        if not _source(b).is_constant or b.shape != (w.shape[1],):
+        if not constant_source(b).is_constant or b.shape != (w.shape[1],):
             return reject(f"bias {b.name!r} is not a constant of shape [{w.shape[1]}]")
     return True
 
