@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from fusegraph.fused_ops import DOMAIN
-from fusegraph.pattern import Attr, Const, Pattern, PatternOps, optional, wildcard
+from fusegraph.pattern import Attr, Const, Pattern, PatternOps, Var, optional
 from fusegraph.rule import Rule, reject
 
 from . import attention_masks
@@ -67,9 +67,11 @@ def _repeats_heads(v) -> bool:
             and all(_same_dim(vs[i], xs[i]) for i in (0, 2, 3)))
 
 
-def repeated_kv(op: PatternOps, kv: Pattern) -> Pattern:
-    """HF's repeat_kv: Reshape(Expand(Unsqueeze(kv, 2), [B, Hkv, n, S, D]), [B, Hkv * n, S, D])."""
-    return op.Reshape(op.Expand(_unsqueezed_heads(op, kv), wildcard()), wildcard()).where(
+def repeated_kv(op: PatternOps, kv: Pattern, tag: str) -> Pattern:
+    """HF's repeat_kv: Reshape(Expand(Unsqueeze(kv, 2), [B, Hkv, n, S, D]), [B, Hkv * n, S, D]).
+    The shapes are captured as `{tag}_grown`/`{tag}_merged` (for the self-check's examples;
+    `_repeats_heads` reads the shapes the values have)."""
+    return op.Reshape(op.Expand(_unsqueezed_heads(op, kv), Var(f"{tag}_grown")), Var(f"{tag}_merged")).where(
         _repeats_heads, "repeats the kv heads in place")
 
 
@@ -103,15 +105,15 @@ def key_transposed_batched(op: PatternOps, k: Pattern, k_kv: Pattern) -> Pattern
     reshaped back; the reshapes' targets are constants (proved by the shapes) or Shape(k)'s dims.
     A static export may fold repeat_kv's Reshape into the flattening one."""
     def swapped(x: Pattern) -> Pattern:
-        return op.Reshape(op.Transpose(op.Reshape(x, wildcard()), perm=[0, 2, 1]), wildcard())
+        return op.Reshape(op.Transpose(op.Reshape(x, Var("kt_flat")), perm=[0, 2, 1]), Var("kt_shape"))
     static = swapped(k).where(_transposes_last_two, "transposes K's last two dims")
-    folded = swapped(op.Expand(_unsqueezed_heads(op, k_kv), wildcard())).where(
+    folded = swapped(op.Expand(_unsqueezed_heads(op, k_kv), Var("k_grown"))).where(
         _repeats_and_transposes, "repeats the kv heads and transposes K's last two dims")
     dims = op.Shape(k, start=0)
-    last = op.Slice(dims, Const(-1), Const(where=lambda a: a.size == 1 and a.item() >= 2**62, why="end"))
+    last = op.Slice(dims, Const(-1), Const(name="kt_end", where=lambda a: a.size == 1 and a.item() >= 2**62, why="end"))
     second = op.Slice(dims, Const(-2), Const(-1))
-    lead = op.Slice(dims, Const(where=lambda a: a.size == 1 and a.item() <= -(2**62), why="start"), Const(-2))
-    flat = op.Reshape(k, op.Concat(Const(-1), second, last, axis=0))
+    lead = op.Slice(dims, Const(name="kt_start", where=lambda a: a.size == 1 and a.item() <= -(2**62), why="start"), Const(-2))
+    flat = op.Reshape(k, op.Concat(Const(-1, name="kt_rows"), second, last, axis=0))
     dynamic = op.Reshape(op.Transpose(flat, perm=[0, 2, 1]), op.Concat(lead, last, second, axis=0))
     return folded | static | dynamic
 
@@ -119,7 +121,7 @@ def key_transposed_batched(op: PatternOps, k: Pattern, k_kv: Pattern) -> Pattern
 def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern) -> Pattern:
     """K^T [B, H, D, S]: from K [B, H, S, D] (`k`, or `k_kv` repeated to the query heads), or
     straight from the head split's [B, S, H, D] (`k_bshd`)."""
-    k = repeated_kv(op, k_kv) | k
+    k = repeated_kv(op, k_kv, "k") | k
     plain = op.Transpose(scaled(op, k, "k_pre"), perm=[0, 1, 3, 2])
     merged = op.Transpose(scaled(op, k_bshd, "k_pre"), perm=[0, 2, 3, 1])
     return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv), "k_post")
@@ -133,7 +135,7 @@ def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
     softmax = op.Softmax(optional(op.Cast(masked, to=Attr("cast_masked"))), axis=Attr("axis"))
     probs = optional(op.Cast(optional(op.Cast(softmax)), to=Attr("cast_probs")))
     guarded = op.Where(op.IsNaN(probs), Const(0.0), probs) | probs
-    return op.MatMul(guarded, repeated_kv(op, v_kv) | v)
+    return op.MatMul(guarded, repeated_kv(op, v_kv, "v") | v)
 
 
 # -- conditions ------------------------------------------------------------------------------
@@ -250,9 +252,39 @@ def opset_at_least(n: int):
     return check
 
 
+def _ints(*v: int) -> np.ndarray:
+    return np.array(v, np.int64)
+
+
+#: For the self-check: Q, K, V [B, H, S, D] = [1, 2, 3, 4], K/V repeated from one kv head, K as
+#: [B, S, H, D] for the merged transpose, masks over [.., Sq, Sk]; the Reshape and Expand
+#: targets and the Slice bounds (to the end of Shape(K)) the conditions accept, which the
+#: generic search can't guess.
+EXAMPLE = {
+    "q": ((1, 2, 3, 4), np.float32), "k": ((1, 2, 3, 4), np.float32), "v": ((1, 2, 3, 4), np.float32),
+    "k_kv": ((1, 1, 3, 4), np.float32), "v_kv": ((1, 1, 3, 4), np.float32),
+    "k_bshd": ((1, 3, 2, 4), np.float32),
+    "k_grown": _ints(1, 1, 2, 3, 4), "v_grown": _ints(1, 1, 2, 3, 4),
+    "k_merged": _ints(1, 2, 3, 4), "v_merged": _ints(1, 2, 3, 4),
+    "kt_flat": _ints(-1, 3, 4), "kt_shape": _ints(1, 2, 4, 3), "kt_start": _ints(-2**63), "kt_end": _ints(2**63 - 1),
+    "kt_rows": _ints(-1),
+    "mask": ((1, 1, 3, 3), np.float32), "bias": ((1, 2, 3, 3), np.float32),
+    "keep": ((1, 1, 3, 3), np.bool_), "drop": ((1, 1, 3, 3), np.bool_),
+}
+
+def positive_scale(**captures) -> bool:
+    """ONNX Runtime's `Attention` refuses a scale <= 0 (a negative factor, or one that rounds
+    to 0 in float16); `fusegraph.Attention` takes any."""
+    scale = total_scale(captures)
+    return scale > 0 or reject(f"scale {scale} is not positive, which ONNX Attention refuses")
+
+
 CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, one_precision, mask_fits]
 
 RULES = [
-    Rule("attention.onnx", attention, to_onnx, [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS, priority=210),
-    Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS, priority=200),
+    Rule("attention.onnx", attention, to_onnx, [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [positive_scale],
+         priority=210,
+         examples=[EXAMPLE]),
+    Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS, priority=200,
+         examples=[EXAMPLE]),
 ]

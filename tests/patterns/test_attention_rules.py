@@ -185,6 +185,17 @@ def test_arbitrary_scale_is_the_ops_scale():
     assert math.isclose(scale, 0.05, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [-0.25, 0.0])
+def test_regression_onnx_attention_needs_a_positive_scale(scale):
+    """ONNX Runtime refuses opset 23's Attention with a scale <= 0 (found by the rule
+    self-check): such an attention becomes fusegraph.Attention, which takes any scale."""
+    model = _plain(scale=scale, mask="none", opset=23)
+    out = assert_rewrites(model, RULES, expect={"fusegraph.Attention": 1, "Attention": 0, "Softmax": 0})
+    assert next(a.f for n in out.graph.node for a in n.attribute if a.name == "scale") == scale
+    positive = assert_rewrites(_plain(scale=0.25, mask="none", opset=23), RULES, expect={"Attention": 1})
+    assert next(a.f for n in positive.graph.node for a in n.attribute if a.name == "scale") == 0.25
+
+
 def _plain(**over):
     p = dict(dtype=np.float32, b=1, hkv=2, group=1, s=4, d=8, scale_form="s_mul", scale=0.25, mask="add",
              softmax_fp32=False, nan_guard=False, k_form="bhsd", opset=18)
