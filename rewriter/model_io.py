@@ -52,11 +52,11 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
     if default < 7:
         raise InputError(f"{source}: opset {default} is too old (fusegraph needs 7 or newer)")
     defined = {v.name for v in graph.inputs} | set(graph.initializers)
-    for n in graph.nodes:
-        for v in n.inputs:
-            if v is not None and v.producer is None and v.name not in defined:
-                raise InputError(f"{source}: node {n.name!r} ({n.op_type}) reads {v.name!r}, "
-                                 "which no node, graph input or initializer defines")
+    for v in graph.values.values():
+        if v.producer is None and v.consumers and v.name not in defined:
+            n = v.consumers[0]
+            raise InputError(f"{source}: node {n.name!r} ({n.op_type}) reads {v.name!r}, "
+                             "which no node, graph input or initializer defines")
     for v in graph.outputs:
         if v.producer is None and v.name not in defined:
             raise InputError(f"{source}: graph output {v.name!r} is not computed by any node")
