@@ -22,7 +22,8 @@ TensorRT maps to its native attention layer) when the model's default opset is a
 `attention.fusegraph` emits `fusegraph.Attention`/`MaskedAttention` (see `attention_op`) for
 every other model. Select `attention.fusegraph` alone to keep the fusegraph op (for its plugin)
 on opset-23 models too. A mask that is a plain causal triangle becomes `is_causal=1` with no
-mask input (`attention_masks`).
+mask input (`attention_masks`). Both targets compute in float32, so float64 attention is left
+alone.
 """
 
 from __future__ import annotations
@@ -272,6 +273,12 @@ EXAMPLE = {
     "keep": ((1, 1, 3, 3), np.bool_), "drop": ((1, 1, 3, 3), np.bool_),
 }
 
+def math_fits_float32(q) -> bool:
+    """Both targets compute the scores and softmax in float32 (`attention_op`, ONNX Attention's
+    softmax_precision); a float64 attention would lose float64's precision."""
+    return q.dtype != onnx.TensorProto.DOUBLE or reject("float64 Q: the fused attention would be computed in float32")
+
+
 def positive_scale(**captures) -> bool:
     """ONNX Runtime's `Attention` refuses a scale <= 0 (a negative factor, or one that rounds
     to 0 in float16); `fusegraph.Attention` takes any."""
@@ -279,7 +286,7 @@ def positive_scale(**captures) -> bool:
     return scale > 0 or reject(f"scale {scale} is not positive, which ONNX Attention refuses")
 
 
-CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, one_precision, mask_fits]
+CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, one_precision, mask_fits, math_fits_float32]
 
 RULES = [
     Rule("attention.onnx", attention, to_onnx, [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [positive_scale],

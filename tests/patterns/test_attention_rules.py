@@ -196,6 +196,16 @@ def test_regression_onnx_attention_needs_a_positive_scale(scale):
     assert next(a.f for n in positive.graph.node for a in n.attribute if a.name == "scale") == 0.25
 
 
+@pytest.mark.parametrize("opset", [18, 23])
+def test_regression_attention_float64_precision(opset):
+    """Both attention targets compute in float32, ~6e-8 off a float64 attention (found by the
+    rule self-check): float64 attention stays as it is; the float32 one fuses."""
+    assert_rewrites(_plain(opset=opset), RULES, expect={"Softmax": 0})
+    model = _plain(dtype=np.float64, opset=opset)
+    out, report = rewrite_with_report(model, RULES)
+    assert not report.fusions and op_counts(out) == op_counts(model)
+
+
 def _plain(**over):
     p = dict(dtype=np.float32, b=1, hkv=2, group=1, s=4, d=8, scale_form="s_mul", scale=0.25, mask="add",
              softmax_fp32=False, nan_guard=False, k_form="bhsd", opset=18)
