@@ -93,8 +93,7 @@ def _rewrite_main(argv: list[str]) -> int:
     summary = _summary(report, elapsed)
     diffs = None
     if args.verify and args.output:
-        from .verify import verify_models
-        diffs = verify_models(args.model, args.output, shapes, atol=args.atol, rtol=args.rtol)
+        diffs = _run_verify(args.model, args.output, shapes, atol=args.atol, rtol=args.rtol)
         summary["verify"] = [d.__dict__ for d in diffs]
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -152,6 +151,17 @@ def _print_explain(report, rule: str) -> None:
         print(f"  ... {len(misses) - 50} more")
 
 
+def _run_verify(original: str, rewritten: str, shapes, **kw):
+    """verify_models, with ONNX Runtime refusing a model or an input reported as bad input."""
+    from .verify import verify_models
+    try:
+        return verify_models(original, rewritten, shapes, **kw)
+    except InputError:
+        raise
+    except Exception as e:  # onnxruntime raises its own exception types for bad feeds and models
+        raise InputError(f"ONNX Runtime: {str(e).splitlines()[0]}") from None
+
+
 def _verify_main(argv: list[str]) -> int:
     p = _Parser(prog="rewrite verify", description="Compare two models' outputs in ONNX Runtime.")
     p.add_argument("original")
@@ -164,7 +174,7 @@ def _verify_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from .model_io import load_model
-    from .verify import parse_shapes, verify_models
+    from .verify import parse_shapes
     for path in (args.original, args.rewritten):
         load_model(path)
     feeds = None
@@ -175,13 +185,8 @@ def _verify_main(argv: list[str]) -> int:
                 feeds = {k: data[k] for k in data.files}
         except (OSError, ValueError) as e:
             raise InputError(f"{args.inputs}: cannot read inputs ({e})") from None
-    try:
-        diffs = verify_models(args.original, args.rewritten, parse_shapes(args.shape), feeds=feeds,
-                              atol=args.atol, rtol=args.rtol, seed=args.seed)
-    except InputError:
-        raise
-    except Exception as e:  # ONNX Runtime refusing a model or an input is bad input here
-        raise InputError(f"ONNX Runtime: {str(e).splitlines()[0]}") from None
+    diffs = _run_verify(args.original, args.rewritten, parse_shapes(args.shape), feeds=feeds,
+                        atol=args.atol, rtol=args.rtol, seed=args.seed)
     if args.json:
         print(json.dumps([d.__dict__ for d in diffs], indent=2))
     else:

@@ -84,6 +84,8 @@ def _random(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype: 
         return rng.random(shape) < 0.5
     if "mask" in name.lower():
         return np.ones(shape, dtype)
+    if "type" in name.lower() and dtype.kind in "iu":  # token_type_ids: a vocabulary of 1 or 2
+        return np.zeros(shape, dtype)
     if dtype.kind in "iu":
         return rng.integers(0, 8, size=shape).astype(dtype)
     return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
@@ -94,7 +96,7 @@ def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str,
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors reach the user as one line, not as ORT log output
     source = model if isinstance(model, str) else model.SerializeToString()
     sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]

@@ -154,3 +154,11 @@ def test_failure_while_saving_leaves_no_partial_output(tmp_path, monkeypatch):
 def test_console_script_is_installed():
     proc = subprocess.run(["rewrite", "--list-rules"], capture_output=True, text=True)
     assert proc.returncode == 0 and "gemm_epilogue" in proc.stdout
+
+
+def test_verify_shape_mismatch_is_one_line_exit_2(tmp_path):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    proc = subprocess.run([sys.executable, "-m", "fusegraph.cli", "verify", src, src, "--shape", "x:2x5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rewrite: error: ONNX Runtime:"), proc.stderr
