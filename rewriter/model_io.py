@@ -54,7 +54,7 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
     defined = {v.name for v in graph.inputs} | set(graph.initializers)
     for v in graph.values.values():
         if v.producer is None and v.consumers and v.name not in defined:
-            n = v.consumers[0]
+            n = next(iter(v.consumers))
             raise InputError(f"{source}: node {n.name!r} ({n.op_type}) reads {v.name!r}, "
                              "which no node, graph input or initializer defines")
     for v in graph.outputs:

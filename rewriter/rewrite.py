@@ -336,7 +336,9 @@ def _nearby_outputs(p: Pattern, env: Bindings, anchors: list[Value]) -> Iterator
 
 
 def _op_histogram(graph: Graph) -> Counter:
-    return Counter((f"{n.domain}." if n.domain else "") + n.op_type for n in graph.live_nodes())
+    """Live nodes per op, counted per index list (no string per node)."""
+    return Counter({(f"{d}." if d else "") + op: k for (d, op), lst in graph.by_op.items()
+                    if (k := sum(1 for n in lst if n.alive))})
 
 
 def _progress_bar(graph: Graph, rules: list[Rule]):
