@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from fusegraph import rewrite_with_report
-from fusegraph.api import default_rules
 from fusegraph.matcher import Matcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 from fusegraph.cli import main
