@@ -14,7 +14,8 @@ any is left on disk (external data, a model too big to load) the replacement con
 with a graph-level `Concat` instead, which TensorRT and ONNX Runtime fold into a constant when
 they build: the rewrite never reads a large weight.
 
-Which matches. X must feed exactly three MatMuls (the trio is the whole projection fan-out of X):
+Which matches. X must feed exactly three MatMuls (the trio is the whole projection fan-out of X,
+counting projections the GEMM epilogues fused in an earlier pass):
 where it feeds more (a decoder's cross-attention K and V of every layer read the encoder output,
 GPT-J's parallel MLP reads the attention input) there is no one trio to pick, and fusing some
 three of them would be arbitrary. Weights are constant 2-D [K, N_i] matrices (a batched or 1-D
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusegraph.fused_ops import DOMAIN
 from fusegraph.rule import Rule, reject
 
 from .gemm_epilogue import constant_source
@@ -71,8 +73,18 @@ def _concat(op, parts, axis):
     return op.Concat(*parts, axis=axis)
 
 
+def is_projection(consumer, x) -> bool:
+    """A MatMul of X, or one the GEMM epilogues already fused: they run after this rule, so in
+    a later pass a fourth projection of X may have become a `fusegraph.MatMul*` op, and the
+    three bare MatMuls left would be an arbitrary three of four."""
+    if consumer.op_type == "MatMul" and not consumer.domain:
+        return True
+    return (consumer.domain == DOMAIN and consumer.op_type.startswith("MatMul")
+            and consumer.inputs[0] is x)
+
+
 def x_feeds_three_matmuls(x) -> bool:
-    n = sum(c.op_type == "MatMul" and not c.domain for c in x.consumers)
+    n = sum(is_projection(c, x) for c in x.consumers)
     return n == 3 or reject(f"X feeds {n} MatMuls, not a Q/K/V trio")
 
 

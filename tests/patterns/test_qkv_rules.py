@@ -138,6 +138,19 @@ def test_decoy_fourth_projection(f):
                        {o: f["lead"] + [n] for o, n in zip(outs, f["ns"] + [4])}, f["opset"]))
 
 
+@DECOYS
+@given(f=forms())
+def test_regression_fourth_projection_fused_into_epilogue(f):
+    """Four bare projections, one followed by a Sigmoid: the GEMM epilogue fuses that one in the
+    first pass; in the second the other three must not pass for a trio (found by the fuzzer)."""
+    b = Builder(f["dtype"])
+    outs = projections(b, {**f, "ns": f["ns"] + [4], "bias": False})
+    outs[3] = b.op("Sigmoid", outs[3])
+    m = b.model({"x": f["lead"] + [f["k"]]},
+                {o: f["lead"] + [n] for o, n in zip(outs, f["ns"] + [4])}, f["opset"])
+    assert_rewrites(m, all_rules(), expect={"MatMul": 3, "fusegraph.MatMulSigmoid": 1, "Split": 0})
+
+
 def test_weights_on_disk_are_concatenated_in_the_graph(tmp_path):
     """Weights left in external data are never read: a Concat node joins them (folded by the builder)."""
     f = dict(dtype=np.float32, opset=18, lead=[2, 3], k=8, ns=[8, 8, 4], bias=True, swap=False, seed=1)
