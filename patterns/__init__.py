@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fusegraph.rule import RuleSet
 
-from . import activations, attention, gemm_epilogue, norms, qkv, rope
+from . import activations, attention, gemm_epilogue, norms, qkv, rope, rope_cache
 
-MODULES = (attention, qkv, gemm_epilogue, norms, activations, rope)
+MODULES = (attention, qkv, gemm_epilogue, norms, activations, rope, rope_cache)
 
 
 def all_rules() -> RuleSet:

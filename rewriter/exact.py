@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .verify import OutputDiff, compare, graph_inputs, make_inputs
+from .verify import DEFAULT_DIM, OutputDiff, compare, graph_inputs, make_inputs
 
 #: Ops that map integer-valued tensors to integer-valued tensors exactly.
 EXACT_OPS = frozenset({
@@ -60,10 +60,10 @@ def _integral(a: np.ndarray) -> bool:
 
 
 def exact_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+                 seed: int = 0, default_dim: int = DEFAULT_DIM) -> dict[str, np.ndarray]:
     """Inputs of the right shapes with small integer values (as floats for float inputs)."""
     rng = np.random.default_rng(seed)
-    feeds = make_inputs(model, shapes, seed)
+    feeds = make_inputs(model, shapes, seed, default_dim)
     types = {vi.name: vi for vi in graph_inputs(model)}
     out = {}
     for name, arr in feeds.items():

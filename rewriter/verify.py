@@ -54,7 +54,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
-                seed: int = 0) -> dict[str, np.ndarray]:
+                seed: int = 0, default_dim: int = DEFAULT_DIM) -> dict[str, np.ndarray]:
     shapes = shapes or {}
     rng = np.random.default_rng(seed)
     dims: dict[str, int] = {}
@@ -72,7 +72,7 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
         if vi.name in shapes:
             shape = shapes[vi.name]
         else:
-            shape = tuple(d.dim_value if d.HasField("dim_value") else dims.setdefault(d.dim_param or "?", DEFAULT_DIM)
+            shape = tuple(d.dim_value if d.HasField("dim_value") else dims.setdefault(d.dim_param or "?", default_dim)
                           for d in tt.shape.dim)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
         feeds[vi.name] = _random(rng, vi.name, shape, dtype)
