@@ -1,6 +1,7 @@
 """`rewrite`: the command line.
 
-    rewrite IN.onnx -o OUT.onnx [--rules R,..] [--verify [--shape NAME:1x128]] [--explain RULE]
+    rewrite IN.onnx -o OUT.onnx [--rules R,..] [--rule-file my_rules.py] [--verify [--shape NAME:1x128]]
+            [--explain RULE]
     rewrite --list-rules
     rewrite verify ORIGINAL.onnx REWRITTEN.onnx [--shape ..] [--inputs x.npz] [--atol A --rtol R]
     rewrite build MODEL.onnx -o MODEL.engine ...     (TensorRT; see `rewrite build --help`)
@@ -45,10 +46,35 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-def _rule_set(spec: str | None):
+def _rule_set(spec: str | None, files: list[str] | None = None):
     from .api import default_rules
+    from .rule import RuleSet
     rules = default_rules()
+    if files:
+        rules = RuleSet(list(rules) + [r for path in files for r in _load_rule_file(path)])
     return rules if not spec else rules.select(s.strip() for s in spec.split(",") if s.strip())
+
+
+def _load_rule_file(path: str) -> list:
+    """The `RULES` list of a user's Python file: patterns written as in patterns/*.py."""
+    import importlib.util
+    import os
+
+    from .rule import Rule
+    if not os.path.isfile(path):
+        raise InputError(f"--rule-file {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"fusegraph_user_rules_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except InputError as e:
+        raise InputError(f"--rule-file {path}: {e}") from None
+    except Exception as e:  # the user's code: any failure is bad input, reported in one line
+        raise InputError(f"--rule-file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    rules = getattr(module, "RULES", None)
+    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, Rule) for r in rules):
+        raise InputError(f"--rule-file {path}: define RULES, a list of fusegraph.Rule")
+    return list(rules)
 
 
 def _rewrite_main(argv: list[str]) -> int:
@@ -56,6 +82,8 @@ def _rewrite_main(argv: list[str]) -> int:
     p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", help="where to write the rewritten model")
     p.add_argument("--rules", help="comma-separated rule names or prefixes ending in * (default: all)")
+    p.add_argument("--rule-file", action="append", metavar="RULES.py",
+                   help="a Python file defining RULES (a list of fusegraph.Rule) to add; repeatable")
     p.add_argument("--list-rules", action="store_true", help="list the rules and exit")
     p.add_argument("--explain", metavar="RULE", help="show near-misses of RULE: which node failed which constraint")
     p.add_argument("--verify", action="store_true", help="run original and rewritten in ONNX Runtime and compare")
@@ -66,7 +94,7 @@ def _rewrite_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    rules = _rule_set(args.rules)
+    rules = _rule_set(args.rules, args.rule_file)
     if args.list_rules:
         for r in rules.by_priority():
             print(f"{r.name:32s} {r.priority:4d}  {r.description}")

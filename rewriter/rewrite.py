@@ -356,9 +356,12 @@ def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
     have = {(f.domain, f.name) for f in model.functions}
     opset = graph.opset.get("", 17)
     model.functions.extend(f for f in fused_ops.functions_for(used, opset) if (f.domain, f.name) not in have)
-    if used and fused_ops.DOMAIN not in graph.opset:
-        model.opset_import.append(onnx.helper.make_opsetid(fused_ops.DOMAIN, fused_ops.VERSION))
-        graph.opset[fused_ops.DOMAIN] = fused_ops.VERSION
+    # Every domain a replacement introduced needs an opset import (fusegraph's at its version,
+    # a user's custom domain at 1) for the model to be valid.
+    for domain in sorted({n.domain for n in graph.live_nodes()} - set(graph.opset)):
+        version = fused_ops.VERSION if domain == fused_ops.DOMAIN else 1
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        graph.opset[domain] = version
     if report.fusions:
         record = [{"rule": f.rule, "matched": f.matched, "created": f.created} for f in report.fusions]
         props = {p.key: p for p in model.metadata_props}

@@ -162,3 +162,42 @@ def test_verify_shape_mismatch_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rewrite: error: ONNX Runtime:"), proc.stderr
+
+
+USER_RULES = '''
+from fusegraph import Rule
+
+def pattern(op, x):
+    return op.Mul(x, op.Sigmoid(x))
+
+def replacement(op, x):
+    return op.Silu(x, _domain="my.ops")
+
+RULES = [Rule("my.silu", pattern, replacement)]
+'''
+
+
+def test_user_rule_file_joins_the_rule_set(tmp_path, capsys):
+    model = make_model([node("Sigmoid", ["x"], ["s"]), node("Mul", ["x", "s"], ["y"])], {"x": (F, [2])}, {"y": (F, [2])})
+    src = write(tmp_path / "in.onnx", model)
+    (tmp_path / "my_rules.py").write_text(USER_RULES)
+    rc = main([src, "-o", str(tmp_path / "out.onnx"), "--rule-file", str(tmp_path / "my_rules.py"),
+               "--rules", "my.*", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["fusions"] == {"my.silu": 1}
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["Silu"]
+    assert {o.domain: o.version for o in out.opset_import}["my.ops"] == 1
+
+
+@pytest.mark.parametrize("body,message", [
+    ("from fusegraph import Rule\nRULES = [Rule('bad', lambda op, x: x, lambda op, x: x)]", "can't be matched"),
+    ("RULES = 3", "define RULES"),
+    ("import no_such_module_here", "ModuleNotFoundError"),
+])
+def test_bad_user_rule_file_is_one_line_exit_2(tmp_path, body, message):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    (tmp_path / "r.py").write_text(body)
+    proc = subprocess.run([sys.executable, "-m", "fusegraph.cli", src, "-o", str(tmp_path / "out.onnx"),
+                           "--rule-file", str(tmp_path / "r.py")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.onnx").exists()
