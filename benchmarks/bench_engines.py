@@ -23,24 +23,15 @@ from pathlib import Path
 from fusegraph import tensorrt_shim
 from fusegraph.engine import build_engine
 from fusegraph.errors import InputError
+from fusegraph.testing import manifest_profile
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def profile(entry: dict) -> dict[str, dict[str, tuple[int, ...]]]:
-    ranges = {}
-    for inp in entry["inputs"]:
-        opt = tuple(inp["example_shape"])
-        dyn = [isinstance(d, str) for d in inp["dims"]]
-        ranges[inp["name"]] = {"min": tuple(1 if x else d for d, x in zip(opt, dyn)), "opt": opt,
-                               "max": tuple(2 * d if x else d for d, x in zip(opt, dyn))}
-    return ranges
 
 
 def build(path: Path, entry: dict, work: str, **kw) -> dict:
     start = time.perf_counter()
     try:
-        r = build_engine(path, Path(work) / "m.engine", ranges=profile(entry), write_report=False, **kw)
+        r = build_engine(path, Path(work) / "m.engine", ranges=manifest_profile(entry), write_report=False, **kw)
     except InputError as e:
         return {"error": str(e).splitlines()[0][:160]}
     kinds: dict[str, int] = {}

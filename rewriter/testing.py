@@ -96,3 +96,15 @@ def manifest_feeds(meta: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarr
         else:
             out[i["name"]] = rng.integers(0, vocab, shape).astype(dtype)
     return out
+
+
+def manifest_profile(meta: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """A TensorRT optimization profile for a corpus model: min 1 on every dynamic axis, opt the
+    manifest's example shape, max twice it."""
+    ranges = {}
+    for i in meta["inputs"]:
+        opt = tuple(i["example_shape"])
+        dynamic = [isinstance(d, str) for d in i["dims"]]
+        ranges[i["name"]] = {"min": tuple(1 if dyn else d for d, dyn in zip(opt, dynamic)), "opt": opt,
+                             "max": tuple(2 * d if dyn else d for d, dyn in zip(opt, dynamic))}
+    return ranges

@@ -14,6 +14,7 @@ import pytest
 from engine_models import requires_tensorrt
 from fusegraph import tensorrt_shim
 from fusegraph.engine import ParseError, build_engine
+from fusegraph.testing import manifest_profile
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"] if (MODELS / "MANIFEST.json").is_file() else {}
@@ -31,17 +32,6 @@ KNOWN_TENSORRT_FAILURES = {
 }
 
 
-def profile(entry: dict) -> dict[str, dict[str, tuple[int, ...]]]:
-    """min 1 on every dynamic axis, opt the manifest's example shape, max twice it."""
-    ranges = {}
-    for inp in entry["inputs"]:
-        opt = tuple(inp["example_shape"])
-        dynamic = [isinstance(d, str) for d in inp["dims"]]
-        ranges[inp["name"]] = {"min": tuple(1 if dyn else d for d, dyn in zip(opt, dynamic)), "opt": opt,
-                               "max": tuple(2 * d if dyn else d for d, dyn in zip(opt, dynamic))}
-    return ranges
-
-
 ON_DISK = sorted(p.name for p in MODELS.glob("*.onnx"))
 
 
@@ -56,10 +46,10 @@ def test_model_parses_and_builds(tmp_path, name, rewrite):
     assert entry is not None, f"{name} is missing from MANIFEST.json (its input shapes are there)"
     if name in KNOWN_TENSORRT_FAILURES and tensorrt_shim.is_rtx() and not rewrite:
         with pytest.raises(ParseError) as failure:
-            build_engine(MODELS / name, tmp_path / "model.engine", ranges=profile(entry), rewrite=rewrite)
+            build_engine(MODELS / name, tmp_path / "model.engine", ranges=manifest_profile(entry), rewrite=rewrite)
         assert any(KNOWN_TENSORRT_FAILURES[name] in e["reason"] for e in failure.value.errors)
         return
-    report = build_engine(MODELS / name, tmp_path / "model.engine", ranges=profile(entry), rewrite=rewrite)
+    report = build_engine(MODELS / name, tmp_path / "model.engine", ranges=manifest_profile(entry), rewrite=rewrite)
     assert report["parse"]["unsupported"] == []
     assert report["engine_info"]["layer_count"] > 0 and (tmp_path / "model.engine").is_file()
     assert all(op["implementation"] != "not found in the network" for op in report["fused_ops"])
