@@ -26,6 +26,21 @@ VERSION = "1"
 DimRef = tuple[int, int]  # (input index, dimension index)
 
 
+def broadcast_strides(what: str, shape: tuple[int, ...], full: tuple[int, ...], inner: int = 1) -> tuple[int, ...]:
+    """Element strides of a contiguous tensor of `shape` read as if broadcast to `full` (0 on the
+    broadcast axes); `inner` is the element count of trailing axes outside `full`."""
+    if len(shape) > len(full):
+        raise ValueError(f"{what} {shape} has more dims than {full}")
+    padded = (1,) * (len(full) - len(shape)) + tuple(shape)
+    strides, step = [0] * len(full), inner
+    for axis in range(len(full) - 1, -1, -1):
+        if padded[axis] not in (1, full[axis]):
+            raise ValueError(f"{what} {shape} does not broadcast to {full}")
+        strides[axis] = step if padded[axis] == full[axis] and full[axis] != 1 else 0
+        step *= padded[axis]
+    return tuple(strides)
+
+
 @dataclass(frozen=True)
 class Field:
     """One attribute: its name, "float" or "int", and its value when the node omits it."""
@@ -154,18 +169,8 @@ class Attention(PluginCore):
     @staticmethod
     def mask_strides(shapes) -> tuple[int, int, int, int]:
         """Element strides of the mask over (b, h, q, k), 0 on broadcast axes."""
-        q, k, mask = shapes[0], shapes[1], tuple(shapes[3])
-        full = (q[0], q[1], q[2], k[2])
-        if len(mask) > 4:
-            raise ValueError(f"MaskedAttention: mask {mask} has more than 4 dims")
-        padded = (1,) * (4 - len(mask)) + mask
-        strides, step = [0, 0, 0, 0], 1
-        for axis in range(3, -1, -1):
-            if padded[axis] not in (1, full[axis]):
-                raise ValueError(f"MaskedAttention: mask {mask} does not broadcast to {full}")
-            strides[axis] = step if padded[axis] == full[axis] and full[axis] != 1 else 0
-            step *= padded[axis]
-        return tuple(strides)
+        q, k = shapes[0], shapes[1]
+        return broadcast_strides("MaskedAttention: mask", tuple(shapes[3]), (q[0], q[1], q[2], k[2]))
 
     def enqueue(self, shapes, dtypes, inputs, outputs, stream):
         from fusegraph.kernels.launch import launch_attention
@@ -315,14 +320,7 @@ class RotaryEmbedding(PluginCore):
             raise ValueError(f"RotaryEmbedding: X {x} must be [B,H,S,D] with even rotary_dim {rd} <= D")
         if cos != sin or len(cos) > 4 or not cos or cos[-1] != rd:
             raise ValueError(f"RotaryEmbedding: cos {cos} and sin {sin} must match and end in rotary_dim {rd}")
-        padded = (1,) * (4 - len(cos)) + cos
-        strides, step = [0, 0, 0], rd
-        for axis in (2, 1, 0):
-            if padded[axis] not in (1, x[axis]):
-                raise ValueError(f"RotaryEmbedding: cos {cos} does not broadcast to X {x}")
-            strides[axis] = step if padded[axis] == x[axis] and x[axis] != 1 else 0
-            step *= padded[axis]
-        return tuple(strides)
+        return broadcast_strides("RotaryEmbedding: cos", cos[:-1], x[:3], inner=rd)
 
     def enqueue(self, shapes, dtypes, inputs, outputs, stream):
         from fusegraph.kernels.launch import launch_rotary_embedding
