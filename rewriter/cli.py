@@ -13,13 +13,12 @@ stderr; the input is untouched and no output file is left behind).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Sequence
 
-from .errors import InputError
+from .errors import ArgumentParser, InputError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,13 +36,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rewrite: interrupted", file=sys.stderr)
         return 130
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is an InputError (one line, exit 2) like any bad input."""
-
-    def error(self, message: str):
-        raise InputError(message)
 
 
 def _rule_set(spec: str | None, files: list[str] | None = None):
@@ -78,7 +70,7 @@ def _load_rule_file(path: str) -> list:
 
 
 def _rewrite_main(argv: list[str]) -> int:
-    p = _Parser(prog="rewrite", description="Fuse subgraphs of an ONNX model into fused ops.")
+    p = ArgumentParser(prog="rewrite", description="Fuse subgraphs of an ONNX model into fused ops.")
     p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", help="where to write the rewritten model")
     p.add_argument("--rules", help="comma-separated rule names or prefixes ending in * (default: all)")
@@ -191,7 +183,7 @@ def _run_verify(original: str, rewritten: str, shapes, **kw):
 
 
 def _verify_main(argv: list[str]) -> int:
-    p = _Parser(prog="rewrite verify", description="Compare two models' outputs in ONNX Runtime.")
+    p = ArgumentParser(prog="rewrite verify", description="Compare two models' outputs in ONNX Runtime.")
     p.add_argument("original")
     p.add_argument("rewritten")
     p.add_argument("--shape", action="append", metavar="NAME:DIMS")

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from .engine import ParseError, build_engine, inspect_engine, parse_dims
-from .errors import InputError
+from .errors import ArgumentParser, InputError
 from .tensorrt_shim import PRECISIONS
 
 
@@ -43,7 +43,7 @@ def _error(message: str, details: list[str] = ()) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="rewrite build", description="Build a TensorRT engine from an ONNX model and report "
         "what TensorRT made of it (unsupported nodes, fused ops, engine layers).")
     p.add_argument("model", help="ONNX model")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rewrite inspect", description="Describe a TensorRT engine's layers and I/O.")
+    p = ArgumentParser(prog="rewrite inspect", description="Describe a TensorRT engine's layers and I/O.")
     p.add_argument("engine", help="engine file")
     p.add_argument("--plugins", action="store_true", help="register fusegraph's plugins before deserializing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

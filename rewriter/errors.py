@@ -4,6 +4,15 @@ Anything wrong with what the user handed us (a file, a model, a pattern, a flag)
 `InputError`; everything else is a bug and keeps its traceback.
 """
 
+import argparse
+
 
 class InputError(Exception):
     """Bad input: the CLI prints `rewrite: error: <message>` and exits with code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is an InputError (one line, exit 2) like any other bad input."""
+
+    def error(self, message: str):
+        raise InputError(message)
