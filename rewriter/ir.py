@@ -232,12 +232,6 @@ class Graph:
             v = self.values[name] = Value(name, self)
         return v
 
-    def nodes_of(self, domain: str, op_type: str) -> Iterator[Node]:
-        """Live nodes of one op type, in graph order (nodes added later come last)."""
-        for n in self.by_op.get((domain, op_type), ()):
-            if n.alive:
-                yield n
-
     def live_nodes(self) -> Iterator[Node]:
         return (n for n in self.nodes if n.alive)
 

@@ -219,19 +219,3 @@ def pattern_depth(p: Pattern | None, seen: dict[int, int] | None = None) -> int:
     if isinstance(p, Alt):
         return max(pattern_depth(o, seen) for o in p.options)
     return 0
-
-
-def pattern_nodes(p: Pattern | None, out: dict[int, NodePattern] | None = None) -> dict[int, NodePattern]:
-    """Every operator of a pattern, by identity."""
-    out = {} if out is None else out
-    if isinstance(p, NodeOutput):
-        if id(p.node) not in out:
-            out[id(p.node)] = p.node
-            for i in p.node.inputs:
-                pattern_nodes(i, out)
-    elif isinstance(p, Constrained):
-        pattern_nodes(p.inner, out)
-    elif isinstance(p, Alt):
-        for o in p.options:
-            pattern_nodes(o, out)
-    return out

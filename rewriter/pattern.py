@@ -256,12 +256,6 @@ def to_onnx_dtype(d: int | str | np.dtype | type) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(d))
 
 
-def is_scalar_close(array: np.ndarray | None, target: float, rtol: float = 1e-2) -> bool:
-    """True for a constant whose every element is within `rtol` of `target` (scale checks)."""
-    return array is not None and array.size >= 1 and array.dtype.kind in "biuf" and bool(
-        np.all(np.abs(array.astype(np.float64) - target) <= rtol * abs(target) + 1e-12))
-
-
 def attr_equal(actual: Any, expected: Any) -> bool:
     if isinstance(expected, float) or isinstance(actual, float):
         try:
