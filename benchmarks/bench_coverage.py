@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from fusegraph.testing import manifest_feeds
+
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "tests" / "data" / "models" / "MANIFEST.json"
 SEED = 0
@@ -63,24 +65,6 @@ ORT_MODEL_TYPE = {"gpt2": "gpt2", "bert": "bert", "llama": "qwen3", "mistral": "
 def count_categories(model: onnx.ModelProto) -> dict:
     ops = Counter(n.op_type for n in model.graph.node)
     return {cat: sum(ops[o] for o in names) for cat, names in CATEGORIES.items()}
-
-
-def random_feeds(entry: dict) -> dict:
-    """Inputs at the manifest's example shapes: ids within vocab, masks of ones, float noise."""
-    rng = np.random.default_rng(SEED)
-    vocab = entry["config"].get("vocab_size", 2)
-    feeds = {}
-    for inp in entry["inputs"]:
-        shape, name = inp["example_shape"], inp["name"]
-        if "mask" in name:
-            feeds[name] = np.ones(shape, dtype=inp["dtype"])
-        elif "token_type" in name:
-            feeds[name] = np.zeros(shape, dtype=inp["dtype"])
-        elif inp["dtype"].startswith("int"):
-            feeds[name] = rng.integers(0, vocab, size=shape).astype(inp["dtype"])
-        else:
-            feeds[name] = rng.standard_normal(shape).astype(inp["dtype"])
-    return feeds
 
 
 def run_ort(model_bytes: bytes, feeds: dict) -> list:
@@ -150,7 +134,7 @@ def fusegraph_column(path) -> dict:
         result["seconds"] = time.perf_counter() - t0
         result.update(fusegraph_categories(fused), nodes_after=len(fused.graph.node))
         stage = "running the fused model"
-        feeds = random_feeds(entry)
+        feeds = manifest_feeds(entry, SEED)
         result["max_abs_err"] = max_abs_err(fused, feeds, run_ort(original.SerializeToString(), feeds))
     except Exception as e:  # reported per model, never fatal
         where = traceback.extract_tb(e.__traceback__)[-1]
@@ -261,7 +245,7 @@ def main(argv=None):
             continue
         path = MANIFEST.parent / name
         original = onnx.load(str(path))
-        feeds = random_feeds(entry)
+        feeds = manifest_feeds(entry, SEED)
         try:
             reference = run_ort(original.SerializeToString(), feeds)
         except Exception as e:  # the corpus records it too; nothing to compare against
