@@ -163,21 +163,23 @@ def _attention(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
     kt = b.one("Transpose", [k], (rows, h, d, s), perm=[0, 1, 3, 2])
     scores = b.one("MatMul", [q, kt], (rows, h, s, s))
     scale = b.uniform(0.2, 1.0, (1, h, 1, s)) if miss == "const" else b.fconst(1 / math.sqrt(d))
-    scores = b.one("Mul", [scores, scale], (rows, h, s, s))
+    scaled = b.one("Mul", [scores, scale], (rows, h, s, s))
     mask = int(b.rng.integers(3))  # none, causal triangle, random additive
+    masked = scaled
     if mask:
         m = (np.triu(np.full((s, s), -1e4), 1) if mask == 1 else b.rng.uniform(-1, 0, (s, s)))
-        scores = b.one("Add", [scores, b.fconst(m.reshape(1, 1, s, s))], (rows, h, s, s))
-    probs = b.one("Softmax", [scores], (rows, h, s, s), axis=2 if miss == "axis" else -1)
+        masked = b.one("Add", [scaled, b.fconst(m.reshape(1, 1, s, s))], (rows, h, s, s))
+    probs = b.one("Softmax", [masked], (rows, h, s, s), axis=2 if miss == "axis" else -1)
     out = b.one("MatMul", [probs, v], heads)
     if miss is None:
         b.plant(kind, start, [out])
     elif miss != "consumer":
         b.decoy(kind, probs)
     flat = b.one("Reshape", [out, b.ints(rows, h * s * d)], (rows, h * s * d))
-    if miss == "consumer":  # the scores are read elsewhere too, as a 2-D value of the stream
-        b.decoy(kind, scores)
-        return [flat, b.one("Reshape", [scores, b.ints(rows, h * s * s)], (rows, h * s * s))]
+    if miss == "consumer":  # the scores are read elsewhere too, as a 2-D value of the stream; the
+        # unmasked ones: a causal mask's -1e4 in the stream would overflow float16 downstream
+        b.decoy(kind, scaled)
+        return [flat, b.one("Reshape", [scaled, b.ints(rows, h * s * s)], (rows, h * s * s))]
     return [flat]
 
 
