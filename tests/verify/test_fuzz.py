@@ -103,6 +103,16 @@ def test_regression_masked_scores_stay_out_of_the_stream():
     assert_equal_outputs(model, rewrite_with_report(model)[0], make_inputs(model))
 
 
+def test_regression_float16_norm_gain_stays_within_tolerance():
+    """float16 norms took eps = 1e-2: an RMSNorm decoy over axis 0 of a one-row graph is
+    x/sqrt(x^2 + eps), whose gain 1/sqrt(eps) = 10 near 0 turned the fused LayerNorms' (float32)
+    rounding differences upstream into 0.0117 > float16's 0.01 tolerance."""
+    steps = [("mm_bias_decoy", 0, 0), ("silu", 1, 0), ("skip_norm", 56, 0), ("qkv", 1, 0),
+             ("rms_norm_decoy", 3, 0), ("layer_norm", 30, 0)]
+    model = build_graph(1, 1, steps, [], 2171, np.float16)
+    assert_equal_outputs(model, rewrite_with_report(model)[0], make_inputs(model))
+
+
 class RuleOrder(RuleBasedStateMachine):
     """Apply single rules in a random order to a random graph."""
 
