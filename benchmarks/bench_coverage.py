@@ -17,7 +17,7 @@ and the max abs difference of the fused model's outputs against the original's i
 ONNX Runtime (CPU) on the same random inputs.  A fuser that raises on a model is reported
 for that model; the run goes on.
 
-    python benchmarks/bench_coverage.py --out benchmarks/RESULTS-coverage.md
+    python benchmarks/bench_coverage.py [--out FILE]   # section 2 of benchmarks/RESULTS.md
     python benchmarks/bench_coverage.py --only llama gpt2   # filename substrings
 """
 

@@ -1,5 +1,6 @@
 """Engine layer counts per exported model: as exported, after fusegraph's rewrite, and after the
-rewrite with fusegraph's plugins taking the fused ops. Writes benchmarks/RESULTS-engines.md.
+rewrite with fusegraph's plugins taking the fused ops. Prints the markdown section of
+benchmarks/RESULTS.md ("Engines before and after rewriting"); `--out FILE` writes it too.
 
     python benchmarks/bench_engines.py [--models tests/data/models] [--gpu-check plugins_gpu.json]
 
@@ -66,7 +67,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=str(ROOT / "tests" / "data" / "models"))
     ap.add_argument("--gpu-check", type=Path, help="JSON from check_plugins_gpu.py --json")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS-engines.md"))
+    ap.add_argument("--out", help="also write the markdown section here")
     args = ap.parse_args()
     models = Path(args.models)
     manifest = json.loads((models / "MANIFEST.json").read_text())["models"]
@@ -99,8 +100,9 @@ def main() -> int:
                     print(f"  {label}: {r['error']}", file=sys.stderr)
     if args.gpu_check:
         lines += gpu_section(args.gpu_check)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
 
