@@ -86,5 +86,23 @@ def _cone(v):
         if len(order) > MAX_NODES:
             return None, None
         stack.extend(i for i in p.inputs if i is not None)
-    order.sort(key=lambda n: (n.order, n.seq))
-    return order, list(leaves.values())
+    return _producers_first(order), list(leaves.values())
+
+
+def _producers_first(nodes: list) -> list:
+    """The collected nodes ordered so each comes after the ones among them it reads."""
+    inside = {id(n) for n in nodes}
+    done: set[int] = set()
+    out: list = []
+
+    def visit(n) -> None:
+        if id(n) in done:
+            return
+        done.add(id(n))
+        for i in n.inputs:
+            if i is not None and i.producer is not None and id(i.producer) in inside:
+                visit(i.producer)
+        out.append(n)
+    for n in nodes:
+        visit(n)
+    return out

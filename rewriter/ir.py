@@ -112,7 +112,7 @@ class Node:
     """An operator application. `proto` is the original NodeProto while the node is unchanged."""
 
     __slots__ = ("op_type", "domain", "name", "inputs", "outputs", "proto", "_attrs", "alive", "order",
-                 "order_lo", "seq", "implicit_inputs")
+                 "order_lo", "implicit_inputs")
 
     def __init__(self, op_type: str, domain: str, name: str, inputs: list[Value | None],
                  outputs: list[Value], attrs: dict[str, onnx.AttributeProto] | None = None,
@@ -128,7 +128,6 @@ class Node:
         # Position in topological order; a fused node spans [order_lo, order] of what it replaced.
         self.order = 0
         self.order_lo = 0
-        self.seq = 0
         self.implicit_inputs: list[Value] = []
 
     def __repr__(self) -> str:
@@ -185,8 +184,10 @@ class Graph:
         self._counter = 0
         #: Names of values created by edits (their types are unknown until inferred).
         self.created_values: set[str] = set()
-        #: True when an edit may have broken the (order, seq) invariant; see `toposort`.
+        #: True when an edit may have broken the order invariant; see `toposort`.
         self.order_dirty = True
+        #: self.nodes[:_sorted_len] is the last topological order; nodes added since follow it.
+        self._sorted_len = 0
 
         values = self.values
         nodes = self.nodes
@@ -329,7 +330,6 @@ class Graph:
             v.producer = node
             v._type = None
         node.order = node.order_lo = len(self.nodes)
-        node.seq = node.order
         self.nodes.append(node)
         self.by_op[(domain, op_type)].append(node)
         self.created_values.update(v.name for v in outs)
@@ -378,21 +378,22 @@ class Graph:
     def toposort(self) -> list[Node]:
         """Live nodes in topological order; raises InputError on a cycle.
 
-        Rewrites keep an invariant that makes this cheap: a fused node takes the position of the
+        Rewrites keep an invariant that makes this linear: a fused node takes the position of the
         last node it replaced (`order`), where all its inputs are already computed and all its
-        consumers still follow, so sorting by (order, creation) restores a valid order. Edits
-        that may break the invariant (`order_dirty`) get a full depth-first sort instead.
+        consumers still follow, so the new nodes are spliced in after that position, in creation
+        order. Edits that may break the invariant (`order_dirty`) get a full depth-first sort.
         """
-        live = [n for n in self.nodes if n.alive]
-        if not self.order_dirty:
-            live.sort(key=_order_key)
-        elif not _is_topological(live):
-            live = _depth_first_order(live)
-        self.order_dirty = False
+        if self.order_dirty:
+            live = [n for n in self.nodes if n.alive]
+            if not _is_topological(live):
+                live = _depth_first_order(live)
+            self.order_dirty = False
+        else:
+            live = _splice(self.nodes[:self._sorted_len], self.nodes[self._sorted_len:])
         for i, n in enumerate(live):
             n.order = n.order_lo = i
-            n.seq = 0
         self.nodes = live
+        self._sorted_len = len(live)
         return live
 
     def remove_dead(self) -> int:
@@ -459,8 +460,21 @@ class Graph:
             node.implicit_inputs.append(v)
 
 
-def _order_key(n: Node) -> tuple[int, int]:
-    return (n.order, n.seq)
+def _splice(ordered: list[Node], added: list[Node]) -> list[Node]:
+    """The live nodes of `ordered` (node i has order i) with each added node placed right after
+    the position its `order` names, added nodes in the order they were created."""
+    after: dict[int, list[Node]] = {}
+    for n in added:
+        if n.alive:
+            after.setdefault(n.order, []).append(n)
+    live: list[Node] = []
+    for n in ordered:
+        if n.alive:
+            live.append(n)
+        more = after.get(n.order)
+        if more:
+            live.extend(more)
+    return live
 
 
 def _is_topological(nodes: list[Node]) -> bool:
