@@ -1,8 +1,8 @@
 """fusegraph's graph IR: a thin, indexed view over an ONNX ModelProto.
 
-Why not onnx-graphsurgeon's Graph (the card's choice)? Importing a 100k-node graph into it takes
-about 6 s on the reference machine and its toposort another 2 s (benchmarks/RESULTS.md), while the
-goal is the whole rewrite in under 2 s. This IR keeps only what matching needs:
+Why not onnx-graphsurgeon's Graph (the card's choice)? Importing, sorting and exporting a 100k-node
+graph takes it about 8 s on the project's machine before any matching (benchmarks/RESULTS.md, §1),
+while the goal is the whole rewrite in under 2 s. This IR keeps only what matching needs:
 
 - one `Node` per NodeProto and one `Value` per tensor name, with producer and consumer links, so a
   pattern walks the graph in O(1) per edge;
