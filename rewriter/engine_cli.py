@@ -35,7 +35,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: use bytes or a K/M/G suffix, e.g. 2G") from None
 
 
-def _error(message: str, details: list[str] = ()) -> int:
+def _error(message: str, details: list[str] = (), as_json: dict | None = None) -> int:
+    """Report bad input: JSON on stdout when asked for, the error (and details) on stderr, exit 2."""
+    if as_json is not None:
+        print(json.dumps(as_json, indent=1))
     print(f"rewrite: error: {message}", file=sys.stderr)
     for line in details:
         print(f"  {line}", file=sys.stderr)
@@ -145,15 +148,12 @@ def build_main(argv: list[str]) -> int:
             decomposable_attention=args.decomposable_attention, rewrite=args.rewrite,
             workspace=args.workspace)
     except ParseError as e:
-        if args.json:
-            print(json.dumps({"error": str(e), "unsupported": e.errors}, indent=1))
         return _error(str(e), [f"node {x['node'] or '?'} ({x['op'] or '?'}): {x['reason']}"
                                + (f" [in local function {' > '.join(x['local_functions'])}]"
-                                  if x["local_functions"] else "") for x in e.errors])
+                                  if x["local_functions"] else "") for x in e.errors],
+                      {"error": str(e), "unsupported": e.errors} if args.json else None)
     except InputError as e:
-        if args.json:
-            print(json.dumps({"error": str(e)}, indent=1))
-        return _error(str(e))
+        return _error(str(e), as_json={"error": str(e)} if args.json else None)
     print(json.dumps(report, indent=1) if args.json else _build_text(report))
     return 0
 
@@ -163,8 +163,6 @@ def inspect_main(argv: list[str]) -> int:
     try:
         report = inspect_engine(args.engine, plugins=args.plugins)
     except InputError as e:
-        if args.json:
-            print(json.dumps({"error": str(e)}, indent=1))
-        return _error(str(e))
+        return _error(str(e), as_json={"error": str(e)} if args.json else None)
     print(json.dumps(report, indent=1) if args.json else _inspect_text(report))
     return 0
