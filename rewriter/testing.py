@@ -71,6 +71,13 @@ def assert_rewrites(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None =
     return out
 
 
+def assert_unchanged(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None) -> None:
+    """Assert the rules leave `model` alone: no fusion, the same ops (for decoys)."""
+    out, report = rewrite_with_report(model, rules)
+    assert not report.fusions, f"a decoy fused: {dict(report.per_rule)}"
+    assert op_counts(out) == op_counts(model)
+
+
 def manifest_feeds(meta: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for a model of the real-export corpus (tests/data/models/MANIFEST.json entry).
 

@@ -51,12 +51,17 @@ print(json.dumps(out))
 """
 
 
-def test_launch_arguments_match_compiled_entry_points():
+def _compiled_run(script: str) -> dict:
+    """Run `script` in a subprocess that compiles for real (no interpreter); its last stdout line
+    is JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_launch_arguments_match_compiled_entry_points():
+    result = _compiled_run(_COMPILE_SCRIPT)
     assert len(result) == 9
     for name, (n_params, n_args, warps_compiled, warps_launch) in result.items():
         assert n_params == n_args, f"{name}: cubin takes {n_params} params, we pass {n_args}"
@@ -172,11 +177,7 @@ print(json.dumps(out))
 
 
 def test_launcher_shared_memory_opt_in_and_fit():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SHARED_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _compiled_run(_SHARED_SCRIPT)
     for optin in ("232448", "101376"):
         calls = result[optin]
         launches = [c[1] for c in calls if c[0] == "launch"]

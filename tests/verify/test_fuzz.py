@@ -42,8 +42,8 @@ def test_rewrite_is_valid_equal_idempotent_and_deterministic(model):
     out, report = rewrite_with_report(model)
     note(f"fusions: {dict(report.per_rule)}")
     event(f"dtype {onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)}")
-    for rule in report.per_rule:
-        event(f"fused {rule}")
+    for fused in report.per_rule:
+        event(f"fused {fused}")
     onnx.checker.check_model(out, full_check=True)
     onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
     feeds = make_inputs(model)
