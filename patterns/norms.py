@@ -23,7 +23,7 @@ from __future__ import annotations
 import onnx
 
 from fusegraph import norm_ops  # noqa: F401  (registers the fused ops)
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.fused_ops import DOMAIN, opset_refusal
 from fusegraph.instantiate import Leaf
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps
 from fusegraph.rule import Rule, reject
@@ -55,8 +55,10 @@ def layer_norm_pattern(op, x, gamma, beta):
 
 
 def layer_norm_replacement(op, x, gamma, beta, eps):
-    """decomposed LayerNorm -> LayerNormalization (opset 17)"""
-    return op.LayerNormalization(x, gamma, beta, axis=-1, epsilon=epsilon(eps), stash_type=1)
+    """decomposed LayerNorm -> LayerNormalization (opset 17) or fusegraph.LayerNorm"""
+    if opset(x) >= norm_ops.LAYER_NORMALIZATION_OPSET:
+        return op.LayerNormalization(x, gamma, beta, axis=-1, epsilon=epsilon(eps), stash_type=1)
+    return op.LayerNorm(x, gamma, beta, _domain=DOMAIN, epsilon=epsilon(eps))
 
 
 def rms_norm_pattern(op, x, gamma):
@@ -138,8 +140,12 @@ def stats_fit_float32(x) -> bool:
 
 
 def has_layer_normalization(x) -> bool:
-    """LayerNormalization exists from opset 17; older models keep the decomposition."""
-    return opset(x) >= 17 or reject(f"model opset {opset(x)} has no LayerNormalization")
+    """LayerNormalization exists from opset 17; fusegraph.LayerNorm stands in below, down to
+    the oldest opset its body is written for."""
+    if opset(x) >= norm_ops.LAYER_NORMALIZATION_OPSET:
+        return True
+    reason = opset_refusal(norm_ops.LAYER_NORM.name, opset(x))
+    return reason is None or reject(reason)
 
 
 # -- residual Add + norm ---------------------------------------------------------------------

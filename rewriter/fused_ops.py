@@ -5,9 +5,24 @@ it uses, an ONNX local function with the op's reference decomposition in standar
 Runtime, `onnx.reference` and TensorRT's ONNX parser (which inlines local functions) run it
 unchanged, while a TensorRT plugin registered under the same name can take the node over.
 
-Bodies are written per opset (ReduceMean's axes moved from attribute to input at 18), and
-constants are cast with CastLike so one function serves fp32, fp16 and bf16 alike. The numpy
-references in `fusegraph.kernels.reference` implement the same semantics for the GPU kernels.
+Bodies are written for the model's opset, 13 and newer (`MIN_OPSET`; an op whose body needs a
+newer one says so in `FusedOp.min_opset`, and rules check `opset_refusal` before emitting it):
+Squeeze/Unsqueeze/Split take their axes as inputs from 13, ReduceMean from 18, and Shape's
+start/end exist from 15, so bodies slice `Shape`'s output instead.
+
+Element types. A body computes its constants and its result in the element type of the op's
+first input (Y always has X's type). From opset 15 `CastLike` does that for every type, so one
+polymorphic function serves fp32, fp16 and bf16 alike. Below 15 there is no `CastLike` and no
+other way for a body to learn X's type (every arithmetic op wants equal types; a node attribute
+naming the type would change the ops' signatures, which the TensorRT plugins check), so each
+node calls a body specialised to its element type: the function and the node carry the type's
+name as their `overload` ("float16"; IR version 10), and the body writes `Cast(to=float16)`
+where the polymorphic one writes `CastLike`. Measured with ONNX Runtime 1.32 and TensorRT-RTX
+1.7: both run overloaded functions, ONNX Runtime picks the overload each node names, but
+TensorRT's parser looks local functions up by name alone, so one model that uses the same op
+at two element types below opset 15 parses only through `rewrite build`, which gives each
+overload a name of its own before parsing (`fusegraph.engine`). The numpy references in
+`fusegraph.kernels.reference` implement the same semantics for the GPU kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +36,12 @@ from onnx import helper
 
 DOMAIN = "fusegraph"
 VERSION = 1
+#: The oldest opset the bodies are written for (axes of Squeeze/Unsqueeze as inputs).
+MIN_OPSET = 13
+#: From this opset one body serves every element type (CastLike); below, bodies are per type.
+POLYMORPHIC_OPSET = 15
+#: The IR version that has `overload` on functions and nodes.
+OVERLOAD_IR_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -31,19 +52,42 @@ class FusedOp:
     attributes: tuple[str, ...]
     body: Callable[["Body", int], None]
     doc: str
+    #: The oldest opset this op's body is valid in.
+    min_opset: int = MIN_OPSET
 
-    def function(self, opset: int) -> onnx.FunctionProto:
-        b = Body()
+    def function(self, opset: int, dtype: int | None = None) -> onnx.FunctionProto:
+        """The local function for a model of default-domain `opset`: polymorphic from opset 15,
+        specialised to element type `dtype` (and named by it as its overload) below."""
+        if opset < self.min_opset:
+            raise ValueError(f"fusegraph.{self.name} has no body for opset {opset} (needs {self.min_opset})")
+        if (dtype is None) != (opset >= POLYMORPHIC_OPSET):
+            raise ValueError(f"fusegraph.{self.name} at opset {opset}: a body is specialised to an "
+                             f"element type exactly below opset {POLYMORPHIC_OPSET}")
+        b = Body(opset, dtype)
         self.body(b, opset)
-        return helper.make_function(
+        f = helper.make_function(
             DOMAIN, self.name, list(self.inputs), list(self.outputs), b.nodes,
             [helper.make_opsetid("", opset)], attributes=list(self.attributes), doc_string=self.doc)
+        if dtype is not None:
+            f.overload = overload(dtype)
+        return f
+
+
+def overload(dtype: int) -> str:
+    """The overload name of a body specialised to element type `dtype`: 'float16', 'bfloat16'."""
+    return onnx.TensorProto.DataType.Name(dtype).lower()
 
 
 class Body:
-    """A tiny builder for function bodies: `b.op("Add", "a", "b")` returns the output name."""
+    """A tiny builder for function bodies: `b.op("Add", "a", "b")` returns the output name.
 
-    def __init__(self) -> None:
+    `dtype` is the element type the body is specialised to, None for a polymorphic body;
+    `cast_like(v, like)` and `const_like` hide the difference (`like` must have X's type).
+    """
+
+    def __init__(self, opset: int, dtype: int | None = None) -> None:
+        self.opset = opset
+        self.dtype = dtype
         self.nodes: list[onnx.NodeProto] = []
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
@@ -51,10 +95,24 @@ class Body:
         self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
         return name
 
+    def cast_like(self, value: str, like: str, out: str | None = None) -> str:
+        """`value` in the element type of `like` (X's type)."""
+        if self.dtype is None:
+            return self.op("CastLike", value, like, out=out)
+        return self.op("Cast", value, out=out, to=self.dtype)
+
     def const_like(self, value: float, like: str) -> str:
         """A scalar constant of the same element type as `like`."""
-        c = self.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [], [value]))
-        return self.op("CastLike", c, like)
+        return self.cast_like(self.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [], [value])),
+                              like)
+
+    def ints(self, *values: int) -> str:
+        """A 1-D int64 constant (axes, starts, shapes)."""
+        return self.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.INT64, [len(values)], list(values)))
+
+    def last_dim(self, x: str) -> str:
+        """x.shape[-1] as a 1-D int64 tensor of one element (Shape's `start` needs opset 15)."""
+        return self.op("Slice", self.op("Shape", x), self.ints(-1), self.ints(2**62))
 
     def attr_const(self, attr: str, attr_type: int, like: str | None = None) -> str:
         """A scalar Constant whose value is the function's attribute `attr`."""
@@ -65,7 +123,7 @@ class Body:
         node = helper.make_node("Constant", [], [f"t{len(self.nodes)}"])
         node.attribute.append(a)
         self.nodes.append(node)
-        return self.op("CastLike", node.output[0], like) if like else node.output[0]
+        return self.cast_like(node.output[0], like) if like else node.output[0]
 
 
 REGISTRY: dict[str, FusedOp] = {}
@@ -76,6 +134,12 @@ def register(op: FusedOp) -> FusedOp:
         raise ValueError(f"fused op {op.name} registered twice")
     REGISTRY[op.name] = op
     return op
+
+
+def opset_refusal(name: str, opset: int) -> str | None:
+    """Why fused op `name` cannot be emitted into a model of default-domain `opset` (None: it can)."""
+    need = REGISTRY[name].min_opset
+    return None if opset >= need else f"model opset {opset}: fusegraph.{name}'s body needs opset {need} or newer"
 
 
 # -- activations, shared by every epilogue --------------------------------------------------
@@ -128,6 +192,46 @@ def _register_matmul_epilogues() -> None:
 _register_matmul_epilogues()
 
 
-def functions_for(op_names: set[str], opset: int) -> list[onnx.FunctionProto]:
-    """Local functions for the fused ops a model uses, in a deterministic order."""
-    return [REGISTRY[name].function(opset) for name in sorted(op_names)]
+def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodeProto], int | None] | None = None) -> None:
+    """Give every fused node of `model`'s graph the local function it calls.
+
+    Below opset 15 each node is pointed at the body for its element type (its `overload`) and
+    the model's IR version raised to 10 if need be. `element_type(node)` says a node's element
+    type (that of its first input, or equally of its first output); where it says None (or is
+    not given), ONNX shape inference of the model does. Functions the model already has stay.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise ValueError("the model has no opset import for the default domain")
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    if opset < POLYMORPHIC_OPSET and nodes:
+        types = {id(n): element_type(n) if element_type else None for n in nodes}
+        if not all(types.values()):
+            inferred = _inferred_types(model)
+            types = {id(n): t or inferred.get(n.input[0]) or inferred.get(n.output[0]) for n, t in
+                     zip(nodes, types.values())}
+        for n in nodes:
+            if not types[id(n)]:
+                raise ValueError(f"fusegraph.{n.op_type} node {n.name!r}: the element type of "
+                                 f"{n.input[0]!r} is unknown, and opset {opset} bodies are per type")
+            n.overload = overload(types[id(n)])
+        model.ir_version = max(model.ir_version, OVERLOAD_IR_VERSION)
+    have = {(f.domain, f.name, f.overload) for f in model.functions}
+    for name, ov in sorted({(n.op_type, n.overload) for n in nodes}):
+        if (DOMAIN, name, ov) not in have:
+            dtype = onnx.TensorProto.DataType.Value(ov.upper()) if ov else None
+            model.functions.append(REGISTRY[name].function(opset, dtype))
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the model's values by ONNX shape inference (fused ops without a body
+    yet are skipped, so what flows out of them is known only where the model says)."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except (onnx.shape_inference.InferenceError, ValueError):
+        g = model.graph
+    out = {t.name: t.data_type for t in g.initializer}
+    for vi in (*g.input, *g.value_info, *g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            out[vi.name] = vi.type.tensor_type.elem_type
+    return out

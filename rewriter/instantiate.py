@@ -200,8 +200,7 @@ class _Walker:
         opsets = [helper.make_opsetid("", self.inst.opset)]
         opsets += [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
         model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
-        fused = {n.op_type for n in self.nodes if n.domain == fused_ops.DOMAIN}
-        model.functions.extend(fused_ops.functions_for(fused, self.inst.opset))
+        fused_ops.attach_functions(model)
         return model
 
     # -- values --------------------------------------------------------------------------

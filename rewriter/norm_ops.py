@@ -1,10 +1,14 @@
-"""The normalization fused ops: RMSNorm, SkipRMSNorm and SkipLayerNorm (domain `fusegraph`).
+"""The normalization fused ops: LayerNorm, RMSNorm, SkipRMSNorm and SkipLayerNorm (domain `fusegraph`).
 
-Semantics are those of `fusegraph.kernels.reference` (rms_norm, skip_rms_norm,
+Semantics are those of `fusegraph.kernels.reference` (layer_norm, rms_norm, skip_rms_norm,
 skip_layer_norm): the statistics are computed in float32 whatever X's type, over the last
 axis, and Y comes back in X's type. The Skip ops also return S = X + R (in X's type), the
 residual stream the next block adds to, so one kernel reads X and R once and writes both.
-LayerNorm itself needs no fused op: opset 17's `LayerNormalization` (stash_type float32) is it.
+
+LayerNorm is opset 17's `LayerNormalization` (stash_type float32), which rules emit from 17 on;
+`fusegraph.LayerNorm` is the same norm for models of opset 13-16, and SkipLayerNorm's body is
+`LayerNormalization` from 17 (TensorRT imports it as a native normalization layer) and the
+same float32 decomposition below.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from onnx import helper
 from .fused_ops import Body, FusedOp, register
 
 FLOAT = onnx.TensorProto.FLOAT
+#: The opset that has `LayerNormalization`.
+LAYER_NORMALIZATION_OPSET = 17
 
 
 def reduce_mean_last(b: Body, x: str, opset: int) -> str:
     """ReduceMean over the last axis, keepdims: axes moved from attribute to input at opset 18."""
     if opset >= 18:
-        axes = b.op("Constant", value=helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [-1]))
-        return b.op("ReduceMean", x, axes, keepdims=1)
+        return b.op("ReduceMean", x, b.ints(-1), keepdims=1)
     return b.op("ReduceMean", x, axes=[-1], keepdims=1)
 
 
@@ -30,7 +35,17 @@ def _rms_norm(b: Body, x: str, opset: int) -> None:
     mean_sq = reduce_mean_last(b, b.op("Mul", xf, xf), opset)
     rms = b.op("Sqrt", b.op("Add", mean_sq, b.attr_const("epsilon", onnx.AttributeProto.FLOAT)))
     y = b.op("Mul", b.op("Div", xf, rms), b.op("Cast", "gamma", to=FLOAT))
-    b.op("CastLike", y, x, out="Y")
+    b.cast_like(y, x, out="Y")
+
+
+def _layer_norm(b: Body, x: str, opset: int) -> None:
+    """(X - mean) / sqrt(var + epsilon) * gamma + beta over the last axis, all in float32."""
+    xf = b.op("Cast", x, to=FLOAT)
+    d = b.op("Sub", xf, reduce_mean_last(b, xf, opset))
+    var = reduce_mean_last(b, b.op("Mul", d, d), opset)
+    std = b.op("Sqrt", b.op("Add", var, b.attr_const("epsilon", onnx.AttributeProto.FLOAT)))
+    y = b.op("Mul", b.op("Div", d, std), b.op("Cast", "gamma", to=FLOAT))
+    b.cast_like(b.op("Add", y, b.op("Cast", "beta", to=FLOAT)), x, out="Y")
 
 
 def _rms_norm_body(b: Body, opset: int) -> None:
@@ -41,8 +56,15 @@ def _skip_rms_norm_body(b: Body, opset: int) -> None:
     _rms_norm(b, b.op("Add", "X", "R", out="S"), opset)
 
 
+def _layer_norm_body(b: Body, opset: int) -> None:
+    _layer_norm(b, "X", opset)
+
+
 def _skip_layer_norm_body(b: Body, opset: int) -> None:
     s = b.op("Add", "X", "R", out="S")
+    if opset < LAYER_NORMALIZATION_OPSET:
+        _layer_norm(b, s, opset)
+        return
     node = helper.make_node("LayerNormalization", [s, "gamma", "beta"], ["Y"], axis=-1, stash_type=1)
     eps = onnx.AttributeProto()
     eps.name, eps.type, eps.ref_attr_name = "epsilon", onnx.AttributeProto.FLOAT, "epsilon"
@@ -50,6 +72,10 @@ def _skip_layer_norm_body(b: Body, opset: int) -> None:
     b.nodes.append(node)
 
 
+LAYER_NORM = register(FusedOp(
+    "LayerNorm", ("X", "gamma", "beta"), ("Y",), ("epsilon",), _layer_norm_body,
+    "Y = (X - mean) / sqrt(var + epsilon) * gamma + beta over the last axis, computed in float32 "
+    "(LayerNormalization with stash_type 1, for opsets below 17)"))
 RMS_NORM = register(FusedOp(
     "RMSNorm", ("X", "gamma"), ("Y",), ("epsilon",), _rms_norm_body,
     "Y = X / sqrt(mean(X^2, last axis) + epsilon) * gamma, computed in float32"))
@@ -58,4 +84,4 @@ SKIP_RMS_NORM = register(FusedOp(
     "S = X + R; Y = RMSNorm(S, gamma, epsilon)"))
 SKIP_LAYER_NORM = register(FusedOp(
     "SkipLayerNorm", ("X", "R", "gamma", "beta"), ("Y", "S"), ("epsilon",), _skip_layer_norm_body,
-    "S = X + R; Y = LayerNormalization(S, gamma, beta, axis=-1, epsilon) (opset 17 or newer)"))
+    "S = X + R; Y = LayerNorm(S, gamma, beta, epsilon) over the last axis, statistics in float32"))

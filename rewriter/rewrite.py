@@ -352,10 +352,7 @@ def _progress_bar(graph: Graph, rules: list[Rule]):
 def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
     """Write the graph back: local functions for fused ops, opset import, fusion record."""
     model = graph.to_model()
-    used = {n.op_type for n in graph.live_nodes() if n.domain == fused_ops.DOMAIN}
-    have = {(f.domain, f.name) for f in model.functions}
-    opset = graph.opset.get("", 17)
-    model.functions.extend(f for f in fused_ops.functions_for(used, opset) if (f.domain, f.name) not in have)
+    fused_ops.attach_functions(model, lambda n: graph.value(n.input[0]).dtype or graph.value(n.output[0]).dtype)
     # Every domain a replacement introduced needs an opset import (fusegraph's at its version,
     # a user's custom domain at 1) for the model to be valid.
     for domain in sorted({n.domain for n in graph.live_nodes()} - set(graph.opset)):

@@ -30,7 +30,7 @@ def _float(b: Body, value: float) -> str:
 
 def _body(b: Body, opset: int) -> None:
     xf, cos, sin = (b.op("Cast", v, to=FLOAT) for v in ("X", "cos", "sin"))
-    rd = b.op("Shape", "cos", start=-1)
+    rd = b.last_dim("cos")
     last = _int(b, -1, [1])
     xr = b.op("Slice", xf, _int(b, 0, [1]), rd, last)
     xp = b.op("Slice", xf, rd, _int(b, 2**62, [1]), last)
@@ -49,7 +49,7 @@ def _body(b: Body, opset: int) -> None:
     sign = b.op("Where", interleaved, sign_il, sign_rh)
     rotated = b.op("Mul", b.op("Gather", xr, perm, axis=-1), sign)
     y = b.op("Add", b.op("Mul", xr, cos), b.op("Mul", rotated, sin))
-    b.op("CastLike", b.op("Concat", y, xp, axis=-1), "X", out="Y")
+    b.cast_like(b.op("Concat", y, xp, axis=-1), "X", out="Y")
 
 
 ROTARY_EMBEDDING = register(FusedOp(

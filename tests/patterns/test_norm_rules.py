@@ -85,24 +85,33 @@ class Norm:
         return self.b.model({"x": shape}, outs, self.f["opset"])
 
 
+#: Every opset the norm ops are emitted into: below 17 LayerNorm has no standard op, and below
+#: 15 the fused ops' bodies are specialised to the element type (no CastLike).
+ALL_OPSETS = (13, 14, 16, 17, 18, 20, 23)
+
+
 def rms_target(opset: int) -> str:
     return "RMSNormalization" if opset >= 23 else "fusegraph.RMSNorm"
 
 
+def layer_target(opset: int) -> str:
+    return "LayerNormalization" if opset >= 17 else "fusegraph.LayerNorm"
+
+
 @SETTINGS
-@given(f=norm_forms(), seed=st.integers(0, 2**16))
+@given(f=norm_forms(opsets=ALL_OPSETS), seed=st.integers(0, 2**16))
 def test_layer_norm_forms_fuse(f, seed):
     norm = Norm(f, np.random.default_rng(seed))
-    out = assert_rewrites(norm.model(norm.layer_norm()), RULES,
-                          expect={"LayerNormalization": 1, "ReduceMean": 0, "Sqrt": 0})
-    (ln,) = [n for n in out.graph.node if n.op_type == "LayerNormalization"]
+    target = layer_target(f["opset"])
+    out = assert_rewrites(norm.model(norm.layer_norm()), RULES, expect={target: 1, "ReduceMean": 0, "Sqrt": 0})
+    (ln,) = [n for n in out.graph.node if n.op_type == target.split(".")[-1]]
     eps = next(a.f for a in ln.attribute if a.name == "epsilon")
     exact_eps = float(np.asarray(f["eps"], np.float32 if f["cast"] else f["dtype"]))
     assert eps == pytest.approx(exact_eps, rel=1e-6)
 
 
 @SETTINGS
-@given(f=norm_forms(), seed=st.integers(0, 2**16))
+@given(f=norm_forms(opsets=ALL_OPSETS), seed=st.integers(0, 2**16))
 def test_rms_norm_forms_fuse(f, seed):
     norm = Norm(f, np.random.default_rng(seed))
     assert_rewrites(norm.model(norm.rms_norm()), RULES,
@@ -169,12 +178,16 @@ def test_decoy_wrong_exponent(f, seed, kind):
     assert_not_fused(norm.model(norm.build(kind)))
 
 
-@DECOYS
-@given(f=norm_forms(opsets=(13, 16)), seed=st.integers(0, 2**16))
-def test_layer_norm_needs_opset_17(f, seed):
-    """Below opset 17 there is no LayerNormalization; the decomposition stays."""
-    norm = Norm(f, np.random.default_rng(seed))
-    assert_not_fused(norm.model(norm.layer_norm()), RuleSet([r for r in RULES if r.name == "norms.layer_norm"]))
+@pytest.mark.parametrize("opset", [7, 12])
+def test_layer_norm_refused_below_the_oldest_body(opset):
+    """fusegraph.LayerNorm's body is written for opset 13 and newer: older models keep the chain."""
+    f = {"dtype": np.float32, "opset": opset, "shape": [2, 8], "cast": False, "square": "mul", "divide": "div",
+         "eps": 1e-5, "mean_axis": -1, "var_axis": -1, "exponent": 2.0, "gamma_first": False, "const_nodes": False}
+    norm = Norm(f, np.random.default_rng(0))
+    out, report = rewrite_with_report(norm.model(norm.layer_norm()), RuleSet([r for r in RULES if r.name == "norms.layer_norm"]),
+                                      explain="norms.layer_norm")
+    assert not report.fusions
+    assert any("fusegraph.LayerNorm's body needs opset 13" in m.reason for m in report.near_misses)
 
 
 @DECOYS

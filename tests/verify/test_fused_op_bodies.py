@@ -1,0 +1,63 @@
+"""Every fused op's local function is valid in every opset a rule emits it into, and computes
+the numpy reference (`fusegraph.kernels.reference`) for fp32, fp16 and bf16.
+
+Per op x opset 13..23 x dtype: a one-node model passes the full checker and strict shape
+inference (which types the outputs through the body), and ONNX Runtime's CPU provider runs it
+equal to the reference. Where that provider has no kernel for a body op at the dtype, and for
+bf16 (ONNX Runtime's Python API exchanges no bf16 arrays; the session must still load),
+`onnx.reference` runs it instead; any other ONNX Runtime error fails.
+Below opset 15 the body is specialised to the element type (`overload`, see fused_ops).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from fused_op_cases import CASES, DTYPES, opsets
+from fusegraph.fused_ops import POLYMORPHIC_OPSET, overload
+
+TOLERANCE = {"float32": (1e-5, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (6e-2, 6e-2)}
+
+PARAMS = [pytest.param(case, opset, dtype, id=f"{case.id}-op{opset}-{dtype}")
+          for case in CASES for opset in opsets(case) for dtype in DTYPES]
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        if "NOT_IMPLEMENTED" not in str(e):  # anything but a missing CPU kernel is the body's fault
+            raise
+        session = None
+    if session is None or any(a.dtype == DTYPES["bfloat16"] for a in feeds.values()):
+        return ReferenceEvaluator(model).run(None, feeds)
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("case, opset, dtype", PARAMS)
+def test_body_is_valid_and_computes_the_reference(case, opset, dtype):
+    model = case.model(opset, DTYPES[dtype])
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    for declared, got in zip(model.graph.output, inferred.graph.output):
+        assert got.type == declared.type
+    [node] = model.graph.node
+    [function] = model.functions
+    assert function.overload == node.overload == ("" if opset >= POLYMORPHIC_OPSET else overload(
+        onnx.helper.np_dtype_to_tensor_dtype(np.dtype(DTYPES[dtype]))))
+    assert function.opset_import[0].version == opset
+
+    feeds = case.inputs(DTYPES[dtype])
+    atol, rtol = TOLERANCE[dtype]
+    for name, got, want in zip(onnx_outputs(model), _run(model, feeds), case.expected(feeds)):
+        assert got.dtype == want.dtype, name
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), atol=atol, rtol=rtol,
+                                   err_msg=f"{case.id} output {name} at opset {opset}, {dtype}")
+
+
+def onnx_outputs(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
