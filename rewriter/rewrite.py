@@ -352,13 +352,13 @@ def _progress_bar(graph: Graph, rules: list[Rule]):
 def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
     """Write the graph back: local functions for fused ops, opset import, fusion record."""
     model = graph.to_model()
-    fused_ops.attach_functions(model, lambda n: graph.value(n.input[0]).dtype or graph.value(n.output[0]).dtype)
     # Every domain a replacement introduced needs an opset import (fusegraph's at its version,
     # a user's custom domain at 1) for the model to be valid.
     for domain in sorted({n.domain for n in graph.live_nodes()} - set(graph.opset)):
         version = fused_ops.VERSION if domain == fused_ops.DOMAIN else 1
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
         graph.opset[domain] = version
+    fused_ops.attach_functions(model, lambda n: graph.value(n.input[0]).dtype or graph.value(n.output[0]).dtype)
     if report.fusions:
         record = [{"rule": f.rule, "matched": f.matched, "created": f.created} for f in report.fusions]
         props = {p.key: p for p in model.metadata_props}
