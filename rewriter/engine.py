@@ -153,6 +153,31 @@ def _unshadow(model: onnx.ModelProto, parser: Any) -> dict[str, str]:
     return renamed
 
 
+def _name_overloads(model: onnx.ModelProto) -> dict[str, str]:
+    """Give each overload of a fused op that has several a name of its own, callers included.
+
+    Below opset 15 fused ops' bodies are per element type, told apart by `overload`
+    (`fusegraph.fused_ops`); TensorRT's parser looks local functions up by name alone (measured
+    with TensorRT-RTX 1.7: every caller gets the same body, and the other type fails to parse).
+    "Gelu" overload "float16" becomes "Gelu_float16". Nodes routed to a plugin keep their name.
+    Returns {"Gelu/float16": "Gelu_float16"}.
+    """
+    overloads = collections.defaultdict(set)
+    for f in model.functions:
+        if f.domain == DOMAIN and f.overload:
+            overloads[f.name].add(f.overload)
+    renamed = {(name, o): f"{name}_{o}" for name, found in overloads.items() if len(found) > 1 for o in found}
+    for item in (*model.functions, *model.graph.node):
+        new = renamed.get((item.name if isinstance(item, onnx.FunctionProto) else item.op_type, item.overload))
+        if item.domain != DOMAIN or new is None:
+            continue
+        if isinstance(item, onnx.FunctionProto):
+            item.name, item.overload = new, ""
+        elif not any(a.name == "plugin_namespace" for a in item.attribute):
+            item.op_type, item.overload = new, ""
+    return {f"{name}/{o}": new for (name, o), new in renamed.items()}
+
+
 _FUNCTION_CALL = re.compile(r"\| ([^|\]]+?) \((\w+)\)")
 _ENGINE_LAYER = re.compile(r"^Name: (?P<name>.*?), LayerType: (?P<type>[^,]*),.*?"
                            r"TacticName: (?P<tactic>[^,]*), StreamId: \d+, Metadata: (?P<metadata>.*)$")
@@ -343,7 +368,7 @@ def build_engine(model_path: str | os.PathLike, out_path: str | os.PathLike, *,
         builder = shim.create_builder(logger)
         network = shim.create_network(builder, strongly_typed)
         parser = shim.create_parser(network, logger, plugin_override=plugins)
-        report["renamed_for_parser"] = _unshadow(model, parser)
+        report["renamed_for_parser"] = {**_name_overloads(model), **_unshadow(model, parser)}
         # The path lets the parser find external weight files next to the model.
         if not parser.parse(model.SerializeToString(), str(parsed_path)):
             errors = shim.parser_errors(parser)
