@@ -5,10 +5,11 @@ it uses, an ONNX local function with the op's reference decomposition in standar
 Runtime, `onnx.reference` and TensorRT's ONNX parser (which inlines local functions) run it
 unchanged, while a TensorRT plugin registered under the same name can take the node over.
 
-Bodies are written for the model's opset, 13 and newer (`MIN_OPSET`; an op whose body needs a
-newer one says so in `FusedOp.min_opset`, and rules check `opset_refusal` before emitting it):
-Squeeze/Unsqueeze/Split take their axes as inputs from 13, ReduceMean from 18, and Shape's
-start/end exist from 15, so bodies slice `Shape`'s output instead.
+Bodies are written for the model's opset (ReduceMean's axes became an input at 18, Shape's
+start/end exist from 15, so bodies slice `Shape`'s output, and Squeeze/Unsqueeze take their
+axes as an input from 13). The oldest opset an op's body is valid in is its `min_opset`: 12
+for ops with attributes (a function reads them through Constant's `value_float`/`value_int`,
+opset 12), 9 for the activations and GEMM epilogues (Erf). Rules check `opset_refusal`.
 
 Element types. A body computes its constants and its result in the element type of the op's
 first input (Y always has X's type). From opset 15 `CastLike` does that for every type, so one
@@ -29,15 +30,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import onnx
 from onnx import helper
 
 DOMAIN = "fusegraph"
 VERSION = 1
-#: The oldest opset the bodies are written for (axes of Squeeze/Unsqueeze as inputs).
-MIN_OPSET = 13
+#: The oldest opset a body that reads the function's attributes is valid in (Constant's
+#: value_float/value_int); bodies without attributes may declare an older one.
+MIN_OPSET = 12
 #: From this opset one body serves every element type (CastLike); below, bodies are per type.
 POLYMORPHIC_OPSET = 15
 #: The IR version that has `overload` on functions and nodes.
@@ -56,13 +58,16 @@ class FusedOp:
     min_opset: int = MIN_OPSET
 
     def function(self, opset: int, dtype: int | None = None) -> onnx.FunctionProto:
-        """The local function for a model of default-domain `opset`: polymorphic from opset 15,
-        specialised to element type `dtype` (and named by it as its overload) below."""
+        """The local function for a model of default-domain `opset`, called by a node whose first
+        input has element type `dtype`: one polymorphic body from opset 15 (`dtype` unused), the
+        body specialised to `dtype` (and named by it as its overload) below."""
         if opset < self.min_opset:
             raise ValueError(f"fusegraph.{self.name} has no body for opset {opset} (needs {self.min_opset})")
-        if (dtype is None) != (opset >= POLYMORPHIC_OPSET):
-            raise ValueError(f"fusegraph.{self.name} at opset {opset}: a body is specialised to an "
-                             f"element type exactly below opset {POLYMORPHIC_OPSET}")
+        if opset >= POLYMORPHIC_OPSET:
+            dtype = None
+        elif dtype is None:
+            raise ValueError(f"fusegraph.{self.name} at opset {opset}: below opset {POLYMORPHIC_OPSET} "
+                             "a body is specialised to its input's element type; give the type")
         b = Body(opset, dtype)
         self.body(b, opset)
         f = helper.make_function(
@@ -157,6 +162,8 @@ def _gelu_tanh(b: Body, x: str, out: str) -> str:
     return b.op("Mul", half, b.op("Add", t, b.const_like(1.0, x)), out=out)
 
 
+#: The oldest opset of every op in `ACTIVATIONS`' bodies (Erf).
+ACTIVATIONS_OPSET = 9
 ACTIVATIONS: dict[str, Callable[[Body, str, str], str]] = {
     "": lambda b, x, out: b.op("Identity", x, out=out),
     "Relu": lambda b, x, out: b.op("Relu", x, out=out),
@@ -186,14 +193,14 @@ def _register_matmul_epilogues() -> None:
 
             register(FusedOp(
                 matmul_epilogue_name(bias, act), ("X", "W", "B") if bias else ("X", "W"), ("Y",), (),
-                body, f"Y = {act or 'identity'}(X @ W{' + B' if bias else ''})"))
+                body, f"Y = {act or 'identity'}(X @ W{' + B' if bias else ''})", ACTIVATIONS_OPSET))
 
 
 _register_matmul_epilogues()
 
 
 def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodeProto], int | None] | None = None) -> None:
-    """Give every fused node of `model`'s graph the local function it calls.
+    """Give every fused node of `model` (in If/Loop/Scan bodies too) the local function it calls.
 
     Below opset 15 each node is pointed at the body for its element type (its `overload`) and
     the model's IR version raised to 10 if need be. `element_type(node)` says a node's element
@@ -203,35 +210,51 @@ def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodePr
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise ValueError("the model has no opset import for the default domain")
-    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    nodes = [n for n in _nodes(model.graph) if n.domain == DOMAIN]
     if opset < POLYMORPHIC_OPSET and nodes:
-        types = {id(n): element_type(n) if element_type else None for n in nodes}
-        if not all(types.values()):
+        types = [element_type(n) if element_type else None for n in nodes]
+        if not all(types):
             inferred = _inferred_types(model)
-            types = {id(n): t or inferred.get(n.input[0]) or inferred.get(n.output[0]) for n, t in
-                     zip(nodes, types.values())}
-        for n in nodes:
-            if not types[id(n)]:
+            types = [t or inferred.get(n.input[0]) or inferred.get(n.output[0]) for n, t in zip(nodes, types)]
+        for n, t in zip(nodes, types):
+            if not t:
                 raise ValueError(f"fusegraph.{n.op_type} node {n.name!r}: the element type of "
                                  f"{n.input[0]!r} is unknown, and opset {opset} bodies are per type")
-            n.overload = overload(types[id(n)])
+            n.overload = overload(t)
         model.ir_version = max(model.ir_version, OVERLOAD_IR_VERSION)
     have = {(f.domain, f.name, f.overload) for f in model.functions}
     for name, ov in sorted({(n.op_type, n.overload) for n in nodes}):
         if (DOMAIN, name, ov) not in have:
-            dtype = onnx.TensorProto.DataType.Value(ov.upper()) if ov else None
-            model.functions.append(REGISTRY[name].function(opset, dtype))
+            model.functions.append(REGISTRY[name].function(opset, onnx.TensorProto.DataType.Value(ov.upper())
+                                                           if ov else None))
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and, depth first, those of the subgraphs in their attributes."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in (a.g,) if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                yield from _nodes(g)
 
 
 def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of the model's values by ONNX shape inference (fused ops without a body
-    yet are skipped, so what flows out of them is known only where the model says)."""
+    """Element types of the model's values (subgraphs' too) by ONNX shape inference; fused ops
+    without a body yet are skipped, so what flows out of them is known only where the model says."""
     try:
-        g = onnx.shape_inference.infer_shapes(model).graph
+        inferred = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError):
-        g = model.graph
-    out = {t.name: t.data_type for t in g.initializer}
-    for vi in (*g.input, *g.value_info, *g.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            out[vi.name] = vi.type.tensor_type.elem_type
+        inferred = model
+    out: dict[str, int] = {}
+
+    def collect(g: onnx.GraphProto) -> None:
+        out.update((t.name, t.data_type) for t in g.initializer)
+        for vi in (*g.input, *g.value_info, *g.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                out[vi.name] = vi.type.tensor_type.elem_type
+        for n in g.node:
+            for a in n.attribute:
+                for sub in (a.g,) if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                    collect(sub)
+    collect(inferred.graph)
     return out

@@ -34,7 +34,7 @@ def _body(b: Body, opset: int) -> None:
     last = _int(b, -1, [1])
     xr = b.op("Slice", xf, _int(b, 0, [1]), rd, last)
     xp = b.op("Slice", xf, rd, _int(b, 2**62, [1]), last)
-    n = b.op("Squeeze", rd, _int(b, 0, [1]))
+    n = b.op("Squeeze", rd, _int(b, 0, [1])) if opset >= 13 else b.op("Squeeze", rd, axes=[0])
     idx = b.op("Range", _int(b, 0), n, _int(b, 1))
     half = b.op("Div", n, _int(b, 2))
     interleaved = b.op("Cast", b.attr_const("interleaved", onnx.AttributeProto.INT), to=BOOL)

@@ -22,8 +22,10 @@ from fusegraph.kernels import reference as ref
 
 fusegraph.default_rules()  # registers the fused ops of every rule module (attention's among them)
 
-OPSETS = range(13, 24)
+OPSETS = range(9, 24)
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+#: Add, Mul and most arithmetic take bfloat16 from opset 13: no older model has bf16 to fuse.
+BFLOAT16_OPSET = 13
 Arrays = dict[str, np.ndarray]
 
 
@@ -123,6 +125,10 @@ def opsets(case: Case) -> list[int]:
     if case.op in (attention_op.ATTENTION.name, attention_op.MASKED_ATTENTION.name):
         floor = max(floor, getattr(attention_op, "MIN_OPSET", floor))
     return [o for o in OPSETS if o >= floor]
+
+
+def dtypes(opset: int) -> list[str]:
+    return [d for d in DTYPES if d != "bfloat16" or opset >= BFLOAT16_OPSET]
 
 
 assert {c.op for c in CASES} == set(REGISTRY), f"fused ops without a case: {set(REGISTRY) - {c.op for c in CASES}}"

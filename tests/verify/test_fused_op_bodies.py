@@ -1,12 +1,13 @@
 """Every fused op's local function is valid in every opset a rule emits it into, and computes
 the numpy reference (`fusegraph.kernels.reference`) for fp32, fp16 and bf16.
 
-Per op x opset 13..23 x dtype: a one-node model passes the full checker and strict shape
-inference (which types the outputs through the body), and ONNX Runtime's CPU provider runs it
-equal to the reference. Where that provider has no kernel for a body op at the dtype, and for
-bf16 (ONNX Runtime's Python API exchanges no bf16 arrays; the session must still load),
-`onnx.reference` runs it instead; any other ONNX Runtime error fails.
-Below opset 15 the body is specialised to the element type (`overload`, see fused_ops).
+Per op x opset (from the op's `min_opset`, 9 or 12, to 23) x element type (bf16 from opset
+13): a one-node model passes the full checker and strict shape inference (which types the
+outputs through the body), and ONNX Runtime's CPU provider runs it equal to the reference.
+Where that provider has no kernel for a body op at the type, and for bf16 (ONNX Runtime's
+Python API exchanges no bf16 arrays; the session must still load), `onnx.reference` runs it
+instead; any other ONNX Runtime error fails. Below opset 15 the body is specialised to the
+element type (`overload`, see `fusegraph.fused_ops`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from fused_op_cases import CASES, DTYPES, opsets
+from fused_op_cases import CASES, DTYPES, dtypes, opsets
 from fusegraph.fused_ops import DOMAIN, POLYMORPHIC_OPSET, attach_functions, overload
 
 TOLERANCE = {"float32": (1e-5, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (6e-2, 6e-2)}
 
 PARAMS = [pytest.param(case, opset, dtype, id=f"{case.id}-op{opset}-{dtype}")
-          for case in CASES for opset in opsets(case) for dtype in DTYPES]
+          for case in CASES for opset in opsets(case) for dtype in dtypes(opset)]
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
