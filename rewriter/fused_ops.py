@@ -9,7 +9,8 @@ Bodies are written for the model's opset (ReduceMean's axes became an input at 1
 start/end exist from 15, so bodies slice `Shape`'s output, and Squeeze/Unsqueeze take their
 axes as an input from 13). The oldest opset an op's body is valid in is its `min_opset`: 12
 for ops with attributes (a function reads them through Constant's `value_float`/`value_int`,
-opset 12), 9 for the activations and GEMM epilogues (Erf). Rules check `opset_refusal`.
+opset 12), 9 for the activations and GEMM epilogues (Erf); `function` refuses older opsets
+and `opset_refusal` gives a rule the reason to refuse before it emits the op.
 
 Element types. A body computes its constants and its result in the element type of the op's
 first input (Y always has X's type). From opset 15 `CastLike` does that for every type, so one
@@ -19,10 +20,10 @@ naming the type would change the ops' signatures, which the TensorRT plugins che
 node calls a body specialised to its element type: the function and the node carry the type's
 name as their `overload` ("float16"; IR version 10), and the body writes `Cast(to=float16)`
 where the polymorphic one writes `CastLike`. Measured with ONNX Runtime 1.32 and TensorRT-RTX
-1.7: both run overloaded functions, ONNX Runtime picks the overload each node names, but
-TensorRT's parser looks local functions up by name alone, so one model that uses the same op
-at two element types below opset 15 parses only through `rewrite build`, which gives each
-overload a name of its own before parsing (`fusegraph.engine`). The numpy references in
+1.7: both run overloaded functions and ONNX Runtime picks the overload each node names, but
+TensorRT's parser (like `onnx.reference`) looks local functions up by name alone, so one model
+that uses the same op at two element types below opset 15 parses only through `rewrite build`,
+which gives each overload a name of its own first (`fusegraph.engine`). The numpy references in
 `fusegraph.kernels.reference` implement the same semantics for the GPU kernels.
 """
 
@@ -68,7 +69,7 @@ class FusedOp:
         elif dtype is None:
             raise ValueError(f"fusegraph.{self.name} at opset {opset}: below opset {POLYMORPHIC_OPSET} "
                              "a body is specialised to its input's element type; give the type")
-        b = Body(opset, dtype)
+        b = Body(dtype)
         self.body(b, opset)
         f = helper.make_function(
             DOMAIN, self.name, list(self.inputs), list(self.outputs), b.nodes,
@@ -90,8 +91,7 @@ class Body:
     `cast_like(v, like)` and `const_like` hide the difference (`like` must have X's type).
     """
 
-    def __init__(self, opset: int, dtype: int | None = None) -> None:
-        self.opset = opset
+    def __init__(self, dtype: int | None = None) -> None:
         self.dtype = dtype
         self.nodes: list[onnx.NodeProto] = []
 
