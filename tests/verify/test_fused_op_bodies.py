@@ -20,6 +20,7 @@ from onnx.reference import ReferenceEvaluator
 
 from fused_op_cases import CASES, DTYPES, dtypes, opsets
 from fusegraph.fused_ops import DOMAIN, POLYMORPHIC_OPSET, attach_functions, overload
+from fusegraph.testing import assert_rewrites, make_model, node
 
 TOLERANCE = {"float32": (1e-5, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (6e-2, 6e-2)}
 
@@ -93,3 +94,33 @@ def test_one_op_at_two_element_types_below_opset_15():
         atol, rtol = TOLERANCE[np.dtype(dtype).name]
         assert got.dtype == dtype
         np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("opset", [12, 13, 14])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_old_opset_block_rewrites_into_a_valid_model(opset, dtype):
+    """A GELU (tanh) MLP into a written-out LayerNorm and a written-out RMSNorm, fused at the old
+    opsets users still pin: every fused op's body valid there, ONNX Runtime equal to the original."""
+    def c(value):
+        return np.asarray(value, dtype)
+    h = 8
+    rng = np.random.default_rng(0)
+    nodes = [node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["a"]),
+             node("Mul", ["a", "a"], ["a2"]), node("Mul", ["a2", "a"], ["a3"]), node("Mul", ["a3", "k"], ["ka3"]),
+             node("Add", ["a", "ka3"], ["inner"]), node("Mul", ["inner", "s"], ["si"]), node("Tanh", ["si"], ["t"]),
+             node("Add", ["t", "one"], ["t1"]), node("Mul", ["a", "half"], ["ha"]), node("Mul", ["ha", "t1"], ["g"]),
+             node("ReduceMean", ["g"], ["mu"], axes=[-1]), node("Sub", ["g", "mu"], ["d"]),
+             node("Mul", ["d", "d"], ["d2"]), node("ReduceMean", ["d2"], ["var"], axes=[-1]),
+             node("Add", ["var", "eps"], ["ve"]), node("Sqrt", ["ve"], ["sd"]), node("Div", ["d", "sd"], ["n"]),
+             node("Mul", ["n", "gamma"], ["ng"]), node("Add", ["ng", "beta"], ["ln"]),
+             node("Mul", ["ln", "ln"], ["l2"]), node("ReduceMean", ["l2"], ["ms"], axes=[-1]),
+             node("Add", ["ms", "eps"], ["mse"]), node("Sqrt", ["mse"], ["rms"]), node("Div", ["ln", "rms"], ["r"]),
+             node("Mul", ["r", "gamma"], ["y"])]
+    inits = {"w": c(rng.uniform(-1, 1, (h, h))), "b": c(rng.uniform(-1, 1, h)), "k": c(0.044715),
+             "s": c(np.sqrt(2 / np.pi)), "one": c(1.0), "half": c(0.5), "eps": c(1e-5),
+             "gamma": c(rng.uniform(0.5, 1.5, h)), "beta": c(rng.uniform(-1, 1, h))}
+    model = make_model(nodes, {"x": (dtype, ["n", h])}, {"y": (dtype, ["n", h])}, inits, opset=opset)
+    out = assert_rewrites(model, expect={"fusegraph.MatMulBiasGeluTanh": 1, "fusegraph.LayerNorm": 1,
+                                         "fusegraph.RMSNorm": 1}, shapes={"x": (4, h)})
+    per_type = overload(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    assert {f.overload for f in out.functions} == {"" if opset >= POLYMORPHIC_OPSET else per_type}
