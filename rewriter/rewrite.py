@@ -61,6 +61,13 @@ class RewriteReport:
     seconds: float = 0.0
     near_misses: list[NearMiss] = field(default_factory=list)
 
+    def merge_lowering(self, lowered: "RewriteReport") -> None:
+        """Fold a lowering pass (run on the fused graph) into this report: its rewrites are
+        recorded after the fusions, and the op counts after are the lowered graph's."""
+        self.fusions.extend(lowered.fusions)
+        self.ops_after = lowered.ops_after
+        self.seconds += lowered.seconds
+
     @property
     def per_rule(self) -> Counter:
         return Counter(f.rule for f in self.fusions)
@@ -353,6 +360,11 @@ def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
     """Write the graph back: local functions for fused ops, opset import, fusion record."""
     model = graph.to_model()
     used = {n.op_type for n in graph.live_nodes() if n.domain == fused_ops.DOMAIN}
+    # The domain is fusegraph's own: a function no node calls any more (a fused op lowered
+    # for a target) goes.
+    stale = [f for f in model.functions if f.domain == fused_ops.DOMAIN and f.name not in used]
+    for f in stale:
+        model.functions.remove(f)
     have = {(f.domain, f.name) for f in model.functions}
     opset = graph.opset.get("", 17)
     model.functions.extend(f for f in fused_ops.functions_for(used, opset) if (f.domain, f.name) not in have)
