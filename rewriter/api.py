@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import onnx
 
 from .ir import Graph
+from .lowering import lowering_rules
 from .model_io import load_model, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
 from .rule import Rule, RuleSet
@@ -28,12 +29,14 @@ def rewrite(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None) -
 def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None, *,
                         explain: str | None = None, progress: bool = False,
                         base_dir: str | None = None, copy: bool = True,
-                        source: str = "model") -> tuple[onnx.ModelProto, RewriteReport]:
+                        source: str = "model", target: str = "portable") -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite to a fixpoint and report what fused.
 
     `base_dir` is where external data lives (for reading small constants); `copy=False` edits
-    `model` in place, for callers that own it.
+    `model` in place, for callers that own it; `target` lowers the fused ops for one runtime
+    (`fusegraph.lowering`).
     """
+    lowering = lowering_rules(target)
     if copy:
         original, model = model, onnx.ModelProto()
         model.CopyFrom(original)
@@ -42,6 +45,8 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
         graph = Graph(model, base_dir)
         validate(model, graph, source)
         report = Rewriter(rules, explain=explain, progress=progress).run(graph)
+        if lowering:
+            report.merge_lowering(Rewriter(lowering).run(graph))
         out = finalize(graph, report)
     if _has_untyped_new_values(graph):
         out = onnx.shape_inference.infer_shapes(out)
@@ -49,12 +54,12 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
 
 
 def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, *,
-                 explain: str | None = None, progress: bool = False) -> RewriteReport:
+                 explain: str | None = None, progress: bool = False, target: str = "portable") -> RewriteReport:
     """Rewrite the model at `src` into `dst`; external data is never loaded into memory."""
     model = load_model(src)
     base_dir = os.path.dirname(os.path.abspath(src))
     out, report = rewrite_with_report(model, rules, explain=explain, progress=progress,
-                                      base_dir=base_dir, copy=False, source=src)
+                                      base_dir=base_dir, copy=False, source=src, target=target)
     save_model(out, dst, source_dir=base_dir)
     return report
 

@@ -82,6 +82,8 @@ def _rewrite_main(argv: list[str]) -> int:
     p.add_argument("--shape", action="append", metavar="NAME:DIMS", help="input shape for --verify, e.g. input_ids:1x128")
     p.add_argument("--atol", type=float, help="absolute tolerance for --verify (default by dtype)")
     p.add_argument("--rtol", type=float, help="relative tolerance for --verify (default by dtype)")
+    p.add_argument("--target", default="portable", choices=("portable", "onnxruntime", "tensorrt"),
+                   help="lower the fused ops for this runtime (default portable: ONNX local functions)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -105,10 +107,10 @@ def _rewrite_main(argv: list[str]) -> int:
     start = time.perf_counter()
     if args.output:
         report = rewrite_file(args.model, args.output, rules, explain=args.explain,
-                              progress=not args.no_progress and sys.stderr.isatty())
+                              progress=not args.no_progress and sys.stderr.isatty(), target=args.target)
     else:
         _, report = rewrite_with_report(load_model(args.model), rules, explain=args.explain, copy=False,
-                                        source=args.model)
+                                        source=args.model, target=args.target)
     elapsed = time.perf_counter() - start
     summary = _summary(report, elapsed)
     diffs = None

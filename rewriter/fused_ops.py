@@ -205,7 +205,9 @@ def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodePr
     Below opset 15 each node is pointed at the body for its element type (its `overload`) and
     the model's IR version raised to 10 if need be. `element_type(node)` says a node's element
     type (that of its first input, or equally of its first output); where it says None (or is
-    not given), ONNX shape inference of the model does. Functions the model already has stay.
+    not given), ONNX shape inference of the model does. Functions the model already has stay,
+    except `fusegraph` ones no node calls any more (a fused op lowered for a target): the
+    domain is fusegraph's own.
     """
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
@@ -222,8 +224,11 @@ def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodePr
                                  f"{n.input[0]!r} is unknown, and opset {opset} bodies are per type")
             n.overload = overload(t)
         model.ir_version = max(model.ir_version, OVERLOAD_IR_VERSION)
+    called = {(n.op_type, n.overload) for n in nodes}
+    for f in [f for f in model.functions if f.domain == DOMAIN and (f.name, f.overload) not in called]:
+        model.functions.remove(f)
     have = {(f.domain, f.name, f.overload) for f in model.functions}
-    for name, ov in sorted({(n.op_type, n.overload) for n in nodes}):
+    for name, ov in sorted(called):
         if (DOMAIN, name, ov) not in have:
             model.functions.append(REGISTRY[name].function(opset, onnx.TensorProto.DataType.Value(ov.upper())
                                                            if ov else None))

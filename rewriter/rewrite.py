@@ -61,6 +61,13 @@ class RewriteReport:
     seconds: float = 0.0
     near_misses: list[NearMiss] = field(default_factory=list)
 
+    def merge_lowering(self, lowered: "RewriteReport") -> None:
+        """Fold a lowering pass (run on the fused graph) into this report: its rewrites are
+        recorded after the fusions, and the op counts after are the lowered graph's."""
+        self.fusions.extend(lowered.fusions)
+        self.ops_after = lowered.ops_after
+        self.seconds += lowered.seconds
+
     @property
     def per_rule(self) -> Counter:
         return Counter(f.rule for f in self.fusions)

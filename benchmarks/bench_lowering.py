@@ -1,0 +1,229 @@
+"""Which form of each fused op runs fastest in ONNX Runtime? The measurements behind `--target`.
+
+For each fused op, one block as exporters write it (HF Llama's RMSNorm and residual, BERT's
+erf GELU and residual LayerNorm, GPT-2's tanh GELU, a Linear + GELU, Llama's SwiGLU MLP and
+rotate-half RoPE, eager attention with a padding mask and with a causal one) at a realistic
+size (hidden 512, 8 heads of 64, batch 1, sequence `--seq`), timed in ONNX Runtime's CPU
+provider (1 thread, default graph optimizations) as
+
+* `original`: the decomposition as exported;
+* `portable`: fusegraph's rewrite (the fused op with its local function, which ONNX Runtime
+  inlines);
+* `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops).
+
+Each cell is the median of `--runs` runs; x = original / form (above 1 is faster). Every form's
+output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
+where that form is measured faster here.
+
+    python benchmarks/bench_lowering.py [--seq 128 512] [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from fusegraph.api import rewrite_with_report
+from fusegraph.testing import make_model
+
+node = helper.make_node
+HIDDEN, HEADS, HEAD_DIM, FFN = 512, 8, 64, 1376
+
+
+def _c(name: str, value) -> onnx.NodeProto:
+    return node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(value, np.float32), name))
+
+
+def _rms_body(x: str, prefix: str) -> list[onnx.NodeProto]:
+    return [_c(f"{prefix}two", 2.0), node("Pow", [x, f"{prefix}two"], [f"{prefix}sq"]),
+            node("ReduceMean", [f"{prefix}sq"], [f"{prefix}var"], axes=[-1], keepdims=1),
+            _c(f"{prefix}eps", 1e-6), node("Add", [f"{prefix}var", f"{prefix}eps"], [f"{prefix}ve"]),
+            node("Sqrt", [f"{prefix}ve"], [f"{prefix}rt"]), node("Reciprocal", [f"{prefix}rt"], [f"{prefix}inv"]),
+            node("Mul", [x, f"{prefix}inv"], [f"{prefix}n"]), node("Mul", ["gamma", f"{prefix}n"], ["y"])]
+
+
+def rms_norm(seq):
+    return make_model(_rms_body("x", "r_"), {"x": ("float32", [1, seq, HIDDEN])}, {"y": ("float32", [1, seq, HIDDEN])},
+                      {"gamma": np.random.rand(HIDDEN).astype(np.float32)})
+
+
+def skip_rms_norm(seq):
+    nodes = [node("Add", ["x", "r"], ["s"])] + _rms_body("s", "r_")
+    return make_model(nodes, {"x": ("float32", [1, seq, HIDDEN]), "r": ("float32", [1, seq, HIDDEN])},
+                      {"y": ("float32", [1, seq, HIDDEN]), "s": ("float32", [1, seq, HIDDEN])},
+                      {"gamma": np.random.rand(HIDDEN).astype(np.float32)})
+
+
+def skip_layer_norm(seq):
+    nodes = [node("Add", ["x", "r"], ["s"]),
+             node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
+    return make_model(nodes, {"x": ("float32", [1, seq, HIDDEN]), "r": ("float32", [1, seq, HIDDEN])},
+                      {"y": ("float32", [1, seq, HIDDEN]), "s": ("float32", [1, seq, HIDDEN])},
+                      {"gamma": np.random.rand(HIDDEN).astype(np.float32), "beta": np.random.rand(HIDDEN).astype(np.float32)})
+
+
+def _gelu_erf(x: str, y: str) -> list[onnx.NodeProto]:
+    return [_c("sqrt2", math.sqrt(2.0)), node("Div", [x, "sqrt2"], ["g_d"]), node("Erf", ["g_d"], ["g_e"]),
+            _c("one", 1.0), node("Add", ["g_e", "one"], ["g_a"]), node("Mul", [x, "g_a"], ["g_m"]),
+            _c("half", 0.5), node("Mul", ["g_m", "half"], [y])]
+
+
+def gelu_erf(seq):
+    return make_model(_gelu_erf("x", "y"), {"x": ("float32", [1, seq, 4 * HIDDEN])}, {"y": ("float32", [1, seq, 4 * HIDDEN])})
+
+
+def _gelu_tanh(x: str, y: str) -> list[onnx.NodeProto]:
+    return [_c("three", 3.0), node("Pow", [x, "three"], ["c"]), _c("k", 0.044715), node("Mul", ["c", "k"], ["ck"]),
+            node("Add", [x, "ck"], ["in"]), _c("s2p", math.sqrt(2 / math.pi)), node("Mul", ["in", "s2p"], ["ins"]),
+            node("Tanh", ["ins"], ["t"]), _c("one", 1.0), node("Add", ["t", "one"], ["t1"]),
+            _c("half", 0.5), node("Mul", [x, "half"], ["hx"]), node("Mul", ["hx", "t1"], [y])]
+
+
+def gelu_tanh(seq):
+    return make_model(_gelu_tanh("x", "y"), {"x": ("float32", [1, seq, 4 * HIDDEN])},
+                      {"y": ("float32", [1, seq, 4 * HIDDEN])})
+
+
+def silu(seq):
+    nodes = [node("Sigmoid", ["x"], ["s"]), node("Mul", ["x", "s"], ["y"])]
+    return make_model(nodes, {"x": ("float32", [1, seq, FFN])}, {"y": ("float32", [1, seq, FFN])})
+
+
+def quick_gelu(seq):
+    nodes = [_c("alpha", 1.702), node("Mul", ["x", "alpha"], ["xa"]), node("Sigmoid", ["xa"], ["s"]),
+             node("Mul", ["x", "s"], ["y"])]
+    return make_model(nodes, {"x": ("float32", [1, seq, 4 * HIDDEN])}, {"y": ("float32", [1, seq, 4 * HIDDEN])})
+
+
+def linear_gelu(seq, gelu=_gelu_erf):
+    nodes = [node("MatMul", ["x", "w"], ["mm"]), node("Add", ["mm", "b"], ["xb"])] + gelu("xb", "y")
+    return make_model(nodes, {"x": ("float32", [1, seq, HIDDEN])}, {"y": ("float32", [1, seq, 4 * HIDDEN])},
+                      {"w": np.random.randn(HIDDEN, 4 * HIDDEN).astype(np.float32) * 0.05,
+                       "b": np.random.randn(4 * HIDDEN).astype(np.float32)})
+
+
+def linear_gelu_tanh(seq):
+    return linear_gelu(seq, _gelu_tanh)
+
+
+def swiglu(seq):
+    nodes = [node("MatMul", ["x", "wg"], ["g"]), node("Sigmoid", ["g"], ["sg"]), node("Mul", ["g", "sg"], ["act"]),
+             node("MatMul", ["x", "wu"], ["u"]), node("Mul", ["act", "u"], ["y"])]
+    w = {n: np.random.randn(HIDDEN, FFN).astype(np.float32) * 0.05 for n in ("wg", "wu")}
+    return make_model(nodes, {"x": ("float32", [1, seq, HIDDEN])}, {"y": ("float32", [1, seq, FFN])}, w)
+
+
+def _ints(name: str, *v: int) -> onnx.NodeProto:
+    return node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(v, np.int64), name))
+
+
+def rope(seq):
+    h = HEAD_DIM // 2
+    nodes = [_ints("s0", 0), _ints("sh", h), _ints("se", 2**62), _ints("ax", -1),
+             node("Slice", ["x", "s0", "sh", "ax"], ["x1"]), node("Slice", ["x", "sh", "se", "ax"], ["x2"]),
+             node("Neg", ["x2"], ["nx2"]), node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
+             node("Mul", ["x", "cos"], ["xc"]), node("Mul", ["rot", "sin"], ["rs"]), node("Add", ["xc", "rs"], ["y"])]
+    shape = [1, HEADS, seq, HEAD_DIM]
+    return make_model(nodes, {"x": ("float32", shape), "cos": ("float32", [1, 1, seq, HEAD_DIM]),
+                              "sin": ("float32", [1, 1, seq, HEAD_DIM])}, {"y": ("float32", shape)})
+
+
+def _attention(seq, causal: bool):
+    shape = [1, HEADS, seq, HEAD_DIM]
+    nodes = [node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["q", "kt"], ["qk"]),
+             _c("scale", math.sqrt(HEAD_DIM)), node("Div", ["qk", "scale"], ["s"]),
+             node("Add", ["s", "mask"], ["sm"]), node("Softmax", ["sm"], ["p"], axis=-1),
+             node("MatMul", ["p", "v"], ["y"])]
+    inits = {}
+    inputs = {n: ("float32", shape) for n in ("q", "k", "v")}
+    if causal:
+        inits["mask"] = np.triu(np.full((seq, seq), -np.inf, np.float32), 1)[None, None]
+    else:
+        inputs["mask"] = ("float32", [1, 1, 1, seq])
+    return make_model(nodes, inputs, {"y": ("float32", shape)}, inits)
+
+
+def attention_padding(seq):
+    return _attention(seq, causal=False)
+
+
+def attention_causal(seq):
+    return _attention(seq, causal=True)
+
+
+BLOCKS = {"RMSNorm": rms_norm, "SkipRMSNorm": skip_rms_norm, "SkipLayerNorm": skip_layer_norm, "Gelu": gelu_erf,
+          "GeluTanh": gelu_tanh, "Silu": silu, "QuickGelu": quick_gelu,
+          "MatMulBiasGelu": linear_gelu, "MatMulBiasGeluTanh": linear_gelu_tanh, "SwiGLU": swiglu, "RotaryEmbedding": rope,
+          "MaskedAttention": attention_padding, "Attention (causal)": attention_causal}
+
+
+def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in model.graph.input:
+        shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        out[i.name] = rng.standard_normal(shape).astype(np.float32)
+    if "mask" in out:
+        out["mask"] = np.where(rng.random(out["mask"].shape) < 0.1, -np.inf, 0).astype(np.float32)
+    return out
+
+
+def timed(model: onnx.ModelProto, f: dict, runs: int) -> tuple[float, list[np.ndarray]]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out = sess.run(None, f)
+    for _ in range(3):
+        sess.run(None, f)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, f)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq", nargs="*", type=int, default=[128, 512])
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--only", nargs="*", default=list(BLOCKS), help="blocks to measure")
+    args = p.parse_args(argv)
+    lines = ["## Fused-op forms in ONNX Runtime (CPU): the measurements behind `--target`", "",
+             f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores; "
+             f"onnxruntime {ort.__version__}, 1 thread; median of {args.runs} runs. Command: "
+             f"`python benchmarks/bench_lowering.py --seq {' '.join(map(str, args.seq))} --runs {args.runs}`. "
+             "Cells: microseconds (original / form). Blocks at hidden 512, 8 heads of 64, batch 1.", "",
+             "| block | seq | original | portable | onnxruntime | max abs (portable, onnxruntime) |",
+             "|---|---|---|---|---|---|"]
+    for name in args.only:
+        make = BLOCKS[name]
+        for seq in args.seq:
+            original = make(seq)
+            f = feeds(original)
+            base, want = timed(original, f, args.runs)
+            cells, errs = [], []
+            for target in ("portable", "onnxruntime"):
+                fused, report = rewrite_with_report(original, target=target)
+                t, got = timed(fused, f, args.runs)
+                fusions = ",".join(sorted(report.per_rule)) or "nothing fused"
+                cells.append(f"{t * 1e6:.0f} ({base / t:.2f}x)" + ("" if report.fusions else f" [{fusions}]"))
+                errs.append(max(float(np.nanmax(np.abs(g - w))) for g, w in zip(got, want)))
+            lines.append(f"| {name} | {seq} | {base * 1e6:.0f} | {cells[0]} | {cells[1]} | "
+                         f"{errs[0]:.1e}, {errs[1]:.1e} |")
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

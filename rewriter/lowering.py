@@ -1,0 +1,105 @@
+"""Lowering fused ops per target: what a `fusegraph` op becomes in the model a runtime loads.
+
+Fusion rules find a subgraph and write one `fusegraph` op whose ONNX local function is its
+reference decomposition. That portable form runs everywhere, but a runtime only goes faster
+where it has a kernel for the op: ONNX Runtime inlines the function and runs the same
+decomposition again; TensorRT's parser inlines it too and re-fuses what it can. So after
+fusion, a *target* lowers each fused op into the operators that runtime executes fastest:
+
+- `portable` (default): the fused ops and their local functions, unchanged; any ONNX runtime.
+- `onnxruntime`: ONNX Runtime's contrib ops where its CPU provider has a kernel that beats the
+  portable form (`com.microsoft.FastGelu`, and `SimplifiedLayerNormalization`, which ONNX
+  Runtime registers in the default domain). The output is for ONNX Runtime only:
+  `onnx.checker` does not know these ops.
+- `tensorrt`: the portable form, which TensorRT's parser maps to its layers (opset-23
+  `Attention` and `RMSNormalization` where the model's opset has them; local functions inlined),
+  and to fusegraph's plugins with `rewrite build --plugins`.
+
+Each lowering is a `Rule` whose pattern is one fused op, run by the same driver after the
+fusion rules, so it is matched, checked and recorded like any fusion, and each is verified like
+a rule (`tests/core/test_lowering.py`: equal outputs in ONNX Runtime). Which op lowers to what
+was chosen by measurement, not assumption: `benchmarks/bench_lowering.py` times each fused op's
+original decomposition, portable form and contrib op in ONNX Runtime, and an op whose contrib
+kernel is not faster keeps its portable form (the timings are in benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from fusegraph.fused_ops import DOMAIN
+from fusegraph.pattern import Attr, PatternOps
+
+from .rule import Rule, reject
+
+TARGETS = ("portable", "onnxruntime", "tensorrt")
+MS_DOMAIN = "com.microsoft"
+
+
+def float32_only(x) -> bool:
+    """The contrib kernels chosen here are measured (and registered on the CPU) for float32;
+    other element types keep the portable form."""
+    return x.dtype == 1 or reject(f"element type {x.dtype}: lowered for float32 only")
+
+
+def bias_vector(b) -> bool:
+    return b.rank == 1 or reject(f"bias rank {b.rank}: FastGelu adds a 1-D bias")
+
+
+# -- onnxruntime -----------------------------------------------------------------------------
+def _rms_norm(op: PatternOps, x, gamma):
+    return op.RMSNorm(x, gamma, _domain=DOMAIN, epsilon=Attr("epsilon"))
+
+
+def _rms_norm_ort(op, x, gamma, epsilon):
+    """fusegraph.RMSNorm -> SimplifiedLayerNormalization (ONNX Runtime's, default domain)"""
+    return op.SimplifiedLayerNormalization(x, gamma, axis=-1, epsilon=epsilon, stash_type=1)
+
+
+def _gelu_tanh(op: PatternOps, x):
+    return op.GeluTanh(x, _domain=DOMAIN)
+
+
+def _gelu_tanh_ort(op, x):
+    """fusegraph.GeluTanh -> com.microsoft.FastGelu"""
+    return op.FastGelu(x, _domain=MS_DOMAIN)
+
+
+def _matmul_gelu_tanh(op: PatternOps, x, w):
+    return op.MatMulGeluTanh(x, w, _domain=DOMAIN)
+
+
+def _matmul_gelu_tanh_ort(op, x, w):
+    """fusegraph.MatMulGeluTanh -> MatMul + com.microsoft.FastGelu"""
+    return op.FastGelu(op.MatMul(x, w), _domain=MS_DOMAIN)
+
+
+def _matmul_bias_gelu_tanh(op: PatternOps, x, w, b):
+    return op.MatMulBiasGeluTanh(x, w, b, _domain=DOMAIN)
+
+
+def _matmul_bias_gelu_tanh_ort(op, x, w, b):
+    """fusegraph.MatMulBiasGeluTanh -> MatMul + com.microsoft.FastGelu (with its bias input)"""
+    return op.FastGelu(op.MatMul(x, w), b, _domain=MS_DOMAIN)
+
+
+#: The ops whose contrib kernel beat the portable form in `bench_lowering.py` (RMSNorm 2.3-2.5x,
+#: tanh-GELU 2.5-2.8x, Linear + tanh-GELU 1.1-1.2x). Measured no faster, so left portable:
+#: SkipRMSNorm (0.96x as SkipSimplifiedLayerNormalization), SkipLayerNorm (0.12x as
+#: SkipLayerNormalization with its sum output), erf GELU and Linear + GELU (ONNX Runtime fuses
+#: the decomposition itself), SiLU and QuickGELU (level), SwiGLU.
+def _lowerings_onnxruntime() -> list[Rule]:
+    name = "lower.onnxruntime."
+    return [
+        Rule(name + "RMSNorm", _rms_norm, _rms_norm_ort, [float32_only]),
+        Rule(name + "GeluTanh", _gelu_tanh, _gelu_tanh_ort, [float32_only]),
+        Rule(name + "MatMulGeluTanh", _matmul_gelu_tanh, _matmul_gelu_tanh_ort, [float32_only]),
+        Rule(name + "MatMulBiasGeluTanh", _matmul_bias_gelu_tanh, _matmul_bias_gelu_tanh_ort,
+             [float32_only, bias_vector]),
+    ]
+
+
+def lowering_rules(target: str) -> list[Rule]:
+    """The rules that lower fused ops for `target` (none for the portable form)."""
+    if target not in TARGETS:
+        from .errors import InputError
+        raise InputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    return _lowerings_onnxruntime() if target == "onnxruntime" else []

@@ -1,0 +1,100 @@
+"""Lowering per target: every lowering equals the portable fused op in ONNX Runtime, and refuses
+what its target kernel does not cover."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from fusegraph import fused_ops
+from fusegraph.api import rewrite_with_report
+from fusegraph.cli import main
+from fusegraph.errors import InputError
+from fusegraph.lowering import TARGETS, lowering_rules
+from fusegraph.testing import make_model, op_counts
+from fusegraph.verify import compare, make_inputs, run
+
+import fusegraph.activation_ops  # noqa: F401  (registers the fused ops used below)
+import fusegraph.norm_ops  # noqa: F401
+
+node = helper.make_node
+
+
+def fused_model(op: str, inputs: dict, output_shape: list, inits: dict | None = None, **attrs) -> onnx.ModelProto:
+    """One fused node with its local function, as a fusion rule leaves it."""
+    m = make_model([node(op, list(inputs) + list(inits or {}), ["y"], domain=fused_ops.DOMAIN, **attrs)],
+                   inputs, {"y": ("float32", output_shape)}, inits)
+    m.opset_import.append(helper.make_opsetid(fused_ops.DOMAIN, fused_ops.VERSION))
+    m.functions.extend(fused_ops.functions_for({op}, 17))
+    return m
+
+
+W = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
+CASES = {
+    "RMSNorm": fused_model("RMSNorm", {"x": ("float32", [2, 5, 16])}, [2, 5, 16],
+                           {"gamma": np.linspace(0.5, 2, 16, dtype=np.float32)}, epsilon=1e-5),
+    "GeluTanh": fused_model("GeluTanh", {"x": ("float32", [2, 5, 16])}, [2, 5, 16]),
+    "MatMulGeluTanh": fused_model("MatMulGeluTanh", {"x": ("float32", [2, 5, 16])}, [2, 5, 24], {"w": W}),
+    "MatMulBiasGeluTanh": fused_model("MatMulBiasGeluTanh", {"x": ("float32", [2, 5, 16])}, [2, 5, 24],
+                                      {"w": W, "b": np.linspace(-1, 1, 24, dtype=np.float32)}),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_each_onnxruntime_lowering_equals_the_portable_op(op):
+    model = CASES[op]
+    lowered, report = rewrite_with_report(model, lowering_rules("onnxruntime"))
+    assert report.per_rule[f"lower.onnxruntime.{op}"] == 1
+    assert not any(n.domain == fused_ops.DOMAIN for n in lowered.graph.node)
+    assert not lowered.functions, "a lowered model keeps no fused op's function"
+    feeds = make_inputs(model, seed=1)
+    feeds = {k: v * 3 for k, v in feeds.items()}  # beyond [-1, 1): tanh and the norm's scale matter
+    diffs = compare(run(model, feeds), run(lowered, feeds))
+    assert all(d.ok for d in diffs), diffs
+
+
+def test_every_onnxruntime_lowering_is_covered_here():
+    assert {r.name.rsplit(".", 1)[1] for r in lowering_rules("onnxruntime")} == set(CASES)
+
+
+def test_float16_keeps_the_portable_op():
+    model = fused_model("GeluTanh", {"x": ("float16", [2, 16])}, [2, 16])
+    model.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    _, report = rewrite_with_report(model, lowering_rules("onnxruntime"))
+    assert not report.fusions
+
+
+def test_a_matrix_bias_keeps_the_portable_op():
+    model = fused_model("MatMulBiasGeluTanh", {"x": ("float32", [2, 16])}, [2, 24],
+                        {"w": W, "b": np.ones((1, 24), np.float32)})
+    _, report = rewrite_with_report(model, lowering_rules("onnxruntime"))
+    assert not report.fusions
+
+
+def test_target_runs_after_fusion_and_portable_lowers_nothing():
+    nodes = [node("Pow", ["x", "three"], ["c"]), node("Mul", ["c", "k"], ["ck"]), node("Add", ["x", "ck"], ["in"]),
+             node("Mul", ["in", "s2p"], ["ins"]), node("Tanh", ["ins"], ["t"]), node("Add", ["t", "one"], ["t1"]),
+             node("Mul", ["x", "half"], ["hx"]), node("Mul", ["hx", "t1"], ["y"])]
+    consts = {"three": 3.0, "k": 0.044715, "s2p": np.sqrt(2 / np.pi), "one": 1.0, "half": 0.5}
+    model = make_model(nodes, {"x": ("float32", [2, 8])}, {"y": ("float32", [2, 8])},
+                       {k: np.array(v, np.float32) for k, v in consts.items()})
+    portable, _ = rewrite_with_report(model)
+    assert op_counts(portable)["fusegraph.GeluTanh"] == 1
+    lowered, report = rewrite_with_report(model, target="onnxruntime")
+    assert op_counts(lowered)["com.microsoft.FastGelu"] == 1
+    assert report.per_rule["lower.onnxruntime.GeluTanh"] == 1
+    assert report.ops_after == op_counts(lowered)
+    feeds = make_inputs(model)
+    assert all(d.ok for d in compare(run(model, feeds), run(lowered, feeds)))
+
+
+def test_unknown_target_is_bad_input(tmp_path, capsys):
+    with pytest.raises(InputError, match="unknown target"):
+        lowering_rules("cuda")
+    assert "tensorrt" in TARGETS
+    src = tmp_path / "m.onnx"
+    onnx.save(CASES["GeluTanh"], str(src))
+    assert main([str(src), "-o", str(tmp_path / "o.onnx"), "--target", "cuda"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
