@@ -27,7 +27,7 @@ def fused_model(op: str, inputs: dict, output_shape: list, inits: dict | None = 
     m = make_model([node(op, list(inputs) + list(inits or {}), ["y"], domain=fused_ops.DOMAIN, **attrs)],
                    inputs, {"y": ("float32", output_shape)}, inits)
     m.opset_import.append(helper.make_opsetid(fused_ops.DOMAIN, fused_ops.VERSION))
-    m.functions.extend(fused_ops.functions_for({op}, 17))
+    fused_ops.attach_functions(m)
     return m
 
 
