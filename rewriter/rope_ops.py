@@ -5,9 +5,19 @@ sin broadcastable to [B, H, S, rotary_dim]; the first rotary_dim channels become
 x * cos + rotate(x) * sin, the rest pass through; rotate is rotate-half (concat(-x2, x1)) or,
 with `interleaved`, (x0, x1, ...) -> (-x1, x0, ...). Math in float32, Y in X's type.
 
-The body takes rotary_dim from cos's last axis (the attribute states it for plugins) and writes
-either rotation as one Gather by a permutation times a sign vector, both built from
-`interleaved`, so one function body serves both without control flow.
+The body takes rotary_dim from cos's last axis (the attribute states it for plugins). It is
+written for speed in ONNX Runtime, which inlines it: the rotation is never materialised. With
+x1, x2 the channels a rotation pairs (the two halves, or with `interleaved` the even and odd
+channels: one strided Slice each, chosen by the attribute) and c1, s1, c2, s2 the tables at
+the same channels,
+
+    y1 = x1 * c1 - x2 * s1,   y2 = x2 * c2 + x1 * s2,
+
+and y1, y2 are put back side by side (halves) or interleaved by one Concat of two Reshapes
+whose shapes the attribute picks ([.., 1, rd/2] or [.., rd/2, 1]). That is about as many passes
+over X as the exported Slice/Neg/Concat/Mul/Add chain (a Gather by a permutation, the obvious
+single-body form, ran 3-5x slower: benchmarks/bench_lowering.py, and stays the body below
+opset 14, where shape inference could not follow the Reshapes).
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from onnx import helper
 from .fused_ops import Body, FusedOp, register
 
 FLOAT, INT64, BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+#: From this opset Reshape's shape inference keeps the rank of a computed shape.
+FAST_BODY_OPSET = 14
 
 
 def _int(b: Body, value: int, shape=()) -> str:
@@ -28,7 +40,9 @@ def _float(b: Body, value: float) -> str:
     return b.op("Constant", value=helper.make_tensor("c", FLOAT, [], [value]))
 
 
-def _body(b: Body, opset: int) -> None:
+def _gather_body(b: Body, opset: int) -> None:
+    """Below opset 14 (whose Reshape shape inference loses the rank of a computed shape): the
+    rotation as one Gather by a permutation times a sign vector, both built from `interleaved`."""
     xf, cos, sin = (b.op("Cast", v, to=FLOAT) for v in ("X", "cos", "sin"))
     rd = b.last_dim("cos")
     last = _int(b, -1, [1])
@@ -50,6 +64,34 @@ def _body(b: Body, opset: int) -> None:
     rotated = b.op("Mul", b.op("Gather", xr, perm, axis=-1), sign)
     y = b.op("Add", b.op("Mul", xr, cos), b.op("Mul", rotated, sin))
     b.cast_like(b.op("Concat", y, xp, axis=-1), "X", out="Y")
+
+
+def _body(b: Body, opset: int) -> None:
+    if opset < FAST_BODY_OPSET:
+        return _gather_body(b, opset)
+    x, cos, sin = (b.op("Cast", v, to=FLOAT) for v in ("X", "cos", "sin"))
+    rd = b.last_dim("cos")
+    one, two, last = b.ints(1), b.ints(2), b.ints(-1)
+    half = b.op("Div", rd, two)
+    interleaved = b.op("Cast", b.op("Reshape", b.attr_const("interleaved", onnx.AttributeProto.INT), one), to=BOOL)
+    # x1 = x[..., 0:half] or x[..., 0:rd:2];  x2 = x[..., half:rd] or x[..., 1:rd:2]
+    step = b.op("Where", interleaved, two, one)
+    end1 = b.op("Where", interleaved, rd, half)
+    start2 = b.op("Where", interleaved, one, half)
+
+    def pair(v: str) -> tuple[str, str]:
+        return (b.op("Slice", v, b.ints(0), end1, last, step), b.op("Slice", v, start2, rd, last, step))
+    (x1, x2), (c1, c2), (s1, s2) = pair(x), pair(cos), pair(sin)
+    y1 = b.op("Sub", b.op("Mul", x1, c1), b.op("Mul", x2, s1))
+    y2 = b.op("Add", b.op("Mul", x2, c2), b.op("Mul", x1, s2))
+    lead = b.op("Slice", b.op("Shape", y1), b.ints(0), last)
+    side = b.op("Where", b.op("Expand", interleaved, two), b.op("Concat", half, one, axis=0),
+                b.op("Concat", one, half, axis=0))
+    split = b.op("Concat", lead, side, axis=0)
+    joined = b.op("Concat", b.op("Reshape", y1, split), b.op("Reshape", y2, split), axis=-1)
+    y = b.op("Reshape", joined, b.op("Concat", lead, rd, axis=0))
+    rest = b.op("Slice", x, rd, b.ints(2**62), last)
+    b.cast_like(b.op("Concat", y, rest, axis=-1), "X", out="Y")
 
 
 ROTARY_EMBEDDING = register(FusedOp(
