@@ -9,6 +9,11 @@ while the goal is the whole rewrite in under 2 s. This IR keeps only what matchi
 - an index of live nodes by (domain, op_type), so a rule visits only the nodes of its root op;
 - the original NodeProto for every untouched node, so exporting copies protos instead of
   rebuilding them, and initializers never leave their TensorProto (external data stays on disk).
+
+Constants follow the ONNX IR: an initializer (dense or in `sparse_initializer`) or a `Constant`
+node's output, except an initializer that is also a graph input, which is only a default the
+caller may override. The body of an If/Loop/Scan is a `Graph` of its own (`subgraph`); the values
+it reads from enclosing scopes are opaque there, like graph inputs.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ class Value:
     # -- constants ----------------------------------------------------------------------
     @property
     def is_constant(self) -> bool:
-        return self.name in self.graph.initializers or (
+        return self.name in self.graph.constants or (
             self.producer is not None and self.producer.op_type == "Constant" and not self.producer.domain
         )
 
@@ -167,15 +172,25 @@ class Node:
 
 
 class Graph:
-    """The main graph of a model, indexed for matching and edited in batches."""
+    """A graph of a model, indexed for matching and edited in batches: the main graph, or (with
+    `proto` and `parent`) the body of an If/Loop/Scan node, edited in place in its attribute."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None, *,
+                 proto: onnx.GraphProto | None = None, parent: "Graph | None" = None):
         self.model = model
         self.base_dir = base_dir
-        g = model.graph
+        self.proto = g = model.graph if proto is None else proto
+        self.parent = parent
+        self.root: Graph = self if parent is None else parent.root
         self.opset = {o.domain or "": o.version for o in model.opset_import}
         self.values: dict[str, Value] = {}
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        input_names = {i.name for i in g.input}
+        #: Initializers that are constants: dense or sparse, and not also a graph input (those
+        #: are defaults a caller may override). Sparse ones stay SparseTensorProtos, untouched.
+        self.constants: dict[str, onnx.TensorProto | onnx.SparseTensorProto] = {
+            name: t for name, t in self.initializers.items() if name not in input_names}
+        self.constants.update((t.values.name, t) for t in g.sparse_initializer if t.values.name not in input_names)
         self._value_info: dict[str, onnx.ValueInfoProto] | None = None
         self._inferred = False
         self.nodes: list[Node] = []
@@ -208,6 +223,9 @@ class Graph:
                 ins.append(v)
             outs = node.outputs
             for name in p.output:
+                if not name:  # an omitted optional output: not a tensor, just a position
+                    outs.append(_omitted_output(node, self))
+                    continue
                 v = values.get(name)
                 if v is None:
                     v = values[name] = Value(name, self)
@@ -225,6 +243,8 @@ class Graph:
         self.output_names = {v.name for v in self.outputs}
         for name in self.initializers:
             self.value(name)
+        for t in g.sparse_initializer:
+            self.value(t.values.name)
 
     # -- lookup -------------------------------------------------------------------------
     def value(self, name: str) -> Value:
@@ -238,13 +258,14 @@ class Graph:
 
     def _type_of(self, name: str) -> onnx.TypeProto | None:
         if self._value_info is None:
-            g = self.model.graph
+            g = self.proto
             self._value_info = {vi.name: vi for vi in g.value_info}
             for vi in list(g.input) + list(g.output):
                 self._value_info[vi.name] = vi
-        init = self.initializers.get(name)
+        init = self.constants.get(name)
         if init is not None:
-            return helper.make_tensor_type_proto(init.data_type, list(init.dims))
+            dense = init.values if isinstance(init, onnx.SparseTensorProto) else init
+            return helper.make_tensor_type_proto(dense.data_type, list(init.dims))
         v = self.values.get(name)
         if v is not None and v.producer is not None and v.producer.op_type == "Constant":
             t = v.producer.attr("value")
@@ -264,9 +285,12 @@ class Graph:
         Exporters that write no value_info (torch.onnx's TorchScript path) leave rules blind to
         shapes; inference with data propagation keeps symbolic dims through Shape/Gather/Concat
         chains. It runs on the model as loaded (external data is not read) and only on demand,
-        so rules that never ask about intermediate types never pay for it.
+        so rules that never ask about intermediate types never pay for it. A subgraph body keeps
+        the types its own value_info declares.
         """
         self._inferred = True
+        if self.parent is not None:
+            return
         try:
             inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
         except (onnx.shape_inference.InferenceError, ValueError):
@@ -275,7 +299,9 @@ class Graph:
             self._value_info.setdefault(vi.name, vi)
 
     def _read_constant(self, v: Value) -> np.ndarray | None:
-        t = self.initializers.get(v.name)
+        t = self.constants.get(v.name)
+        if isinstance(t, onnx.SparseTensorProto):
+            return _densify(t)
         if t is None:
             p = v.producer
             if p is None or p.op_type != "Constant" or p.domain:
@@ -296,11 +322,22 @@ class Graph:
 
     # -- editing ------------------------------------------------------------------------
     def fresh_value_name(self, hint: str) -> str:
+        """A name no value of this graph or of an enclosing one has (names are global in ONNX);
+        one counter for the whole model keeps the bodies of sibling branches apart too."""
+        root = self.root
         while True:
-            self._counter += 1
-            name = f"{hint}__{self._counter}"
-            if name not in self.values:
+            root._counter += 1
+            name = f"{hint}__{root._counter}"
+            if not self._defines_in_scope(name):
                 return name
+
+    def _defines_in_scope(self, name: str) -> bool:
+        g: Graph | None = self
+        while g is not None:
+            if name in g.values:
+                return True
+            g = g.parent
+        return False
 
     def fresh_node_name(self, hint: str) -> str:
         if self._used_node_names is None:
@@ -338,8 +375,8 @@ class Graph:
     def add_initializer(self, array: np.ndarray, hint: str = "const") -> Value:
         name = self.fresh_value_name(hint)
         t = numpy_helper.from_array(np.asarray(array), name)
-        self.initializers[name] = t
-        self.model.graph.initializer.append(t)
+        self.initializers[name] = self.constants[name] = t
+        self.proto.initializer.append(t)
         return self.value(name)
 
     def remove_node(self, node: Node) -> None:
@@ -420,21 +457,26 @@ class Graph:
         return removed
 
     def to_model(self) -> onnx.ModelProto:
-        """Write the graph back into the model (nodes, initializers, value_info)."""
+        """Write the graph back into the model (nodes, initializers, value_info); a subgraph
+        body is written back into its GraphProto, which its node's attribute holds."""
         order = self.toposort()
-        g = self.model.graph
+        g = self.proto
         g.ClearField("node")
         g.node.extend([n.to_proto() for n in order])
         values = self.values
+        input_names = {v.name for v in self.inputs}
 
         def used(name: str) -> bool:
+            """An unused initializer goes, but not the default of a graph input (the input stays)."""
             v = values.get(name)
-            return v is not None and (bool(v.consumers) or name in self.output_names)
+            return v is not None and (bool(v.consumers) or name in self.output_names or name in input_names)
         if not all(used(name) for name in self.initializers):
             keep = [t for t in g.initializer if used(t.name)]
             g.ClearField("initializer")
             g.initializer.extend(keep)
             self.initializers = {t.name: t for t in keep}
+            self.constants = {name: t for name, t in self.constants.items()
+                              if name in self.initializers or isinstance(t, onnx.SparseTensorProto)}
 
         def produced(name: str) -> bool:
             v = values.get(name)
@@ -444,6 +486,12 @@ class Graph:
             g.ClearField("value_info")
             g.value_info.extend(keep_vi)
         return self.model
+
+    def subgraph(self, node: Node, attr: onnx.AttributeProto, index: int | None = None) -> "Graph":
+        """The body held by `node`'s GRAPH attribute (or the `index`-th of a GRAPHS one), as a
+        Graph that edits it in place."""
+        proto = attr.g if index is None else attr.graphs[index]
+        return Graph(self.model, self.base_dir, proto=proto, parent=self)
 
     def _link_outer_scope(self, node: Node) -> None:
         """Count values a subgraph reads from the outer scope as uses by the node that owns it."""
@@ -541,7 +589,8 @@ def _has_subgraph(p: onnx.NodeProto) -> bool:
 
 def _outer_names(g: onnx.GraphProto) -> set[str]:
     """Names a subgraph uses but does not define (its references to enclosing scopes)."""
-    defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+    defined = ({i.name for i in g.input} | {t.name for t in g.initializer}
+               | {t.values.name for t in g.sparse_initializer})
     used: set[str] = set()
     for n in g.node:
         used.update(x for x in n.input if x)
@@ -554,6 +603,27 @@ def _outer_names(g: onnx.GraphProto) -> set[str]:
                     used |= _outer_names(sub)
     used.update(o.name for o in g.output)
     return used - defined
+
+
+def _omitted_output(node: Node, graph: Graph) -> Value:
+    """A placeholder for an optional output the node leaves out (`''`): it keeps the position
+    of the outputs after it, belongs to no name index, and is never read."""
+    v = Value("", graph)
+    v.producer = node
+    v._type = None
+    return v
+
+
+def _densify(t: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse initializer's value as a dense array (read only when a rule asks for it)."""
+    values = numpy_helper.to_array(t.values)
+    dense = np.zeros(tuple(t.dims), dtype=values.dtype)
+    indices = numpy_helper.to_array(t.indices) if t.HasField("indices") else np.zeros((0,), np.int64)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        dense[tuple(indices.T)] = values
+    else:  # [NNZ] positions in the flattened tensor
+        dense.reshape(-1)[indices] = values
+    return dense
 
 
 def _read_external(t: onnx.TensorProto, base_dir: str) -> np.ndarray:

@@ -102,13 +102,22 @@ def _parameters(fn: Callable[..., Any]) -> tuple[str, ...] | None:
     return tuple(params)
 
 
+def _short_repr(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class RuleSet:
     """An ordered, named collection of rules; `select` picks by name or name prefix."""
 
     def __init__(self, rules: Iterable[Rule]):
+        if isinstance(rules, (Rule, str, bytes)) or not isinstance(rules, Iterable):
+            raise InputError(f"rules must be a list of fusegraph.Rule, not {type(rules).__name__} {_short_repr(rules)}")
         self.rules = list(rules)
         seen: set[str] = set()
         for r in self.rules:
+            if not isinstance(r, Rule):
+                raise InputError(f"not a fusegraph.Rule in the rules: {type(r).__name__} {_short_repr(r)}")
             if r.name in seen:
                 raise InputError(f"two rules are named {r.name!r}")
             seen.add(r.name)
