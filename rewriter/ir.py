@@ -64,6 +64,17 @@ class Value:
         self._type = tp
 
     @property
+    def known_type(self) -> onnx.TypeProto | None:
+        """The type if already known (declared, a constant's, or inferred before), without
+        running whole-graph inference to find it: for checks that must stay cheap."""
+        if self._type is _UNREAD:
+            tp = self.graph._type_of(self.name, infer=False)
+            if tp is not None:
+                self._type = tp
+            return tp
+        return self._type  # type: ignore[return-value]
+
+    @property
     def dtype(self) -> int | None:
         """The ONNX element type (onnx.TensorProto.FLOAT, ...) or None when unknown."""
         tp = self.type_proto
@@ -197,6 +208,9 @@ class Graph:
         self.by_op: dict[tuple[str, str], list[Node]] = defaultdict(list)
         self._used_node_names: set[str] | None = None  # built on the first new node
         self._counter = 0
+        #: Nodes that hold subgraph bodies (If, Loop, Scan, ...), in graph order.
+        self.with_bodies: list[Node] = []
+        self._body_names: set[str] | None = None  # every name defined in a body; root only
         #: Names of values created by edits (their types are unknown until inferred).
         self.created_values: set[str] = set()
         #: True when an edit may have broken the order invariant; see `toposort`.
@@ -238,6 +252,7 @@ class Graph:
             by_op[(domain, op_type)].append(node)
             if op_type in ("If", "Loop", "Scan") or (domain and _has_subgraph(p)):
                 self._link_outer_scope(node)
+                self.with_bodies.append(node)
         self.inputs = [self.value(i.name) for i in g.input]
         self.outputs = [self.value(o.name) for o in g.output]
         self.output_names = {v.name for v in self.outputs}
@@ -256,7 +271,7 @@ class Graph:
     def live_nodes(self) -> Iterator[Node]:
         return (n for n in self.nodes if n.alive)
 
-    def _type_of(self, name: str) -> onnx.TypeProto | None:
+    def _type_of(self, name: str, infer: bool = True) -> onnx.TypeProto | None:
         if self._value_info is None:
             g = self.proto
             self._value_info = {vi.name: vi for vi in g.value_info}
@@ -272,7 +287,7 @@ class Graph:
             if isinstance(t, onnx.TensorProto):
                 return helper.make_tensor_type_proto(t.data_type, list(t.dims))
         vi = self._value_info.get(name)
-        if vi is None and not self._inferred:
+        if vi is None and infer and not self._inferred:
             self._infer_types()
             vi = self._value_info.get(name)
         if vi is not None and vi.type.HasField("tensor_type"):
@@ -337,7 +352,11 @@ class Graph:
             if name in g.values:
                 return True
             g = g.parent
-        return False
+        root = self.root
+        if root._body_names is None:
+            root._body_names = {name for node in root.with_bodies for a in node.attrs.values()
+                                for body in _attr_graphs(a) for name in _defined_names(body)}
+        return name in root._body_names
 
     def fresh_node_name(self, hint: str) -> str:
         if self._used_node_names is None:
@@ -353,12 +372,12 @@ class Graph:
                  domain: str = "", attrs: dict[str, Any] | None = None, name: str | None = None,
                  output_hint: str | None = None) -> Node:
         """Append a new node with fresh output values; order is restored by `toposort`."""
+        protos = {k: helper.make_attribute(k, a) for k, a in (attrs or {}).items() if a is not None}
         node_name = self.fresh_node_name(name or op_type)
         hint = output_hint or node_name
         outs = [Value(self.fresh_value_name(hint), self) for _ in range(num_outputs)]
         for v in outs:
             self.values[v.name] = v
-        protos = {k: helper.make_attribute(k, a) for k, a in (attrs or {}).items() if a is not None}
         node = Node(op_type, domain, node_name, list(inputs), outs, protos)
         for v in inputs:
             if v is not None:
@@ -378,6 +397,26 @@ class Graph:
         self.initializers[name] = self.constants[name] = t
         self.proto.initializer.append(t)
         return self.value(name)
+
+    def discard_new_node(self, node: Node) -> None:
+        """Undo `add_node` (newest first): the node, its outputs and its index entries go."""
+        self.remove_node(node)
+        _pop_last(self.nodes, node)
+        _pop_last(self.by_op[(node.domain, node.op_type)], node)
+        for v in node.outputs:
+            self.values.pop(v.name, None)
+            self.created_values.discard(v.name)
+
+    def discard_new_initializer(self, v: Value) -> None:
+        """Undo `add_initializer` (newest first)."""
+        t = self.initializers.pop(v.name)
+        self.constants.pop(v.name, None)
+        self.values.pop(v.name, None)
+        inits = self.proto.initializer
+        for i in range(len(inits) - 1, -1, -1):  # the last one, when undoing newest first
+            if inits[i].name == t.name:
+                del inits[i]
+                break
 
     def remove_node(self, node: Node) -> None:
         """Disconnect a node; its outputs must already have no consumers that stay alive."""
@@ -487,11 +526,18 @@ class Graph:
             g.value_info.extend(keep_vi)
         return self.model
 
-    def subgraph(self, node: Node, attr: onnx.AttributeProto, index: int | None = None) -> "Graph":
-        """The body held by `node`'s GRAPH attribute (or the `index`-th of a GRAPHS one), as a
-        Graph that edits it in place."""
-        proto = attr.g if index is None else attr.graphs[index]
-        return Graph(self.model, self.base_dir, proto=proto, parent=self)
+    def body_protos(self) -> Iterator[onnx.GraphProto]:
+        """The subgraph bodies the live nodes hold (in their attributes)."""
+        for node in self.with_bodies:
+            if node.alive:
+                for a in node.attrs.values():
+                    yield from _attr_graphs(a)
+
+    def bodies(self) -> Iterator["Graph"]:
+        """The subgraph bodies of the live nodes, each a Graph that edits its GraphProto in
+        place (in the node's attribute, so export needs nothing more)."""
+        for proto in self.body_protos():
+            yield Graph(self.model, self.base_dir, proto=proto, parent=self)
 
     def _link_outer_scope(self, node: Node) -> None:
         """Count values a subgraph reads from the outer scope as uses by the node that owns it."""
@@ -587,6 +633,34 @@ def _has_subgraph(p: onnx.NodeProto) -> bool:
     return any(a.type in _SUBGRAPH_ATTR_TYPES for a in p.attribute)
 
 
+def _attr_graphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if a.type == onnx.AttributeProto.GRAPH:
+        return [a.g]
+    if a.type == onnx.AttributeProto.GRAPHS:
+        return list(a.graphs)
+    return []
+
+
+def nested_nodes(g: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `g` and of the bodies nested in it."""
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                yield from nested_nodes(sub)
+
+
+def _defined_names(g: onnx.GraphProto) -> Iterator[str]:
+    """Every name `g` or a body nested in it defines."""
+    yield from (i.name for i in g.input)
+    yield from (t.name for t in g.initializer)
+    for n in g.node:
+        yield from n.output
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                yield from _defined_names(sub)
+
+
 def _outer_names(g: onnx.GraphProto) -> set[str]:
     """Names a subgraph uses but does not define (its references to enclosing scopes)."""
     defined = ({i.name for i in g.input} | {t.name for t in g.initializer}
@@ -603,6 +677,13 @@ def _outer_names(g: onnx.GraphProto) -> set[str]:
                     used |= _outer_names(sub)
     used.update(o.name for o in g.output)
     return used - defined
+
+
+def _pop_last(nodes: list[Node], node: Node) -> None:
+    if nodes and nodes[-1] is node:
+        nodes.pop()
+    else:
+        nodes.remove(node)
 
 
 def _omitted_output(node: Node, graph: Graph) -> Value:

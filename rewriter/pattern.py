@@ -41,6 +41,9 @@ from .errors import InputError
 
 COMMUTATIVE_OPS = frozenset({"Add", "Mul", "Max", "Min", "And", "Or", "Xor", "Equal", "Sum",
                              "BitwiseAnd", "BitwiseOr", "BitwiseXor"})
+#: Ops whose inputs broadcast against each other (multidirectionally, or PRelu's slope onto X).
+BROADCASTING_OPS = COMMUTATIVE_OPS | {"Sub", "Div", "Pow", "Mod", "Mean", "Where", "Less", "LessOrEqual",
+                                      "Greater", "GreaterOrEqual", "BitShift", "PRelu"}
 
 
 class Pattern:
@@ -158,7 +161,7 @@ class Attr:
 class NodePattern:
     """One operator of a pattern; its outputs are `NodeOutput` patterns."""
 
-    __slots__ = ("op_type", "domain", "inputs", "attrs", "num_outputs", "commutative")
+    __slots__ = ("op_type", "domain", "inputs", "attrs", "num_outputs", "commutative", "absorbed")
 
     def __init__(self, op_type: str, inputs: Sequence[Pattern | None], attrs: dict[str, Any],
                  domain: str = "", num_outputs: int = 1):
@@ -168,6 +171,10 @@ class NodePattern:
         self.attrs = attrs
         self.num_outputs = num_outputs
         self.commutative = op_type in COMMUTATIVE_OPS and not domain and len(inputs) == 2
+        #: Positions of constants the pattern absorbs into a broadcasting op: the matcher
+        #: requires them shape-neutral.
+        self.absorbed = tuple(i for i, q in enumerate(self.inputs) if _is_const(q)) if (
+            op_type in BROADCASTING_OPS and not domain) else ()
 
     def __repr__(self) -> str:
         return f"{self.domain + '.' if self.domain else ''}{self.op_type}({', '.join(map(repr, self.inputs))})"
@@ -209,6 +216,10 @@ class Constrained(Pattern):
 
     def __repr__(self) -> str:
         return f"{self.inner!r}.where({self.why})"
+
+
+def _is_const(p: Pattern | None) -> bool:
+    return isinstance(p, Const) or isinstance(p, Constrained) and _is_const(p.inner)
 
 
 def optional(p: Pattern) -> Alt:

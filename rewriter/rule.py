@@ -14,7 +14,9 @@
 Pattern and replacement are plain functions over `op`; the replacement and conditions receive
 the pattern's captures by name (values as `Value`, captured attributes as Python values) and
 declare only those they use. A condition returns a bool or calls `reject(why)`, whose reason
-`--explain` prints.
+`--explain` prints. A condition that raises anything else refuses the candidate too, and the
+driver names the rule among the run's errors (`RewriteReport.errors`): one faulty rule never
+ends a run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import InputError
-from .matcher import pattern_depth, root_op_types
+from .matcher import pattern_depth, raised, root_op_types
 from .pattern import Pattern, trace
 
 
@@ -35,6 +37,10 @@ class Reject(Exception):
 
 def reject(reason: str) -> bool:
     raise Reject(reason)
+
+
+class RuleRaised(Exception):
+    """A rule's condition raised (not `reject`): the message says which and what."""
 
 
 @dataclass
@@ -73,12 +79,15 @@ class Rule:
     def check(self, captures: dict[str, Any]) -> str | None:
         """None if every condition holds, else the reason the first one refused."""
         for cond in self.conditions:
+            name = getattr(cond, "__name__", None) or repr(cond)
             try:
                 ok = call_with_captures(cond, (), captures)
             except Reject as r:
                 return str(r)
+            except Exception as e:  # the rule's own code: refuse the candidate, name the rule
+                raise RuleRaised(raised(f"condition {name}", e)) from e
             if not ok:
-                return f"condition {getattr(cond, '__name__', cond)!s} is false"
+                return f"condition {name} is false"
         return None
 
 

@@ -1,0 +1,155 @@
+"""What a replacement produces, checked against the values it replaces, before it is spliced in.
+
+A replacement that returns a value of another element type or shape (a user's rule that drops
+a Reshape, a fused op fed a bias that broadcasts further than the pattern's Add did) would give
+a model ONNX Runtime refuses to load, or one that computes something else. So each match's new
+nodes are typed by ONNX shape inference, one node at a time in creation order: standard ops by
+their schema (`infer_node_outputs`, with the values of small constant inputs, so Reshape and
+Split see their shapes), `fusegraph` ops by their function body at the model's opset
+(`infer_function_output_types`). A user's custom-domain op has no signature to infer from: its
+outputs are unknown and only what is known is compared.
+
+Then every returned value must agree with the value it replaces wherever both are known: the
+element type; the rank; every dim known on both sides; and a symbolic dim of the original
+(which varies at run time) must not have become a fixed number.
+
+Cost: per match O(new nodes); no whole-graph inference (a type nobody declared or inferred
+before is unknown here, and unknown is not checked). Inference results are cached by node
+signature (op, attributes, input types and constant data), so a model's repeated layers infer
+each fused op once.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx
+from onnx import helper, numpy_helper
+from onnx.checker import ValidationError
+from onnx.shape_inference import InferenceError, infer_function_output_types, infer_node_outputs
+
+from . import fused_ops
+from .ir import Graph, Node, Value
+
+#: Constant inputs up to this many elements are handed to inference (shapes, sizes, axes).
+MAX_DATA_ELEMENTS = 64
+
+_Types = tuple[onnx.TypeProto | None, ...]
+
+
+class ReplacementTypes:
+    """Types a replacement's new nodes, per graph; remembers the types of created values."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.opset = graph.opset.get("", 1)
+        self.opset_imports = [helper.make_opsetid(d, v) for d, v in graph.opset.items()]
+        self.created: dict[int, onnx.TypeProto | None] = {}
+        self._cache: dict[tuple, _Types | str] = {}
+        self._functions: dict[str, onnx.FunctionProto] = {}
+
+    def check(self, new_nodes: Sequence[Node], results: Sequence[Value], replaced: Sequence[Value]) -> str | None:
+        """None if every result agrees with the value it replaces, else the reason it doesn't."""
+        for node in new_nodes:
+            types = self._infer(node)
+            if isinstance(types, str):
+                return types
+            for v, t in zip(node.outputs, types):
+                self.created[id(v)] = t
+        for new, old in zip(results, replaced):
+            if new is not old:
+                why = mismatch(self.type_of(new), old.known_type)
+                if why is not None:
+                    return f"the replacement's value for {old.name!r} {why}"
+        return None
+
+    def type_of(self, v: Value) -> onnx.TypeProto | None:
+        return self.created[id(v)] if id(v) in self.created else v.known_type
+
+    def _infer(self, node: Node) -> _Types | str:
+        """The output types of a new node (None where unknown), or why inference refuses it."""
+        present = [v for v in node.inputs if v is not None]
+        in_types = [self.type_of(v) for v in present]
+        unknown: _Types = (None,) * len(node.outputs)
+        if any(t is None for t in in_types) or node.domain not in ("", "ai.onnx", fused_ops.DOMAIN):
+            return unknown
+        consts = [_small_constant(v) if v.is_constant else None for v in present]
+        data = {v.name: t for v, t in zip(present, consts) if t is not None}
+        key = (node.domain, node.op_type, tuple(a.SerializeToString() for a in node.attrs.values()),
+               tuple(v is None for v in node.inputs),
+               tuple(t.SerializeToString() for t in in_types),
+               tuple(None if t is None else (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+                     for t in consts))
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = self._run_inference(node, in_types, data)
+        return cached
+
+    def _run_inference(self, node: Node, in_types: list[onnx.TypeProto],
+                       data: dict[str, onnx.TensorProto]) -> _Types | str:
+        proto = node.to_proto()
+        try:
+            if node.domain == fused_ops.DOMAIN:
+                fn = self._functions.get(node.op_type)
+                if fn is None:
+                    fn = self._functions[node.op_type] = fused_ops.REGISTRY[node.op_type].function(self.opset)
+                return tuple(infer_function_output_types(fn, in_types, list(node.attrs.values())))
+            try:
+                schema = onnx.defs.get_schema(node.op_type, self.opset, "")
+            except onnx.defs.SchemaError:
+                return f"the replacement uses {node.op_type!r}, which opset {self.opset} does not define"
+            names = [v.name for v in node.inputs if v is not None]
+            out = infer_node_outputs(schema, proto, dict(zip(names, in_types)), data,
+                                     opset_imports=self.opset_imports)
+            return tuple(out.get(v.name) for v in node.outputs)
+        except (InferenceError, ValidationError) as e:
+            first = str(e).strip().splitlines()
+            return f"the replacement's {node.op_type} fails ONNX shape inference: {first[-1] if first else e}"
+
+
+def mismatch(got: onnx.TypeProto | None, want: onnx.TypeProto | None) -> str | None:
+    """Why a value of type `got` can't stand in for one of type `want` (None: it can, or
+    too little is known to tell)."""
+    if got is None or want is None or not got.HasField("tensor_type") or not want.HasField("tensor_type"):
+        return None
+    g, w = got.tensor_type, want.tensor_type
+    if g.elem_type and w.elem_type and g.elem_type != w.elem_type:
+        return (f"has element type {onnx.TensorProto.DataType.Name(g.elem_type)}, not "
+                f"{onnx.TensorProto.DataType.Name(w.elem_type)}")
+    if not g.HasField("shape") or not w.HasField("shape"):
+        return None
+    gs, ws = _dims(g.shape), _dims(w.shape)
+    if len(gs) != len(ws):
+        return f"has shape {_show(gs)}, not {_show(ws)} (rank {len(gs)}, not {len(ws)})"
+    for i, (a, b) in enumerate(zip(gs, ws)):
+        if isinstance(a, int) and (isinstance(b, int) and a != b or isinstance(b, str)):
+            return f"has shape {_show(gs)}, not {_show(ws)} (dim {i})"
+    return None
+
+
+def _dims(shape: onnx.TensorShapeProto) -> list[int | str | None]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+
+
+def _show(dims: list[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _small_constant(v: Value) -> onnx.TensorProto | None:
+    """A constant input's TensorProto for inference, if small and in memory."""
+    t = v.graph.constants.get(v.name)
+    if t is None and v.producer is not None:
+        t = v.producer.attr("value")
+    if not isinstance(t, onnx.TensorProto) or t.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    size = 1
+    for d in t.dims:
+        size *= d
+    if size > MAX_DATA_ELEMENTS:
+        return None
+    if t.name != v.name:
+        named = onnx.TensorProto()
+        named.CopyFrom(t)
+        named.name = v.name
+        return named
+    return t
