@@ -44,7 +44,8 @@ class ReplacementTypes:
         self.graph = graph
         self.opset = graph.opset.get("", 1)
         self.opset_imports = [helper.make_opsetid(d, v) for d, v in graph.opset.items()]
-        self.created: dict[int, onnx.TypeProto | None] = {}
+        #: Inferred types of values replacements created, by name (names are never reused).
+        self.created: dict[str, onnx.TypeProto | None] = {}
         self._cache: dict[tuple, _Types | str] = {}
         self._functions: dict[str, onnx.FunctionProto] = {}
 
@@ -55,7 +56,7 @@ class ReplacementTypes:
             if isinstance(types, str):
                 return types
             for v, t in zip(node.outputs, types):
-                self.created[id(v)] = t
+                self.created[v.name] = t
         for new, old in zip(results, replaced):
             if new is not old:
                 why = mismatch(self.type_of(new), old.known_type)
@@ -64,7 +65,7 @@ class ReplacementTypes:
         return None
 
     def type_of(self, v: Value) -> onnx.TypeProto | None:
-        return self.created[id(v)] if id(v) in self.created else v.known_type
+        return self.created[v.name] if v.name in self.created else v.known_type
 
     def _infer(self, node: Node) -> _Types | str:
         """The output types of a new node (None where unknown), or why inference refuses it."""
@@ -87,24 +88,34 @@ class ReplacementTypes:
 
     def _run_inference(self, node: Node, in_types: list[onnx.TypeProto],
                        data: dict[str, onnx.TensorProto]) -> _Types | str:
-        proto = node.to_proto()
         try:
             if node.domain == fused_ops.DOMAIN:
-                fn = self._functions.get(node.op_type)
-                if fn is None:
-                    fn = self._functions[node.op_type] = fused_ops.REGISTRY[node.op_type].function(self.opset)
+                fn = self._function(node.op_type)
+                if isinstance(fn, str):
+                    return fn
                 return tuple(infer_function_output_types(fn, in_types, list(node.attrs.values())))
             try:
                 schema = onnx.defs.get_schema(node.op_type, self.opset, "")
             except onnx.defs.SchemaError:
                 return f"the replacement uses {node.op_type!r}, which opset {self.opset} does not define"
             names = [v.name for v in node.inputs if v is not None]
-            out = infer_node_outputs(schema, proto, dict(zip(names, in_types)), data,
+            out = infer_node_outputs(schema, node.to_proto(), dict(zip(names, in_types)), data,
                                      opset_imports=self.opset_imports)
             return tuple(out.get(v.name) for v in node.outputs)
         except (InferenceError, ValidationError) as e:
             first = str(e).strip().splitlines()
             return f"the replacement's {node.op_type} fails ONNX shape inference: {first[-1] if first else e}"
+
+
+    def _function(self, op_type: str) -> onnx.FunctionProto | str:
+        """The fused op's body at the model's opset, or why it has none there."""
+        fn = self._functions.get(op_type)
+        if fn is None:
+            try:
+                fn = self._functions[op_type] = fused_ops.REGISTRY[op_type].function(self.opset)
+            except Exception as e:  # a body that can't be written at this opset: refuse, don't fail
+                return f"fusegraph.{op_type} has no body at opset {self.opset} ({type(e).__name__}: {e})"
+        return fn
 
 
 def mismatch(got: onnx.TypeProto | None, want: onnx.TypeProto | None) -> str | None:
