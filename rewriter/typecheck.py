@@ -11,7 +11,9 @@ outputs are unknown and only what is known is compared.
 
 Then every returned value must agree with the value it replaces wherever both are known: the
 element type; the rank; every dim known on both sides; and a symbolic dim of the original
-(which varies at run time) must not have become a fixed number.
+(which varies at run time) must not have become a fixed number. The `unk__N` names ONNX
+inference makes up for dims it could not work out are unknown dims, not symbols: the new nodes
+may know better (a fused op sees through a Shape/Expand chain inference lost track of).
 
 Cost: per match O(new nodes); no whole-graph inference (a type nobody declared or inferred
 before is unknown here, and unknown is not checked). Inference results are cached by node
@@ -31,6 +33,8 @@ from onnx.shape_inference import InferenceError, infer_function_output_types, in
 from . import fused_ops
 from .ir import Graph, Node, Value
 
+#: The prefix ONNX shape inference gives dims it could not determine.
+INFERENCE_UNKNOWN = "unk__"
 #: Constant inputs up to this many elements are handed to inference (shapes, sizes, axes).
 MAX_DATA_ELEMENTS = 64
 
@@ -139,7 +143,9 @@ def mismatch(got: onnx.TypeProto | None, want: onnx.TypeProto | None) -> str | N
 
 
 def _dims(shape: onnx.TensorShapeProto) -> list[int | str | None]:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else
+            d.dim_param if d.dim_param and not d.dim_param.startswith(INFERENCE_UNKNOWN) else None
+            for d in shape.dim]
 
 
 def _show(dims: list[int | str | None]) -> str:
