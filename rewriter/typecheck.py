@@ -73,11 +73,16 @@ class ReplacementTypes:
 
     def _infer(self, node: Node) -> _Types | str:
         """The output types of a new node (None where unknown), or why inference refuses it."""
-        present = [v for v in node.inputs if v is not None]
-        in_types = [self.type_of(v) for v in present]
         unknown: _Types = (None,) * len(node.outputs)
-        if any(t is None for t in in_types) or node.domain not in ("", "ai.onnx", fused_ops.DOMAIN):
+        if node.domain not in ("", "ai.onnx", fused_ops.DOMAIN):
             return unknown
+        present = [v for v in node.inputs if v is not None]
+        in_types = []
+        for v in present:
+            t = self.type_of(v)
+            if t is None:
+                return unknown
+            in_types.append(t)
         consts = [_small_constant(v) if v.is_constant else None for v in present]
         data = {v.name: t for v, t in zip(present, consts) if t is not None}
         key = (node.domain, node.op_type, tuple(a.SerializeToString() for a in node.attrs.values()),
