@@ -78,14 +78,14 @@ class Matcher:
     #: What the pattern's own predicates raised during the current candidate.
     raised: list[str] = field(default_factory=list)
 
-    def _holds(self, env: Bindings, where: Node | Value, what: str, predicate: Any, arg: Any) -> bool:
-        """`predicate(arg)`, with an exception counted as a failure whose reason it is."""
+    def _holds(self, env: Bindings, where: Node | Value, what: str, predicate: Any, arg: Any) -> bool | None:
+        """`predicate(arg)`; None if it raised (recorded as the failure, and in `raised`)."""
         try:
             return bool(predicate(arg))
         except Exception as e:  # the pattern author's code
             self.raised.append(raised(what, e))
             self._fail(env, where, self.raised[-1])
-            return False
+            return None
 
     def _fail(self, env: Bindings, where: Node | Value | None, reason: str) -> None:
         if self.explain:
@@ -108,19 +108,19 @@ class Matcher:
         elif isinstance(p, Constrained):
             for e in self.match(p.inner, v, env):
                 where = v.producer or v
-                n_raised = len(self.raised)
-                if self._holds(e, where, f"predicate '{p.why}'", p.predicate, v):
+                ok = self._holds(e, where, f"predicate '{p.why}'", p.predicate, v)
+                if ok:
                     yield e
-                elif len(self.raised) == n_raised:
+                elif ok is False:
                     self._fail(e, where, f"{v.name!r} fails: {p.why}")
         elif isinstance(p, Const):
             where = v.producer or v
             if not v.is_constant:
                 self._fail(env, where, f"expected {p!r}, {v.name!r} is not a constant")
                 return
-            n_raised = len(self.raised)
-            if not self._holds(env, where, f"constant test '{p!r}'", p.accepts, v.const_value):
-                if len(self.raised) == n_raised:
+            ok = self._holds(env, where, f"constant test '{p!r}'", p.accepts, v.const_value)
+            if not ok:
+                if ok is False:
                     self._fail(env, where, f"{v.name!r} fails: {p!r}")
                 return
             yield from self._capture(p.name, v, env)
@@ -169,9 +169,9 @@ class Matcher:
                     self._fail(env, n, f"attribute {name} is absent: {want.why}")
                     return
                 if want.predicate is not None:
-                    n_raised = len(self.raised)
-                    if not self._holds(env, n, f"attribute test '{want.why}'", want.predicate, actual):
-                        if len(self.raised) == n_raised:
+                    ok = self._holds(env, n, f"attribute test '{want.why}'", want.predicate, actual)
+                    if not ok:
+                        if ok is False:
                             self._fail(env, n, f"attribute {name}={actual!r} fails: {want.why}")
                         return
                 if want.name is not None:

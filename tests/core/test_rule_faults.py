@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from fusegraph import Const, InputError, Rule, rewrite, rewrite_with_report
+from fusegraph import Attr, Const, InputError, Rule, rewrite, rewrite_with_report
 from fusegraph.cli import main
 from fusegraph.testing import assert_rewrites, make_model, node, op_counts
 from fusegraph.verify import compare, make_inputs, run
@@ -55,14 +55,20 @@ def test_condition_that_raises_refuses_the_candidate_and_the_run_goes_on():
     assert all(d.ok for d in compare(run(model, feeds), run(out, feeds)))
 
 
-def test_pattern_predicate_that_raises_is_a_refusal_too():
-    rule = Rule("user.pred", lambda op, x: op.Relu(x.where(lambda v: v.shape[7] > 0, "dim 7 > 0")),
-                lambda op, x: op.Marked(x, _domain="test"))
-    model = make_model([node("Relu", ["x"], ["y"])], {"x": (F, [2])}, {"y": (F, [2])})
+@pytest.mark.parametrize("pattern,what", [
+    (lambda op, x: op.Softmax(x.where(lambda v: v.shape[7] > 0, "dim 7 > 0"), axis=-1), "predicate 'dim 7 > 0'"),
+    (lambda op, x: op.Softmax(op.Mul(x, Const(where=lambda a: a[3] > 0, why="c[3] > 0")), axis=-1),
+     "constant test 'c[3] > 0'"),
+    (lambda op, x: op.Softmax(x, axis=Attr(where=lambda a: a[0] < 0, why="axis[0] < 0")), "attribute test 'axis[0] < 0'"),
+])
+def test_pattern_predicate_that_raises_is_a_refusal_too(pattern, what):
+    rule = Rule("user.pred", pattern, lambda op, x: op.Marked(x, _domain="test"))
+    model = make_model([node("Mul", ["x", "c"], ["m"]), node("Softmax", ["m"], ["y"], axis=-1)],
+                       {"x": (F, [2])}, {"y": (F, [2])}, {"c": np.ones(2, F)})
     out, report = rewrite_with_report(model, [rule], explain="user.pred")
     assert op_counts(out) == op_counts(model)
-    assert "predicate 'dim 7 > 0' raised IndexError" in report.errors["user.pred"].message
-    assert "raised IndexError" in report.near_misses[0].reason
+    assert report.errors["user.pred"].message.startswith(f"{what} raised")
+    assert f"{what} raised" in report.near_misses[0].reason
 
 
 def builds_then_raises(op, x, w, b):
