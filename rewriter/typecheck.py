@@ -10,10 +10,12 @@ Split see their shapes), `fusegraph` ops by their function body at the model's o
 outputs are unknown and only what is known is compared.
 
 Then every returned value must agree with the value it replaces wherever both are known: the
-element type; the rank; every dim known on both sides; and a symbolic dim of the original
-(which varies at run time) must not have become a fixed number. The `unk__N` names ONNX
-inference makes up for dims it could not work out are unknown dims, not symbols: the new nodes
-may know better (a fused op sees through a Shape/Expand chain inference lost track of).
+element type; the rank; every dim known on both sides; and a dim of the original that follows
+a dynamic dim of the model's inputs (a `dim_param` of a graph input: it varies at run time)
+must not have become a fixed number. Other symbolic names are unknown dims, not variables:
+exporters and ONNX inference make them up for dims they could not work out (torch's
+`LayerNormalizationlast_hidden_state_dim_1`, inference's `unk__3`), and the new nodes may know
+better (a fused op sees through a Shape/Expand chain inference lost track of).
 
 Cost: per match O(new nodes); no whole-graph inference (a type nobody declared or inferred
 before is unknown here, and unknown is not checked). Inference results are cached by node
@@ -33,8 +35,6 @@ from onnx.shape_inference import InferenceError, infer_function_output_types, in
 from . import fused_ops
 from .ir import Graph, Node, Value
 
-#: The prefix ONNX shape inference gives dims it could not determine.
-INFERENCE_UNKNOWN = "unk__"
 #: Constant inputs up to this many elements are handed to inference (shapes, sizes, axes).
 MAX_DATA_ELEMENTS = 64
 
@@ -48,6 +48,9 @@ class ReplacementTypes:
         self.graph = graph
         self.opset = graph.opset.get("", 1)
         self.opset_imports = [helper.make_opsetid(d, v) for d, v in graph.opset.items()]
+        #: The model's dynamic input dims: a value's dim named so varies with the input.
+        self.input_dims = frozenset(d.dim_param for vi in graph.root.proto.input
+                                    for d in vi.type.tensor_type.shape.dim if d.dim_param)
         #: Inferred types of values replacements created, by name (names are never reused).
         self.created: dict[str, onnx.TypeProto | None] = {}
         self._cache: dict[tuple, _Types | str] = {}
@@ -63,7 +66,7 @@ class ReplacementTypes:
                 self.created[v.name] = t
         for new, old in zip(results, replaced):
             if new is not old:
-                why = mismatch(self.type_of(new), old.known_type)
+                why = mismatch(self.type_of(new), old.known_type, self.input_dims)
                 if why is not None:
                     return f"the replacement's value for {old.name!r} {why}"
         return None
@@ -127,9 +130,10 @@ class ReplacementTypes:
         return fn
 
 
-def mismatch(got: onnx.TypeProto | None, want: onnx.TypeProto | None) -> str | None:
+def mismatch(got: onnx.TypeProto | None, want: onnx.TypeProto | None,
+             input_dims: frozenset[str] = frozenset()) -> str | None:
     """Why a value of type `got` can't stand in for one of type `want` (None: it can, or
-    too little is known to tell)."""
+    too little is known to tell). A dim of `want` named in `input_dims` varies at run time."""
     if got is None or want is None or not got.HasField("tensor_type") or not want.HasField("tensor_type"):
         return None
     g, w = got.tensor_type, want.tensor_type
@@ -142,15 +146,13 @@ def mismatch(got: onnx.TypeProto | None, want: onnx.TypeProto | None) -> str | N
     if len(gs) != len(ws):
         return f"has shape {_show(gs)}, not {_show(ws)} (rank {len(gs)}, not {len(ws)})"
     for i, (a, b) in enumerate(zip(gs, ws)):
-        if isinstance(a, int) and (isinstance(b, int) and a != b or isinstance(b, str)):
+        if isinstance(a, int) and (isinstance(b, int) and a != b or b in input_dims):
             return f"has shape {_show(gs)}, not {_show(ws)} (dim {i})"
     return None
 
 
 def _dims(shape: onnx.TensorShapeProto) -> list[int | str | None]:
-    return [d.dim_value if d.HasField("dim_value") else
-            d.dim_param if d.dim_param and not d.dim_param.startswith(INFERENCE_UNKNOWN) else None
-            for d in shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
 
 
 def _show(dims: list[int | str | None]) -> str:

@@ -132,12 +132,20 @@ def test_fused_op_output_is_checked_through_its_function_body():
             assert "has shape [1, 3], not [2, 3]" in report.near_misses[0].reason
 
 
-def test_symbolic_dim_may_not_become_a_number():
+def test_dynamic_input_dim_may_not_become_a_number():
     model = make_model([node("Relu", ["x"], ["y"])], {"x": (F, ["n", 3])}, {"y": (F, ["n", 3])})
     rule = Rule("user.fix", lambda op, x: op.Relu(x), lambda op, x: op.Expand(x, np.array([4, 3], np.int64)))
     out, report = rewrite_with_report(model, [rule], explain="user.fix")
     assert op_counts(out)["Expand"] == 0
     assert "has shape [4, 3], not [n, 3]" in report.near_misses[0].reason
+
+
+def test_a_made_up_dim_name_is_an_unknown_dim():
+    """torch.onnx names output dims it could not work out (`Relu_y_dim_1`): a replacement that
+    knows the dim is 3 is not refused for it."""
+    model = make_model([node("Relu", ["x"], ["y"])], {"x": (F, ["n", 3])}, {"y": (F, ["n", "Relu_y_dim_1"])})
+    rule = Rule("user.same", lambda op, x: op.Relu(x), lambda op, x: op.Max(x, np.zeros(3, F)))
+    assert_rewrites(model, [rule], expect={"Max": 1, "Relu": 0}, feeds={"x": np.ones((2, 3), F)})
 
 
 def test_cli_names_each_failing_rule_in_one_warning_line(tmp_path, capsys):
