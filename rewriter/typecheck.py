@@ -25,6 +25,7 @@ each fused op once.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import onnx
@@ -54,7 +55,6 @@ class ReplacementTypes:
         #: Inferred types of values replacements created, by name (names are never reused).
         self.created: dict[str, onnx.TypeProto | None] = {}
         self._cache: dict[tuple, _Types | str] = {}
-        self._functions: dict[str, onnx.FunctionProto] = {}
 
     def check(self, new_nodes: Sequence[Node], results: Sequence[Value], replaced: Sequence[Value]) -> str | None:
         """None if every result agrees with the value it replaces, else the reason it doesn't."""
@@ -102,7 +102,7 @@ class ReplacementTypes:
                        data: dict[str, onnx.TensorProto]) -> _Types | str:
         try:
             if node.domain == fused_ops.DOMAIN:
-                fn = self._function(node.op_type)
+                fn = _function(node.op_type, self.opset)
                 if isinstance(fn, str):
                     return fn
                 return tuple(infer_function_output_types(fn, in_types, list(node.attrs.values())))
@@ -119,15 +119,14 @@ class ReplacementTypes:
             return f"the replacement's {node.op_type} fails ONNX shape inference: {first[-1] if first else e}"
 
 
-    def _function(self, op_type: str) -> onnx.FunctionProto | str:
-        """The fused op's body at the model's opset, or why it has none there."""
-        fn = self._functions.get(op_type)
-        if fn is None:
-            try:
-                fn = self._functions[op_type] = fused_ops.REGISTRY[op_type].function(self.opset)
-            except Exception as e:  # a body that can't be written at this opset: refuse, don't fail
-                return f"fusegraph.{op_type} has no body at opset {self.opset} ({type(e).__name__}: {e})"
-        return fn
+
+@lru_cache(maxsize=None)
+def _function(op_type: str, opset: int) -> onnx.FunctionProto | str:
+    """The fused op's body at `opset` (built once per process), or why it has none there."""
+    try:
+        return fused_ops.REGISTRY[op_type].function(opset)
+    except Exception as e:  # a body that can't be written at this opset: refuse, don't fail
+        return f"fusegraph.{op_type} has no body at opset {opset} ({type(e).__name__}: {e})"
 
 
 def mismatch(got: onnx.TypeProto | None, want: onnx.TypeProto | None,
