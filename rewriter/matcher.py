@@ -231,7 +231,8 @@ def _absorbed_constant_grows(positions: tuple[int, ...], vals: Any, k: int) -> s
         if any(s is None for s in others) or not others:
             if len(cshape) <= 1 and all(d == 1 for d in cshape):
                 continue
-            return f"constant {c.name!r} of shape {list(cshape)} may broadcast the output (the other operand's rank is unknown)"
+            return (f"constant {c.name!r} of shape {list(cshape)} may broadcast the output "
+                    "(the other operand's rank is unknown)")
         rank = max(len(s) for s in others)
         if len(cshape) > rank:
             return f"constant {c.name!r} of shape {list(cshape)} would raise the output's rank to {len(cshape)}"

@@ -46,7 +46,6 @@ class ReplacementTypes:
     """Types a replacement's new nodes, per graph; remembers the types of created values."""
 
     def __init__(self, graph: Graph):
-        self.graph = graph
         self.opset = graph.opset.get("", 1)
         self.opset_imports = [helper.make_opsetid(d, v) for d, v in graph.opset.items()]
         #: The model's dynamic input dims: a value's dim named so varies with the input.
@@ -117,7 +116,6 @@ class ReplacementTypes:
         except (InferenceError, ValidationError) as e:
             first = str(e).strip().splitlines()
             return f"the replacement's {node.op_type} fails ONNX shape inference: {first[-1] if first else e}"
-
 
 
 @lru_cache(maxsize=None)

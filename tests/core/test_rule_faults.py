@@ -59,7 +59,8 @@ def test_condition_that_raises_refuses_the_candidate_and_the_run_goes_on():
     (lambda op, x: op.Softmax(x.where(lambda v: v.shape[7] > 0, "dim 7 > 0"), axis=-1), "predicate 'dim 7 > 0'"),
     (lambda op, x: op.Softmax(op.Mul(x, Const(where=lambda a: a[3] > 0, why="c[3] > 0")), axis=-1),
      "constant test 'c[3] > 0'"),
-    (lambda op, x: op.Softmax(x, axis=Attr(where=lambda a: a[0] < 0, why="axis[0] < 0")), "attribute test 'axis[0] < 0'"),
+    (lambda op, x: op.Softmax(x, axis=Attr(where=lambda a: a[0] < 0, why="axis[0] < 0")),
+     "attribute test 'axis[0] < 0'"),
 ])
 def test_pattern_predicate_that_raises_is_a_refusal_too(pattern, what):
     rule = Rule("user.pred", pattern, lambda op, x: op.Marked(x, _domain="test"))
@@ -123,8 +124,9 @@ def test_fused_op_output_is_checked_through_its_function_body():
     def drop_bias(op, x, w, b):
         return op.MatMulRelu(x, w, _domain="fusegraph")
     for bias, fires in ((np.ones((2, 3), F), False), (np.zeros(3, F), True)):
+        y_shape = list(np.broadcast_shapes((1, 3), bias.shape))
         model = make_model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["s"]),
-                            node("Relu", ["s"], ["y"])], {"x": (F, [1, 4])}, {"y": (F, list(np.broadcast_shapes((1, 3), bias.shape)))},
+                            node("Relu", ["s"], ["y"])], {"x": (F, [1, 4])}, {"y": (F, y_shape)},
                            {"w": np.ones((4, 3), F), "b": bias})
         out, report = rewrite_with_report(model, [Rule("user.drop", mlp_pattern, drop_bias)], explain="user.drop")
         assert (op_counts(out)["fusegraph.MatMulRelu"] == 1) is fires

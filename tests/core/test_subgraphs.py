@@ -22,7 +22,8 @@ def body(name, nodes, out, inits=()):
 def mlp_branch(tag, x="x"):
     """Relu(x @ w + b) with body-local weights; x comes from the enclosing scope."""
     rng = np.random.default_rng(len(tag))
-    return body(tag, [node("MatMul", [x, f"{tag}_w"], [f"{tag}_m"]), node("Add", [f"{tag}_m", f"{tag}_b"], [f"{tag}_s"]),
+    return body(tag, [node("MatMul", [x, f"{tag}_w"], [f"{tag}_m"]),
+                      node("Add", [f"{tag}_m", f"{tag}_b"], [f"{tag}_s"]),
                       node("Relu", [f"{tag}_s"], [f"{tag}_y"])], f"{tag}_y",
                 [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(F), f"{tag}_w"),
                  numpy_helper.from_array(rng.standard_normal(3).astype(F), f"{tag}_b")])
@@ -128,7 +129,8 @@ def test_loop_body_with_a_carried_value_is_fused():
         [numpy_helper.from_array(w, "w")])
     model = make_model([node("Loop", ["n", "go", "x"], ["y"], body=loop_body)],
                        {"n": (np.int64, []), "go": (np.bool_, []), "x": (F, [2, 3])}, {"y": (F, [2, 3])})
-    feeds = {"n": np.asarray(2, np.int64), "go": np.asarray(True), "x": np.random.default_rng(0).standard_normal((2, 3)).astype(F)}
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(F)
+    feeds = {"n": np.asarray(2, np.int64), "go": np.asarray(True), "x": x}
     out = assert_rewrites(model, RULES, feeds=feeds)
     assert fused_ops_in(out.graph) == ["MatMulRelu"]
     assert [o.name for o in out.graph.node[0].attribute[0].g.output] == ["c_out", "v_out"]
