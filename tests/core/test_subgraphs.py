@@ -134,3 +134,16 @@ def test_loop_body_with_a_carried_value_is_fused():
     out = assert_rewrites(model, RULES, feeds=feeds)
     assert fused_ops_in(out.graph) == ["MatMulRelu"]
     assert [o.name for o in out.graph.node[0].attribute[0].g.output] == ["c_out", "v_out"]
+
+
+def test_a_value_a_body_reads_keeps_its_name_when_replaced_by_another():
+    """Neg(Neg(x)) -> x in the main graph, where a branch reads the double negation by name:
+    the name stays (an Identity of x), else the branch would read a value that is gone."""
+    rule = Rule("double_neg", lambda op, x: op.Neg(op.Neg(x)), lambda op, x: x)
+    then = body("t", [node("Relu", ["nn"], ["t_y"])], "t_y")
+    other = body("e", [node("Sigmoid", ["x"], ["e_y"])], "e_y")
+    model = make_model([node("Neg", ["x"], ["n"]), node("Neg", ["n"], ["nn"]),
+                        node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+                       {"cond": (np.bool_, []), "x": (F, [2, 3])}, {"y": (F, [2, 3])})
+    out = assert_rewrites(model, [rule], feeds={"cond": np.asarray(True), "x": np.ones((2, 3), F) * -2})
+    assert [(n.op_type, list(n.output)) for n in out.graph.node] == [("Identity", ["nn"]), ("If", ["y"])]
