@@ -457,9 +457,20 @@ def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
         record = [{"rule": f.rule, "matched": f.matched, "created": f.created} for f in report.fusions]
         props = {p.key: p for p in model.metadata_props}
         if FUSIONS_KEY in props:
-            record = json.loads(props[FUSIONS_KEY].value) + record
+            record = _earlier_fusions(props[FUSIONS_KEY].value) + record
             props[FUSIONS_KEY].value = json.dumps(record)
         else:
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                                 FUSIONS_KEY: json.dumps(record)})
     return model
+
+
+def _earlier_fusions(text: str) -> list:
+    """The fusion record an earlier rewrite left in the model (a JSON list), which this one extends."""
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"metadata_props[{FUSIONS_KEY!r}] is not valid JSON ({e})") from None
+    if not isinstance(record, list):
+        raise InputError(f"metadata_props[{FUSIONS_KEY!r}] is not a JSON list of fusions")
+    return record

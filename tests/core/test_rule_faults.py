@@ -176,3 +176,11 @@ def test_rules_that_are_not_rules_are_bad_input_saying_what_was_passed(rules, wh
     with pytest.raises(InputError, match="fusegraph.Rule") as e:
         rewrite(model, rules)
     assert what in str(e.value)
+
+
+@pytest.mark.parametrize("record,why", [("{not json", "not valid JSON"), ('{"rule": 1}', "not a JSON list")])
+def test_malformed_fusion_record_is_bad_input(record, why):
+    model = two_mlps(np.ones(3), np.ones(3))
+    onnx.helper.set_model_props(model, {"fusegraph.fusions": record})
+    with pytest.raises(InputError, match=why):
+        rewrite(model, [Rule("user.mlp", mlp_pattern, fused)])
