@@ -138,6 +138,7 @@ def _summary(report, elapsed: float) -> dict:
         "passes": report.passes,
         "rewrite_seconds": round(report.seconds, 4),
         "total_seconds": round(elapsed, 4),
+        "rule_errors": {e.rule: {"count": e.count, "first": e.message} for e in report.errors.values()},
     }
 
 
@@ -159,6 +160,9 @@ def _print_summary(s: dict, output: str | None) -> None:
         verdict = "ok" if d["ok"] else "MISMATCH"
         print(f"verify {d['name']}: max abs {d['max_abs']:.3g}, max rel {d['max_rel']:.3g} "
               f"(atol {d['atol']:g}, rtol {d['rtol']:g}) {verdict}")
+    for rule, e in s["rule_errors"].items():
+        print(f"rewrite: warning: rule {rule!r} failed on {e['count']} candidate(s), left unfused: {e['first']}",
+              file=sys.stderr)
     if output:
         print(f"wrote {output}")
 

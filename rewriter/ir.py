@@ -9,6 +9,11 @@ while the goal is the whole rewrite in under 2 s. This IR keeps only what matchi
 - an index of live nodes by (domain, op_type), so a rule visits only the nodes of its root op;
 - the original NodeProto for every untouched node, so exporting copies protos instead of
   rebuilding them, and initializers never leave their TensorProto (external data stays on disk).
+
+Constants follow the ONNX IR: an initializer (dense or in `sparse_initializer`) or a `Constant`
+node's output, except an initializer that is also a graph input, which is only a default the
+caller may override. The body of an If/Loop/Scan is a `Graph` of its own (`subgraph`); the values
+it reads from enclosing scopes are opaque there, like graph inputs.
 """
 
 from __future__ import annotations
@@ -59,6 +64,17 @@ class Value:
         self._type = tp
 
     @property
+    def known_type(self) -> onnx.TypeProto | None:
+        """The type if already known (declared, a constant's, or inferred before), without
+        running whole-graph inference to find it: for checks that must stay cheap."""
+        if self._type is _UNREAD:
+            tp = self.graph._type_of(self.name, infer=False)
+            if tp is not None:
+                self._type = tp
+            return tp
+        return self._type  # type: ignore[return-value]
+
+    @property
     def dtype(self) -> int | None:
         """The ONNX element type (onnx.TensorProto.FLOAT, ...) or None when unknown."""
         tp = self.type_proto
@@ -85,7 +101,7 @@ class Value:
     # -- constants ----------------------------------------------------------------------
     @property
     def is_constant(self) -> bool:
-        return self.name in self.graph.initializers or (
+        return self.name in self.graph.constants or (
             self.producer is not None and self.producer.op_type == "Constant" and not self.producer.domain
         )
 
@@ -167,21 +183,34 @@ class Node:
 
 
 class Graph:
-    """The main graph of a model, indexed for matching and edited in batches."""
+    """A graph of a model, indexed for matching and edited in batches: the main graph, or (with
+    `proto` and `parent`) the body of an If/Loop/Scan node, edited in place in its attribute."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None, *,
+                 proto: onnx.GraphProto | None = None, parent: "Graph | None" = None):
         self.model = model
         self.base_dir = base_dir
-        g = model.graph
+        self.proto = g = model.graph if proto is None else proto
+        self.parent = parent
+        self.root: Graph = self if parent is None else parent.root
         self.opset = {o.domain or "": o.version for o in model.opset_import}
         self.values: dict[str, Value] = {}
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        input_names = {i.name for i in g.input}
+        #: Initializers that are constants: dense or sparse, and not also a graph input (those
+        #: are defaults a caller may override). Sparse ones stay SparseTensorProtos, untouched.
+        self.constants: dict[str, onnx.TensorProto | onnx.SparseTensorProto] = {
+            name: t for name, t in self.initializers.items() if name not in input_names}
+        self.constants.update((t.values.name, t) for t in g.sparse_initializer if t.values.name not in input_names)
         self._value_info: dict[str, onnx.ValueInfoProto] | None = None
         self._inferred = False
         self.nodes: list[Node] = []
         self.by_op: dict[tuple[str, str], list[Node]] = defaultdict(list)
         self._used_node_names: set[str] | None = None  # built on the first new node
         self._counter = 0
+        #: Nodes that hold subgraph bodies (If, Loop, Scan, ...), in graph order.
+        self.with_bodies: list[Node] = []
+        self._body_names: set[str] | None = None  # every name defined in a body; root only
         #: Names of values created by edits (their types are unknown until inferred).
         self.created_values: set[str] = set()
         #: True when an edit may have broken the order invariant; see `toposort`.
@@ -208,6 +237,9 @@ class Graph:
                 ins.append(v)
             outs = node.outputs
             for name in p.output:
+                if not name:  # an omitted optional output: not a tensor, just a position
+                    outs.append(_omitted_output(node, self))
+                    continue
                 v = values.get(name)
                 if v is None:
                     v = values[name] = Value(name, self)
@@ -220,11 +252,14 @@ class Graph:
             by_op[(domain, op_type)].append(node)
             if op_type in ("If", "Loop", "Scan") or (domain and _has_subgraph(p)):
                 self._link_outer_scope(node)
+                self.with_bodies.append(node)
         self.inputs = [self.value(i.name) for i in g.input]
         self.outputs = [self.value(o.name) for o in g.output]
         self.output_names = {v.name for v in self.outputs}
         for name in self.initializers:
             self.value(name)
+        for t in g.sparse_initializer:
+            self.value(t.values.name)
 
     # -- lookup -------------------------------------------------------------------------
     def value(self, name: str) -> Value:
@@ -236,22 +271,23 @@ class Graph:
     def live_nodes(self) -> Iterator[Node]:
         return (n for n in self.nodes if n.alive)
 
-    def _type_of(self, name: str) -> onnx.TypeProto | None:
+    def _type_of(self, name: str, infer: bool = True) -> onnx.TypeProto | None:
         if self._value_info is None:
-            g = self.model.graph
+            g = self.proto
             self._value_info = {vi.name: vi for vi in g.value_info}
             for vi in list(g.input) + list(g.output):
                 self._value_info[vi.name] = vi
-        init = self.initializers.get(name)
+        init = self.constants.get(name)
         if init is not None:
-            return helper.make_tensor_type_proto(init.data_type, list(init.dims))
+            dense = init.values if isinstance(init, onnx.SparseTensorProto) else init
+            return helper.make_tensor_type_proto(dense.data_type, list(init.dims))
         v = self.values.get(name)
         if v is not None and v.producer is not None and v.producer.op_type == "Constant":
             t = v.producer.attr("value")
             if isinstance(t, onnx.TensorProto):
                 return helper.make_tensor_type_proto(t.data_type, list(t.dims))
         vi = self._value_info.get(name)
-        if vi is None and not self._inferred:
+        if vi is None and infer and not self._inferred:
             self._infer_types()
             vi = self._value_info.get(name)
         if vi is not None and vi.type.HasField("tensor_type"):
@@ -264,9 +300,12 @@ class Graph:
         Exporters that write no value_info (torch.onnx's TorchScript path) leave rules blind to
         shapes; inference with data propagation keeps symbolic dims through Shape/Gather/Concat
         chains. It runs on the model as loaded (external data is not read) and only on demand,
-        so rules that never ask about intermediate types never pay for it.
+        so rules that never ask about intermediate types never pay for it. A subgraph body keeps
+        the types its own value_info declares.
         """
         self._inferred = True
+        if self.parent is not None:
+            return
         try:
             inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
         except (onnx.shape_inference.InferenceError, ValueError):
@@ -275,7 +314,9 @@ class Graph:
             self._value_info.setdefault(vi.name, vi)
 
     def _read_constant(self, v: Value) -> np.ndarray | None:
-        t = self.initializers.get(v.name)
+        t = self.constants.get(v.name)
+        if isinstance(t, onnx.SparseTensorProto):
+            return _densify(t)
         if t is None:
             p = v.producer
             if p is None or p.op_type != "Constant" or p.domain:
@@ -296,11 +337,26 @@ class Graph:
 
     # -- editing ------------------------------------------------------------------------
     def fresh_value_name(self, hint: str) -> str:
+        """A name no value of this graph or of an enclosing one has (names are global in ONNX);
+        one counter for the whole model keeps the bodies of sibling branches apart too."""
+        root = self.root
         while True:
-            self._counter += 1
-            name = f"{hint}__{self._counter}"
-            if name not in self.values:
+            root._counter += 1
+            name = f"{hint}__{root._counter}"
+            if not self._defines_in_scope(name):
                 return name
+
+    def _defines_in_scope(self, name: str) -> bool:
+        g: Graph | None = self
+        while g is not None:
+            if name in g.values:
+                return True
+            g = g.parent
+        root = self.root
+        if root._body_names is None:
+            root._body_names = {name for node in root.with_bodies for a in node.attrs.values()
+                                for body in _attr_graphs(a) for name in _defined_names(body)}
+        return name in root._body_names
 
     def fresh_node_name(self, hint: str) -> str:
         if self._used_node_names is None:
@@ -316,12 +372,12 @@ class Graph:
                  domain: str = "", attrs: dict[str, Any] | None = None, name: str | None = None,
                  output_hint: str | None = None) -> Node:
         """Append a new node with fresh output values; order is restored by `toposort`."""
+        protos = {k: helper.make_attribute(k, a) for k, a in (attrs or {}).items() if a is not None}
         node_name = self.fresh_node_name(name or op_type)
         hint = output_hint or node_name
         outs = [Value(self.fresh_value_name(hint), self) for _ in range(num_outputs)]
         for v in outs:
             self.values[v.name] = v
-        protos = {k: helper.make_attribute(k, a) for k, a in (attrs or {}).items() if a is not None}
         node = Node(op_type, domain, node_name, list(inputs), outs, protos)
         for v in inputs:
             if v is not None:
@@ -338,9 +394,29 @@ class Graph:
     def add_initializer(self, array: np.ndarray, hint: str = "const") -> Value:
         name = self.fresh_value_name(hint)
         t = numpy_helper.from_array(np.asarray(array), name)
-        self.initializers[name] = t
-        self.model.graph.initializer.append(t)
+        self.initializers[name] = self.constants[name] = t
+        self.proto.initializer.append(t)
         return self.value(name)
+
+    def discard_new_node(self, node: Node) -> None:
+        """Undo `add_node` (newest first): the node, its outputs and its index entries go."""
+        self.remove_node(node)
+        _pop_last(self.nodes, node)
+        _pop_last(self.by_op[(node.domain, node.op_type)], node)
+        for v in node.outputs:
+            self.values.pop(v.name, None)
+            self.created_values.discard(v.name)
+
+    def discard_new_initializer(self, v: Value) -> None:
+        """Undo `add_initializer` (newest first)."""
+        t = self.initializers.pop(v.name)
+        self.constants.pop(v.name, None)
+        self.values.pop(v.name, None)
+        inits = self.proto.initializer
+        for i in range(len(inits) - 1, -1, -1):  # the last one, when undoing newest first
+            if inits[i].name == t.name:
+                del inits[i]
+                break
 
     def remove_node(self, node: Node) -> None:
         """Disconnect a node; its outputs must already have no consumers that stay alive."""
@@ -420,21 +496,26 @@ class Graph:
         return removed
 
     def to_model(self) -> onnx.ModelProto:
-        """Write the graph back into the model (nodes, initializers, value_info)."""
+        """Write the graph back into the model (nodes, initializers, value_info); a subgraph
+        body is written back into its GraphProto, which its node's attribute holds."""
         order = self.toposort()
-        g = self.model.graph
+        g = self.proto
         g.ClearField("node")
         g.node.extend([n.to_proto() for n in order])
         values = self.values
+        input_names = {v.name for v in self.inputs}
 
         def used(name: str) -> bool:
+            """An unused initializer goes, but not the default of a graph input (the input stays)."""
             v = values.get(name)
-            return v is not None and (bool(v.consumers) or name in self.output_names)
+            return v is not None and (bool(v.consumers) or name in self.output_names or name in input_names)
         if not all(used(name) for name in self.initializers):
             keep = [t for t in g.initializer if used(t.name)]
             g.ClearField("initializer")
             g.initializer.extend(keep)
             self.initializers = {t.name: t for t in keep}
+            self.constants = {name: t for name, t in self.constants.items()
+                              if name in self.initializers or isinstance(t, onnx.SparseTensorProto)}
 
         def produced(name: str) -> bool:
             v = values.get(name)
@@ -444,6 +525,19 @@ class Graph:
             g.ClearField("value_info")
             g.value_info.extend(keep_vi)
         return self.model
+
+    def body_protos(self) -> Iterator[onnx.GraphProto]:
+        """The subgraph bodies the live nodes hold (in their attributes)."""
+        for node in self.with_bodies:
+            if node.alive:
+                for a in node.attrs.values():
+                    yield from _attr_graphs(a)
+
+    def bodies(self) -> Iterator["Graph"]:
+        """The subgraph bodies of the live nodes, each a Graph that edits its GraphProto in
+        place (in the node's attribute, so export needs nothing more)."""
+        for proto in self.body_protos():
+            yield Graph(self.model, self.base_dir, proto=proto, parent=self)
 
     def _link_outer_scope(self, node: Node) -> None:
         """Count values a subgraph reads from the outer scope as uses by the node that owns it."""
@@ -539,9 +633,38 @@ def _has_subgraph(p: onnx.NodeProto) -> bool:
     return any(a.type in _SUBGRAPH_ATTR_TYPES for a in p.attribute)
 
 
+def _attr_graphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if a.type == onnx.AttributeProto.GRAPH:
+        return [a.g]
+    if a.type == onnx.AttributeProto.GRAPHS:
+        return list(a.graphs)
+    return []
+
+
+def nested_nodes(g: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `g` and of the bodies nested in it."""
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                yield from nested_nodes(sub)
+
+
+def _defined_names(g: onnx.GraphProto) -> Iterator[str]:
+    """Every name `g` or a body nested in it defines."""
+    yield from (i.name for i in g.input)
+    yield from (t.name for t in g.initializer)
+    for n in g.node:
+        yield from n.output
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                yield from _defined_names(sub)
+
+
 def _outer_names(g: onnx.GraphProto) -> set[str]:
     """Names a subgraph uses but does not define (its references to enclosing scopes)."""
-    defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+    defined = ({i.name for i in g.input} | {t.name for t in g.initializer}
+               | {t.values.name for t in g.sparse_initializer})
     used: set[str] = set()
     for n in g.node:
         used.update(x for x in n.input if x)
@@ -554,6 +677,34 @@ def _outer_names(g: onnx.GraphProto) -> set[str]:
                     used |= _outer_names(sub)
     used.update(o.name for o in g.output)
     return used - defined
+
+
+def _pop_last(nodes: list[Node], node: Node) -> None:
+    if nodes and nodes[-1] is node:
+        nodes.pop()
+    else:
+        nodes.remove(node)
+
+
+def _omitted_output(node: Node, graph: Graph) -> Value:
+    """A placeholder for an optional output the node leaves out (`''`): it keeps the position
+    of the outputs after it, belongs to no name index, and is never read."""
+    v = Value("", graph)
+    v.producer = node
+    v._type = None
+    return v
+
+
+def _densify(t: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse initializer's value as a dense array (read only when a rule asks for it)."""
+    values = numpy_helper.to_array(t.values)
+    dense = np.zeros(tuple(t.dims), dtype=values.dtype)
+    indices = numpy_helper.to_array(t.indices) if t.HasField("indices") else np.zeros((0,), np.int64)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        dense[tuple(indices.T)] = values
+    else:  # [NNZ] positions in the flattened tensor
+        dense.reshape(-1)[indices] = values
+    return dense
 
 
 def _read_external(t: onnx.TensorProto, base_dir: str) -> np.ndarray:

@@ -7,6 +7,16 @@ produced in a fixed order, so results are deterministic.
 
 When asked to explain, each failure is recorded with how far the match had got (the number of
 operators bound), and the deepest ones are the near-misses a pattern author wants to see.
+
+A predicate of the pattern (`.where`, `Const(where=)`, `Attr(where=)`) that raises fails that
+branch of the match with the exception as its reason, and is listed in `raised` for the driver
+to report: a pattern's own code never ends a run.
+
+A constant that a pattern absorbs (`Const`) as an operand of a broadcasting op must be
+shape-neutral: broadcasting it against the op's other operands must not give a bigger output
+(`Mul(x, Const(0.5))` with the 0.5 shaped [1, 1, 1, 1, 1] makes a rank-2 x rank 5); the
+replacement, which writes the canonical value, would lose that. Captured values (`Var`) are not
+absorbed: they reach the replacement, whose output shape the driver checks.
 """
 
 from __future__ import annotations
@@ -65,6 +75,17 @@ class Matcher:
     opset: dict[str, int]
     explain: bool = False
     failures: list[Failure] = field(default_factory=list)
+    #: What the pattern's own predicates raised during the current candidate.
+    raised: list[str] = field(default_factory=list)
+
+    def _holds(self, env: Bindings, where: Node | Value, what: str, predicate: Any, arg: Any) -> bool | None:
+        """`predicate(arg)`; None if it raised (recorded as the failure, and in `raised`)."""
+        try:
+            return bool(predicate(arg))
+        except Exception as e:  # the pattern author's code
+            self.raised.append(raised(what, e))
+            self._fail(env, where, self.raised[-1])
+            return None
 
     def _fail(self, env: Bindings, where: Node | Value | None, reason: str) -> None:
         if self.explain:
@@ -86,16 +107,21 @@ class Matcher:
                 yield from self.match(option, v, env)
         elif isinstance(p, Constrained):
             for e in self.match(p.inner, v, env):
-                if p.predicate(v):
+                where = v.producer or v
+                ok = self._holds(e, where, f"predicate '{p.why}'", p.predicate, v)
+                if ok:
                     yield e
-                else:
-                    self._fail(e, v.producer or v, f"{v.name!r} fails: {p.why}")
+                elif ok is False:
+                    self._fail(e, where, f"{v.name!r} fails: {p.why}")
         elif isinstance(p, Const):
+            where = v.producer or v
             if not v.is_constant:
-                self._fail(env, v.producer or v, f"expected {p!r}, {v.name!r} is not a constant")
+                self._fail(env, where, f"expected {p!r}, {v.name!r} is not a constant")
                 return
-            if not p.accepts(v.const_value):
-                self._fail(env, v.producer or v, f"{v.name!r} fails: {p!r}")
+            ok = self._holds(env, where, f"constant test '{p!r}'", p.accepts, v.const_value)
+            if not ok:
+                if ok is False:
+                    self._fail(env, where, f"{v.name!r} fails: {p!r}")
                 return
             yield from self._capture(p.name, v, env)
         else:
@@ -139,9 +165,15 @@ class Matcher:
             if actual is _MISSING:
                 actual = default_attribute(n.op_type, n.domain, self.opset.get(n.domain, 1), name)
             if isinstance(want, Attr):
-                if want.predicate is not None and (actual is None or not want.predicate(actual)):
-                    self._fail(env, n, f"attribute {name}={actual!r} fails: {want.why}")
+                if want.predicate is not None and actual is None:
+                    self._fail(env, n, f"attribute {name} is absent: {want.why}")
                     return
+                if want.predicate is not None:
+                    ok = self._holds(env, n, f"attribute test '{want.why}'", want.predicate, actual)
+                    if not ok:
+                        if ok is False:
+                            self._fail(env, n, f"attribute {name}={actual!r} fails: {want.why}")
+                        return
                 if want.name is not None:
                     env = env.bind_attr(want.name, actual)
             elif not attr_equal(actual, want):
@@ -155,9 +187,14 @@ class Matcher:
         if k != len(pats):
             self._fail(env, n, f"{np_.op_type} has {k} inputs, pattern wants {len(pats)}")
             return
-        yield from self._match_inputs(pats, inputs, 0, env)
-        if np_.commutative and inputs[0] is not inputs[1]:
-            yield from self._match_inputs(pats, (inputs[1], inputs[0]), 0, env)
+        orders = (inputs, (inputs[1], inputs[0])) if np_.commutative and inputs[0] is not inputs[1] else (inputs,)
+        for vals in orders:
+            if np_.absorbed:
+                why = _absorbed_constant_grows(np_.absorbed, vals, k)
+                if why is not None:
+                    self._fail(env, n, why)
+                    continue
+            yield from self._match_inputs(pats, vals, 0, env)
 
     def _match_inputs(self, pats: tuple[Pattern | None, ...], vals: Any, i: int,
                       env: Bindings) -> Iterator[Bindings]:
@@ -171,6 +208,46 @@ class Matcher:
             return
         for e in self.match(p, vals[i], env):
             yield from self._match_inputs(pats, vals, i + 1, e)
+
+
+def _absorbed_constant_grows(positions: tuple[int, ...], vals: Any, k: int) -> str | None:
+    """Why a constant at one of `positions` would broadcast the op's output beyond the shape of
+    its other operands, or None when every such constant is shape-neutral.
+
+    Neutral: rank <= the others' rank, and each dim 1 or equal to a known dim of another operand
+    at that position (a symbolic dim may be 1 at run time, and the constant would grow it).
+    When another operand's rank is unknown only a size-1 constant of rank <= 1 is neutral
+    (a scalar, or [1], which any non-scalar operand absorbs).
+    """
+    for i in positions:
+        c = vals[i]
+        if c is None or not c.is_constant:
+            continue  # not a constant: the Const pattern refuses it with its own reason
+        array = c.const_value
+        cshape = array.shape if array is not None else c.shape
+        if cshape is None or not cshape:
+            continue  # a rank-0 constant never grows anything
+        others = [vals[j].shape for j in range(k) if j != i and vals[j] is not None]
+        if any(s is None for s in others) or not others:
+            if len(cshape) <= 1 and all(d == 1 for d in cshape):
+                continue
+            return (f"constant {c.name!r} of shape {list(cshape)} may broadcast the output "
+                    "(the other operand's rank is unknown)")
+        rank = max(len(s) for s in others)
+        if len(cshape) > rank:
+            return f"constant {c.name!r} of shape {list(cshape)} would raise the output's rank to {len(cshape)}"
+        for back in range(1, len(cshape) + 1):
+            d = cshape[-back]
+            if d != 1 and d not in [s[-back] for s in others if len(s) >= back and isinstance(s[-back], int)]:
+                return (f"constant {c.name!r} of shape {list(cshape)} would broadcast dim {rank - back} of "
+                        f"the output to {d}")
+    return None
+
+
+def raised(what: str, e: BaseException) -> str:
+    """`what raised IndexError: tuple index out of range`: an exception as a refusal reason."""
+    lines = str(e).strip().splitlines()
+    return f"{what} raised {type(e).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 @lru_cache(maxsize=None)

@@ -51,7 +51,7 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
         raise InputError(f"{source}: unknown opset {default} for the default domain (this onnx knows up to {known})")
     if default < 7:
         raise InputError(f"{source}: opset {default} is too old (fusegraph needs 7 or newer)")
-    defined = {v.name for v in graph.inputs} | set(graph.initializers)
+    defined = {v.name for v in graph.inputs} | set(graph.initializers) | set(graph.constants)
     for v in graph.values.values():
         if v.producer is None and v.consumers and v.name not in defined:
             n = next(iter(v.consumers))

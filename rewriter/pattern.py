@@ -13,8 +13,12 @@ A pattern describes a subgraph by the value it computes. Two ways to write one, 
 Building blocks:
 - `Var("x")` captures the matched value as `x`; the same Var used twice must match the same value
   (`op.Mul(x, op.Sigmoid(x))`); `wildcard()` matches anything without capturing.
-- `Const(value, rtol=..)` matches a constant (initializer or Constant node) close to `value`;
-  `Const(name="eps")` captures any constant; `Const(where=pred)` tests its array.
+- `Const(value)` matches a constant (initializer or Constant node) equal to `value` as its dtype
+  stores it (within one unit in the last place: `Pow(x, 2.001)` is not a square, an fp16 0.5 is
+  0.5); `Const(value, rtol=.., atol=..)` opts in to a tolerance. `Const(name="eps")` captures
+  any constant; `Const(where=pred)` tests its array. A constant operand of a broadcasting op
+  must not broadcast the op's output to a bigger shape (see `matcher`): a pattern that absorbs
+  it would change the shape.
 - `a | b` tries alternatives in order; `optional(op.Cast(x))` matches the Cast or just `x`.
 - `.has_dtype(...)`, `.has_rank(n)`, `.has_shape(...)`, `.where(pred, why)` constrain a value.
 - attributes: `op.Softmax(x, axis=-1)` requires the value (ONNX defaults apply when the node
@@ -29,6 +33,7 @@ import inspect
 import math
 from typing import Any, Callable, Iterable, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -36,6 +41,9 @@ from .errors import InputError
 
 COMMUTATIVE_OPS = frozenset({"Add", "Mul", "Max", "Min", "And", "Or", "Xor", "Equal", "Sum",
                              "BitwiseAnd", "BitwiseOr", "BitwiseXor"})
+#: Ops whose inputs broadcast against each other (multidirectionally, or PRelu's slope onto X).
+BROADCASTING_OPS = COMMUTATIVE_OPS | {"Sub", "Div", "Pow", "Mod", "Mean", "Where", "Less", "LessOrEqual",
+                                      "Greater", "GreaterOrEqual", "BitShift", "PRelu"}
 
 
 class Pattern:
@@ -89,21 +97,26 @@ def wildcard() -> Var:
 class Const(Pattern):
     """A constant: an initializer or a Constant node's output.
 
-    `value` (optional) must match elementwise within `rtol`/`atol` (a scalar also matches any
-    tensor whose elements all equal it); `where` tests the array; `name` captures the value.
+    `value` (optional) must match elementwise (a scalar also matches any tensor whose elements
+    all equal it) exactly as the constant's dtype can hold it: within one unit in the last place
+    of that dtype at `value` for floats (an exporter's float32 arithmetic may land one ulp
+    away), exactly for integers. A replacement writes the canonical value, so anything looser
+    would change the result (`Pow(x, 2.001)` is NaN on negative x, a square is not). `rtol`
+    and `atol` opt in to a wider tolerance. `where` tests the array; `name` captures the value.
     """
 
     __slots__ = ("value", "name", "rtol", "atol", "predicate", "why")
 
-    def __init__(self, value: Any = None, *, name: str | None = None, rtol: float = 1e-3,
-                 atol: float = 1e-6, where: Callable[[np.ndarray], bool] | None = None,
+    def __init__(self, value: Any = None, *, name: str | None = None, rtol: float = 0.0,
+                 atol: float = 0.0, where: Callable[[np.ndarray], bool] | None = None,
                  why: str | None = None):
         self.value = None if value is None else np.asarray(value)
         self.name = name
         self.rtol = rtol
         self.atol = atol
         self.predicate = where
-        self.why = why or ("constant" if value is None else f"constant ≈ {value}")
+        self.why = why or ("constant" if value is None else
+                           f"constant = {value}" if not (rtol or atol) else f"constant ≈ {value}")
 
     def __repr__(self) -> str:
         return self.why
@@ -113,17 +126,24 @@ class Const(Pattern):
             return True
         if array is None:
             return False
-        if self.value is not None:
-            if array.dtype.kind not in "biuf" or array.size == 0:
-                return False
-            try:
-                if not np.allclose(array.astype(np.float64), self.value, rtol=self.rtol, atol=self.atol):
-                    return False
-            except ValueError:
-                return False
-            if self.value.ndim and self.value.shape != array.shape:
-                return False
+        if self.value is not None and not self._equals(array):
+            return False
         return self.predicate is None or bool(self.predicate(array))
+
+    def _equals(self, array: np.ndarray) -> bool:
+        if array.size == 0 or (self.value.ndim and self.value.shape != array.shape):
+            return False
+        if array.dtype.kind in "biu":
+            tol: Any = 0.0
+        elif array.dtype.kind == "f" or array.dtype in _ML_FLOATS:
+            tol = _ulp(self.value.astype(np.float64), array.dtype)
+        else:
+            return False
+        if self.rtol or self.atol:
+            tol = np.maximum(tol, self.atol + self.rtol * np.abs(self.value.astype(np.float64)))
+        got = array.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # inf - inf: equal infinities are caught by ==
+            return bool(np.all((got == self.value) | (np.abs(got - self.value) <= tol)))
 
 
 class Attr:
@@ -141,7 +161,7 @@ class Attr:
 class NodePattern:
     """One operator of a pattern; its outputs are `NodeOutput` patterns."""
 
-    __slots__ = ("op_type", "domain", "inputs", "attrs", "num_outputs", "commutative")
+    __slots__ = ("op_type", "domain", "inputs", "attrs", "num_outputs", "commutative", "absorbed")
 
     def __init__(self, op_type: str, inputs: Sequence[Pattern | None], attrs: dict[str, Any],
                  domain: str = "", num_outputs: int = 1):
@@ -151,6 +171,10 @@ class NodePattern:
         self.attrs = attrs
         self.num_outputs = num_outputs
         self.commutative = op_type in COMMUTATIVE_OPS and not domain and len(inputs) == 2
+        #: Positions of constants the pattern absorbs into a broadcasting op: the matcher
+        #: requires them shape-neutral.
+        self.absorbed = tuple(i for i, q in enumerate(self.inputs) if _is_const(q)) if (
+            op_type in BROADCASTING_OPS and not domain) else ()
 
     def __repr__(self) -> str:
         return f"{self.domain + '.' if self.domain else ''}{self.op_type}({', '.join(map(repr, self.inputs))})"
@@ -192,6 +216,10 @@ class Constrained(Pattern):
 
     def __repr__(self) -> str:
         return f"{self.inner!r}.where({self.why})"
+
+
+def _is_const(p: Pattern | None) -> bool:
+    return isinstance(p, Const) or isinstance(p, Constrained) and _is_const(p.inner)
 
 
 def optional(p: Pattern) -> Alt:
@@ -246,6 +274,19 @@ def trace(fn: Callable[..., Any]) -> tuple[Pattern, ...]:
     out = fn(PatternOps(), *[Var(p) for p in params])
     outs = out if isinstance(out, tuple) else (out,)
     return tuple(as_pattern(o) for o in outs)
+
+
+_ML_FLOATS = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fnuz,
+                                            ml_dtypes.float8_e5m2, ml_dtypes.float8_e5m2fnuz))
+
+
+def _ulp(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One unit in the last place of `dtype` at each `value` (its spacing there; subnormal at 0)."""
+    info = ml_dtypes.finfo(dtype)
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log2(np.abs(value)))
+    exponent = np.clip(np.nan_to_num(exponent, neginf=info.minexp, posinf=info.maxexp), info.minexp, info.maxexp)
+    return np.exp2(exponent - info.nmant)
 
 
 def to_onnx_dtype(d: int | str | np.dtype | type) -> int:

@@ -9,7 +9,16 @@ first pass costs plus work proportional to what changed.
 Safety. A match is rewritten only if no value computed inside it escapes (to a node outside the
 match or to the graph outputs) unless the pattern returns it, and, for patterns with several
 outputs, only if no input of the match depends on one of its outputs (a fused node would then
-sit in a cycle). Afterwards dead nodes go, the order is topological, names stay unique, graph
+sit in a cycle), and only if what the replacement returns has the element type and shape of
+what it replaces (`typecheck`).
+
+Faults. A rule's own code (a condition, a pattern predicate, the replacement) that raises, or a
+replacement that returns something other than one value per pattern output, refuses that
+candidate with the exception as the reason (`--explain` shows it) and never ends the run: the
+replacement's nodes and initializers are built straight into the graph and rolled back, so the
+graph is exactly as before the candidate. `RewriteReport.errors` names each such rule once.
+
+Afterwards dead nodes go, the order is topological, names stay unique, graph
 inputs and outputs keep their names and order, and `metadata_props["fusegraph.fusions"]` records
 which rule fused which nodes.
 """
@@ -27,10 +36,11 @@ import onnx
 
 from . import fused_ops
 from .errors import InputError
-from .ir import Graph, Node, Value
-from .matcher import EMPTY, Bindings, Failure, Matcher, pattern_depth, root_op_types
+from .ir import Graph, Node, Value, nested_nodes
+from .matcher import EMPTY, Bindings, Failure, Matcher, pattern_depth, raised, root_op_types
 from .pattern import Pattern
-from .rule import Rule, RuleSet, call_with_captures
+from .rule import Rule, RuleRaised, RuleSet, call_with_captures
+from .typecheck import ReplacementTypes
 
 FUSIONS_KEY = "fusegraph.fusions"
 
@@ -53,6 +63,16 @@ class NearMiss:
 
 
 @dataclass
+class RuleError:
+    """A rule whose own code raised (or whose replacement returned what can't replace the
+    match): `count` candidates were refused; `message` is the first reason."""
+
+    rule: str
+    message: str
+    count: int = 0
+
+
+@dataclass
 class RewriteReport:
     fusions: list[Fusion] = field(default_factory=list)
     ops_before: Counter = field(default_factory=Counter)
@@ -60,11 +80,19 @@ class RewriteReport:
     passes: int = 0
     seconds: float = 0.0
     near_misses: list[NearMiss] = field(default_factory=list)
+    errors: dict[str, RuleError] = field(default_factory=dict)
+
+    def fault(self, rule: str, message: str) -> str:
+        """Count a candidate `rule` refused because its code failed; returns the reason."""
+        err = self.errors.setdefault(rule, RuleError(rule, message))
+        err.count += 1
+        return message
 
     def merge_lowering(self, lowered: "RewriteReport") -> None:
         """Fold a lowering pass (run on the fused graph) into this report: its rewrites are
         recorded after the fusions, and the op counts after are the lowered graph's."""
         self.fusions.extend(lowered.fusions)
+        self.errors.update(lowered.errors)
         self.ops_after = lowered.ops_after
         self.seconds += lowered.seconds
 
@@ -92,9 +120,21 @@ class ReplacementOps:
         self._graph = graph
         self._hint = hint
         self.created: list[Node] = []
+        self.initializers: list[Value] = []
 
     def const(self, array: Any) -> Value:
-        return self._graph.add_initializer(np.asarray(array), f"{self._hint}_const")
+        v = self._graph.add_initializer(np.asarray(array), f"{self._hint}_const")
+        self.initializers.append(v)
+        return v
+
+    def rollback(self) -> None:
+        """Remove everything this replacement added: the graph is as before it ran."""
+        for node in reversed(self.created):
+            self._graph.discard_new_node(node)
+        for v in reversed(self.initializers):
+            self._graph.discard_new_initializer(v)
+        self.created = []
+        self.initializers = []
 
     def __getattr__(self, op_type: str):
         if op_type.startswith("_"):
@@ -123,43 +163,59 @@ class Rewriter:
         self.reach = max((r.depth for r in self.rules), default=1)
 
     def run(self, graph: Graph) -> RewriteReport:
+        """Rewrite `graph` to a fixpoint, then the bodies of its If/Loop/Scan nodes (nested ones
+        too), each as a graph of its own whose outer-scope values are opaque inputs."""
         start = time.perf_counter()
-        report = RewriteReport(ops_before=_op_histogram(graph))
+        report = RewriteReport()
+        self._run_graph(graph, report)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _run_graph(self, graph: Graph, report: RewriteReport) -> None:
+        report.ops_before.update(_op_histogram(graph))
         matcher = Matcher(graph.opset)
+        types = ReplacementTypes(graph)
         dirty: set[int] | None = None
-        bar = _progress_bar(graph, self.rules) if self.progress else None
+        bar = _progress_bar(graph, self.rules) if self.progress and graph.parent is None else None
+        passes = 0
         for _ in range(self.max_passes):
             if graph.order_dirty:
                 graph.toposort()
-            report.passes += 1
+            passes += 1
             touched: list[Node] = []
             pass_start = len(report.fusions)
             for rule in self.rules:
-                explaining = rule.name == self.explain and report.passes == 1
+                explaining = rule.name == self.explain and passes == 1
                 for node in self._candidates(graph, rule, dirty):
-                    if bar is not None and report.passes == 1:
+                    if bar is not None and passes == 1:
                         bar.update(1)
                     if not node.alive:
                         continue
                     matcher.explain = explaining
                     matcher.failures = []
-                    fusion = self._try(graph, matcher, rule, node, report if explaining else None)
+                    fusion = self._try(graph, matcher, types, rule, node, report, explaining)
+                    if matcher.raised:
+                        for message in matcher.raised:
+                            report.fault(rule.name, message)
+                        matcher.raised = []
                     if fusion is not None:
                         report.fusions.append(fusion[0])
                         touched.extend(fusion[1])
             if not touched:
                 break
-            if report.passes == self.max_passes:
+            if passes == self.max_passes:
                 last = sorted({f.rule for f in report.fusions[pass_start:]})
                 raise InputError(f"rules did not reach a fixpoint in {self.max_passes} passes (still fusing: "
                                  f"{', '.join(last)}); does a replacement recreate its own pattern?")
             dirty = self._neighbourhood(touched)
         if bar is not None:
             bar.close()
+        report.passes = max(report.passes, passes)
         graph.remove_dead()
-        report.ops_after = _op_histogram(graph)
-        report.seconds = time.perf_counter() - start
-        return report
+        for body in graph.bodies():
+            self._run_graph(body, report)
+            body.to_model()
+        report.ops_after.update(_op_histogram(graph))
 
     @staticmethod
     def _candidates(graph: Graph, rule: Rule, dirty: set[int] | None) -> Iterator[Node]:
@@ -188,22 +244,29 @@ class Rewriter:
             frontier = nxt
         return seen
 
-    def _try(self, graph: Graph, matcher: Matcher, rule: Rule, node: Node,
-             explaining: RewriteReport | None) -> tuple[Fusion, list[Node]] | None:
-        reason: str | None = None
-        for out_index, value in enumerate(node.outputs):
+    def _try(self, graph: Graph, matcher: Matcher, types: ReplacementTypes, rule: Rule, node: Node,
+             report: RewriteReport, explaining: bool) -> tuple[Fusion, list[Node]] | None:
+        for value in node.outputs:
             for env, outputs in self._matches(graph, matcher, rule, node, value):
                 captures = {**env.values, **env.attrs}
                 matched = _unique(env.nodes.values())
-                reason = _escape(matched, outputs) or _cycle(matched, outputs) or rule.check(captures)
+                reason = _escape(matched, outputs) or _cycle(matched, outputs)
                 if reason is None:
-                    return self._apply(graph, rule, captures, matched, outputs)
-                if explaining is not None:
+                    try:
+                        reason = rule.check(captures)
+                    except RuleRaised as e:
+                        reason = report.fault(rule.name, str(e))
+                if reason is None:
+                    done = self._apply(graph, types, rule, captures, matched, outputs, report)
+                    if not isinstance(done, str):
+                        return done
+                    reason = done
+                if explaining:
                     matcher.failures.append(Failure(len(env.nodes) + 1, node.name, reason))
-        if explaining is not None:
+        if explaining:
             best = max(matcher.failures, key=lambda f: f.depth, default=None)
             if best is not None:
-                explaining.near_misses.append(
+                report.near_misses.append(
                     NearMiss(rule.name, f"{node.op_type} {node.name!r}", best.depth,
                              f"at {best.node}: {best.reason}"))
         return None
@@ -227,15 +290,26 @@ class Rewriter:
             for e in matcher.match(outs[i], cand, env):
                 yield from self._match_rest(matcher, outs, i + 1, e, values + [cand])
 
-    def _apply(self, graph: Graph, rule: Rule, captures: dict[str, Any], matched: list[Node],
-               outputs: list[Value]) -> tuple[Fusion, list[Node]]:
+    def _apply(self, graph: Graph, types: ReplacementTypes, rule: Rule, captures: dict[str, Any],
+               matched: list[Node], outputs: list[Value],
+               report: RewriteReport) -> tuple[Fusion, list[Node]] | str:
+        """Replace the match, or leave the graph as it was and say why not."""
         hint = graph.fresh_node_name(rule.name)
         ops = ReplacementOps(graph, hint)
-        result = call_with_captures(rule.replacement, (ops,), captures)
+        try:
+            result = call_with_captures(rule.replacement, (ops,), captures)
+        except Exception as e:  # the rule's own code: refuse the candidate, name the rule
+            ops.rollback()
+            return report.fault(rule.name, raised("replacement", e))
         results = result if isinstance(result, tuple) else (result,)
-        if len(results) != len(outputs):
-            raise InputError(f"rule {rule.name!r}: replacement returned {len(results)} values "
-                             f"for a pattern with {len(outputs)} outputs")
+        reason = _malformed(results, outputs, graph)
+        if reason is not None:
+            ops.rollback()
+            return report.fault(rule.name, reason)
+        reason = types.check(ops.created, results, outputs)
+        if reason is not None:
+            ops.rollback()
+            return reason
         created = set(map(id, ops.created))
         lo = min(n.order for n in matched)
         hi = max(n.order for n in matched)
@@ -245,7 +319,8 @@ class Rewriter:
             p = new.producer
             if p is not None and id(p) in created and not new.consumers and not new.is_graph_output:
                 graph.set_producer(old, p, p.outputs.index(new))
-            elif old.is_graph_output:
+            elif old.is_graph_output or any(old in c.implicit_inputs for c in old.consumers):
+                # Keep the name: a graph output, or read by a subgraph body under that name.
                 ident = graph.add_node("Identity", [new], name=f"{hint}/Identity")
                 graph.set_producer(old, ident, 0)
                 ops.created.append(ident)
@@ -260,6 +335,20 @@ class Rewriter:
                 graph.remove_node(n)
         fusion = Fusion(rule.name, [n.name for n in matched], [n.name for n in ops.created])
         return fusion, ops.created
+
+
+def _malformed(results: tuple[Any, ...], outputs: list[Value], graph: Graph) -> str | None:
+    """Why what a replacement returned can't stand for the pattern's outputs, or None."""
+    if len(results) != len(outputs):
+        return f"replacement returned {len(results)} values for a pattern with {len(outputs)} outputs"
+    for r in results:
+        if not isinstance(r, Value):
+            text = repr(r)
+            return (f"replacement returned {type(r).__name__} {text if len(text) <= 60 else text[:57] + '...'}, "
+                    "not a value (return what op.X(...) builds, or a capture)")
+        if r.graph is not graph or not r.name:
+            return f"replacement returned {r.name!r}, which is not a value of this graph"
+    return None
 
 
 def _unique(nodes: Iterable[Node]) -> list[Node]:
@@ -359,9 +448,11 @@ def _progress_bar(graph: Graph, rules: list[Rule]):
 def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
     """Write the graph back: local functions for fused ops, opset import, fusion record."""
     model = graph.to_model()
+    body_nodes = [n for body in graph.body_protos() for n in nested_nodes(body)]
     # Every domain a replacement introduced needs an opset import (fusegraph's at its version,
     # a user's custom domain at 1) for the model to be valid.
-    for domain in sorted({n.domain for n in graph.live_nodes()} - set(graph.opset)):
+    domains = {n.domain for n in graph.live_nodes()} | {n.domain for n in body_nodes}
+    for domain in sorted(domains - set(graph.opset)):
         version = fused_ops.VERSION if domain == fused_ops.DOMAIN else 1
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
         graph.opset[domain] = version
@@ -370,9 +461,20 @@ def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
         record = [{"rule": f.rule, "matched": f.matched, "created": f.created} for f in report.fusions]
         props = {p.key: p for p in model.metadata_props}
         if FUSIONS_KEY in props:
-            record = json.loads(props[FUSIONS_KEY].value) + record
+            record = _earlier_fusions(props[FUSIONS_KEY].value) + record
             props[FUSIONS_KEY].value = json.dumps(record)
         else:
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                                 FUSIONS_KEY: json.dumps(record)})
     return model
+
+
+def _earlier_fusions(text: str) -> list:
+    """The fusion record an earlier rewrite left in the model (a JSON list), which this one extends."""
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"metadata_props[{FUSIONS_KEY!r}] is not valid JSON ({e})") from None
+    if not isinstance(record, list):
+        raise InputError(f"metadata_props[{FUSIONS_KEY!r}] is not a JSON list of fusions")
+    return record

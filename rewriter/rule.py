@@ -14,7 +14,9 @@
 Pattern and replacement are plain functions over `op`; the replacement and conditions receive
 the pattern's captures by name (values as `Value`, captured attributes as Python values) and
 declare only those they use. A condition returns a bool or calls `reject(why)`, whose reason
-`--explain` prints.
+`--explain` prints. A condition that raises anything else refuses the candidate too, and the
+driver names the rule among the run's errors (`RewriteReport.errors`): one faulty rule never
+ends a run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import InputError
-from .matcher import pattern_depth, root_op_types
+from .matcher import pattern_depth, raised, root_op_types
 from .pattern import Pattern, trace
 
 
@@ -35,6 +37,10 @@ class Reject(Exception):
 
 def reject(reason: str) -> bool:
     raise Reject(reason)
+
+
+class RuleRaised(Exception):
+    """A rule's condition raised (not `reject`): the message says which and what."""
 
 
 @dataclass
@@ -73,12 +79,15 @@ class Rule:
     def check(self, captures: dict[str, Any]) -> str | None:
         """None if every condition holds, else the reason the first one refused."""
         for cond in self.conditions:
+            name = getattr(cond, "__name__", None) or repr(cond)
             try:
                 ok = call_with_captures(cond, (), captures)
             except Reject as r:
                 return str(r)
+            except Exception as e:  # the rule's own code: refuse the candidate, name the rule
+                raise RuleRaised(raised(f"condition {name}", e)) from e
             if not ok:
-                return f"condition {getattr(cond, '__name__', cond)!s} is false"
+                return f"condition {name} is false"
         return None
 
 
@@ -102,13 +111,22 @@ def _parameters(fn: Callable[..., Any]) -> tuple[str, ...] | None:
     return tuple(params)
 
 
+def _short_repr(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class RuleSet:
     """An ordered, named collection of rules; `select` picks by name or name prefix."""
 
     def __init__(self, rules: Iterable[Rule]):
+        if isinstance(rules, (Rule, str, bytes)) or not isinstance(rules, Iterable):
+            raise InputError(f"rules must be a list of fusegraph.Rule, not {type(rules).__name__} {_short_repr(rules)}")
         self.rules = list(rules)
         seen: set[str] = set()
         for r in self.rules:
+            if not isinstance(r, Rule):
+                raise InputError(f"not a fusegraph.Rule in the rules: {type(r).__name__} {_short_repr(r)}")
             if r.name in seen:
                 raise InputError(f"two rules are named {r.name!r}")
             seen.add(r.name)
