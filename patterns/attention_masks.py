@@ -1,42 +1,70 @@
-"""Recognising a causal attention mask, so the fused op gets `is_causal=1` and no mask input.
+"""What a constant attention mask does: hard masking, the causal triangle, whole rows masked.
 
 A kernel that knows the mask is the causal triangle skips the blocks above the diagonal and
 reads no mask from memory. Exporters build the triangle in many ways (Triu/Trilu of ones,
 Range and a comparison, a constant buffer, `masked_fill` of one of those); rather than one
 pattern per way, the mask's producers are evaluated when they depend on constants only (a
-static-shape export), and the values are checked: zero on and below the diagonal, -inf (or a
-large negative number that underflows exp) above it, equal across the leading dims, square of
-the query length. A mask that also depends on an input (padding) stays a mask input.
+static-shape export), and the values are checked. A mask that also depends on an input
+(padding) stays a mask input.
+
+Only values that give a score exactly zero weight whatever the scores are count as masking:
+-inf, and the lowest finite value of the mask's type (adding any finite score to it rounds
+back to it, or below it to -inf). A finite -1e4 or -1e9 is an additive term like any other:
+with scores of 1e4 it lets the key through, so a triangle of them is not `is_causal`.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper
 
-#: Additive values at or below this are masked out: exp of them underflows in float32.
-MASKED = -1.0e4
 #: A causal mask's producers are a handful of nodes; bigger subgraphs are left alone.
 MAX_NODES = 32
 MAX_ELEMENTS = 1 << 20
 
 
-def is_causal_triangle(mask, q_len) -> bool:
-    """True if `mask` (an additive mask Value, or None) is exactly the causal triangle for
-    queries of length `q_len` (an int; unknown lengths never are)."""
-    if mask is None or not isinstance(q_len, int):
+def lowest(dtype: np.dtype) -> float | None:
+    """The lowest finite value of a float type (bfloat16 included), None for other types."""
+    try:
+        return float(ml_dtypes.finfo(dtype).min)
+    except ValueError:
+        return None
+
+
+def masks_hard(a: np.ndarray) -> np.ndarray:
+    """Elementwise: the additive value zeroes its score's weight for every finite score."""
+    low = lowest(a.dtype)
+    if low is None:
+        return np.zeros(a.shape, bool)
+    return a.astype(np.float64) <= low
+
+
+def is_causal_triangle(a: np.ndarray | None, q_len, k_len) -> bool:
+    """True if the additive mask `a` (a constant's value, or None) is exactly the causal
+    triangle from position 0 for `q_len` queries and `k_len` keys: zero on and below the
+    diagonal, hard masking above it, the same for every batch and head, and square in the
+    query and key lengths, which must be static and equal (a decoder step with a KV cache,
+    one query against 8 keys, is offset, not causal-from-0). A key length that is unknown
+    is proven by broadcasting only where the mask has more than one key column."""
+    if a is None or not isinstance(q_len, int) or lowest(a.dtype) is None or a.ndim < 2:
         return False
-    a = constant_value(mask)
-    if a is None or a.ndim < 2 or a.shape[-2:] != (q_len, q_len) or a.dtype.kind != "f":
+    n = a.shape[-1]
+    if a.shape[-2:] != (n, n) or q_len != n or not (k_len == n or (k_len is None and n >= 2)):
         return False
-    a = a.reshape(-1, q_len, q_len)
+    a = a.reshape(-1, n, n)
     if not (a == a[:1]).all():
         return False
-    above = np.triu(np.ones((q_len, q_len), bool), k=1)
-    return bool((a[0][~above] == 0).all() and (a[0][above] <= MASKED).all())
+    above = np.triu(np.ones((n, n), bool), k=1)
+    return bool((a[0][~above] == 0).all() and masks_hard(a[0][above]).all())
+
+
+def has_row_of_neg_inf(a: np.ndarray) -> bool:
+    """A row (along the key axis) whose every value is -inf: Softmax gives NaN there."""
+    return bool(a.ndim == 0 and np.isneginf(a)) or bool(a.ndim and np.isneginf(a.astype(np.float64)).all(axis=-1).any())
 
 
 def constant_value(v) -> np.ndarray | None:
