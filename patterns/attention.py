@@ -365,18 +365,17 @@ def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None
                             keep=None, drop=None, fill=None, **captures) -> bool:
     """Opset-23 `Attention` is emitted only where it runs in ONNX Runtime and TensorRT and
     computes what the graph did: float32 (its softmax then is float32 with no
-    `softmax_precision`, which TensorRT's parser refuses), no grouped KV and no broadcast batch
-    (ONNX Runtime refuses GQA at run time), and no mask input (ONNX Runtime refuses masks
+    `softmax_precision`, which TensorRT's parser refuses), Q's heads in K and V (ONNX Runtime
+    refuses grouped KV at run time: a repeat_kv is kept, `repeated_for_onnx`), no broadcast
+    batch, and no mask input (ONNX Runtime refuses masks
     broadcast over the query or key axis and answers 0 for a row masked with finfo.min, where
     Softmax gives the mean of V). A proven causal triangle needs no mask input."""
     if q.dtype != FLOAT:
         return reject(f"ONNX Attention without softmax_precision runs softmax in Q's type, "
                       f"{_type_name(q.dtype) if q.dtype else 'unknown'}")
-    if k_kv is not None:
-        return reject("grouped KV: ONNX Runtime refuses opset-23 Attention with fewer kv heads")
-    key = k if k_bshd is None else None
-    for axis in (0, 1):
-        dims = {_dim(q, axis), _dim(v, axis), _dim(key, axis) if key is not None else _dim(k_bshd, 2 * axis)}
+    key = k_kv or k
+    for axis in ((0,) if k_kv is not None else (0, 1)):  # a proven repeat gives Q's heads
+        dims = {_dim(q, axis), _dim(v_kv or v, axis), _dim(key, axis) if k_bshd is None else _dim(k_bshd, 2 * axis)}
         if len(dims) != 1 or None in dims:
             return reject(f"Q, K and V are not known to agree on axis {axis}")
     if mask is None and keep is None and drop is None:
@@ -450,10 +449,22 @@ def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=
     return y
 
 
+def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
+    """The repeat_kv the pattern matched, rebuilt on the un-repeated KV (ONNX Runtime runs
+    opset-23 Attention only with Q's heads in K and V). K's merging Reshape may have been
+    folded into K^T's: its target is then K^T's [B, H, D, S] with the last two swapped."""
+    if merged is None:
+        merged = op.Gather(kt_shape, np.array([0, 1, 3, 2], np.int64), axis=0)
+    return op.Reshape(op.Expand(op.Unsqueeze(kv, np.array([2], np.int64)), grown), merged)
+
+
 def to_onnx(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-            fill=None, **captures):
+            fill=None, k_grown=None, k_merged=None, v_grown=None, v_merged=None, kt_shape=None, **captures):
     """BMM-Softmax-BMM -> ONNX Attention (opset 23)"""
     key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
+    if k_kv is not None:
+        key = repeated_for_onnx(op, k_kv, k_grown, k_merged, kt_shape)
+        value = repeated_for_onnx(op, v_kv, v_grown, v_merged)
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
     return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
 
@@ -465,7 +476,9 @@ def _ints(*v: int) -> np.ndarray:
 #: For the self-check: Q, K, V [B, H, S, D] = [1, 2, 3, 4], K/V repeated from one kv head, K as
 #: [B, S, H, D] for the merged transpose, masks over [.., Sq, Sk]; the Reshape and Expand
 #: targets and the Slice bounds (to the end of Shape(K)) the conditions accept, a hard Where
-#: fill and the NaN guard's 0, which the generic search can't guess.
+#: fill, the NaN guard's 0 and Casts to the instance's own type, which the generic search
+#: can't guess. The masks are inputs in one example and the causal triangle in the other
+#: (the only mask the ONNX target takes).
 EXAMPLE = {
     "q": ((1, 2, 3, 4), np.float32), "k": ((1, 2, 3, 4), np.float32), "v": ((1, 2, 3, 4), np.float32),
     "k_kv": ((1, 1, 3, 4), np.float32), "v_kv": ((1, 1, 3, 4), np.float32),
@@ -477,7 +490,11 @@ EXAMPLE = {
     "mask": ((1, 1, 3, 3), np.float32), "bias": ((1, 2, 3, 3), np.float32),
     "keep": ((1, 1, 3, 3), np.bool_), "drop": ((1, 1, 3, 3), np.bool_),
     "fill": np.array(-np.inf, np.float32), "nan_fill": np.array(0.0, np.float32),
+    "cast_scores": None, "cast_masked": None, "cast_softmax": None, "cast_probs": None,
 }
+_ABOVE = np.triu(np.ones((1, 1, 3, 3), bool), k=1)
+CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.float32),
+                  "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
 
 CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
               mask_fits, math_fits_float32, nan_rows_reproducible]
@@ -485,7 +502,7 @@ CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, casts_wide
 RULES = [
     Rule("attention.onnx", attention, to_onnx,
          [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
-         priority=210, examples=[EXAMPLE]),
+         priority=210, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
     Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
-         priority=200, examples=[EXAMPLE]),
+         priority=200, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
 ]
