@@ -235,6 +235,8 @@ def scales_are_scalars(**captures) -> bool:
     """Only a single factor folds into the op's `scale`: a per-head tensor is no attention, and
     a [1, 1, 1, 1, 1] factor would have grown the scores' rank."""
     for kind, c in _factors(captures):
+        if not attention_masks.is_fixed(c):
+            return reject(f"scale {kind} {c.name!r} is also a graph input: a default, not a constant")
         a = c.const_value
         if a is None or a.size != 1 or not np.isfinite(a.astype(np.float64)).all() or (kind == "div" and not a.any()):
             return reject(f"scale {kind} {c.name!r} is not a finite non-zero scalar constant")
@@ -293,10 +295,14 @@ def casts_widen_losslessly(q, k=None, k_kv=None, k_bshd=None, cast_scores=None, 
     return end == t or reject(f"probabilities are {_type_name(end)}, Q is {_type_name(t)}")
 
 
-def fills_mask_hard(fill) -> bool:
+def fills_mask_hard(fill, nan_fill) -> bool:
     """Where(keep, scores, fill) replaces the masked scores by `fill`: an additive mask equals
     that only if the fill zeroes the weight whatever the score, -inf or the lowest value of its
-    type. A fill of 0 or -10 is a real score, and -1e4 lets a key through at scores of 1e4."""
+    type. A fill of 0 or -10 is a real score, and -1e4 lets a key through at scores of 1e4.
+    Neither it nor the NaN guard's 0 may be a default a caller can feed."""
+    for c in (fill, nan_fill):
+        if c is not None and not attention_masks.is_fixed(c):
+            return reject(f"{c.name!r} is also a graph input: a default, not a constant")
     if fill is None:
         return True
     a = fill.const_value

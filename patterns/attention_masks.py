@@ -67,10 +67,16 @@ def has_row_of_neg_inf(a: np.ndarray) -> bool:
     return bool(a.ndim == 0 and np.isneginf(a)) or bool(a.ndim and np.isneginf(a.astype(np.float64)).all(axis=-1).any())
 
 
+def is_fixed(v) -> bool:
+    """A constant no caller can change: an initializer that is also a graph input is only a
+    default the caller may feed (ONNX IR), not a constant."""
+    return v.is_constant and all(v is not i for i in v.graph.inputs)
+
+
 def constant_value(v) -> np.ndarray | None:
     """The value of `v` if it is a constant or computed from constants by a few nodes."""
     if v.is_constant:
-        return v.const_value
+        return v.const_value if is_fixed(v) else None
     nodes, leaves = _cone(v)
     if nodes is None:
         return None
@@ -103,6 +109,8 @@ def _cone(v):
         x = stack.pop()
         p = x.producer
         if x.is_constant:
+            if not is_fixed(x):
+                return None, None
             leaves[x.name] = x
             continue
         if p is None or p.domain or p.implicit_inputs:

@@ -51,6 +51,8 @@ class Spec:
     probs_to: tuple = ()
     guard: bool = False
     opset: int = 18
+    #: constants ("scale", "fill", "mask") that are also graph inputs: defaults a caller may feed
+    overridable: tuple = ()
 
     @property
     def score_dtype(self):
@@ -69,9 +71,11 @@ def build(s: Spec) -> onnx.ModelProto:
         nodes.append(node(op_type, list(ins), [out], **attrs))
         return out
 
-    def const(value, dtype):
+    def const(value, dtype, role=None):
         name = f"c{len(inits)}"
         inits[name] = np.asarray(value, dtype=dtype)
+        if role in s.overridable:
+            inputs[name] = (inits[name].dtype, list(inits[name].shape))
         return name
 
     dt = np.dtype(s.dtype)
@@ -79,7 +83,7 @@ def build(s: Spec) -> onnx.ModelProto:
     inputs["k"] = (dt, [s.b, s.hkv, s.sk, s.d])
     inputs["v"] = (dt, [s.b, s.hkv, s.sk, s.d])
     scale = np.full(s.scale_shape, 1 / np.sqrt(s.d))
-    scores = op("Mul", op("MatMul", "q", op("Transpose", "k", perm=[0, 1, 3, 2])), const(scale, dt))
+    scores = op("Mul", op("MatMul", "q", op("Transpose", "k", perm=[0, 1, 3, 2])), const(scale, dt, "scale"))
     if s.scores_to is not None:
         scores = op("Cast", scores, to=s.scores_to)
     sdt = s.score_dtype
@@ -89,12 +93,12 @@ def build(s: Spec) -> onnx.ModelProto:
             inputs["mask"] = (s.mask[2], list(s.mask[1]))
             scores = op("Add", scores, "mask")
         elif kind == "const":
-            scores = op("Add", scores, const(s.mask[1], sdt))
+            scores = op("Add", scores, const(s.mask[1], sdt, "mask"))
         elif kind == "keep_const":
-            scores = op("Where", const(s.mask[1], np.bool_), scores, const(s.mask[2], sdt))
+            scores = op("Where", const(s.mask[1], np.bool_), scores, const(s.mask[2], sdt, "fill"))
         else:
             inputs["sel"] = (np.bool_, list(s.mask[1]))
-            fill = const(s.mask[2], sdt)
+            fill = const(s.mask[2], sdt, "fill")
             scores = op("Where", "sel", scores, fill) if kind == "keep" else op("Where", "sel", fill, scores)
     if s.masked_to is not None:
         scores = op("Cast", scores, to=s.masked_to)
@@ -115,10 +119,13 @@ def feeds(model: onnx.ModelProto, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     shapes = {i.name: ([d.dim_value for d in i.type.tensor_type.shape.dim],
                        _np(i.type.tensor_type.elem_type)) for i in model.graph.input}
+    defaults = {t.name for t in model.graph.initializer}
+    fed = {n: np.zeros(shp, dt) for n, (shp, dt) in shapes.items() if n in defaults}  # not the default
     out = []
     for magnitude in (1.0, 100.0):
         qkv = {n: (rng.standard_normal(shp) * magnitude).astype(dt) for n, (shp, dt) in shapes.items()
                if n in ("q", "k", "v")}
+        qkv.update(fed)
         if "mask" in shapes:
             shp, dt = shapes["mask"]
             finite = -1e9 if dt == np.float32 else -1e4  # a large finite value the type holds
@@ -250,6 +257,10 @@ def _mutants() -> dict[str, Spec]:
         m[f"q-heads4-kv-heads1-opset{opset}"] = dataclasses.replace(BASE, hq=4, hkv=1, opset=opset)
         m[f"scale-rank5-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1, 1), opset=opset)
         m[f"scale-rank4-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1), opset=opset)
+    m["scale-is-a-graph-input"] = dataclasses.replace(BASE, overridable=("scale",))
+    m["fill-is-a-graph-input"] = dataclasses.replace(BASE, mask=("keep", (2, 1, 4, 4), F32_LOW), overridable=("fill",))
+    m["triangle-is-a-graph-input"] = dataclasses.replace(
+        BASE, mask=("const", np.where(TRIANGLE, -np.inf, 0).astype(np.float32)[None, None]), overridable=("mask",))
     return m
 
 
@@ -341,6 +352,15 @@ def test_a_scale_that_grows_the_rank_is_refused():
     for opset in (18, 23):
         _refused(f"scale-rank5-opset{opset}")
         _fused(f"scale-rank4-opset{opset}")
+
+
+def test_constants_a_caller_can_feed_are_not_baked_in():
+    """An initializer that is also a graph input is a default: the scale and the fill stay
+    in the graph; a triangle fed at run time is a mask, not is_causal."""
+    _refused("scale-is-a-graph-input")
+    _refused("fill-is-a-graph-input")
+    n = _fused("triangle-is-a-graph-input")
+    assert attrs(n)["is_causal"] == 0 and len(n.input) == 4
 
 
 def test_old_opsets_fuse_float32():
