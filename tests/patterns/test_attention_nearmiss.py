@@ -51,6 +51,8 @@ class Spec:
     probs_to: tuple = ()
     guard: bool = False
     opset: int = 18
+    softmax_axis: int = -1
+    perm: tuple = (0, 1, 3, 2)
     #: constants ("scale", "fill", "mask") that are also graph inputs: defaults a caller may feed
     overridable: tuple = ()
 
@@ -83,7 +85,7 @@ def build(s: Spec) -> onnx.ModelProto:
     inputs["k"] = (dt, [s.b, s.hkv, s.sk, s.d])
     inputs["v"] = (dt, [s.b, s.hkv, s.sk, s.d])
     scale = np.full(s.scale_shape, 1 / np.sqrt(s.d))
-    scores = op("Mul", op("MatMul", "q", op("Transpose", "k", perm=[0, 1, 3, 2])), const(scale, dt, "scale"))
+    scores = op("Mul", op("MatMul", "q", op("Transpose", "k", perm=list(s.perm))), const(scale, dt, "scale"))
     if s.scores_to is not None:
         scores = op("Cast", scores, to=s.scores_to)
     sdt = s.score_dtype
@@ -102,7 +104,7 @@ def build(s: Spec) -> onnx.ModelProto:
             scores = op("Where", "sel", scores, fill) if kind == "keep" else op("Where", "sel", fill, scores)
     if s.masked_to is not None:
         scores = op("Cast", scores, to=s.masked_to)
-    probs = op("Softmax", scores, axis=-1)
+    probs = op("Softmax", scores, axis=s.softmax_axis)
     for t in s.probs_to:
         probs = op("Cast", probs, to=t)
     if s.guard:
@@ -257,6 +259,9 @@ def _mutants() -> dict[str, Spec]:
         m[f"q-heads4-kv-heads1-opset{opset}"] = dataclasses.replace(BASE, hq=4, hkv=1, opset=opset)
         m[f"scale-rank5-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1, 1), opset=opset)
         m[f"scale-rank4-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1), opset=opset)
+    for axis in (-2, 0, 1, 2, 3):
+        m[f"softmax-axis{axis}"] = dataclasses.replace(BASE, softmax_axis=axis)
+    m["k-not-transposed-square"] = dataclasses.replace(BASE, d=4, perm=(0, 1, 2, 3))
     m["scale-is-a-graph-input"] = dataclasses.replace(BASE, overridable=("scale",))
     m["fill-is-a-graph-input"] = dataclasses.replace(BASE, mask=("keep", (2, 1, 4, 4), F32_LOW), overridable=("fill",))
     m["triangle-is-a-graph-input"] = dataclasses.replace(
@@ -352,6 +357,13 @@ def test_a_scale_that_grows_the_rank_is_refused():
     for opset in (18, 23):
         _refused(f"scale-rank5-opset{opset}")
         _fused(f"scale-rank4-opset{opset}")
+
+
+def test_softmax_over_another_axis_or_k_not_transposed_is_refused():
+    for axis in (-2, 0, 1, 2):
+        _refused(f"softmax-axis{axis}")
+    _fused("softmax-axis3")
+    _refused("k-not-transposed-square")
 
 
 def test_constants_a_caller_can_feed_are_not_baked_in():
