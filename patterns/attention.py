@@ -157,6 +157,8 @@ def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
 FLOAT = onnx.TensorProto.FLOAT
 HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _type_name = onnx.TensorProto.DataType.Name
+#: An added value at or below this absorbs any score: x + v rounds to v (or to -inf) for |x| < 1e22.
+ABSORBING = -1e30
 
 
 def _factors(captures: dict) -> list[tuple[str, object]]:
@@ -324,6 +326,22 @@ def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop) -> bool:
             if sd == 1 and md not in (1, None):
                 return reject(f"mask dim {md} would grow the scores' dim 1")
     return True
+
+
+def bias_joins_mask_exactly(mask, bias) -> bool:
+    """The fused op adds one mask, so (scores + bias) + mask becomes scores + (bias + mask):
+    the same numbers only where the mask's values leave the sum unrounded, 0 and values that
+    absorb any addend (-inf, or finfo(float32).min: T5's Where(keep, 0, min)). A mask that can
+    hold -1e9 (rounded to multiples of 64 either way, in a different order) is refused."""
+    if bias is None:
+        return True
+    values = attention_masks.value_set(mask)
+    if values is None:
+        return reject("the mask after the position bias has values unknown here; adding it to the bias "
+                      "first rounds differently")
+    exact = (values == 0) | (values <= ABSORBING)
+    return bool(exact.all()) or reject(f"the mask after the position bias holds {values[~exact][0]:g}: "
+                                       "adding it to the bias first rounds differently")
 
 
 def nan_rows_reproducible(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None,
@@ -503,7 +521,7 @@ CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.floa
                   "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
 
 CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
-              mask_fits, math_fits_float32, nan_rows_reproducible]
+              mask_fits, bias_joins_mask_exactly, math_fits_float32, nan_rows_reproducible]
 
 RULES = [
     Rule("attention.onnx", attention, to_onnx,

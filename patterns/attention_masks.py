@@ -67,6 +67,34 @@ def has_row_of_neg_inf(a: np.ndarray) -> bool:
     return bool(a.ndim == 0 and np.isneginf(a)) or bool(a.ndim and np.isneginf(a.astype(np.float64)).all(axis=-1).any())
 
 
+#: Ops that move or copy their first input's elements without changing their values.
+_VALUE_PRESERVING = frozenset({"Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Identity", "Flatten", "Tile"})
+
+
+def value_set(v, depth: int = 16) -> np.ndarray | None:
+    """The distinct values `v` may hold (float64), where constants decide them though a
+    condition or a shape may come from an input: a constant, Where(cond, a, b) of such values,
+    and moves, copies and Casts of them (`masked_fill` masks are built so). None if unknown."""
+    a = constant_value(v)
+    if a is not None:
+        return np.unique(a.astype(np.float64))
+    p = v.producer
+    if p is None or p.domain or depth == 0 or not p.inputs or p.inputs[0] is None:
+        return None
+    if p.op_type == "Where" and None not in p.inputs:
+        chosen = [value_set(x, depth - 1) for x in p.inputs[1:]]
+        return None if any(c is None for c in chosen) else np.unique(np.concatenate(chosen))
+    if p.op_type in _VALUE_PRESERVING:
+        return value_set(p.inputs[0], depth - 1)
+    if p.op_type == "Cast":
+        values = value_set(p.inputs[0], depth - 1)
+        if values is None:
+            return None
+        with np.errstate(all="ignore"):
+            return np.unique(values.astype(helper.tensor_dtype_to_np_dtype(p.attr("to"))).astype(np.float64))
+    return None
+
+
 def is_fixed(v) -> bool:
     """A constant no caller can change: an initializer that is also a graph input is only a
     default the caller may feed (ONNX IR), not a constant."""

@@ -44,7 +44,7 @@ class Spec:
     d: int = 8
     scale_shape: tuple = ()
     #: None, ("add", shape, dtype), ("keep" | "drop", shape, fill), ("const", array),
-    #: ("keep_const", bool array, fill)
+    #: ("keep_const", bool array, fill), ("bias_then", "input" | Where fill)
     mask: tuple | None = None
     scores_to: int | None = None
     masked_to: int | None = None
@@ -94,6 +94,14 @@ def build(s: Spec) -> onnx.ModelProto:
         if kind == "add":
             inputs["mask"] = (s.mask[2], list(s.mask[1]))
             scores = op("Add", scores, "mask")
+        elif kind == "bias_then":  # T5: (scores + position bias) + a mask given as an input or Where(keep, 0, fill)
+            scores = op("Add", scores, const(np.linspace(-3, 3, s.sq * s.sk).reshape(1, 1, s.sq, s.sk), sdt))
+            if s.mask[1] == "input":
+                inputs["mask"] = (sdt, [s.b, 1, 1, s.sk])
+                scores = op("Add", scores, "mask")
+            else:
+                inputs["sel"] = (np.bool_, [s.b, 1, 1, s.sk])
+                scores = op("Add", scores, op("Where", "sel", const(0.0, sdt), const(s.mask[1], sdt)))
         elif kind == "const":
             scores = op("Add", scores, const(s.mask[1], sdt, "mask"))
         elif kind == "keep_const":
@@ -259,6 +267,8 @@ def _mutants() -> dict[str, Spec]:
         m[f"q-heads4-kv-heads1-opset{opset}"] = dataclasses.replace(BASE, hq=4, hkv=1, opset=opset)
         m[f"scale-rank5-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1, 1), opset=opset)
         m[f"scale-rank4-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1), opset=opset)
+    for then in ("input", -1e9, -1e4, F32_LOW, -np.inf):
+        m[f"bias-then-{then}"] = dataclasses.replace(BASE, mask=("bias_then", then))
     for axis in (-2, 0, 1, 2, 3):
         m[f"softmax-axis{axis}"] = dataclasses.replace(BASE, softmax_axis=axis)
     m["k-not-transposed-square"] = dataclasses.replace(BASE, d=4, perm=(0, 1, 2, 3))
@@ -357,6 +367,15 @@ def test_a_scale_that_grows_the_rank_is_refused():
     for opset in (18, 23):
         _refused(f"scale-rank5-opset{opset}")
         _fused(f"scale-rank4-opset{opset}")
+
+
+def test_a_bias_joins_only_masks_it_adds_to_exactly():
+    """(scores + bias) + mask is fused as scores + (bias + mask): equal only for masks of 0 and
+    absorbing values (T5's Where(keep, 0, min)); -1e9 would round differently."""
+    for then in ("input", -1e9, -1e4):
+        _refused(f"bias-then-{then}")
+    for then in (F32_LOW, -np.inf):
+        assert _fused(f"bias-then-{then}").op_type == "MaskedAttention"
 
 
 def test_softmax_over_another_axis_or_k_not_transposed_is_refused():

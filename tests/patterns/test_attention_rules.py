@@ -102,7 +102,10 @@ def build(*, dtype, b, hkv, group, s, d, scale_form, scale, mask, softmax_fp32, 
         scores = g.op("Add", scores, g.input("mask", [b, 1, s, s], fdt))
     elif mask == "bias_and_mask":
         bias = g.const(np.random.default_rng(0).standard_normal((1, hq, s, s)), fdt)
-        scores = g.op("Add", g.op("Add", scores, bias), g.input("mask", [b, 1, 1, s], fdt))
+        # T5: a mask of 0 / min after the bias (float16's min does not absorb the bias: -inf)
+        hard = np.finfo(fdt).min if fdt == np.float32 else -np.inf
+        padding = g.op("Where", g.input("keep", [b, 1, 1, s], np.bool_), g.const(0, fdt), g.const(hard, fdt))
+        scores = g.op("Add", g.op("Add", scores, bias), padding)
     elif mask == "keep":
         scores = g.op("Where", g.input("keep", [b, 1, s, s], np.bool_), scores, g.const(fill, fdt))
     elif mask == "masked_fill":
