@@ -7,7 +7,8 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 - the scale as Mul or Div on the scores, on Q, on K (before or after its transpose) or split
   as sqrt(scale) on both; any scalar constant is the op's `scale` (an attention with another
   scale than 1/sqrt(D) is still an attention); no scale is scale 1;
-- the mask as an Add (additive float mask, or a position bias), as Where(keep, scores, fill)
+- the mask as an Add (additive float mask, or a position bias then a mask whose values the
+  bias adds to exactly, as T5's 0 / finfo.min), as Where(keep, scores, fill)
   (boolean mask) or Where(drop, fill, scores) (`masked_fill`), or absent. A Where replaces the
   masked scores by `fill`, which equals adding a mask only when the fill zeroes the weight
   whatever the score (-inf, or the lowest value of its type; `attention_masks`): those become
@@ -155,7 +156,6 @@ def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
 
 # -- what the captures say -------------------------------------------------------------------
 FLOAT = onnx.TensorProto.FLOAT
-HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _type_name = onnx.TensorProto.DataType.Name
 #: An added value at or below this absorbs any score: x + v rounds to v (or to -inf) for |x| < 1e22.
 ABSORBING = -1e30
@@ -212,19 +212,26 @@ def _hard_fill(fill) -> np.ndarray:
 
 
 def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
+    """Whether the mask is a proven causal triangle (`attention_masks.is_causal_triangle`)."""
     return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), _dim(q, 2),
                                               key_len(k, k_kv, k_bshd))
 
 
 def may_mask_rows_with_neg_inf(mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
     """Whether some row of the scores may be -inf throughout (NaN after Softmax): a run-time
-    mask may; a constant one is looked at."""
+    mask may, unless its values are known to be finite (Where(keep, 0, min)); a constant one
+    is looked at."""
     if fill is not None and not np.isneginf(fill.const_value.astype(np.float64)).all():
         return False  # the lowest finite value: never -inf
     if mask is None and keep is None and drop is None:
         return False
     a = constant_mask(mask, bias, keep, drop, fill)
-    return a is None or attention_masks.has_row_of_neg_inf(a)
+    if a is not None:
+        return attention_masks.has_row_of_neg_inf(a)
+    if keep is not None or drop is not None:
+        return True
+    values = [attention_masks.value_set(m) for m in (mask, bias) if m is not None]
+    return any(v is None or np.isneginf(v).any() for v in values)
 
 
 def _mask_rank(mask=None, bias=None, keep=None, drop=None):

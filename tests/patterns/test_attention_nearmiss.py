@@ -44,7 +44,7 @@ class Spec:
     d: int = 8
     scale_shape: tuple = ()
     #: None, ("add", shape, dtype), ("keep" | "drop", shape, fill), ("const", array),
-    #: ("keep_const", bool array, fill), ("bias_then", "input" | Where fill)
+    #: ("keep_const", bool array, fill), ("bias_then", "input" | Where fill), ("add_where", fill)
     mask: tuple | None = None
     scores_to: int | None = None
     masked_to: int | None = None
@@ -102,6 +102,9 @@ def build(s: Spec) -> onnx.ModelProto:
             else:
                 inputs["sel"] = (np.bool_, [s.b, 1, 1, s.sk])
                 scores = op("Add", scores, op("Where", "sel", const(0.0, sdt), const(s.mask[1], sdt)))
+        elif kind == "add_where":  # HF's additive mask: Where(keep, 0, fill) of a boolean input
+            inputs["sel"] = (np.bool_, [s.b, 1, s.sq, s.sk])
+            scores = op("Add", scores, op("Where", "sel", const(0.0, sdt), const(s.mask[1], sdt)))
         elif kind == "const":
             scores = op("Add", scores, const(s.mask[1], sdt, "mask"))
         elif kind == "keep_const":
@@ -154,16 +157,11 @@ def feeds(model: onnx.ModelProto, seed: int) -> list[dict[str, np.ndarray]]:
             some = keep.copy()
             if keep.ndim:
                 some[..., 0] = True
-            for k in (whole, some):
-                out.append({**qkv, "sel": k if "keep" in _mask_kind(model) else ~k})
+            for k in (whole, some):  # and inverted, for the forms where True drops the key
+                out += [{**qkv, "sel": k}, {**qkv, "sel": ~k}]
         else:
             out.append(qkv)
     return out
-
-
-def _mask_kind(model) -> str:
-    where = next((n for n in model.graph.node if n.op_type == "Where" and "sel" in n.input), None)
-    return "" if where is None else ("keep" if where.input[0] == "sel" and where.input[1].startswith("t") else "drop")
 
 
 TOL = {np.dtype(np.float32): 2e-3, np.dtype(np.float16): 3e-2}
@@ -267,6 +265,9 @@ def _mutants() -> dict[str, Spec]:
         m[f"q-heads4-kv-heads1-opset{opset}"] = dataclasses.replace(BASE, hq=4, hkv=1, opset=opset)
         m[f"scale-rank5-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1, 1), opset=opset)
         m[f"scale-rank4-opset{opset}"] = dataclasses.replace(BASE, scale_shape=(1, 1, 1, 1), opset=opset)
+    for fill in (-1e9, F32_LOW, -np.inf):
+        for guard in (False, True):
+            m[f"add-where{fill:g}-guard{int(guard)}"] = dataclasses.replace(BASE, mask=("add_where", fill), guard=guard)
     for then in ("input", -1e9, -1e4, F32_LOW, -np.inf):
         m[f"bias-then-{then}"] = dataclasses.replace(BASE, mask=("bias_then", then))
     for axis in (-2, 0, 1, 2, 3):
@@ -420,7 +421,10 @@ def test_unguarded_rows_of_neg_inf_stay_nan():
         row = output(run(out, x))[0, :, 0]
         assert np.isnan(row).all() if not guard else (row == 0).all()
     _fused("const-mask-row-of-neg-inf")
-
+    out = check_exact_or_refused(build(MUTANTS["add-where-inf-guard0"]))
+    assert op_counts(out)["ReduceMax"] == 1  # the NaN-row term, as the mask can hold -inf
+    for name in ("add-where-3.40282e+38-guard0", "add-where-inf-guard1"):  # never -inf, or guarded
+        assert op_counts(check_exact_or_refused(build(MUTANTS[name])))["ReduceMax"] == 0, name
 
 def test_rows_masked_by_finfo_min_stay_uniform():
     """Softmax over a row of equal finfo.min scores is uniform: the original gives mean(V) and
