@@ -77,6 +77,7 @@ FORMS = {
     "fusegraph-causal": (dict(mask=("causal", -np.inf)), "fusegraph.Attention", False),
     "fusegraph-gqa": (dict(kv_heads=2), "fusegraph.Attention", False),
     "fusegraph-opset13": (dict(opset=13, mask=("add", (B, 1, S, S), np.float32)), "fusegraph.MaskedAttention", True),
+    "fusegraph-opset13-causal": (dict(opset=13, mask=("causal", -np.inf)), "fusegraph.Attention", False),
     "masked-b11s": (dict(mask=("add", (B, 1, 1, S), np.float32)), "fusegraph.MaskedAttention", True),
     "masked-s": (dict(mask=("add", (S,), np.float32), guard=True), "fusegraph.MaskedAttention", False),
     "masked-s1": (dict(mask=("add", (S, 1), np.float32), guard=True), "fusegraph.MaskedAttention", False),
