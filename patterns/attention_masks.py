@@ -7,10 +7,11 @@ pattern per way, the mask's producers are evaluated when they depend on constant
 static-shape export), and the values are checked. A mask that also depends on an input
 (padding) stays a mask input.
 
-Only values that give a score exactly zero weight whatever the scores are count as masking:
--inf, and the lowest finite value of the mask's type (adding any finite score to it rounds
-back to it, or below it to -inf). A finite -1e4 or -1e9 is an additive term like any other:
-with scores of 1e4 it lets the key through, so a triangle of them is not `is_causal`.
+Only values that give a masked score zero weight for any scores the type can hold count as
+masking: -inf, and the lowest finite value of the mask's type (the masked score then sits the
+type's whole range below the kept ones; in float32 it even absorbs the score). A finite -1e4 or
+-1e9 is an additive term like any other: with scores of 1e4 it lets the key through, so a
+triangle of them is not `is_causal`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def lowest(dtype: np.dtype) -> float | None:
 
 
 def masks_hard(a: np.ndarray) -> np.ndarray:
-    """Elementwise: the additive value zeroes its score's weight for every finite score."""
+    """Elementwise: the value masks hard (-inf, or at most the lowest finite value of its type)."""
     low = lowest(a.dtype)
     if low is None:
         return np.zeros(a.shape, bool)
