@@ -7,23 +7,34 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 - the scale as Mul or Div on the scores, on Q, on K (before or after its transpose) or split
   as sqrt(scale) on both; any scalar constant is the op's `scale` (an attention with another
   scale than 1/sqrt(D) is still an attention); no scale is scale 1;
-- the mask as an Add (additive float mask, or a position bias), as Where(keep, scores, fill)
-  (boolean mask) or Where(drop, fill, scores) (`masked_fill`), or absent; a Where becomes the
-  additive mask Where(keep, 0, fill) outside the fused op;
-- Casts around the Softmax (softmax in float32 for half inputs) and SDPA's NaN guard
-  Where(IsNaN(p), 0, p) after it;
+- the mask as an Add (additive float mask, or a position bias then a mask whose values the
+  bias adds to exactly, as T5's 0 / finfo.min), as Where(keep, scores, fill)
+  (boolean mask) or Where(drop, fill, scores) (`masked_fill`), or absent. A Where replaces the
+  masked scores by `fill`, which equals adding a mask only when the fill zeroes the weight
+  whatever the score (-inf, or the lowest value of its type; `attention_masks`): those become
+  the float32 mask Where(keep, 0, fill) outside the fused op (the lowest value as float32's, so
+  that a fully masked row stays uniform as in the original); any other fill is refused;
+- Casts around the Softmax, each to a type the fused op's float32 math covers losslessly (the
+  scores widened to float32, the probabilities back to Q's type), and SDPA's NaN guard
+  Where(IsNaN(p), 0, p) after it. The fused op reads a row masked entirely by -inf as zeros,
+  the guarded graph's answer; without the guard the original gives NaN there, which the
+  replacement reproduces (NaN where the mask's row maximum is -inf);
 - K^T as Transpose(K, [0,1,3,2]) or folded into the head split, Transpose(K_bshd, [0,2,3,1]);
 - grouped/multi-query KV repeated as Reshape(Expand(Unsqueeze(kv, 2))) (HF's repeat_kv): the
   fused op takes the un-repeated KV when the shapes prove the Reshape only merges the heads
   and the repeats, else the repeated KV (still correct, just not grouped).
 
-The target is chosen per model: `attention.onnx` emits the standard opset-23 `Attention` (which
-TensorRT maps to its native attention layer) when the model's default opset is at least 23;
-`attention.fusegraph` emits `fusegraph.Attention`/`MaskedAttention` (see `attention_op`) for
-every other model. Select `attention.fusegraph` alone to keep the fusegraph op (for its plugin)
-on opset-23 models too. A mask that is a plain causal triangle becomes `is_causal=1` with no
-mask input (`attention_masks`). Both targets compute in float32, so float64 attention is left
-alone.
+The target is chosen per match: `attention.onnx` emits the standard opset-23 `Attention` (which
+TensorRT maps to its native attention layer) in models of opset 23 or newer, where that op
+provably computes the same: float32, the same heads and batch in Q, K and V, and no mask input
+(no mask, or a proven causal one). ONNX Runtime 1.32 refuses masks that broadcast over the
+query or key axis and grouped KV at run time, and returns 0 for a row masked with
+finfo.min where the original is uniform, and TensorRT refuses `softmax_precision`; so every
+other attention becomes `fusegraph.Attention`/`MaskedAttention` (`attention_op`, opset 13 and
+newer; below 15 float32 only) through `attention.fusegraph`. Select `attention.fusegraph`
+alone to keep the fusegraph op (for its plugin) on opset-23 models too. A mask that is a
+proven causal triangle becomes `is_causal=1` with no mask input (`attention_masks`). Both
+targets compute in float32, so float64 attention is left alone.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from fusegraph.pattern import Attr, Const, Pattern, PatternOps, Var, optional
 from fusegraph.rule import Rule, reject
 
 from . import attention_masks
-from .attention_op import MIN_OPSET
+from .attention_op import MIN_OPSET, TYPED_BODY_OPSET
 
 ONNX_ATTENTION_OPSET = 23
 #: Captures holding scale constants: a product of the `_mul`s over a product of the `_div`s.
@@ -128,29 +139,118 @@ def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern) -
     return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv), "k_post")
 
 
+def _is_scalar_zero(a: np.ndarray) -> bool:
+    return a.size == 1 and a.ndim <= 4 and a.item() == 0
+
+
 def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
     scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd)), "s")
     scores = optional(op.Cast(scores, to=Attr("cast_scores")))
     masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, scores, Const(name="fill"))
               | op.Where(drop, Const(name="fill"), scores) | scores)
     softmax = op.Softmax(optional(op.Cast(masked, to=Attr("cast_masked"))), axis=Attr("axis"))
-    probs = optional(op.Cast(optional(op.Cast(softmax)), to=Attr("cast_probs")))
-    guarded = op.Where(op.IsNaN(probs), Const(0.0), probs) | probs
+    probs = optional(op.Cast(optional(op.Cast(softmax, to=Attr("cast_softmax"))), to=Attr("cast_probs")))
+    guarded = op.Where(op.IsNaN(probs), Const(name="nan_fill", where=_is_scalar_zero, why="0"), probs) | probs
     return op.MatMul(guarded, repeated_kv(op, v_kv, "v") | v)
 
 
-# -- conditions ------------------------------------------------------------------------------
+# -- what the captures say -------------------------------------------------------------------
+FLOAT = onnx.TensorProto.FLOAT
+_type_name = onnx.TensorProto.DataType.Name
+#: An added value at or below this absorbs any score: x + v rounds to v (or to -inf) for |x| < 1e22.
+ABSORBING = -1e30
+
+
 def _factors(captures: dict) -> list[tuple[str, object]]:
     return [(kind, c) for site in SCALE_SITES for kind in ("mul", "div")
             if (c := captures.get(f"{site}_{kind}")) is not None]
 
 
+def q_type(q, k=None, k_kv=None, k_bshd=None, **captures) -> int | None:
+    """Q's element type, read from Q, K or a scale constant (all of Q's type), or None."""
+    known = [x.dtype for x in (q, k, k_kv, k_bshd, *(c for _, c in _factors(captures)))
+             if x is not None and x.dtype]
+    return known[0] if known else None
+
+
+def _dim(x, axis: int):
+    return x.shape[axis] if x is not None and x.rank == 4 else None
+
+
+def key_len(k=None, k_kv=None, k_bshd=None):
+    """Sk where the shapes say it: axis 2 of [B, H, S, D] K, axis 1 of [B, S, H, D]."""
+    return _dim(k_kv or k, 2) if k_bshd is None else _dim(k_bshd, 1)
+
+
+def key_heads(k=None, k_kv=None, k_bshd=None):
+    return _dim(k_kv or k, 1) if k_bshd is None else _dim(k_bshd, 2)
+
+
+def constant_mask(mask=None, bias=None, keep=None, drop=None, fill=None) -> np.ndarray | None:
+    """The additive mask the fused op takes, when constants decide it (else None)."""
+    if keep is not None or drop is not None:
+        chosen = attention_masks.constant_value(keep if keep is not None else drop)
+        if chosen is None:
+            return None
+        masked = ~chosen.astype(bool) if keep is not None else chosen.astype(bool)
+        return np.where(masked, _hard_fill(fill), np.float32(0))
+    if mask is None:
+        return None
+    m = attention_masks.constant_value(mask)
+    if m is None or bias is None:
+        return m
+    b = attention_masks.constant_value(bias)
+    return None if b is None else b + m
+
+
+def _hard_fill(fill) -> np.ndarray:
+    """A hard Where fill as a float32 additive value: -inf stays -inf; the lowest value of any
+    type becomes float32's, which absorbs every score (so a fully masked row stays uniform)."""
+    if np.isneginf(fill.const_value.astype(np.float64)).all():
+        return np.array(-np.inf, np.float32)
+    return np.array(np.finfo(np.float32).min, np.float32)
+
+
+def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
+    """Whether the mask is a proven causal triangle (`attention_masks.is_causal_triangle`)."""
+    return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), _dim(q, 2),
+                                              key_len(k, k_kv, k_bshd))
+
+
+def may_mask_rows_with_neg_inf(mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
+    """Whether some row of the scores may be -inf throughout (NaN after Softmax): a run-time
+    mask may, unless its values are known to be finite (Where(keep, 0, min)); a constant one
+    is looked at."""
+    if fill is not None and not np.isneginf(fill.const_value.astype(np.float64)).all():
+        return False  # the lowest finite value: never -inf
+    if mask is None and keep is None and drop is None:
+        return False
+    a = constant_mask(mask, bias, keep, drop, fill)
+    if a is not None:
+        return attention_masks.has_row_of_neg_inf(a)
+    if keep is not None or drop is not None:
+        return True
+    values = [attention_masks.value_set(m) for m in (mask, bias) if m is not None]
+    return any(v is None or np.isneginf(v).any() for v in values)
+
+
+def _mask_rank(mask=None, bias=None, keep=None, drop=None):
+    ranks = [m.rank for m in (mask, bias, keep, drop) if m is not None]
+    return None if None in ranks else max(ranks, default=None)
+
+
+# -- conditions ------------------------------------------------------------------------------
 def scales_are_scalars(**captures) -> bool:
-    """Only a single factor folds into the op's `scale`: a per-head tensor is no attention."""
+    """Only a single factor folds into the op's `scale`: a per-head tensor is no attention, and
+    a [1, 1, 1, 1, 1] factor would have grown the scores' rank."""
     for kind, c in _factors(captures):
+        if not attention_masks.is_fixed(c):
+            return reject(f"scale {kind} {c.name!r} is also a graph input: a default, not a constant")
         a = c.const_value
-        if a is None or a.size != 1 or not np.isfinite(a).all() or (kind == "div" and not a.any()):
+        if a is None or a.size != 1 or not np.isfinite(a.astype(np.float64)).all() or (kind == "div" and not a.any()):
             return reject(f"scale {kind} {c.name!r} is not a finite non-zero scalar constant")
+        if a.ndim > 4:
+            return reject(f"scale {kind} {c.name!r} has rank {a.ndim}, which grows the scores' rank 4")
     return True
 
 
@@ -160,97 +260,244 @@ def softmax_on_last_axis(axis, q) -> bool:
 
 def heads_layout(q, k, k_kv, k_bshd, v, v_kv) -> bool:
     """The op takes 4-D [B, H, S, D]: K^T's 4-D perm proves K's rank; Q's and V's must be 4
-    where known (TorchScript exports carry no shapes; their Q and V are the head split's)."""
+    where known (TorchScript exports carry no shapes; their Q and V are the head split's).
+    Query head h reads kv head h // (Hq / Hkv), so the query heads must be a multiple of K's
+    and V's: Q with one head broadcast against K with four is another computation. Symbolic
+    head counts (TorchScript's unk__ dims) are taken as the exporter's head split wrote them."""
     for name, x in (("q", q), ("k", k or k_kv or k_bshd), ("v", v or v_kv)):
         if x.rank not in (None, 4):
             return reject(f"{name} has rank {x.rank}, not [B, H, S, D]")
     if (k_kv is None) != (v_kv is None):
         return reject("only one of K and V is a repeated kv")
+    hq = _dim(q, 1)
+    for name, h in (("K", key_heads(k, k_kv, k_bshd)), ("V", _dim(v_kv or v, 1))):
+        known = isinstance(hq, int) and isinstance(h, int)
+        if (known and (h > hq or hq % h)) or (hq == 1 and h not in (1, None)):
+            return reject(f"{name} has {h} heads and Q {hq}: the query heads are no multiple of them")
     return True
 
 
-def one_precision(q, k=None, k_kv=None, k_bshd=None, cast_scores=None, cast_masked=None, cast_probs=None,
-                  **captures) -> bool:
-    """The op returns Q's type, so the probabilities that meet V must have Q's type. Q's type is
-    read from Q, K or a scale constant (all precede the casts)."""
-    probs_type = cast_probs or cast_masked or cast_scores
-    if probs_type is None:
+def casts_widen_losslessly(q, k=None, k_kv=None, k_bshd=None, cast_scores=None, cast_masked=None,
+                           cast_softmax=None, cast_probs=None, **captures) -> bool:
+    """Every Cast in the pattern is one the fused op's math covers: the scores and the masked
+    scores widened to float32 (or cast to their own type), the probabilities kept, widened to
+    float32 or cast to Q's type, ending in Q's type (they meet V). Anything else (the
+    probabilities through bool, int64 or float16 in a float32 attention, the scores through
+    int32) rounds or truncates in the original and would not in the fused op."""
+    casts = (cast_scores, cast_masked, cast_softmax, cast_probs)
+    if all(c is None for c in casts):
         return True
-    known = [x.dtype for x in (q, k, k_kv, k_bshd, *(c for _, c in _factors(captures)))
-             if x is not None and x.dtype]
-    if not known:
-        return reject("Q's type is unknown and casts set the probabilities' type")
-    name = onnx.TensorProto.DataType.Name
-    return probs_type == known[0] or reject(f"probabilities are {name(probs_type)}, Q is {name(known[0])}")
+    t = q_type(q, k, k_kv, k_bshd, **captures)
+    if t is None:
+        return reject("Q's type is unknown and the pattern casts")
+    current = t
+    for where, to in (("scores", cast_scores), ("masked scores", cast_masked)):
+        if to is not None and to not in (FLOAT, current):
+            return reject(f"the {where} are cast from {_type_name(current)} to {_type_name(to)}, not widened to FLOAT")
+        current = to or current
+    softmax_type = current
+    chain = [c for c in (cast_softmax, cast_probs) if c is not None]
+    for to in chain[:-1]:
+        if to not in (softmax_type, t, FLOAT):
+            return reject(f"the probabilities pass through {_type_name(to)}, which rounds them")
+    end = chain[-1] if chain else softmax_type
+    return end == t or reject(f"probabilities are {_type_name(end)}, Q is {_type_name(t)}")
 
 
-def mask_fits(q, mask, bias, keep, drop) -> bool:
+def fills_mask_hard(fill, nan_fill) -> bool:
+    """Where(keep, scores, fill) replaces the masked scores by `fill`: an additive mask equals
+    that only if the fill zeroes the weight whatever the score, -inf or the lowest value of its
+    type. A fill of 0 or -10 is a real score, and -1e4 lets a key through at scores of 1e4.
+    Neither it nor the NaN guard's 0 may be a default a caller can feed."""
+    for c in (fill, nan_fill):
+        if c is not None and not attention_masks.is_fixed(c):
+            return reject(f"{c.name!r} is also a graph input: a default, not a constant")
+    if fill is None:
+        return True
+    a = fill.const_value
+    if a is None or a.size != 1 or a.ndim > 4:
+        return reject("the Where fill is not a scalar constant")
+    return bool(attention_masks.masks_hard(a).all()) or reject(
+        f"the Where fill {a.item()} is a score, not a mask (only -inf or the lowest {a.dtype} masks exactly)")
+
+
+def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop) -> bool:
     """The mask broadcasts into the scores [B, Hq, Sq, Sk] without growing them (where known)."""
+    scores = (*(q.shape[:3] if q.rank == 4 else (None,) * 3), key_len(k, k_kv, k_bshd))
     for m in (mask, bias, keep, drop):
         if m is None or m.shape is None:
             continue
         if len(m.shape) > 4:
             return reject(f"mask has rank {len(m.shape)} > 4")
-        for md, qd in zip(reversed(m.shape[:-1]), reversed(q.shape[:3] if q.shape else ())):
-            if qd == 1 and md not in (1, None):
+        for md, sd in zip(reversed(m.shape), reversed(scores)):
+            if sd == 1 and md not in (1, None):
                 return reject(f"mask dim {md} would grow the scores' dim 1")
     return True
+
+
+def bias_joins_mask_exactly(mask, bias) -> bool:
+    """The fused op adds one mask, so (scores + bias) + mask becomes scores + (bias + mask):
+    the same numbers only where the mask's values leave the sum unrounded, 0 and values that
+    absorb any addend (-inf, or finfo(float32).min: T5's Where(keep, 0, min)). A mask that can
+    hold -1e9 (rounded to multiples of 64 either way, in a different order) is refused."""
+    if bias is None:
+        return True
+    values = attention_masks.value_set(mask)
+    if values is None:
+        return reject("the mask after the position bias has values unknown here; adding it to the bias "
+                      "first rounds differently")
+    exact = (values == 0) | (values <= ABSORBING)
+    return bool(exact.all()) or reject(f"the mask after the position bias holds {values[~exact][0]:g}: "
+                                       "adding it to the bias first rounds differently")
+
+
+def nan_rows_reproducible(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None,
+                          fill=None, nan_fill=None, **captures) -> bool:
+    """Where a row may be masked by -inf throughout and no NaN guard follows the Softmax, the
+    original gives NaN there; the replacement reproduces it from the mask's row maximum, which
+    needs the mask's rank (its key axis) and Q's type."""
+    if nan_fill is not None or not may_mask_rows_with_neg_inf(mask, bias, keep, drop, fill):
+        return True
+    if _mask_rank(mask, bias, keep, drop) is None:
+        return reject("a row may be masked by -inf (NaN, no guard) and the mask's rank is unknown")
+    return q_type(q, k, k_kv, k_bshd, **captures) is not None or reject(
+        "a row may be masked by -inf (NaN, no guard) and Q's type is unknown")
+
+
+def math_fits_float32(q) -> bool:
+    """Both targets compute the scores and softmax in float32 (`attention_op`, ONNX Attention's
+    float32 inputs); a float64 attention would lose float64's precision."""
+    return q.dtype != onnx.TensorProto.DOUBLE or reject("float64 Q: the fused attention would be computed in float32")
+
+
+def opset(v) -> int:
+    return v.graph.opset.get("", 1)
+
+
+def opset_at_least(n: int):
+    def check(q) -> bool:
+        have = opset(q)
+        return have >= n or reject(f"model opset {have} < {n}")
+    check.__name__ = f"opset_at_least_{n}"
+    return check
+
+
+def body_fits_opset(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
+    """Below opset 15 the fused op's body has no CastLike and computes in its inputs' type,
+    which is the op's float32 semantics for float32 attention only (`attention_op`)."""
+    if opset(q) >= TYPED_BODY_OPSET:
+        return True
+    t = q_type(q, k, k_kv, k_bshd, **captures)
+    return t == FLOAT or reject(f"opset {opset(q)} < {TYPED_BODY_OPSET}: the fused body is float32 only, "
+                                f"Q is {_type_name(t) if t else 'of unknown type'}")
+
+
+def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None,
+                            keep=None, drop=None, fill=None, **captures) -> bool:
+    """Opset-23 `Attention` is emitted only where it runs in ONNX Runtime and TensorRT and
+    computes what the graph did: float32 (its softmax then is float32 with no
+    `softmax_precision`, which TensorRT's parser refuses), Q's heads in K and V (ONNX Runtime
+    refuses grouped KV at run time: a repeat_kv is kept, `repeated_for_onnx`), no broadcast
+    batch, and no mask input (ONNX Runtime refuses masks
+    broadcast over the query or key axis and answers 0 for a row masked with finfo.min, where
+    Softmax gives the mean of V). A proven causal triangle needs no mask input."""
+    if q.dtype != FLOAT:
+        return reject(f"ONNX Attention without softmax_precision runs softmax in Q's type, "
+                      f"{_type_name(q.dtype) if q.dtype else 'unknown'}")
+    key = k_kv or k
+    for axis in ((0,) if k_kv is not None else (0, 1)):  # a proven repeat gives Q's heads
+        dims = {_dim(q, axis), _dim(v_kv or v, axis), _dim(key, axis) if k_bshd is None else _dim(k_bshd, 2 * axis)}
+        if len(dims) != 1 or None in dims:
+            return reject(f"Q, K and V are not known to agree on axis {axis}")
+    if mask is None and keep is None and drop is None:
+        return True
+    return is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill) or reject(
+        "a mask input: ONNX Runtime's Attention reads masked rows and broadcast masks differently")
+
+
+def positive_scale(**captures) -> bool:
+    """ONNX Runtime's `Attention` refuses a scale <= 0 (a negative factor, or one that rounds
+    to 0 in float16); `fusegraph.Attention` takes any."""
+    scale = total_scale(captures)
+    return scale > 0 or reject(f"scale {scale} is not positive, which ONNX Attention refuses")
 
 
 # -- replacements ----------------------------------------------------------------------------
 def total_scale(captures: dict) -> float:
     s = 1.0
     for kind, c in _factors(captures):
-        f = float(c.const_value.reshape(-1)[0])
+        f = float(c.const_value.astype(np.float64).reshape(-1)[0])
         s = s * f if kind == "mul" else s / f
     return s
 
 
-def operands(op, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop, fill):
-    """K and V as [B, Hkv, S, D] and the additive mask (or None) the fused op takes."""
-    key = k_kv or k or op.Transpose(k_bshd, perm=[0, 2, 1, 3])
+def kv_operands(op, k, k_kv, k_bshd, v, v_kv):
+    """K and V as [B, Hkv, S, D], the un-repeated ones where the pattern proved the repeat."""
+    return k_kv or k or op.Transpose(k_bshd, perm=[0, 2, 1, 3]), v_kv or v
+
+
+def additive_mask(op, mask, bias, keep, drop, fill):
+    """The additive mask the fused op takes (or None): a position bias joins the mask; a hard
+    Where fill becomes a float32 mask (`_hard_fill`)."""
     if bias is not None:
-        mask = op.Add(bias, mask)
-    elif keep is not None:
-        mask = op.Where(keep, np.zeros((), fill.const_value.dtype), fill)
-    elif drop is not None:
-        mask = op.Where(drop, fill, np.zeros((), fill.const_value.dtype))
-    return key, v_kv or v, mask
+        return op.Add(bias, mask)
+    if keep is not None:
+        return op.Where(keep, np.zeros((), np.float32), _hard_fill(fill))
+    if drop is not None:
+        return op.Where(drop, _hard_fill(fill), np.zeros((), np.float32))
+    return mask
+
+
+def nan_on_rows_of_neg_inf(op, y, mask, mask_rank: int, y_type: int):
+    """y plus NaN on the rows the mask sets to -inf throughout and 0 elsewhere: 0 times the
+    row's maximum is NaN exactly when that maximum is -inf."""
+    m = op.Cast(mask, to=FLOAT)
+    if mask_rank == 0:
+        m = op.Unsqueeze(m, np.array([0], np.int64))
+    if opset(y) >= 18:
+        row_max = op.ReduceMax(m, np.array([-1], np.int64), keepdims=1)
+    else:
+        row_max = op.ReduceMax(m, axes=[-1], keepdims=1)
+    nan_or_zero = op.Mul(row_max, np.zeros((), np.float32))
+    if y_type != FLOAT:
+        nan_or_zero = op.Cast(nan_or_zero, to=y_type)
+    return op.Add(y, nan_or_zero)
 
 
 def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-                 fill=None, **captures):
+                 fill=None, nan_fill=None, **captures):
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
-    key, value, mask = operands(op, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop, fill)
-    q_len = q.shape[2] if q.shape and len(q.shape) == 4 else None
-    causal = attention_masks.is_causal_triangle(mask, q_len)
+    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
+    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
     attrs = dict(scale=total_scale(captures), is_causal=int(causal), _domain=DOMAIN)
-    if mask is None or causal:
+    if causal or (mask is None and keep is None and drop is None):
         return op.Attention(q, key, value, **attrs)
-    return op.MaskedAttention(q, key, value, mask, **attrs)
+    additive = additive_mask(op, mask, bias, keep, drop, fill)
+    y = op.MaskedAttention(q, key, value, additive, **attrs)
+    if nan_fill is None and may_mask_rows_with_neg_inf(mask, bias, keep, drop, fill):
+        y = nan_on_rows_of_neg_inf(op, y, additive, _mask_rank(mask, bias, keep, drop),
+                                   q_type(q, k, k_kv, k_bshd, **captures))
+    return y
+
+
+def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
+    """The repeat_kv the pattern matched, rebuilt on the un-repeated KV (ONNX Runtime runs
+    opset-23 Attention only with Q's heads in K and V). K's merging Reshape may have been
+    folded into K^T's: its target is then K^T's [B, H, D, S] with the last two swapped."""
+    if merged is None:
+        merged = op.Gather(kt_shape, np.array([0, 1, 3, 2], np.int64), axis=0)
+    return op.Reshape(op.Expand(op.Unsqueeze(kv, np.array([2], np.int64)), grown), merged)
 
 
 def to_onnx(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-            fill=None, **captures):
+            fill=None, k_grown=None, k_merged=None, v_grown=None, v_merged=None, kt_shape=None, **captures):
     """BMM-Softmax-BMM -> ONNX Attention (opset 23)"""
-    key, value, mask = operands(op, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop, fill)
-    q_len = q.shape[2] if q.shape and len(q.shape) == 4 else None
-    causal = attention_masks.is_causal_triangle(mask, q_len)
-    if causal:
-        mask = None
-    elif mask is not None and mask.dtype != q.dtype:
-        mask = op.CastLike(mask, q)  # a float attn_mask has Q's type
-    inputs = (q, key, value) if mask is None else (q, key, value, mask)
-    return op.Attention(*inputs, scale=total_scale(captures), is_causal=int(causal),
-                        softmax_precision=onnx.TensorProto.FLOAT)
-
-
-def opset_at_least(n: int):
-    def check(q) -> bool:
-        have = q.graph.opset.get("", 1)
-        return have >= n or reject(f"model opset {have} < {n}")
-    check.__name__ = f"opset_at_least_{n}"
-    return check
+    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
+    if k_kv is not None:
+        key = repeated_for_onnx(op, k_kv, k_grown, k_merged, kt_shape)
+        value = repeated_for_onnx(op, v_kv, v_grown, v_merged)
+    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
+    return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
 
 
 def _ints(*v: int) -> np.ndarray:
@@ -259,8 +506,10 @@ def _ints(*v: int) -> np.ndarray:
 
 #: For the self-check: Q, K, V [B, H, S, D] = [1, 2, 3, 4], K/V repeated from one kv head, K as
 #: [B, S, H, D] for the merged transpose, masks over [.., Sq, Sk]; the Reshape and Expand
-#: targets and the Slice bounds (to the end of Shape(K)) the conditions accept, which the
-#: generic search can't guess.
+#: targets and the Slice bounds (to the end of Shape(K)) the conditions accept, a hard Where
+#: fill, the NaN guard's 0 and Casts to the instance's own type, which the generic search
+#: can't guess. The masks are inputs in one example and the causal triangle in the other
+#: (the only mask the ONNX target takes).
 EXAMPLE = {
     "q": ((1, 2, 3, 4), np.float32), "k": ((1, 2, 3, 4), np.float32), "v": ((1, 2, 3, 4), np.float32),
     "k_kv": ((1, 1, 3, 4), np.float32), "v_kv": ((1, 1, 3, 4), np.float32),
@@ -271,27 +520,20 @@ EXAMPLE = {
     "kt_rows": _ints(-1),
     "mask": ((1, 1, 3, 3), np.float32), "bias": ((1, 2, 3, 3), np.float32),
     "keep": ((1, 1, 3, 3), np.bool_), "drop": ((1, 1, 3, 3), np.bool_),
+    "fill": np.array(-np.inf, np.float32), "nan_fill": np.array(0.0, np.float32),
+    "cast_scores": None, "cast_masked": None, "cast_softmax": None, "cast_probs": None,
 }
+_ABOVE = np.triu(np.ones((1, 1, 3, 3), bool), k=1)
+CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.float32),
+                  "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
 
-def math_fits_float32(q) -> bool:
-    """Both targets compute the scores and softmax in float32 (`attention_op`, ONNX Attention's
-    softmax_precision); a float64 attention would lose float64's precision."""
-    return q.dtype != onnx.TensorProto.DOUBLE or reject("float64 Q: the fused attention would be computed in float32")
-
-
-def positive_scale(**captures) -> bool:
-    """ONNX Runtime's `Attention` refuses a scale <= 0 (a negative factor, or one that rounds
-    to 0 in float16); `fusegraph.Attention` takes any."""
-    scale = total_scale(captures)
-    return scale > 0 or reject(f"scale {scale} is not positive, which ONNX Attention refuses")
-
-
-CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, one_precision, mask_fits, math_fits_float32]
+CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
+              mask_fits, bias_joins_mask_exactly, math_fits_float32, nan_rows_reproducible]
 
 RULES = [
-    Rule("attention.onnx", attention, to_onnx, [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [positive_scale],
-         priority=210,
-         examples=[EXAMPLE]),
-    Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS, priority=200,
-         examples=[EXAMPLE]),
+    Rule("attention.onnx", attention, to_onnx,
+         [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
+         priority=210, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
+    Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
+         priority=200, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
 ]

@@ -4,10 +4,13 @@
 
 Q is [B, Hq, Sq, D], K and V are [B, Hkv, Sk, D] with Hq a multiple of Hkv (query head h reads
 kv head h // (Hq / Hkv): grouped-query and multi-query attention need no repeated KV). `Mask`
-is an additive float mask broadcastable to [B, Hq, Sq, Sk], of any float type. `is_causal`
-(0/1) masks keys after the query, upper-left aligned (query i sees keys j <= i), as ONNX
-opset-23 `Attention` without past keys. Softmax runs in float32; Y has Q's type; a row with
-every score at -inf yields zeros (as `kernels.reference.attention` and ONNX's errata say).
+is an additive float mask broadcastable to [B, Hq, Sq, Sk], of any float type, added to the
+scores in its own type (the scores rounded to it first), as the graphs it replaces add it: a
+float16 mask of -65504 saturates in float16 as it did there, and a float32 mask of
+finfo(float32).min absorbs any score (a fully masked row stays uniform, as in the original).
+`is_causal` (0/1) masks keys after the query, upper-left aligned (query i sees keys j <= i), as
+ONNX opset-23 `Attention` without past keys. Softmax runs in float32; Y has Q's type; a row
+with every score at -inf yields zeros (as `kernels.reference.attention` and ONNX's errata say).
 
 Why two names: a local-function body can neither test whether an optional input was given nor
 branch, so "with a mask" is a distinct op (`MaskedAttention`, one more input) rather than an
@@ -17,7 +20,11 @@ both names. `is_causal` needs no branch either: the body always builds the trian
 every score when the flag is 0 (`Or(Not(is_causal), j <= i)`), so the attribute stays on the
 node for the plugin instead of being baked into a materialised mask.
 
-Bodies need Shape's start/end (opset 15) and are otherwise the same for every opset.
+Opsets: from 15 the body is type-polymorphic (CastLike back to Q's and the Mask's types). Opsets
+13 and 14 have no CastLike, and a function cannot name its input's type in a Cast: there the
+body computes in its inputs' type, which is float32 semantics for float32 inputs only, so the
+rules emit these ops below opset 15 for float32 attention only (`attention.body_fits_opset`).
+Shapes are read with Shape + Slice (Shape's start/end are opset 15).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from onnx import helper
 
 from fusegraph.fused_ops import Body, FusedOp, register
 
-MIN_OPSET = 15
+MIN_OPSET = 13
+#: CastLike, which lets one body serve float32, float16 and bfloat16, exists from this opset.
+TYPED_BODY_OPSET = 15
 FLOAT = onnx.TensorProto.FLOAT
 
 
@@ -35,29 +44,35 @@ def _ints(b: Body, *values: int) -> str:
     return b.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.INT64, [len(values)], list(values)))
 
 
+def _dims(b: Body, x: str, start: int, end: int) -> str:
+    """Shape(x)[start:end], valid from opset 13 (Shape's own start/end are opset 15)."""
+    return b.op("Slice", b.op("Shape", x), _ints(b, start), _ints(b, end))
+
+
 def _repeat_heads(b: Body, x: str, hq: str) -> str:
     """[B, Hkv, S, D] -> [B, Hq, S, D], each kv head repeated Hq / Hkv times in place."""
-    hkv = b.op("Shape", x, start=1, end=2)
-    lead = b.op("Shape", x, start=0, end=1)
-    tail = b.op("Shape", x, start=2, end=4)
+    hkv, lead, tail = _dims(b, x, 1, 2), _dims(b, x, 0, 1), _dims(b, x, 2, 4)
     wide = b.op("Concat", lead, hkv, b.op("Div", hq, hkv), tail, axis=0)
     grown = b.op("Expand", b.op("Unsqueeze", x, _ints(b, 2)), wide)
     return b.op("Reshape", grown, b.op("Concat", lead, hq, tail, axis=0))
 
 
 def _body(b: Body, opset: int, masked: bool) -> None:
+    typed = opset >= TYPED_BODY_OPSET
     q = b.op("Cast", "Q", to=FLOAT)
-    hq = b.op("Shape", "Q", start=1, end=2)
+    hq = _dims(b, "Q", 1, 2)
     k = _repeat_heads(b, b.op("Cast", "K", to=FLOAT), hq)
     v = _repeat_heads(b, b.op("Cast", "V", to=FLOAT), hq)
     scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])),
                   b.attr_const("scale", onnx.AttributeProto.FLOAT))
-    if masked:
-        scores = b.op("Add", scores, b.op("Cast", "Mask", to=FLOAT))
+    if masked and typed:  # the sum in the Mask's type, as the replaced graph computed it
+        scores = b.op("Cast", b.op("Add", b.op("CastLike", scores, "Mask"), "Mask"), to=FLOAT)
+    elif masked:
+        scores = b.op("Add", scores, "Mask")
     # Causal: query i keeps key j iff j <= i, or every key when is_causal is 0.
     zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
-    sq = b.op("Squeeze", b.op("Shape", "Q", start=2, end=3))
-    sk = b.op("Squeeze", b.op("Shape", "K", start=2, end=3))
+    sq = b.op("Squeeze", _dims(b, "Q", 2, 3))
+    sk = b.op("Squeeze", _dims(b, "K", 2, 3))
     rows = b.op("Unsqueeze", b.op("Range", zero, sq, one), _ints(b, 1))
     cols = b.op("Range", zero, sk, one)
     causal = b.op("Cast", b.attr_const("is_causal", onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
@@ -66,7 +81,11 @@ def _body(b: Body, opset: int, masked: bool) -> None:
     probs = b.op("Softmax", b.op("Where", keep, scores, ninf), axis=-1)
     # A fully masked row is NaN after Softmax; it reads as zeros.
     probs = b.op("Where", b.op("IsNaN", probs), b.op("Constant", value_float=0.0), probs)
-    b.op("CastLike", b.op("MatMul", probs, v), "Q", out="Y")
+    y = b.op("MatMul", probs, v)
+    if typed:
+        b.op("CastLike", y, "Q", out="Y")
+    else:
+        b.op("Identity", y, out="Y")
 
 
 ATTENTION = register(FusedOp(

@@ -1,0 +1,118 @@
+"""Every form the attention rules emit parses and builds in TensorRT(-RTX), and runs in ONNX
+Runtime: `fusegraph.Attention` / `MaskedAttention` (float32, float16, causal, every mask shape
+the rules pass on, float16 Q with a float32 mask, the NaN-row term of unguarded graphs, the
+opset-13 body) and opset-23 `Attention` (no `softmax_precision`, head dims with and without a
+dedicated kernel, causal, KV repeated for it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from engine_models import requires_tensorrt, save
+from fusegraph.api import rewrite_with_report
+from fusegraph.engine import build_engine
+from fusegraph.patterns import attention
+from fusegraph.testing import make_model, node, op_counts
+from fusegraph.verify import make_inputs, run
+
+pytestmark = [pytest.mark.tensorrt, requires_tensorrt]
+
+TP = onnx.TensorProto
+B, S, D = 2, 8, 16
+
+
+def attention_graph(*, dtype=np.float32, heads=4, kv_heads=4, d=D, mask=None, guard=False, softmax_fp32=False,
+                    opset=18):
+    """softmax(Q K^T / sqrt(d) (+ mask)) V as exporters write it; `mask` is None, ("add", shape,
+    dtype) for an input, ("causal", fill) for a constant triangle, or ("keep", fill)."""
+    nodes, inits, inputs = [], {}, {}
+
+    def op(op_type, *ins, **attrs):
+        out = f"t{len(nodes)}"
+        nodes.append(node(op_type, list(ins), [out], **attrs))
+        return out
+
+    def const(value, dt):
+        name = f"c{len(inits)}"
+        inits[name] = np.asarray(value, dt)
+        return name
+
+    inputs.update(q=(dtype, [B, heads, S, d]), k=(dtype, [B, kv_heads, S, d]), v=(dtype, [B, kv_heads, S, d]))
+    k, v = "k", "v"
+    if kv_heads != heads:  # HF's repeat_kv
+        group = heads // kv_heads
+        k, v = (op("Reshape", op("Expand", op("Unsqueeze", x, const([2], np.int64)),
+                                 const([B, kv_heads, group, S, d], np.int64)), const([B, heads, S, d], np.int64))
+                for x in (k, v))
+    scores = op("Mul", op("MatMul", "q", op("Transpose", k, perm=[0, 1, 3, 2])), const(d ** -0.5, dtype))
+    sdt = np.float32 if softmax_fp32 else dtype
+    if softmax_fp32:
+        scores = op("Cast", scores, to=TP.FLOAT)
+    above = np.triu(np.ones((S, S), bool), k=1)
+    if mask is not None and mask[0] == "add":
+        inputs["mask"] = (mask[2], list(mask[1]))
+        scores = op("Add", scores, "mask")
+    elif mask is not None and mask[0] == "causal":
+        scores = op("Add", scores, const(np.where(above, mask[1], 0), sdt))
+    elif mask is not None and mask[0] == "keep":
+        inputs["keep"] = (np.bool_, [B, 1, S, S])
+        scores = op("Where", "keep", scores, const(mask[1], sdt))
+    probs = op("Softmax", scores, axis=-1)
+    if softmax_fp32:
+        probs = op("Cast", probs, to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    if guard:
+        probs = op("Where", op("IsNaN", probs), const(0.0, dtype), probs)
+    out = op("MatMul", probs, v)
+    return make_model(nodes, inputs, {out: (dtype, [B, heads, S, d])}, inits, opset=opset)
+
+
+F32_LOW = float(np.finfo(np.float32).min)
+FORMS = {
+    # name: (graph, the op emitted, whether the NaN-row term follows it)
+    "fusegraph-fp32": (dict(), "fusegraph.Attention", False),
+    "fusegraph-fp16": (dict(dtype=np.float16, softmax_fp32=True), "fusegraph.Attention", False),
+    "fusegraph-causal": (dict(mask=("causal", -np.inf)), "fusegraph.Attention", False),
+    "fusegraph-gqa": (dict(kv_heads=2), "fusegraph.Attention", False),
+    "fusegraph-opset13": (dict(opset=13, mask=("add", (B, 1, S, S), np.float32)), "fusegraph.MaskedAttention", True),
+    "fusegraph-opset13-causal": (dict(opset=13, mask=("causal", -np.inf)), "fusegraph.Attention", False),
+    "masked-b11s": (dict(mask=("add", (B, 1, 1, S), np.float32)), "fusegraph.MaskedAttention", True),
+    "masked-s": (dict(mask=("add", (S,), np.float32), guard=True), "fusegraph.MaskedAttention", False),
+    "masked-s1": (dict(mask=("add", (S, 1), np.float32), guard=True), "fusegraph.MaskedAttention", False),
+    "masked-b1ss-opset23": (dict(mask=("add", (B, 1, S, S), np.float32), opset=23), "fusegraph.MaskedAttention", True),
+    "masked-finite-triangle": (dict(mask=("causal", -1e4)), "fusegraph.MaskedAttention", False),
+    "masked-fp16-fp32-mask": (dict(dtype=np.float16, softmax_fp32=True, mask=("add", (B, 1, S, S), np.float32)),
+                              "fusegraph.MaskedAttention", True),
+    "masked-fp16-fp16-mask": (dict(dtype=np.float16, mask=("add", (B, 1, S, S), np.float16)),
+                              "fusegraph.MaskedAttention", True),
+    "masked-keep-lowest-fp16": (dict(dtype=np.float16, mask=("keep", float(np.finfo(np.float16).min))),
+                                "fusegraph.MaskedAttention", False),
+    "masked-keep-neg-inf": (dict(mask=("keep", -np.inf)), "fusegraph.MaskedAttention", True),
+    "onnx-d16": (dict(opset=23), "Attention", False),
+    "onnx-d64": (dict(opset=23, d=64), "Attention", False),
+    "onnx-causal": (dict(opset=23, mask=("causal", F32_LOW)), "Attention", False),
+    "onnx-gqa": (dict(opset=23, kv_heads=2), "Attention", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMS))
+def test_emitted_form_runs_and_builds(tmp_path, name):
+    spec, emitted, nan_rows = FORMS[name]
+    model = attention_graph(**spec)
+    out, report = rewrite_with_report(model, attention.RULES)
+    counts = op_counts(out)
+    assert counts[emitted] == 1 and counts["Softmax"] == 0, dict(counts)
+    assert (counts["ReduceMax"] == 1) == nan_rows, dict(counts)
+    fused = next(n for n in out.graph.node if n.op_type.endswith("Attention"))
+    assert not any(a.name == "softmax_precision" for a in fused.attribute)
+    feeds = make_inputs(model)
+    want, got = run(model, feeds), run(out, feeds)  # ONNX Runtime loads and runs it
+    assert all(np.allclose(w, g, atol=2e-2, rtol=2e-2, equal_nan=True) for w, g in zip(want.values(), got.values()))
+    path = save(out, tmp_path / f"{name}.onnx")
+    built = build_engine(path, tmp_path / f"{name}.engine")
+    assert built["parse"]["unsupported"] == [] and built["engine_info"]["layer_count"] > 0
+    assert all(op["implementation"] != "not found in the network" for op in built["fused_ops"])
+    if emitted == "Attention":
+        assert len(built["attention"]["layers"]) == 1
