@@ -50,11 +50,13 @@ def _dims(b: Body, x: str, start: int, end: int) -> str:
 
 
 def _repeat_heads(b: Body, x: str, hq: str) -> str:
-    """[B, Hkv, S, D] -> [B, Hq, S, D], each kv head repeated Hq / Hkv times in place."""
-    hkv, lead, tail = _dims(b, x, 1, 2), _dims(b, x, 0, 1), _dims(b, x, 2, 4)
-    wide = b.op("Concat", lead, hkv, b.op("Div", hq, hkv), tail, axis=0)
-    grown = b.op("Expand", b.op("Unsqueeze", x, _ints(b, 2)), wide)
-    return b.op("Reshape", grown, b.op("Concat", lead, hq, tail, axis=0))
+    """[B, Hkv, S, D] -> [B, Hq, S, D], each kv head repeated Hq / Hkv times in place: a Gather
+    of head h // (Hq / Hkv), whose output rank shape inference knows at every opset (a Reshape
+    to a computed shape loses it before opset 14)."""
+    zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
+    group = b.op("Squeeze", b.op("Div", hq, _dims(b, x, 1, 2)), _ints(b, 0))
+    heads = b.op("Range", zero, b.op("Squeeze", hq, _ints(b, 0)), one)
+    return b.op("Gather", x, b.op("Div", heads, group), axis=1)
 
 
 def _body(b: Body, opset: int, masked: bool) -> None:
@@ -67,12 +69,12 @@ def _body(b: Body, opset: int, masked: bool) -> None:
                   b.attr_const("scale", onnx.AttributeProto.FLOAT))
     if masked and typed:  # the sum in the Mask's type, as the replaced graph computed it
         scores = b.op("Cast", b.op("Add", b.op("CastLike", scores, "Mask"), "Mask"), to=FLOAT)
-    elif masked:
-        scores = b.op("Add", scores, "Mask")
+    elif masked:  # float32 attention only below opset 15 (`attention.body_fits_opset`)
+        scores = b.op("Add", scores, b.op("Cast", "Mask", to=FLOAT))
     # Causal: query i keeps key j iff j <= i, or every key when is_causal is 0.
     zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
-    sq = b.op("Squeeze", _dims(b, "Q", 2, 3))
-    sk = b.op("Squeeze", _dims(b, "K", 2, 3))
+    sq = b.op("Squeeze", _dims(b, "Q", 2, 3), _ints(b, 0))
+    sk = b.op("Squeeze", _dims(b, "K", 2, 3), _ints(b, 0))
     rows = b.op("Unsqueeze", b.op("Range", zero, sq, one), _ints(b, 1))
     cols = b.op("Range", zero, sk, one)
     causal = b.op("Cast", b.attr_const("is_causal", onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
@@ -81,19 +83,15 @@ def _body(b: Body, opset: int, masked: bool) -> None:
     probs = b.op("Softmax", b.op("Where", keep, scores, ninf), axis=-1)
     # A fully masked row is NaN after Softmax; it reads as zeros.
     probs = b.op("Where", b.op("IsNaN", probs), b.op("Constant", value_float=0.0), probs)
-    y = b.op("MatMul", probs, v)
-    if typed:
-        b.op("CastLike", y, "Q", out="Y")
-    else:
-        b.op("Identity", y, out="Y")
+    b.cast_like(b.op("MatMul", probs, v), "Q", out="Y")
 
 
 ATTENTION = register(FusedOp(
     "Attention", ("Q", "K", "V"), ("Y",), ("scale", "is_causal"),
     lambda b, opset: _body(b, opset, masked=False),
-    "Y = softmax(Q K^T * scale [causal]) V; fp32 softmax, grouped KV heads"))
+    "Y = softmax(Q K^T * scale [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET))
 
 MASKED_ATTENTION = register(FusedOp(
     "MaskedAttention", ("Q", "K", "V", "Mask"), ("Y",), ("scale", "is_causal"),
     lambda b, opset: _body(b, opset, masked=True),
-    "Y = softmax(Q K^T * scale + Mask [causal]) V; fp32 softmax, grouped KV heads"))
+    "Y = softmax(Q K^T * scale + Mask [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET))
