@@ -101,9 +101,10 @@ def unabsorbable(c, rank: int | None) -> str | None:
     return None
 
 
-def structural_constants_fit(rank: int | None, captures: dict) -> bool:
-    """Every structural constant the pattern captured can be absorbed (`unabsorbable`)."""
-    for name in STRUCTURAL_CONSTANTS:
+def structural_constants_fit(rank: int | None, captures: dict, names=STRUCTURAL_CONSTANTS) -> bool:
+    """Every structural constant the pattern captured (under `names`) can be absorbed
+    (`unabsorbable`)."""
+    for name in names:
         c = captures.get(name)
         why = None if c is None else unabsorbable(c, rank)
         if why:

@@ -30,7 +30,7 @@ from fusegraph import norm_ops  # noqa: F401  (registers the fused ops)
 from fusegraph.fused_ops import DOMAIN
 from fusegraph.instantiate import Leaf
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps
-from fusegraph.patterns.activations import overridable, unabsorbable
+from fusegraph.patterns.activations import overridable, structural_constants_fit, unabsorbable
 from fusegraph.rule import Rule, reject
 
 NORM_PRIORITY = 60
@@ -46,12 +46,16 @@ def normalize(op: PatternOps, d: Pattern, var: Pattern) -> Pattern:
     """d / sqrt(var + eps), as a Div or a Mul by the reciprocal, or d * (var + eps)^-0.5."""
     shifted = op.Add(var, Const(name="eps"))
     root = op.Sqrt(shifted)
-    return (op.Div(d, root) | op.Mul(d, op.Reciprocal(root)) | op.Mul(d, op.Div(Const(1.0), root))
-            | op.Mul(d, op.Pow(shifted, Const(-0.5))))
+    return (op.Div(d, root) | op.Mul(d, op.Reciprocal(root)) | op.Mul(d, op.Div(Const(1.0, name="k_one"), root))
+            | op.Mul(d, op.Pow(shifted, Const(-0.5, name="k_minus_half"))))
 
 
 def square(op: PatternOps, x: Pattern) -> Pattern:
-    return op.Pow(x, Const(2.0)) | op.Mul(x, x)
+    return op.Pow(x, Const(2.0, name="k_two")) | op.Mul(x, x)
+
+
+#: The structural constants the patterns capture, besides eps (`constants_keep_shape`).
+NORM_CONSTANTS = ("k_two", "k_one", "k_minus_half")
 
 
 def statistics_input(op: PatternOps, x: Pattern) -> Pattern:
@@ -138,6 +142,12 @@ def eps_is_scalar(x, eps) -> bool:
         return reject("epsilon is not a small non-negative float scalar")
     why = unabsorbable(eps, x.rank)
     return why is None or reject(why)
+
+
+def constants_keep_shape(x, **captures) -> bool:
+    """The exponents and the 1 of 1/root are the norm's only if they keep the shape and nobody
+    can feed them (an initializer that is also a graph input)."""
+    return structural_constants_fit(x.rank, captures, NORM_CONSTANTS)
 
 
 def affine_is_vector(x, gamma, beta) -> bool:
@@ -245,9 +255,10 @@ def norm_over_last_axis(x, axis) -> bool:
 RULES = [
     Rule("norms.layer_norm", layer_norm_pattern, layer_norm_replacement,
          [has_layer_normalization, means_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar,
-          affine_is_vector], NORM_PRIORITY, examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)}]),
+          constants_keep_shape, affine_is_vector], NORM_PRIORITY, examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)}]),
     Rule("norms.rms_norm", rms_norm_pattern, rms_norm_replacement,
-         [mean_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar, affine_is_vector],
+         [mean_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar, constants_keep_shape,
+          affine_is_vector],
          NORM_PRIORITY),
     Rule("norms.skip_layer_norm", skip_layer_norm_pattern, skip_layer_norm_replacement,
          [is_residual, norm_over_last_axis], SKIP_PRIORITY),
