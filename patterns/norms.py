@@ -187,12 +187,11 @@ def float32_statistics(x, stats_type, out_type) -> bool:
     float32 the fused op uses; a Cast of the result to another type changes the output's type."""
     if x.dtype not in FUSED_NORM_TYPES:
         return reject(f"X's element type {x.dtype} is not float16, bfloat16 or float32")
-    if stats_type is not None and stats_type != onnx.TensorProto.FLOAT:
-        return reject(f"the statistics are computed in type {stats_type}, the fused norm computes them in float32")
-    if out_type is not None and out_type != x.dtype:
-        return reject(f"the result is cast to type {out_type}, not back to X's type")
-    if stats_type is not None and out_type is None and x.dtype != onnx.TensorProto.FLOAT:
-        return reject("the float32 result is not cast back to X's type")
+    stats = x.dtype if stats_type is None else stats_type
+    if stats not in (onnx.TensorProto.FLOAT, x.dtype):
+        return reject(f"the statistics are computed in type {stats}, the fused norm computes them in float32")
+    if (out_type or stats) != x.dtype:
+        return reject(f"the result is in type {out_type or stats}, not cast back to X's type")
     return True
 
 
@@ -252,14 +251,19 @@ def norm_over_last_axis(x, axis) -> bool:
         f"norm over axis {axis}, not the last")
 
 
+#: Self-check instances: the optional Casts take the instance's float type (the instantiator's
+#: default for a Cast; a generic attribute value would not be a type).
+CASTS_TO_X_TYPE = {"stats_type": None, "out_type": None}
+
 RULES = [
     Rule("norms.layer_norm", layer_norm_pattern, layer_norm_replacement,
          [has_layer_normalization, means_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar,
-          constants_keep_shape, affine_is_vector], NORM_PRIORITY, examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)}]),
+          constants_keep_shape, affine_is_vector], NORM_PRIORITY,
+         examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)} | CASTS_TO_X_TYPE]),
     Rule("norms.rms_norm", rms_norm_pattern, rms_norm_replacement,
          [mean_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar, constants_keep_shape,
           affine_is_vector],
-         NORM_PRIORITY),
+         NORM_PRIORITY, examples=[CASTS_TO_X_TYPE]),
     Rule("norms.skip_layer_norm", skip_layer_norm_pattern, skip_layer_norm_replacement,
          [is_residual, norm_over_last_axis], SKIP_PRIORITY),
     Rule("norms.skip_rms_norm", skip_rms_norm_pattern, skip_rms_norm_replacement,

@@ -213,7 +213,7 @@ def test_norm_spellings_fuse(kind, divide):
     ({"exposed": ("eps",)}, "graph input's default"),
     ({"exposed": ("two",)}, "graph input's default"),
     ({"divide": "one_over", "one_shape": (1, 1, 1, 1)}, "broadcasts a rank-3 value"),
-    ({"dtype": F16, "stats": F32, "back": F64}, "not back to X's type"),
+    ({"dtype": F16, "stats": F32, "back": F64}, "not cast back to X's type"),
 ])
 def test_norm_near_miss_reason(kind, change, reason):
     """fp16 statistics of fp32 X, an int32 "norm", an eps that grows the rank or can be fed, a
