@@ -77,11 +77,13 @@ def matmul_constants_keep_shape(x, **captures) -> bool:
 
 
 def gemm_constants_keep_shape(shape=None, **captures) -> bool:
-    """As above, over the Gemm's 2-D output or the Reshape of it the activation reads."""
+    """As above, over the Gemm's 2-D output or the Reshape of it (the target's length) that the
+    activation reads."""
     if shape is None:
-        return structural_constants_fit(2, captures)
-    return structural_constants_fit(shape.shape[0] if shape.shape and isinstance(shape.shape[0], int) else None,
-                                    captures)
+        rank = 2
+    else:
+        rank = shape.shape[0] if shape.shape and isinstance(shape.shape[0], int) else None
+    return structural_constants_fit(rank, captures)
 
 
 def _make_rule(bias: bool, activation: str) -> Rule:

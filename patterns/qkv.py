@@ -19,10 +19,11 @@ counting projections the GEMM epilogues fused in an earlier pass):
 where it feeds more (a decoder's cross-attention K and V of every layer read the encoder output,
 GPT-J's parallel MLP reads the attention input) there is no one trio to pick, and fusing some
 three of them would be arbitrary. Weights are constant 2-D [K, N_i] matrices (a batched or 1-D
-weight is not a projection), and so are biases [N_i]; an initializer that is also a graph input
-is a default a caller may feed, so it is not concatenated into a new constant. `qkv.projections_bias` takes a trio with a constant [N_i] bias on
-each projection; `qkv.projections` a trio of bare MatMuls (also the MatMuls of a trio where only
-some have a bias: the bias Adds then stay, on the Split's outputs).
+weight is not a projection), and biases constant [N_i] vectors; an initializer that is also a
+graph input is a default a caller may feed, so it is never concatenated into a new constant.
+`qkv.projections_bias` takes a trio with a constant [N_i] bias on each projection;
+`qkv.projections` a trio of bare MatMuls (also the MatMuls of a trio where only some have a
+bias: the bias Adds then stay, on the Split's outputs).
 
 Priority: after attention (which starts at the projected Q, K, V and never looks at the
 MatMuls) and the gated MLPs, before the GEMM epilogues, which would otherwise take each

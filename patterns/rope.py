@@ -245,7 +245,7 @@ def _table_dim_fits(td, xd) -> bool:
         return True
     if isinstance(td, int):
         return td == xd
-    return td is not None and xd != 1
+    return td is not None and xd is not None and xd != 1
 
 
 def _tables_ok(x, cos, sin, width: int) -> str | None:
