@@ -94,6 +94,8 @@ def unabsorbable(c, rank: int | None) -> str | None:
     a fused op (which keeps that value's shape and reads no such input), or None."""
     if overridable(c):
         return f"{c.name!r} is a graph input's default: a caller may feed another value"
+    if c.shape == ():  # a rank-0 scalar keeps any shape, even one of unknown rank
+        return None
     if c.shape is None or rank is None:
         return f"the rank of {c.name!r} or of the value it applies to is unknown"
     if len(c.shape) > rank or any(d != 1 for d in c.shape):

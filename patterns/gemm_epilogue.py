@@ -51,7 +51,7 @@ def _bias_over(b, n, rank: int | None) -> bool:
     bshape = b.shape
     if bshape is None or not bshape or any(d != 1 for d in bshape[:-1]) or bshape[-1] != n:
         return reject(f"bias shape {bshape} is not [N] with N = {n}")
-    if rank is None or len(bshape) > rank:
+    if len(bshape) > 1 and (rank is None or len(bshape) > rank):  # (a product has rank >= 1)
         return reject(f"bias shape {bshape} would change the rank of the rank-{rank} product")
     return True
 

@@ -285,7 +285,8 @@ def gated_mutants():
         changes = {"base": {}, "up[8,1]": {"up_width": 1}, "float16": {"dtype": F16},
                    **{f"opset{o}": {"opset": o} for o in (13, 17, 20, 23)}}
         if kind != "silu":
-            changes |= {"half[1,1,1]": {"half_shape": (1, 1, 1)}, "half[2,1]-over-batch-1": {"half_shape": (2, 1), "shape": [1, 8]},
+            changes |= {"half[1,1,1]": {"half_shape": (1, 1, 1)},
+                        "half[2,1]-over-batch-1": {"half_shape": (2, 1), "shape": [1, 8]},
                         "half-input": {"exposed": ("half",)}, "half+1%": {"half": 0.505}}
         for name, change in changes.items():
             yield f"gated-{kind}-{name}", {**base, **change}
@@ -370,7 +371,8 @@ def epilogue_mutants():
                     continue  # a bare Gemm is already one op; Gemm's C broadcasts to [M, N] only
                 yield f"{tag}-bias{name}-{act}", {**base, "bias_shape": shape, "act": act}
         changes = {"bias-input": {"exposed": ("bias",)}, "weight-input": {"exposed": ("w",)},
-                   "gelu-none": {"act": "Gelu", "opset": 20}, "gelu-tanh": {"act": "Gelu", "approximate": "tanh", "opset": 20},
+                   "gelu-none": {"act": "Gelu", "opset": 20},
+                   "gelu-tanh": {"act": "Gelu", "approximate": "tanh", "opset": 20},
                    "float64": {"dtype": F64}, "float16": {"dtype": F16},
                    **{f"opset{o}": {"opset": o} for o in OPSETS}}
         if gemm:
@@ -511,3 +513,42 @@ def test_qkv_weight_that_is_a_graph_input_is_not_baked_in():
     """Fed another Wk, the original computes with it: concatenating the default would not."""
     out, report = rewrite_with_report(qkv({**QKV, "exposed": ("wk",)}), RULES)
     assert "qkv.projections_bias" not in report.per_rule
+
+
+# -- unknown shapes -----------------------------------------------------------------------------
+def behind_reshape(model: onnx.ModelProto, known_rank: bool) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model` with its input x read through a Reshape to a fed target, so x has no static dims
+    (symbolic ones, or not even a rank when the target's length is symbolic too); and feeds
+    that reshape it to its old shape."""
+    (x,) = [i for i in model.graph.input if i.name == "x"]
+    shape = [d.dim_value for d in x.type.tensor_type.shape.dim]
+    x.name = "x_in"
+    length = len(shape) if known_rank else "n"
+    model.graph.input.append(helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [length]))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x_in", "target"], ["x"]))
+    dtype = helper.tensor_dtype_to_np_dtype(x.type.tensor_type.elem_type)
+    feeds = {i.name: np.random.default_rng(4).uniform(-1, 1, [d.dim_value for d in i.type.tensor_type.shape.dim])
+             .astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+             for i in model.graph.input if i.name not in ("x_in", "target")}
+    feeds |= {"x_in": np.random.default_rng(5).uniform(-1, 1, shape).astype(dtype), "target": np.array(shape, np.int64)}
+    return model, feeds
+
+
+@pytest.mark.parametrize("known_rank", [True, False], ids=["symbolic-dims", "unknown-rank"])
+@pytest.mark.parametrize("build, spec", [
+    (norm, NORM), (norm, {**NORM, "kind": "layer"}), (gelu, GELU), (gelu, {**GELU, "kind": "quick"}),
+    (gelu, {**GELU, "kind": "tanh", "gated": True}), (epilogue, EPILOGUE), (rope, ROPE),
+    (rope, {**ROPE, "kind": "interleaved"}), (rope, {**ROPE, "rd": 4, "hi": (2, BIG), "lo": (0, 2)}),
+], ids=["rms", "layer", "gelu", "quick", "gated", "epilogue", "rope", "interleaved", "partial"])
+def test_unknown_shape_is_refused_or_fused_right(build, spec, known_rank):
+    """Conditions over an x of symbolic dims or unknown rank refuse with a reason (or prove what
+    they need), never raise; what fuses is valid and equal."""
+    model, feeds = behind_reshape(build(spec), known_rank)
+    onnx.checker.check_model(model, full_check=True)
+    out, report = rewrite_with_report(model, RULES)
+    if report.fusions:
+        onnx.checker.check_model(out, full_check=True)
+        want = run(model, feeds)
+        assert all(d.ok for d in compare(want, run(out, feeds), *TOLERANCE[np.dtype(F32)]))
+    else:
+        assert op_counts(out) == op_counts(model)

@@ -42,7 +42,8 @@ def rotate(b: Builder, f: dict, x: str, width: int, split: int | None = None) ->
     half = width // 2 if split is None else split
     # x[..., -h:] and Concat(axis=3) on rank 4 are the same rotation (issue 9 class 12)
     start = half - width if f["negative_start"] else half
-    return b.op("Concat", b.op("Neg", sl(b, f, x, start, end)), sl(b, f, x, 0, half), axis=3 if f["positive_axis"] else -1)
+    axis = 3 if f["positive_axis"] else -1
+    return b.op("Concat", b.op("Neg", sl(b, f, x, start, end)), sl(b, f, x, 0, half), axis=axis)
 
 
 def build(f: dict, split: int | None = None, extra_output: bool = False):
