@@ -180,8 +180,9 @@ FUSED_NORM_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT
 
 def float32_statistics(x, stats_type, out_type) -> bool:
     """X is a float type the fused ops take, its statistics are computed in float32 or in X's
-    own type (float16 statistics of a float16 X: the fused op's float32 ones are as exact or
-    better, and what TensorRT computes for either), and the result comes back in X's type.
+    own type (float16 statistics of a float16 X, which the fused op's float32 ones match to
+    float16's rounding, and where float16's x^2 overflows, |x| > 256, are finite where the
+    original's are not), and the result comes back in X's type.
 
     A Cast of X to float16 (or bfloat16) before the statistics rounds them coarser than the
     float32 the fused op uses; a Cast of the result to another type changes the output's type."""
