@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from fusegraph.fused_ops import DOMAIN, matmul_epilogue_name
 from fusegraph.pattern import Attr, optional
-from fusegraph.patterns.activations import gelu_erf, gelu_tanh, silu
+from fusegraph.patterns.activations import (gelu_erf, gelu_tanh, matmul_rank, overridable, silu,
+                                            structural_constants_fit)
 from fusegraph.rule import Rule, reject
 
 ACTIVATION_PATTERNS = {
@@ -40,26 +41,49 @@ def constant_source(v):
     return p.inputs[0] if p is not None and p.op_type == "Identity" and not p.domain else v
 
 
-def _bias_over(b, n) -> bool:
-    """A GEMM epilogue broadcasts a bias over the N output features: b is [N] (or [1, N])."""
-    if not constant_source(b).is_constant:
+def _bias_over(b, n, rank: int | None) -> bool:
+    """A GEMM epilogue broadcasts a bias over the N output features of a rank-`rank` product: b
+    is [N] (or [1, N]). A scalar is not refused for being wrong but for being another op's input
+    form; a bias of higher rank than the product would grow the output's rank."""
+    source = constant_source(b)
+    if not source.is_constant or overridable(source):
         return reject("bias is not a constant")
     bshape = b.shape
-    if bshape is None or any(d != 1 for d in bshape[:-1]) or (n is not None and bshape[-1] != n):
+    if bshape is None or not bshape or any(d != 1 for d in bshape[:-1]) or bshape[-1] != n:
         return reject(f"bias shape {bshape} is not [N] with N = {n}")
+    if len(bshape) > 1 and (rank is None or len(bshape) > rank):  # (a product has rank >= 1)
+        return reject(f"bias shape {bshape} would change the rank of the rank-{rank} product")
     return True
 
 
-def bias_is_vector(w, b) -> bool:
-    return _bias_over(b, w.shape[-1] if w.shape else None)
+def bias_is_vector(x, w, b) -> bool:
+    return _bias_over(b, w.shape[-1], matmul_rank(x))
 
 
 def gemm_bias_is_vector(w, b, trans_b) -> bool:
-    return _bias_over(b, w.shape[0 if trans_b else 1] if w.shape else None)
+    return _bias_over(b, w.shape[0 if trans_b else 1], 2)
 
 
 def weight_is_matrix(w) -> bool:
-    return w.rank == 2 or reject(f"weight has rank {w.rank}, the epilogue op takes a 2-D weight")
+    """A 2-D weight with a static output width (the bias and the epilogue's tile are sized by it)."""
+    if w.rank != 2:
+        return reject(f"weight has rank {w.rank}, the epilogue op takes a 2-D weight")
+    return all(isinstance(d, int) for d in w.shape) or reject(f"weight shape {w.shape} is not static")
+
+
+def matmul_constants_keep_shape(x, **captures) -> bool:
+    """The activation's constants (GELU's 0.5, ...) keep the product's shape."""
+    return structural_constants_fit(matmul_rank(x), captures)
+
+
+def gemm_constants_keep_shape(shape=None, **captures) -> bool:
+    """As above, over the Gemm's 2-D output or the Reshape of it (the target's length) that the
+    activation reads."""
+    if shape is None:
+        rank = 2
+    else:
+        rank = shape.shape[0] if shape.shape and isinstance(shape.shape[0], int) else None
+    return structural_constants_fit(rank, captures)
 
 
 def _make_rule(bias: bool, activation: str) -> Rule:
@@ -76,7 +100,7 @@ def _make_rule(bias: bool, activation: str) -> Rule:
         return getattr(op, op_name)(*((x, w, b) if bias else (x, w)), _domain=DOMAIN)
     replacement.__doc__ = f"MatMul{' + bias' if bias else ''}{' + ' + activation if activation else ''} -> fusegraph.{op_name}"
 
-    conditions = [weight_is_matrix] + ([bias_is_vector] if bias else [])
+    conditions = [weight_is_matrix, matmul_constants_keep_shape] + ([bias_is_vector] if bias else [])
     # Longer chains first, so MatMul+Add+Relu is never split into MatMul+Add, Relu.
     priority = 100 + (10 if activation else 0) + (5 if bias else 0)
     return Rule(f"gemm_epilogue.{op_name}", pattern, replacement, conditions, priority)
@@ -98,7 +122,7 @@ def _make_gemm_rule(bias: bool, activation: str) -> Rule:
         return op.Reshape(y, shape, **({} if allowzero is None else {"allowzero": allowzero}))
     replacement.__doc__ = f"Gemm{' + bias' if bias else ''} (+ Reshape) + {activation} -> fusegraph.{op_name}"
 
-    conditions = [weight_is_matrix] + ([gemm_bias_is_vector] if bias else [])
+    conditions = [weight_is_matrix, gemm_constants_keep_shape] + ([gemm_bias_is_vector] if bias else [])
     return Rule(f"gemm_epilogue.Gemm{op_name[len('MatMul'):]}", pattern, replacement, conditions,
                 100 + 10 + (5 if bias else 0))
 

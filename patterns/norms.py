@@ -3,14 +3,18 @@
 Exporters spell a norm as a chain of ReduceMean/Sub/Pow/Sqrt/Div (T5, Llama and any custom
 module; torch's own layer_norm already exports as `LayerNormalization`). Each chain reads and
 writes the activation several times; one norm op reads it once. The forms matched are the ones
-exporters emit: x*x or Pow(x, 2), Div by the root or Mul by its Reciprocal (or 1/root), Casts
-to float32 around the statistics, ReduceMean's axes as attribute (opset < 18) or input.
+exporters emit: x*x or Pow(x, 2), Div by the root or Mul by its Reciprocal (or 1/root, or
+Pow(var + eps, -0.5)), Casts to float32 around the statistics, ReduceMean's axes as attribute
+(opset < 18) or input.
 
 Targets: opset 17's `LayerNormalization` (stash_type float32), so LayerNorm is fused only in
 models of opset 17 or newer (older ones have no standard op for it and TensorRT parses the
 decomposition fine); opset 23's `RMSNormalization`, or `fusegraph.RMSNorm` below opset 23.
-All of them compute the statistics in float32, so float64 norms are not fused
-(`stats_fit_float32`): the result would lose float64's precision.
+All of them take X in float16, bfloat16 or float32, compute the statistics in float32 and
+return X's type, so a decomposition is fused only if it does the same (`float32_statistics`):
+float64 norms would lose float64's precision, a Cast of float32 X to float16 for the statistics
+rounds them coarser than the fused op would, and an integer "norm" is no norm op at all. Its
+epsilon becomes an attribute, so it must be a constant nobody can feed that keeps the shape.
 
 A transformer block adds its output to the residual stream and normalizes the sum, and the
 next block adds to that same sum: `fusegraph.SkipLayerNorm`/`SkipRMSNorm` compute both, S = X + R
@@ -26,6 +30,7 @@ from fusegraph import norm_ops  # noqa: F401  (registers the fused ops)
 from fusegraph.fused_ops import DOMAIN, opset_refusal
 from fusegraph.instantiate import Leaf
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps
+from fusegraph.patterns.activations import overridable, structural_constants_fit, unabsorbable
 from fusegraph.rule import Rule, reject
 
 NORM_PRIORITY = 60
@@ -38,20 +43,36 @@ def mean_last(op: PatternOps, x: Pattern, axes: str) -> Pattern:
 
 
 def normalize(op: PatternOps, d: Pattern, var: Pattern) -> Pattern:
-    """d / sqrt(var + eps), as a Div or a Mul by the reciprocal."""
-    root = op.Sqrt(op.Add(var, Const(name="eps")))
-    return op.Div(d, root) | op.Mul(d, op.Reciprocal(root)) | op.Mul(d, op.Div(Const(1.0), root))
+    """d / sqrt(var + eps), as a Div or a Mul by the reciprocal, or d * (var + eps)^-0.5."""
+    shifted = op.Add(var, Const(name="eps"))
+    root = op.Sqrt(shifted)
+    return (op.Div(d, root) | op.Mul(d, op.Reciprocal(root)) | op.Mul(d, op.Div(Const(1.0, name="k_one"), root))
+            | op.Mul(d, op.Pow(shifted, Const(-0.5, name="k_minus_half"))))
 
 
 def square(op: PatternOps, x: Pattern) -> Pattern:
-    return op.Pow(x, Const(2.0)) | op.Mul(x, x)
+    return op.Pow(x, Const(2.0, name="k_two")) | op.Mul(x, x)
+
+
+#: The structural constants the patterns capture, besides eps (`constants_keep_shape`).
+NORM_CONSTANTS = ("k_two", "k_one", "k_minus_half")
+
+
+def statistics_input(op: PatternOps, x: Pattern) -> Pattern:
+    """X, or X cast for the statistics (the target type checked by `float32_statistics`)."""
+    return op.Cast(x, to=Attr("stats_type")) | x
+
+
+def scaled(op: PatternOps, n: Pattern, gamma: Pattern) -> Pattern:
+    """gamma * n, with n cast back (to the type checked by `float32_statistics`)."""
+    return op.Mul(op.Cast(n, to=Attr("out_type")) | n, gamma)
 
 
 def layer_norm_pattern(op, x, gamma, beta):
-    xs = op.Cast(x) | x
+    xs = statistics_input(op, x)
     d = op.Sub(xs, mean_last(op, xs, "mean_axes"))
     n = normalize(op, d, mean_last(op, square(op, d), "var_axes"))
-    return op.Add(op.Mul(op.Cast(n) | n, gamma), beta)
+    return op.Add(scaled(op, n, gamma), beta)
 
 
 def layer_norm_replacement(op, x, gamma, beta, eps):
@@ -62,9 +83,9 @@ def layer_norm_replacement(op, x, gamma, beta, eps):
 
 
 def rms_norm_pattern(op, x, gamma):
-    xs = op.Cast(x) | x
+    xs = statistics_input(op, x)
     n = normalize(op, xs, mean_last(op, square(op, xs), "var_axes"))
-    return op.Mul(op.Cast(n) | n, gamma)
+    return scaled(op, n, gamma)
 
 
 def rms_norm_replacement(op, x, gamma, eps):
@@ -88,7 +109,7 @@ def axes_list(axes) -> list[int] | None:
     if axes is None:
         return None
     if hasattr(axes, "const_value"):
-        arr = axes.const_value
+        arr = None if overridable(axes) else axes.const_value
         return None if arr is None else [int(a) for a in arr.reshape(-1)]
     return [int(a) for a in axes]
 
@@ -99,7 +120,9 @@ def is_last_axis(x, axes) -> bool:
 
 
 def means_over_last_axis(x, mean_axes, var_axes) -> bool:
-    """Both means run over the last axis only: -1, or rank-1 when the rank is known."""
+    """Both means run over the last axis only: -1, or rank-1 (X of known, non-zero rank)."""
+    if not x.rank:
+        return reject(f"X has rank {x.rank}: no last axis to normalize over")
     for axes in (mean_axes, var_axes):
         if not is_last_axis(x, axes):
             return reject(f"mean over axes {axes_list(axes)}, not over the last axis only")
@@ -107,26 +130,40 @@ def means_over_last_axis(x, mean_axes, var_axes) -> bool:
 
 
 def mean_over_last_axis(x, var_axes) -> bool:
+    if not x.rank:
+        return reject(f"X has rank {x.rank}: no last axis to normalize over")
     return is_last_axis(x, var_axes) or reject(f"mean over axes {axes_list(var_axes)}, not the last axis only")
 
 
-def eps_is_scalar(eps) -> bool:
+def eps_is_scalar(x, eps) -> bool:
+    """A small non-negative float the fused op takes as its `epsilon` attribute: a single
+    element that keeps the variance's shape (rank <= X's) and that no caller can feed."""
     v = eps.const_value
     ok = v is not None and v.size == 1 and v.dtype.kind == "f" and 0 <= float(v.reshape(-1)[0]) < 1
-    return ok or reject("epsilon is not a small non-negative float scalar")
+    if not ok:
+        return reject("epsilon is not a small non-negative float scalar")
+    why = unabsorbable(eps, x.rank)
+    return why is None or reject(why)
+
+
+def constants_keep_shape(x, **captures) -> bool:
+    """The exponents and the 1 of 1/root are the norm's only if they keep the shape and nobody
+    can feed them (an initializer that is also a graph input)."""
+    return structural_constants_fit(x.rank, captures, NORM_CONSTANTS)
 
 
 def affine_is_vector(x, gamma, beta) -> bool:
-    """The norm ops take gamma (and beta) over the last axis only, in X's element type."""
+    """The norm ops take gamma (and beta) over the last axis only, in X's element type: a vector
+    as long as that axis (a shorter one would broadcast, a longer one grow the output)."""
+    last = x.shape[-1] if x.shape else None
     for p in (gamma, beta):
         if p is None:
             continue
         if p.shape is None or len(p.shape) != 1:
             return reject(f"{p.name!r} has shape {p.shape}, not a vector")
-        last = x.shape[-1] if x.shape else None
-        if isinstance(last, int) and isinstance(p.shape[0], int) and p.shape[0] != last:
+        if last is None or p.shape[0] != last:
             return reject(f"{p.name!r} has {p.shape[0]} elements, the last axis has {last}")
-        if p.dtype is not None and x.dtype is not None and p.dtype != x.dtype:
+        if p.dtype is None or p.dtype != x.dtype:
             return reject(f"{p.name!r} is not of X's element type")
     return True
 
@@ -137,6 +174,28 @@ def stats_fit_float32(x) -> bool:
     rounding (~1e-8), far beyond float64's."""
     return x.dtype != onnx.TensorProto.DOUBLE or reject(
         "float64 input: the fused norm would be computed in float32")
+
+
+FUSED_NORM_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+                    onnx.TensorProto.FLOAT: "float32"}
+
+
+def float32_statistics(x, stats_type, out_type) -> bool:
+    """X is a float type the fused ops take, its statistics are computed in float32 or in X's
+    own type (float16 statistics of a float16 X, which the fused op's float32 ones match to
+    float16's rounding, and where float16's x^2 overflows, |x| > 256, are finite where the
+    original's are not), and the result comes back in X's type.
+
+    A Cast of X to float16 (or bfloat16) before the statistics rounds them coarser than the
+    float32 the fused op uses; a Cast of the result to another type changes the output's type."""
+    if x.dtype not in FUSED_NORM_TYPES:
+        return reject(f"X's element type {x.dtype} is not float16, bfloat16 or float32")
+    stats = x.dtype if stats_type is None else stats_type
+    if stats not in (onnx.TensorProto.FLOAT, x.dtype):
+        return reject(f"the statistics are computed in type {stats}, the fused norm computes them in float32")
+    if (out_type or stats) != x.dtype:
+        return reject(f"the result is in type {out_type or stats}, not cast back to X's type")
+    return True
 
 
 def has_layer_normalization(x) -> bool:
@@ -199,12 +258,19 @@ def norm_over_last_axis(x, axis) -> bool:
         f"norm over axis {axis}, not the last")
 
 
+#: Self-check instances: the optional Casts take the instance's float type (the instantiator's
+#: default for a Cast; a generic attribute value would not be a type).
+CASTS_TO_X_TYPE = {"stats_type": None, "out_type": None}
+
 RULES = [
     Rule("norms.layer_norm", layer_norm_pattern, layer_norm_replacement,
-         [has_layer_normalization, means_over_last_axis, eps_is_scalar, affine_is_vector, stats_fit_float32],
-         NORM_PRIORITY, examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)}]),
+         [has_layer_normalization, means_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar,
+          constants_keep_shape, affine_is_vector], NORM_PRIORITY,
+         examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)} | CASTS_TO_X_TYPE]),
     Rule("norms.rms_norm", rms_norm_pattern, rms_norm_replacement,
-         [mean_over_last_axis, eps_is_scalar, affine_is_vector, stats_fit_float32], NORM_PRIORITY),
+         [mean_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar, constants_keep_shape,
+          affine_is_vector],
+         NORM_PRIORITY, examples=[CASTS_TO_X_TYPE]),
     Rule("norms.skip_layer_norm", skip_layer_norm_pattern, skip_layer_norm_replacement,
          [is_residual, norm_over_last_axis], SKIP_PRIORITY),
     Rule("norms.skip_rms_norm", skip_rms_norm_pattern, skip_rms_norm_replacement,

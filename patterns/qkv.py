@@ -19,9 +19,11 @@ counting projections the GEMM epilogues fused in an earlier pass):
 where it feeds more (a decoder's cross-attention K and V of every layer read the encoder output,
 GPT-J's parallel MLP reads the attention input) there is no one trio to pick, and fusing some
 three of them would be arbitrary. Weights are constant 2-D [K, N_i] matrices (a batched or 1-D
-weight is not a projection). `qkv.projections_bias` takes a trio with a constant [N_i] bias on
-each projection; `qkv.projections` a trio of bare MatMuls (also the MatMuls of a trio where only
-some have a bias: the bias Adds then stay, on the Split's outputs).
+weight is not a projection), and biases constant [N_i] vectors; an initializer that is also a
+graph input is a default a caller may feed, so it is never concatenated into a new constant.
+`qkv.projections_bias` takes a trio with a constant [N_i] bias on each projection;
+`qkv.projections` a trio of bare MatMuls (also the MatMuls of a trio where only some have a
+bias: the bias Adds then stay, on the Split's outputs).
 
 Priority: after attention (which starts at the projected Q, K, V and never looks at the
 MatMuls) and the gated MLPs, before the GEMM epilogues, which would otherwise take each
@@ -35,6 +37,7 @@ import numpy as np
 from fusegraph.fused_ops import DOMAIN
 from fusegraph.rule import Rule, reject
 
+from .activations import overridable
 from .gemm_epilogue import constant_source
 
 PRIORITY = 120
@@ -90,7 +93,7 @@ def x_feeds_three_matmuls(x) -> bool:
 
 def weights_are_constant_matrices(wq, wk, wv) -> bool:
     for w in (wq, wk, wv):
-        if not w.is_constant:
+        if not w.is_constant or overridable(w):
             return reject(f"weight {w.name!r} is not a constant")
         if w.rank != 2:
             return reject(f"weight {w.name!r} has rank {w.rank}, not 2")
@@ -100,7 +103,8 @@ def weights_are_constant_matrices(wq, wk, wv) -> bool:
 def biases_are_vectors(wq, wk, wv, bq, bk, bv) -> bool:
     """Concatenated, the biases must still be one vector over the output features."""
     for w, b in zip((wq, wk, wv), (bq, bk, bv)):
-        if not constant_source(b).is_constant or b.shape != (w.shape[1],):
+        source = constant_source(b)
+        if not source.is_constant or overridable(source) or b.shape != (w.shape[1],):
             return reject(f"bias {b.name!r} is not a constant of shape [{w.shape[1]}]")
     return True
 

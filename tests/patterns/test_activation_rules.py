@@ -44,7 +44,12 @@ def gelu_erf(b: Builder, f: dict, x: str, div: bool, half: float = 0.5):
     return half_x_times(b, f, x, b.op("Add", erf, b.const(1.0)), half), erf
 
 
-def gelu_tanh(b: Builder, f: dict, x: str, pow_cube: bool):
+def gelu_tanh(b: Builder, f: dict, x: str, pow_cube: bool, factored: bool = False):
+    """Expanded, tanh(c (x + a x^3)), or factored, tanh((x c)(1 + (x a) x)) (issue 11 item 10)."""
+    if factored:
+        poly = b.op("Add", b.const(1.0), mul(b, mul(b, x, b.const(0.044715), f["swap"]), x, f["swap"]))
+        t = b.op("Tanh", mul(b, mul(b, x, b.const(math.sqrt(2 / math.pi)), f["swap"]), poly, f["swap"]))
+        return half_x_times(b, f, x, b.op("Add", t, b.const(1.0)))
     cube = b.op("Pow", x, b.const(3.0)) if pow_cube else b.op("Mul", b.op("Mul", x, x), x)
     inner = b.op("Add", x, mul(b, cube, b.const(0.044715), f["swap"]))
     t = b.op("Tanh", mul(b, inner, b.const(math.sqrt(2 / math.pi)), f["swap"]))
@@ -68,10 +73,10 @@ def test_gelu_erf_forms_fuse(f, div):
 
 
 @SETTINGS
-@given(f=forms(), pow_cube=st.booleans())
-def test_gelu_tanh_forms_fuse(f, pow_cube):
+@given(f=forms(), pow_cube=st.booleans(), factored=st.booleans())
+def test_gelu_tanh_forms_fuse(f, pow_cube, factored):
     b = Builder(f["dtype"], const_nodes=f["const_nodes"])
-    y = gelu_tanh(b, f, "x", pow_cube)
+    y = gelu_tanh(b, f, "x", pow_cube, factored)
     target = "Gelu" if f["opset"] >= 20 else "fusegraph.GeluTanh"
     out = assert_rewrites(model(b, f, y), RULES, expect={target: 1, "Tanh": 0, "Mul": 0})
     if f["opset"] >= 20:

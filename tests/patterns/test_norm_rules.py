@@ -27,7 +27,7 @@ def norm_forms(draw, opsets=(17, 18, 20, 23)):
         shape=shape,
         cast=draw(st.booleans()),
         square=draw(st.sampled_from(["pow", "mul"])),
-        divide=draw(st.sampled_from(["div", "reciprocal", "one_over"])),
+        divide=draw(st.sampled_from(["div", "reciprocal", "one_over", "pow"])),
         eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
         mean_axis=last, var_axis=last, exponent=2.0,
         gamma_first=draw(st.booleans()),
@@ -53,7 +53,10 @@ class Norm:
         b, f = self.b, self.f
         sq = b.op("Pow", d, b.const(f["exponent"], sd)) if f["square"] == "pow" else b.op("Mul", d, d)
         self.var = b.reduce_mean(sq, [f["var_axis"]], f["opset"])
-        root = b.op("Sqrt", b.op("Add", self.var, b.const(f["eps"], sd)))
+        shifted = b.op("Add", self.var, b.const(f["eps"], sd))
+        if f["divide"] == "pow":  # x * (var + eps)^-0.5
+            return b.op("Mul", d, b.op("Pow", shifted, b.const(-0.5, sd)))
+        root = b.op("Sqrt", shifted)
         if f["divide"] == "div":
             return b.op("Div", d, root)
         if f["divide"] == "reciprocal":

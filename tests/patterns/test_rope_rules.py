@@ -21,6 +21,7 @@ def forms(draw):
                 b=draw(st.integers(1, 2)), h=draw(st.integers(1, 3)), s=draw(st.integers(1, 5)), d=d,
                 rd=draw(st.sampled_from([d, d // 2])), interleaved=draw(st.booleans()),
                 steps=draw(st.booleans()), big_end=draw(st.booleans()), swap=draw(st.booleans()),
+                negative_start=draw(st.booleans()), positive_axis=draw(st.booleans()),
                 table_batch=draw(st.booleans()), const_nodes=draw(st.booleans()))
 
 
@@ -39,7 +40,10 @@ def rotate(b: Builder, f: dict, x: str, width: int, split: int | None = None) ->
         pair = b.op("Concat", b.op("Unsqueeze", b.op("Neg", odd), last), b.op("Unsqueeze", even, last), axis=-1)
         return b.op("Reshape", pair, b.const([f["b"], f["h"], f["s"], width], np.int64))
     half = width // 2 if split is None else split
-    return b.op("Concat", b.op("Neg", sl(b, f, x, half, end)), sl(b, f, x, 0, half), axis=-1)
+    # x[..., -h:] and Concat(axis=3) on rank 4 are the same rotation (issue 9 class 12)
+    start = half - width if f["negative_start"] else half
+    axis = 3 if f["positive_axis"] else -1
+    return b.op("Concat", b.op("Neg", sl(b, f, x, start, end)), sl(b, f, x, 0, half), axis=axis)
 
 
 def build(f: dict, split: int | None = None, extra_output: bool = False):
