@@ -98,11 +98,11 @@ class Const(Pattern):
     """A constant: an initializer or a Constant node's output.
 
     `value` (optional) must match elementwise (a scalar also matches any tensor whose elements
-    all equal it) exactly as the constant's dtype can hold it: within one unit in the last place
-    of that dtype at `value` for floats (an exporter's float32 arithmetic may land one ulp
-    away), exactly for integers. A replacement writes the canonical value, so anything looser
-    would change the result (`Pow(x, 2.001)` is NaN on negative x, a square is not). `rtol`
-    and `atol` opt in to a wider tolerance. `where` tests the array; `name` captures the value.
+    all equal it) exactly as the constant's dtype stores it: `value` rounded to that dtype (from
+    float64, or via float32 as an exporter that casts a float32 constant to float16 writes it);
+    integers exactly. A replacement writes the canonical value, so anything looser changes the
+    result: `Pow(x, 2.0000002)` is NaN on negative x where a square is not, which is why not
+    even one ulp is let through. `rtol` and `atol` opt in to a tolerance. `where` tests the array; `name` captures the value.
     """
 
     __slots__ = ("value", "name", "rtol", "atol", "predicate", "why")
@@ -133,17 +133,15 @@ class Const(Pattern):
     def _equals(self, array: np.ndarray) -> bool:
         if array.size == 0 or (self.value.ndim and self.value.shape != array.shape):
             return False
-        if array.dtype.kind in "biu":
-            tol: Any = 0.0
-        elif array.dtype.kind == "f" or array.dtype in _ML_FLOATS:
-            tol = _ulp(self.value.astype(np.float64), array.dtype)
-        else:
+        if array.dtype.kind not in "biuf" and array.dtype not in _ML_FLOATS:
             return False
-        if self.rtol or self.atol:
-            tol = np.maximum(tol, self.atol + self.rtol * np.abs(self.value.astype(np.float64)))
         got = array.astype(np.float64)
-        with np.errstate(invalid="ignore"):  # inf - inf: equal infinities are caught by ==
-            return bool(np.all((got == self.value) | (np.abs(got - self.value) <= tol)))
+        if self.rtol or self.atol:
+            with np.errstate(invalid="ignore"):  # inf - inf: equal infinities are caught by ==
+                near = np.abs(got - self.value) <= self.atol + self.rtol * np.abs(self.value.astype(np.float64))
+            return bool(np.all((got == self.value) | near))
+        return bool(np.all((got == _rounded(self.value, array.dtype)) | (got == _rounded(
+            self.value.astype(np.float32), array.dtype))))
 
 
 class Attr:
@@ -280,13 +278,12 @@ _ML_FLOATS = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float
                                             ml_dtypes.float8_e5m2, ml_dtypes.float8_e5m2fnuz))
 
 
-def _ulp(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """One unit in the last place of `dtype` at each `value` (its spacing there; subnormal at 0)."""
-    info = ml_dtypes.finfo(dtype)
-    with np.errstate(divide="ignore"):
-        exponent = np.floor(np.log2(np.abs(value)))
-    exponent = np.clip(np.nan_to_num(exponent, neginf=info.minexp, posinf=info.maxexp), info.minexp, info.maxexp)
-    return np.exp2(exponent - info.nmant)
+def _rounded(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`value` as `dtype` stores it (an integer dtype holds only integral values), in float64."""
+    if dtype.kind in "biu":
+        return np.where(value == np.round(value), value, np.nan).astype(np.float64)
+    with np.errstate(over="ignore"):
+        return value.astype(dtype).astype(np.float64)
 
 
 def to_onnx_dtype(d: int | str | np.dtype | type) -> int:

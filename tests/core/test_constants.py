@@ -37,14 +37,25 @@ def gelu_model(half=0.5, x_shape=(2, 3), dtype=F):
 # -- exact constants ------------------------------------------------------------------------
 @pytest.mark.parametrize("value,dtype,matches", [
     (0.5, F, True), (0.5004, F, False), (0.4996, F, False),
-    (np.nextafter(F(0.5), F(1)), F, True),   # one ulp: an exporter's float32 arithmetic
-    (np.nextafter(np.nextafter(F(0.5), F(1)), F(1)), F, False),
-    (0.5, np.float16, True), (0.5005, np.float16, True), (0.501, np.float16, False),  # fp16 ulp at 0.5: 4.9e-4
+    (np.nextafter(F(0.5), F(1)), F, False),  # not even one ulp: Pow(x, 2 + ulp) is NaN on x < 0
+    (np.nextafter(F(0.5), F(0)), F, False),
+    (0.5, np.float16, True), (0.5005, np.float16, False), (0.501, np.float16, False),  # fp16 ulp at 0.5: 4.9e-4
     (0.5, ml_dtypes.bfloat16, True), (0.51, ml_dtypes.bfloat16, False),
     ([0.5, 0.5, 0.5], F, True), ([0.5, 0.5, 0.5004], F, False),
 ])
 def test_const_matches_within_the_dtype_rounding_only(value, dtype, matches):
     assert Const(0.5).accepts(np.asarray(value, dtype)) is matches
+
+
+@pytest.mark.parametrize("dtype", [F, np.float16, ml_dtypes.bfloat16])
+def test_an_irrational_constant_matches_as_its_dtype_rounds_it(dtype):
+    """sqrt(2) stored from float64, or from float32 (an exporter casting its float32 constant
+    down), matches; the next value up does not."""
+    root2 = Const(np.sqrt(2.0))
+    assert root2.accepts(np.asarray(np.sqrt(2.0), dtype))
+    assert root2.accepts(np.asarray(np.float32(np.sqrt(2.0)), dtype))
+    assert not root2.accepts(np.nextafter(np.asarray(np.sqrt(2.0), dtype).astype(F), F(2)).astype(dtype)
+                             if dtype is F else np.asarray(1.42, dtype))
 
 
 def test_square_is_not_pow_2_001():
@@ -78,7 +89,7 @@ def test_integer_constants_match_exactly():
     ((), (2, 3), True),
     ((1,), (2, 3), True),
     ((1, 1), (2, 3), True),
-    ((3,), (2, 3), True),            # equal to x's last dim: no growth
+    ((3,), (2, 3), False),           # no growth, but the GELU rule absorbs only size-1 constants
     ((1, 1, 1, 1, 1), (2, 3), False),  # raises the rank to 5
     ((2, 1, 1, 1), (1, 4, 2, 3), False),  # broadcasts the batch 1 -> 2
     ((1, 1, 1, 1), (1, 4, 2, 3), True),
