@@ -5,11 +5,12 @@ from __future__ import annotations
 import gc
 import os
 from contextlib import contextmanager
+from typing import Callable
 
 import onnx
 
 from .ir import Graph
-from .model_io import load_model, save_model, validate
+from .model_io import check_output, load_model, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
 from .rule import Rule, RuleSet
 
@@ -49,13 +50,21 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
 
 
 def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, *,
-                 explain: str | None = None, progress: bool = False) -> RewriteReport:
-    """Rewrite the model at `src` into `dst`; external data is never loaded into memory."""
+                 explain: str | None = None, progress: bool = False, in_place: bool = False,
+                 check: Callable[[str], bool] | None = None) -> RewriteReport:
+    """Rewrite the model at `src` into `dst`; external data is never loaded into memory.
+
+    The output is checked before any work (`model_io.check_output`: `dst` equal to `src` needs
+    `in_place`; one of `src`'s data files, a folder or a device is refused) and written
+    atomically (`model_io.save_model`); `check`, given the complete model under a temporary
+    name, decides whether it replaces `dst` (the `--verify` of the CLI).
+    """
     model = load_model(src)
+    check_output(dst, src, model, in_place=in_place)
     base_dir = os.path.dirname(os.path.abspath(src))
     out, report = rewrite_with_report(model, rules, explain=explain, progress=progress,
                                       base_dir=base_dir, copy=False, source=src)
-    save_model(out, dst, source_dir=base_dir)
+    save_model(out, dst, source_dir=base_dir, check=check)
     return report
 
 
