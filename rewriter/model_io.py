@@ -130,9 +130,9 @@ def check_output(path: str, source: str | None = None, model: onnx.ModelProto | 
         return
     source_dir = os.path.dirname(os.path.abspath(source))
     inputs_data = {e.path for e in external_data.check_model(model, source_dir)}
-    written = [target]
+    written = [path]
     if inputs_data and not _same_file(folder, source_dir):
-        written.append(data_path(target))
+        written.append(data_path(path))
         _refuse_non_regular(written[-1])
     for out in written:
         for data in inputs_data:
