@@ -4,7 +4,8 @@ Inputs are random but tame (floats in [-1, 1), token-like integers in a small ra
 ones) so that a NaN or an overflow means a real difference, not a bad draw; symbolic dims take
 the value given by `--shape` or 2, the same for every input that shares the dim's name. An
 export that runs only at some dims (the dynamo exports at batch 1) fails at 2: the original is
-then tried with every free symbolic dim at 1, and the dims used are reported.
+then tried with one free symbolic dim at 1 at a time, then all of them, and the dims used are
+reported.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ TOLERANCES = {
     np.dtype(np.float16): (1e-2, 1e-2),
 }
 DEFAULT_DIM = 2
-#: Tried in turn for the symbolic dims `--shape` leaves free, until the original model runs.
-FALLBACK_DIMS = (DEFAULT_DIM, 1)
 
 
 @dataclass
@@ -148,26 +147,32 @@ def verify_models(original: onnx.ModelProto | str, rewritten: onnx.ModelProto | 
                   atol: float | None = None, rtol: float | None = None, seed: int = 0,
                   dims_used: dict[str, int] | None = None) -> list[OutputDiff]:
     """Run both models on the same inputs and compare every output. Without `feeds`, free
-    symbolic dims take the first of FALLBACK_DIMS the original runs with; `dims_used`, if
-    given, receives the value each symbolic dim took."""
+    symbolic dims take the first values the original runs with (`_dim_attempts`); `dims_used`,
+    if given, receives the value each symbolic dim took."""
     if feeds is not None:
         return compare(run(original, feeds), run(rewritten, feeds), atol, rtol)
     header = original if isinstance(original, onnx.ModelProto) else onnx.load(original, load_external_data=False)
-    for dim in FALLBACK_DIMS:
-        dims: dict[str, int] = {}
-        feeds = make_inputs(header, shapes, seed, default_dim=dim, dims_used=dims)
+    attempts = _dim_attempts(header, shapes or {})
+    for i, fixed in enumerate(attempts):
+        dims = dict(fixed)
+        feeds = make_inputs(header, shapes, seed, dims_used=dims)
         try:
             expected = run(original, feeds)
             break
         except Exception:  # onnxruntime's own error types: dims the model cannot run at
-            if dim == FALLBACK_DIMS[-1] or not _has_free_dims(header, shapes or {}):
+            if i == len(attempts) - 1:
                 raise
     if dims_used is not None:
         dims_used.update(dims)
     return compare(expected, run(rewritten, feeds), atol, rtol)
 
 
-def _has_free_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether some input has a dim that neither the model nor `--shape` fixes."""
-    return any(not d.HasField("dim_value") for vi in graph_inputs(model) if vi.name not in shapes
-               for d in vi.type.tensor_type.shape.dim)
+def _dim_attempts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
+    """Values to try for the symbolic dims `--shape` leaves free: all at DEFAULT_DIM, then one
+    at a time at 1 (batch 1, sequence still 2), then all at 1."""
+    free = list(dict.fromkeys(d.dim_param for vi in graph_inputs(model) if vi.name not in shapes
+                              for d in vi.type.tensor_type.shape.dim if d.dim_param))
+    attempts: list[dict[str, int]] = [{}] + [{name: 1} for name in free]
+    if len(free) > 1:
+        attempts.append(dict.fromkeys(free, 1))
+    return attempts
