@@ -116,7 +116,7 @@ def check_output(path: str, source: str | None = None, model: onnx.ModelProto | 
     regular files and never renames over anything else), the input model (unless `in_place`)
     or one of its external data files (always)."""
     target = os.path.abspath(path)
-    if os.path.isdir(target):
+    if os.path.isdir(target) or path.endswith(os.sep):
         raise InputError(f"{path}: is a directory; -o takes a file name")
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):

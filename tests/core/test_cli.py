@@ -277,6 +277,8 @@ def test_missing_output_folder_is_one_rule_for_rewrite_and_build(tmp_path):
                  ["build", src, "-o", str(tmp_path / "missing" / "dir" / "x.engine")]):
         proc = run_cli(*args)
         assert one_error_line(proc, "does not exist"), proc.stderr
+    proc = run_cli(src, "-o", str(tmp_path / "missing") + os.sep)  # a folder to be, not a file name
+    assert one_error_line(proc, "is a directory"), proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
 
 
@@ -354,3 +356,18 @@ def test_rewriting_a_rewritten_model_extends_its_record(tmp_path):
     assert main([str(tmp_path / "a.onnx"), "-o", str(tmp_path / "b.onnx")]) == 0
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "b.onnx")).metadata_props}
     assert [f["rule"] for f in json.loads(props["fusegraph.fusions"])] == ["gemm_epilogue.MatMulBiasRelu"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_readme_explain_example_runs_on_the_shipped_model():
+    """The README's `--explain` session, command and printed reasons, reproduced from the repo."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    block = readme.split("$ rewrite tests/data/explain_demo.onnx ", 1)[1].split("```", 1)[0]
+    args, *printed = block.strip().splitlines()
+    proc = subprocess.run([sys.executable, "-m", "fusegraph.cli", "tests/data/explain_demo.onnx",
+                           *[a.strip("'") for a in args.split()]], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    got = proc.stdout.splitlines()
+    assert [l for l in got if not l.startswith("nodes:")] == [l for l in printed if not l.startswith("nodes:")]

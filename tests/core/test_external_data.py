@@ -164,6 +164,14 @@ def test_bad_data_references_are_refused_nothing_read_or_written(tmp_path, case)
     assert snapshot(tmp_path) == before
 
 
+def test_verify_refuses_an_escaping_reference_before_onnx_runtime_reads_it(tmp_path):
+    src = external_model(str(tmp_path / "m"))
+    edit_external(src, location="../secret.bin")
+    (tmp_path / "secret.bin").write_bytes(b"s" * 4096)
+    proc = cli("verify", src, src)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "leads outside" in proc.stderr, proc.stderr
+
+
 def test_reference_inside_the_folder_through_dot_dot_is_fine(tmp_path):
     folder = tmp_path / "m"
     src = external_model(str(folder))
