@@ -10,7 +10,7 @@ from typing import Callable
 import onnx
 
 from .ir import Graph
-from .model_io import check_output, load_model, save_model, validate
+from .model_io import check_output, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
 from .rule import Rule, RuleSet
 
@@ -59,12 +59,13 @@ def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, 
     atomically (`model_io.save_model`); `check`, given the complete model under a temporary
     name, decides whether it replaces `dst` (the `--verify` of the CLI).
     """
-    model = load_model(src)
-    check_output(dst, src, model, in_place=in_place)
+    model, data = load_checked(src)
+    check_output(dst, src, data, in_place=in_place)
     base_dir = os.path.dirname(os.path.abspath(src))
     out, report = rewrite_with_report(model, rules, explain=explain, progress=progress,
                                       base_dir=base_dir, copy=False, source=src)
-    save_model(out, dst, source_dir=base_dir, check=check)
+    # A rewrite only adds inline tensors: an input without external data gives none to copy.
+    save_model(out, dst, source_dir=base_dir if data else None, check=check)
     return report
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -49,6 +50,12 @@ _DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def load_model(path: str) -> onnx.ModelProto:
+    return load_checked(path)[0]
+
+
+def load_checked(path: str) -> tuple[onnx.ModelProto, list[external_data.Extent]]:
+    """The model at `path` (weights left on disk) and where its external data lies, every
+    tensor checked (`external_data.check_model`)."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -64,10 +71,9 @@ def load_model(path: str) -> onnx.ModelProto:
     if model.ir_version > onnx.IR_VERSION:
         raise InputError(f"{path}: IR version {model.ir_version} is newer than this onnx knows ({onnx.IR_VERSION})")
     try:
-        external_data.check_model(model, os.path.dirname(os.path.abspath(path)))
+        return model, external_data.check_model(model, os.path.dirname(os.path.abspath(path)))
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
-    return model
 
 
 def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> None:
@@ -81,7 +87,11 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
     if default < 7:
         raise InputError(f"{source}: opset {default} is too old (fusegraph needs 7 or newer)")
     try:
-        external_data.check_model(model, graph.base_dir)
+        # What the rewriter may read: initializers and Constant values (load_checked has seen
+        # every tensor of a model that came from a file; this covers models handed over).
+        constants = (n.attr("value") for n in graph.by_op.get(("", "Constant"), ()))
+        external_data.check_tensors(itertools.chain(graph.initializers.values(),
+                                                    (t for t in constants if t is not None)), graph.base_dir)
     except InputError as e:
         raise InputError(f"{source}: {e}") from None
     _check_fusion_record(model, source)
@@ -109,12 +119,12 @@ def _check_fusion_record(model: onnx.ModelProto, source: str) -> None:
                 raise InputError(f"{source}: metadata {FUSIONS_KEY!r} is not a JSON list of fusions")
 
 
-def check_output(path: str, source: str | None = None, model: onnx.ModelProto | None = None, *,
+def check_output(path: str, source: str | None = None, data: list[external_data.Extent] = (), *,
                  in_place: bool = False) -> None:
     """Refuse an output that cannot or must not be written, before any work: a folder, a
     missing folder, an existing non-regular file (a device, a FIFO: fusegraph writes only
-    regular files and never renames over anything else), the input model (unless `in_place`)
-    or one of its external data files (always)."""
+    regular files and never renames over anything else), the input model `source` (unless
+    `in_place`) or one of its external data files `data` (always)."""
     target = os.path.abspath(path)
     if os.path.isdir(target) or path.endswith(os.sep):
         raise InputError(f"{path}: is a directory; -o takes a file name")
@@ -126,17 +136,13 @@ def check_output(path: str, source: str | None = None, model: onnx.ModelProto | 
         return
     if _same_file(target, source) and not in_place:
         raise InputError(f"{path}: is the input model; pass --in-place to replace it")
-    if model is None:
-        return
-    source_dir = os.path.dirname(os.path.abspath(source))
-    inputs_data = {e.path for e in external_data.check_model(model, source_dir)}
     written = [path]
-    if inputs_data and not _same_file(folder, source_dir):
+    if data and not _same_file(folder, os.path.dirname(os.path.abspath(source))):
         written.append(data_path(path))
         _refuse_non_regular(written[-1])
     for out in written:
-        for data in inputs_data:
-            if _same_file(out, data):
+        for extent in data:
+            if _same_file(out, extent.path):
                 raise InputError(f"{out}: is an external data file of the input {source}; it is never overwritten")
 
 
@@ -154,11 +160,12 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None = None,
                check: Callable[[str], bool] | None = None) -> bool:
     """Write `model` to `path` atomically (see the module docstring).
 
-    External data: in `source_dir`'s own folder the tensors keep pointing at the input's files;
-    elsewhere the bytes they reference are copied into `path + ".data"` and the tensors (of
-    `model`, edited) point there. `check`, if given, receives the path of the complete model
-    under its temporary name (its weights beside it, also temporary) and decides whether it is
-    renamed into place; returns whether the output was written.
+    External data (`source_dir` given: the folder of an input that has some): in that folder
+    the tensors keep pointing at the input's files; elsewhere the bytes they reference are
+    copied into `path + ".data"` and the tensors (of `model`, edited) point there. `check`, if
+    given, receives the path of the complete model under its temporary name (its weights beside
+    it, also temporary) and decides whether it is renamed into place; returns whether the
+    output was written.
     """
     check_output(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -166,8 +173,7 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None = None,
     if model.functions and model.ir_version < MIN_IR_VERSION_WITH_FUNCTIONS:
         model.ir_version = MIN_IR_VERSION_WITH_FUNCTIONS
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    copy_weights = (source_dir is not None and not _same_file(source_dir, folder)
-                    and any(external_data.is_external(t) for t in external_data.all_tensors(model)))
+    copy_weights = source_dir is not None and not _same_file(source_dir, folder)
     if copy_weights:
         _refuse_non_regular(data_path(path))
     temps: list[str] = []
@@ -176,7 +182,11 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None = None,
         if copy_weights:
             tmp_data = _new_temp(folder, ".data", temps)
             with open(tmp_data, "wb") as f:
-                external_data.repack(model, source_dir, f, os.path.basename(tmp_data if check else data_path(path)))
+                copied = external_data.repack(model, source_dir, f,
+                                              os.path.basename(tmp_data if check else data_path(path)))
+            if not copied:  # the rewrite left no tensor on disk
+                _unlink_quietly(tmp_data)
+                tmp_data = None
         tmp_model = _new_temp(folder, ".onnx", temps)
         _write(tmp_model, model)
         if check is not None:

@@ -290,3 +290,20 @@ def test_in_place_rewrites_the_model_and_keeps_its_weights(tmp_path):
     assert (tmp_path / "m" / "weights.bin").read_bytes() == weights
     assert sorted(os.listdir(tmp_path / "m")) == ["m.onnx", "weights.bin"]
     assert all(d.ok for d in verify_models(copy, src))
+
+
+def test_escaping_reference_in_a_constant_node_is_refused(tmp_path):
+    """External data may hang off a Constant node's tensor too (onnx's convert_attribute)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(np.arange(3, dtype=F).tobytes())
+    value = onnx.TensorProto(name="c", data_type=onnx.TensorProto.FLOAT, dims=[3])
+    value.data_location = onnx.TensorProto.EXTERNAL
+    value.external_data.add(key="location", value="../secret.bin")
+    model = make_model([node("Constant", [], ["c"], value=value), node("Add", ["x", "c"], ["y"])],
+                       {"x": (F, [3])}, {"y": (F, [3])})
+    onnx.save(model, str(folder / "m.onnx"))
+    before = snapshot(tmp_path)
+    proc = cli(str(folder / "m.onnx"), "-o", str(tmp_path / "out.onnx"))
+    assert proc.returncode == 2 and "leads outside" in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before
