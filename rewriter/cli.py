@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -159,7 +160,7 @@ def _rewrite_main(argv: list[str]) -> int:
                               progress=not args.no_progress and sys.stderr.isatty())
     else:
         _, report = rewrite_with_report(load_model(args.model), rules, explain=args.explain, copy=False,
-                                        source=args.model)
+                                        base_dir=os.path.dirname(os.path.abspath(args.model)), source=args.model)
     elapsed = time.perf_counter() - start
     summary = _summary(report, elapsed)
     written = args.output is not None and all(d.ok for d in diffs)
