@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -252,3 +253,47 @@ def test_folder_that_cannot_be_written_is_one_line(tmp_path, models):
     assert "cannot write" in proc.stderr and "Permission denied" in proc.stderr
     assert not os.path.exists(target)
     assert os.listdir(out) == []
+
+
+def wait_until_importing_onnx(proc, timeout=30.0):
+    """Until the child has loaded onnx's extension (fusegraph is importing): before that it is
+    the interpreter's own startup, which no program can make quiet."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "onnx_cpp2py_export" in open(f"/proc/{proc.pid}/maps").read():
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/PID/maps (Linux)")
+@pytest.mark.parametrize("sig", sorted(SIGNALS))
+def test_signal_at_a_random_moment(tmp_path, models, sig):
+    """The same promises with the signal sent from outside at a random time of the run."""
+    signum, code, message = SIGNALS[sig]
+    rng = random.Random(sig)
+    for attempt in range(2):
+        case_dir = tmp_path / str(attempt)
+        case_dir.mkdir()
+        src, out = setup_case(case_dir, models, with_older_output=False)
+        outside = snapshot(case_dir, skip=str(out))
+        proc = subprocess.Popen([sys.executable, "-m", "fusegraph.cli", src, "-o", str(out / "o.onnx")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_until_importing_onnx(proc)
+        delay = rng.uniform(0.0, 0.8)
+        time.sleep(delay)
+        proc.send_signal(signum)
+        stderr = proc.communicate(timeout=60)[1]
+        case = f"{sig} after {delay:.3f}s: rc {proc.returncode}, stderr {stderr[-400:]!r}"
+        # 0: it finished first; killed by the signal itself (-signum, silently): it came before
+        # fusegraph's handler was installed (SIGTERM while importing: nothing written yet) or after
+        # the interpreter dropped the handlers on its way out (the output complete)
+        assert proc.returncode in (0, code, -signum), case
+        if proc.returncode == -signum:
+            assert stderr == "", case
+        if proc.returncode == code and message is not None:
+            assert stderr.strip().splitlines() == [message], case
+        check_output_whole_or_absent(out, src, None, killed=sig == "SIGKILL")
+        assert snapshot(case_dir, skip=str(out)) == outside, case
