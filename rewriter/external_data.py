@@ -52,11 +52,17 @@ class Extent:
     length: int
 
 
+def element_count(t: onnx.TensorProto) -> int:
+    if any(d < 0 for d in t.dims):
+        raise InputError(f"tensor {t.name!r}: negative dimension in its shape {list(t.dims)}")
+    return math.prod(t.dims)
+
+
 def nbytes(t: onnx.TensorProto) -> int | None:
     """The bytes the tensor's shape and type need, or None where that is not fixed."""
+    count = element_count(t)
     if t.data_type in _UNSIZED or t.data_type not in onnx.TensorProto.DataType.values():
         return None
-    count = math.prod(t.dims)
     bits = _PACKED_BITS.get(t.data_type) or np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize * 8
     return (count * bits + 7) // 8
 
@@ -126,9 +132,10 @@ def locate(t: onnx.TensorProto, base_dir: str, sizes: dict[str, int] | None = No
         raise InputError(f"{where} has no length and a type of no fixed size")
     sizes = {} if sizes is None else sizes
     if path not in sizes:
+        if not os.path.exists(path):
+            raise InputError(f"{where} file {location!r} is missing from {base_dir}")
         if not os.path.isfile(path):
-            raise InputError(f"{where} file {location!r} is missing from {base_dir}"
-                             + (" (not a regular file)" if os.path.exists(path) else ""))
+            raise InputError(f"{where} location {location!r} is not a regular file")
         sizes[path] = os.path.getsize(path)
     if offset + length > sizes[path]:
         raise InputError(f"{where} needs bytes {offset}..{offset + length} of {location!r}, "
@@ -139,6 +146,9 @@ def locate(t: onnx.TensorProto, base_dir: str, sizes: dict[str, int] | None = No
 def check_inline(t: onnx.TensorProto) -> None:
     """Refuse an inline tensor whose data does not fill its shape (or overfills it)."""
     needed = nbytes(t)
+    if t.data_type == onnx.TensorProto.STRING and len(t.string_data) != element_count(t):
+        raise InputError(f"tensor {t.name!r}: holds {len(t.string_data)} strings, "
+                         f"its shape {list(t.dims)} needs {element_count(t)}")
     if needed is None:
         return
     if t.HasField("raw_data"):
@@ -151,7 +161,7 @@ def check_inline(t: onnx.TensorProto) -> None:
     field = helper.tensor_dtype_to_field(t.data_type)
     if field not in _ONE_PER_ELEMENT:
         return
-    count = math.prod(t.dims) * (2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1)
+    count = element_count(t) * (2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1)
     held = len(getattr(t, field))
     if held != count:
         raise InputError(f"tensor {t.name!r}: holds {held} values in {field}, its shape {list(t.dims)} needs {count}")

@@ -3,6 +3,7 @@ the output keeps them external, beside it, and computes the same thing."""
 
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -140,6 +141,9 @@ BAD_REFERENCES = {
     "offset_past_end": (lambda tmp_path, src: edit_external(src, offset=1 << 20), "truncated?"),
     "wrong_length": (lambda tmp_path, src: edit_external(src, length=7), "length 7 is not the 48 bytes"),
     "no_location": (lambda tmp_path, src: edit_external(src, location=None), "has no location"),
+    "folder_location": (lambda tmp_path, src: (os.mkdir(os.path.join(os.path.dirname(src), "sub")),
+                                               edit_external(src, location="sub")), "is not a regular file"),
+    "negative_offset": (lambda tmp_path, src: edit_external(src, offset=-4), "negative offset"),
     "raw_data_short": (short_raw_data, "raw_data holds 44 bytes, its shape [4, 3] needs 48"),
     "fusions_metadata": (set_metadata, "'fusegraph.fusions' is not a JSON list"),
     "ir_version_99": (set_ir_version, "IR version 99 is newer than this onnx knows"),
@@ -307,3 +311,43 @@ def test_escaping_reference_in_a_constant_node_is_refused(tmp_path):
     proc = cli(str(folder / "m.onnx"), "-o", str(tmp_path / "out.onnx"))
     assert proc.returncode == 2 and "leads outside" in proc.stderr, proc.stderr
     assert snapshot(tmp_path) == before
+
+
+def _tensor(data_type, dims, **fields):
+    t = onnx.TensorProto(name="t", data_type=data_type, dims=dims)
+    for key, value in fields.items():
+        if key == "raw_data":
+            t.raw_data = value
+        else:
+            getattr(t, key).extend(value)
+    return t
+
+
+T = onnx.TensorProto
+
+
+@pytest.mark.parametrize("tensor,message", [
+    (_tensor(T.FLOAT, [2, 3], float_data=[1.0] * 5), "holds 5 values in float_data"),
+    (_tensor(T.INT64, [4], int64_data=[1] * 3), "holds 3 values in int64_data"),
+    (_tensor(T.FLOAT16, [3], int32_data=[0] * 2), "holds 2 values in int32_data"),
+    (_tensor(T.COMPLEX64, [2], float_data=[0.0] * 2), "holds 2 values in float_data"),
+    (_tensor(T.STRING, [3], string_data=[b"a"]), "holds 1 strings"),
+    (_tensor(T.FLOAT, [2], raw_data=b"\0" * 12), "raw_data holds 12 bytes, its shape [2] needs 8"),
+    (_tensor(T.FLOAT, [3], float_data=[]), "holds 0 values"),
+    (_tensor(T.FLOAT, [-1, 2], float_data=[]), "negative dimension"),
+])
+def test_inline_tensors_must_fill_their_shape(tensor, message):
+    from fusegraph import InputError
+    from fusegraph.external_data import check_inline
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_inline(tensor)
+
+
+@pytest.mark.parametrize("tensor", [
+    _tensor(T.FLOAT, [2, 3], float_data=[1.0] * 6), _tensor(T.INT4, [3], raw_data=b"\0\0"),
+    _tensor(T.BOOL, [0]), _tensor(T.STRING, [2], string_data=[b"a", b"bc"]),
+    _tensor(T.COMPLEX128, [1], double_data=[1.0, 2.0]),
+])
+def test_inline_tensors_that_fill_their_shape_pass(tensor):
+    from fusegraph.external_data import check_inline
+    check_inline(tensor)
