@@ -35,6 +35,10 @@ exit codes: 0 done, 1 --verify mismatch (nothing written), 2 bad input (one erro
 130 interrupted, 143 terminated"""
 
 
+#: Signals that end a run the way Ctrl-C does (temporary files removed, one line, 128 + N).
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (and SIGHUP) raise this where SIGINT raises KeyboardInterrupt, so that every
     cleanup that runs on Ctrl-C runs on them too."""
@@ -50,7 +54,7 @@ def _raise_interrupted(signum: int, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    handled = TERMINATING_SIGNALS if threading.current_thread() is threading.main_thread() else ()
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in handled}
     try:
         if argv and argv[0] == "verify":

@@ -10,7 +10,7 @@
 - Saving never writes through an existing name. The model (and, for an output in another folder
   than the input, one file `OUT.data` holding the weights it references) is written under
   temporary names `.fusegraph-tmp-<pid>-<random>.{onnx,data}` in the output's folder and renamed
-  into place last, weights first, with SIGINT and SIGTERM held back for those renames: the output
+  into place last, weights first, with SIGINT, SIGTERM and SIGHUP held back for those renames: the output
   is whole (old or new) or absent, never torn. A failure or signal removes the temporary files; a
   process killed outright (SIGKILL) leaves them, and the next save into that folder removes the
   ones whose process is gone. The input model and its data files are never opened for writing,
@@ -36,17 +36,16 @@ from google.protobuf.message import DecodeError
 from . import external_data
 from .errors import InputError
 from .ir import Graph
+from .rewrite import FUSIONS_KEY
 
 #: The newest IR version ONNX Runtime 1.31 loads; onnx 1.23 would write 14 by default.
 MAX_IR_VERSION = 13
 #: Local functions (how fused ops carry their decomposition) need IR version 8.
 MIN_IR_VERSION_WITH_FUNCTIONS = 8
-#: Where rewrite.finalize records the fusions; a model that already has it must hold a JSON list.
-FUSIONS_KEY = "fusegraph.fusions"
 TEMP_PREFIX = ".fusegraph-tmp-"
 _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-[0-9a-f]+\.(onnx|data)")
-#: Signals held back while the output is renamed into place (the CLI turns both into cleanup).
-_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Signals held back while the output is renamed into place (the CLI turns them into cleanup).
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def load_model(path: str) -> onnx.ModelProto:
@@ -108,7 +107,8 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
 
 
 def _check_fusion_record(model: onnx.ModelProto, source: str) -> None:
-    """A rewritten model's record is extended by the next rewrite: it must be a list of fusions."""
+    """A rewritten model's record (`FUSIONS_KEY`) is extended by the next rewrite
+    (`rewrite.finalize`): it must be a list of fusions."""
     for p in model.metadata_props:
         if p.key == FUSIONS_KEY:
             try:
@@ -275,7 +275,7 @@ def _same_file(a: str, b: str) -> bool:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back until the block is done, then deliver them to the handlers
+    """Hold SIGINT/SIGTERM/SIGHUP back until the block is done, then deliver them to the handlers
     they were meant for: the renames that publish an output are not interrupted halfway.
     (Python signal handlers can only be set from the main thread; elsewhere this is a no-op.)"""
     if threading.current_thread() is not threading.main_thread():
