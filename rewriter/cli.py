@@ -58,14 +58,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in handled}
     try:
         if argv and argv[0] == "verify":
-            return _verify_main(argv[1:])
-        if argv and argv[0] in ("build", "inspect"):
+            code = _verify_main(argv[1:])
+        elif argv and argv[0] in ("build", "inspect"):
             from . import engine_cli
-            return getattr(engine_cli, f"{argv[0]}_main")(argv[1:])
-        return _rewrite_main(argv)
+            code = getattr(engine_cli, f"{argv[0]}_main")(argv[1:])
+        else:
+            code = _rewrite_main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except InputError as e:
         print(f"rewrite: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `rewrite --list-rules | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(f"rewrite: {'interrupted' if signum == signal.SIGINT else 'terminated'} "
@@ -93,7 +99,6 @@ def _rule_set(spec: str | None, files: list[str] | None = None):
 def _load_rule_file(path: str) -> list:
     """The `RULES` list of a user's Python file: patterns written as in patterns/*.py."""
     import importlib.util
-    import os
 
     from .rule import Rule
     if not os.path.isfile(path):
@@ -269,13 +274,16 @@ def _verify_main(argv: list[str]) -> int:
     if args.inputs:
         import numpy as np
         try:
-            with np.load(args.inputs) as data:
+            data = np.load(args.inputs)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise InputError(f"{args.inputs}: not an .npz archive of named arrays (np.savez writes one)")
+            with data:
                 feeds = {k: data[k] for k in data.files}
+        except InputError:
+            raise
         except Exception as e:  # zipfile, zlib, pickle and numpy each raise their own on a bad file
             raise InputError(f"{args.inputs}: cannot read inputs ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
-        if not isinstance(feeds, dict):
-            raise InputError(f"{args.inputs}: not an .npz archive of named arrays")
     dims: dict[str, int] = {}
     diffs = _run_verify(args.original, args.rewritten, parse_shapes(args.shape), feeds=feeds,
                         atol=args.atol, rtol=args.rtol, seed=args.seed, dims_used=dims)
@@ -288,5 +296,7 @@ def _verify_main(argv: list[str]) -> int:
             print(f"{d.name}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g} "
                   f"(atol {d.atol:g}, rtol {d.rtol:g}) {'ok' if d.ok else 'MISMATCH'}")
     return 0 if all(d.ok for d in diffs) else 1
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -111,11 +111,13 @@ def locate(t: onnx.TensorProto, base_dir: str, sizes: dict[str, int] | None = No
     location = info.get("location", "")
     if not location:
         raise InputError(f"{where} has no location")
+    if "\0" in location:
+        raise InputError(f"{where} location {location!r} holds a NUL byte")
     if os.path.isabs(location) or location.startswith(("/", "\\")):
         raise InputError(f"{where} location {location!r} is an absolute path; it must be relative to the model's folder")
     root = os.path.realpath(base_dir)
     path = os.path.realpath(os.path.join(root, location))
-    if os.path.commonpath([root, path]) != root or path == root:
+    if os.path.commonpath([root, path]) != root:
         raise InputError(f"{where} location {location!r} leads outside the model's folder {base_dir}")
     try:
         offset = int(info.get("offset", 0))

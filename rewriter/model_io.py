@@ -59,6 +59,8 @@ def load_checked(path: str) -> tuple[onnx.ModelProto, list[external_data.Extent]
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, not an ONNX file")
+    if not os.path.isfile(path):  # a FIFO or a device such as /dev/zero would be read forever
+        raise InputError(f"{path}: is not a regular file")
     try:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
@@ -130,7 +132,7 @@ def check_output(path: str, source: str | None = None, data: list[external_data.
         raise InputError(f"{path}: is a directory; -o takes a file name")
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
-        raise InputError(f"{path}: folder {folder} does not exist")
+        raise InputError(f"{path}: folder {folder} " + ("is not a folder" if os.path.exists(folder) else "does not exist"))
     _refuse_non_regular(path)
     if source is None:
         return

@@ -371,3 +371,30 @@ def test_readme_explain_example_runs_on_the_shipped_model():
     assert proc.returncode == 0, proc.stderr
     got = proc.stdout.splitlines()
     assert [l for l in got if not l.startswith("nodes:")] == [l for l in printed if not l.startswith("nodes:")]
+
+
+@pytest.mark.parametrize("target,message", [("/dev/zero", "is not a regular file"),
+                                            ("fifo", "is not a regular file")])
+def test_input_that_is_not_a_regular_file_is_refused_not_read_forever(tmp_path, target, message):
+    if target == "fifo":
+        target = str(tmp_path / "fifo.onnx")
+        os.mkfifo(target)
+    proc = run_cli(target, "-o", str(tmp_path / "o.onnx"), timeout=60)
+    assert one_error_line(proc, message), proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_under_a_file_is_refused(tmp_path):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    proc = run_cli(src, "-o", str(tmp_path / "in.onnx" / "x.onnx"))
+    assert one_error_line(proc, "is not a folder"), proc.stderr
+
+
+def test_closed_stdout_is_quiet(tmp_path):
+    """`rewrite --list-rules | head -1`: the reader leaving is not an error worth a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "fusegraph.cli", "--list-rules"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) in (0, 141)
+    assert proc.stderr.read() == b""

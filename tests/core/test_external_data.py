@@ -144,6 +144,7 @@ BAD_REFERENCES = {
     "folder_location": (lambda tmp_path, src: (os.mkdir(os.path.join(os.path.dirname(src), "sub")),
                                                edit_external(src, location="sub")), "is not a regular file"),
     "negative_offset": (lambda tmp_path, src: edit_external(src, offset=-4), "negative offset"),
+    "nul_byte": (lambda tmp_path, src: edit_external(src, location="weights.bin\0../../x"), "NUL byte"),
     "raw_data_short": (short_raw_data, "raw_data holds 44 bytes, its shape [4, 3] needs 48"),
     "fusions_metadata": (set_metadata, "'fusegraph.fusions' is not a JSON list"),
     "ir_version_99": (set_ir_version, "IR version 99 is newer than this onnx knows"),

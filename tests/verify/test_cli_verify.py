@@ -115,12 +115,15 @@ def test_corrupt_npz_is_one_line_exit_2(tmp_path):
     data = good.read_bytes()
     cases = {"truncated.npz": data[: len(data) // 2], "garbage.npz": b"PK\x03\x04" + b"\xff" * 200,
              "flipped.npz": data[:60] + bytes(b ^ 0xFF for b in data[60:90]) + data[90:]}
+    np.save(tmp_path / "array.npy", np.ones((3, 4), np.float32))
+    cases["array.npy"] = (tmp_path / "array.npy").read_bytes()
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
         proc = subprocess.run([sys.executable, "-m", "fusegraph.cli", "verify", a, a, "--inputs", str(tmp_path / name)],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (name, proc.stderr)
-        assert proc.stderr.startswith(f"rewrite: error: {tmp_path / name}: cannot read inputs"), proc.stderr
+        assert proc.stderr.startswith(f"rewrite: error: {tmp_path / name}: "), proc.stderr
+        assert ("not an .npz archive" if name.endswith(".npy") else "cannot read inputs") in proc.stderr
 
 
 def _batch_one_only(path):
