@@ -108,6 +108,8 @@ def locate(t: onnx.TensorProto, base_dir: str, sizes: dict[str, int] | None = No
     `sizes` caches file sizes across calls (one stat per file)."""
     info = {e.key: e.value for e in t.external_data}
     where = f"tensor {t.name!r}: external data"
+    if len(info) != len(t.external_data):  # readers disagree on which of two locations counts
+        raise InputError(f"{where} names a key twice")
     location = info.get("location", "")
     if not location:
         raise InputError(f"{where} has no location")

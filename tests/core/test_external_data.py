@@ -103,6 +103,12 @@ def edit_external(path, **entries):
     onnx.save(model, path)
 
 
+def second_location(tmp_path, src):
+    model = onnx.load(src, load_external_data=False)
+    model.graph.initializer[0].external_data.add(key="location", value="../secret.bin")
+    onnx.save(model, src)
+
+
 def escape_symlink(tmp_path, src):
     os.symlink(str(tmp_path / "secret.bin"), os.path.join(os.path.dirname(src), "link.bin"))
     edit_external(src, location="link.bin")
@@ -144,6 +150,7 @@ BAD_REFERENCES = {
     "folder_location": (lambda tmp_path, src: (os.mkdir(os.path.join(os.path.dirname(src), "sub")),
                                                edit_external(src, location="sub")), "is not a regular file"),
     "negative_offset": (lambda tmp_path, src: edit_external(src, offset=-4), "negative offset"),
+    "two_locations": (second_location, "names a key twice"),
     "nul_byte": (lambda tmp_path, src: edit_external(src, location="weights.bin\0../../x"), "NUL byte"),
     "raw_data_short": (short_raw_data, "raw_data holds 44 bytes, its shape [4, 3] needs 48"),
     "fusions_metadata": (set_metadata, "'fusegraph.fusions' is not a JSON list"),

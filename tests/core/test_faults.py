@@ -297,3 +297,12 @@ def test_signal_at_a_random_moment(tmp_path, models, sig):
             assert stderr.strip().splitlines() == [message], case
         check_output_whole_or_absent(out, src, None, killed=sig == "SIGKILL")
         assert snapshot(case_dir, skip=str(out)) == outside, case
+
+
+def test_concurrent_writers_of_one_output_leave_one_whole_output(tmp_path, models):
+    src, out = setup_case(tmp_path, models, with_older_output=False)
+    procs = [subprocess.Popen([sys.executable, "-m", "fusegraph.cli", src, "-o", str(out / "o.onnx")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert check_output_whole_or_absent(out, src, None) == "new"

@@ -48,3 +48,19 @@ def test_ir_version_newer_than_onnx_knows_is_refused_not_rewritten(tmp_path):
     with pytest.raises(InputError, match=f"IR version {onnx.IR_VERSION + 1} is newer"):
         rewrite_file(str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"))
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed_others_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from fusegraph.model_io import TEMP_PREFIX, remove_stale_temps
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    names = {"dead": f"{TEMP_PREFIX}{dead}-0a1b2c.onnx", "dead_data": f"{TEMP_PREFIX}{dead}-0a1b2d.data",
+             "live": f"{TEMP_PREFIX}{os.getppid()}-0a1b2c.onnx", "mine": f"{TEMP_PREFIX}{os.getpid()}-0a1b2c.onnx",
+             "not_ours": f"{TEMP_PREFIX}{dead}-notes.txt", "user": "model.onnx"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(remove_stale_temps(str(tmp_path))) == sorted([names["dead"], names["dead_data"]])
+    assert sorted(os.listdir(tmp_path)) == sorted(v for k, v in names.items() if not k.startswith("dead"))
