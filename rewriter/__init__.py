@@ -12,10 +12,21 @@
     model = fusegraph.rewrite(model, [Rule("silu", pattern, replacement)])
 """
 
-from .api import default_rules, rewrite, rewrite_file, rewrite_with_report
-from .errors import InputError
-from .pattern import Attr, Const, Var, is_op, optional, wildcard
-from .rule import Rule, RuleSet, reject
+import os
+import sys
+
+try:
+    from .api import default_rules, rewrite, rewrite_file, rewrite_with_report
+    from .errors import InputError
+    from .pattern import Attr, Const, Var, is_op, optional, wildcard
+    from .rule import Rule, RuleSet, reject
+except KeyboardInterrupt:
+    # Ctrl-C while the `rewrite` command is still importing onnx and numpy: the command's one
+    # line and exit code (see fusegraph.cli), not a traceback. A library import re-raises.
+    if os.path.basename(sys.argv[0]) == "rewrite" or "fusegraph.cli" in getattr(sys, "orig_argv", ()):
+        print("rewrite: interrupted (SIGINT)", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __all__ = ["Attr", "Const", "InputError", "Rule", "RuleSet", "Var", "default_rules", "is_op", "optional",
            "reject", "rewrite", "rewrite_file", "rewrite_with_report", "wildcard"]

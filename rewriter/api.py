@@ -5,12 +5,13 @@ from __future__ import annotations
 import gc
 import os
 from contextlib import contextmanager
+from typing import Callable
 
 import onnx
 
 from .ir import Graph
 from .lowering import lowering_rules
-from .model_io import load_model, save_model, validate
+from .model_io import check_output, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
 from .rule import Rule, RuleSet
 
@@ -54,13 +55,22 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
 
 
 def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, *,
-                 explain: str | None = None, progress: bool = False, target: str = "portable") -> RewriteReport:
-    """Rewrite the model at `src` into `dst`; external data is never loaded into memory."""
-    model = load_model(src)
+                 explain: str | None = None, progress: bool = False, in_place: bool = False,
+                 check: Callable[[str], bool] | None = None, target: str = "portable") -> RewriteReport:
+    """Rewrite the model at `src` into `dst`; external data is never loaded into memory.
+
+    The output is checked before any work (`model_io.check_output`: `dst` equal to `src` needs
+    `in_place`; one of `src`'s data files, a folder or a device is refused) and written
+    atomically (`model_io.save_model`); `check`, given the complete model under a temporary
+    name, decides whether it replaces `dst` (the `--verify` of the CLI).
+    """
+    model, data = load_checked(src)
+    check_output(dst, src, data, in_place=in_place)
     base_dir = os.path.dirname(os.path.abspath(src))
     out, report = rewrite_with_report(model, rules, explain=explain, progress=progress,
                                       base_dir=base_dir, copy=False, source=src, target=target)
-    save_model(out, dst, source_dir=base_dir)
+    # A rewrite only adds inline tensors: an input without external data gives none to copy.
+    save_model(out, dst, source_dir=base_dir if data else None, check=check)
     return report
 
 

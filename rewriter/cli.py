@@ -1,41 +1,85 @@
 """`rewrite`: the command line.
 
     rewrite IN.onnx -o OUT.onnx [--rules R,..] [--rule-file my_rules.py] [--verify [--shape NAME:1x128]]
-            [--explain RULE]
+            [--explain RULE] [--in-place]
     rewrite --list-rules
     rewrite verify ORIGINAL.onnx REWRITTEN.onnx [--shape ..] [--inputs x.npz] [--atol A --rtol R]
     rewrite build MODEL.onnx -o MODEL.engine ...     (TensorRT; see `rewrite build --help`)
     rewrite inspect MODEL.engine
 
-Exit codes: 0 done, 1 the rewritten model does not match the original, 2 bad input (one line on
-stderr; the input is untouched and no output file is left behind).
+Exit codes: 0 done, 1 the rewritten model does not match the original (nothing written), 2 bad
+input (one line on stderr; the input is untouched and no output file is left behind), 128 + N
+on signal N (SIGINT, SIGTERM: temporary files removed, the output whole or absent).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
 from .errors import ArgumentParser, InputError
 
+SUBCOMMANDS = """commands:
+  rewrite IN.onnx -o OUT.onnx ...       rewrite a model (this help)
+  rewrite verify ORIG.onnx NEW.onnx     compare two models' outputs in ONNX Runtime (see verify --help)
+  rewrite build MODEL.onnx -o X.engine  build a TensorRT engine (see build --help)
+  rewrite inspect X.engine              describe a TensorRT engine (see inspect --help)
+
+exit codes: 0 done, 1 --verify mismatch (nothing written), 2 bad input (one error line),
+130 interrupted, 143 terminated"""
+
+
+#: Signals that end a run the way Ctrl-C does (temporary files removed, one line, 128 + N).
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (and SIGHUP) raise this where SIGINT raises KeyboardInterrupt, so that every
+    cleanup that runs on Ctrl-C runs on them too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    handled = TERMINATING_SIGNALS if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in handled}
     try:
         if argv and argv[0] == "verify":
-            return _verify_main(argv[1:])
-        if argv and argv[0] in ("build", "inspect"):
+            code = _verify_main(argv[1:])
+        elif argv and argv[0] in ("build", "inspect"):
             from . import engine_cli
-            return getattr(engine_cli, f"{argv[0]}_main")(argv[1:])
-        return _rewrite_main(argv)
+            code = getattr(engine_cli, f"{argv[0]}_main")(argv[1:])
+        else:
+            code = _rewrite_main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except InputError as e:
         print(f"rewrite: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rewrite: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `rewrite --list-rules | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"rewrite: {'interrupted' if signum == signal.SIGINT else 'terminated'} "
+              f"({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _rule_set(spec: str | None, files: list[str] | None = None):
@@ -44,13 +88,17 @@ def _rule_set(spec: str | None, files: list[str] | None = None):
     rules = default_rules()
     if files:
         rules = RuleSet(list(rules) + [r for path in files for r in _load_rule_file(path)])
-    return rules if not spec else rules.select(s.strip() for s in spec.split(",") if s.strip())
+    if spec is None:
+        return rules
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise InputError(f"--rules {spec!r} names no rule (omit --rules to run them all)")
+    return rules.select(names)
 
 
 def _load_rule_file(path: str) -> list:
     """The `RULES` list of a user's Python file: patterns written as in patterns/*.py."""
     import importlib.util
-    import os
 
     from .rule import Rule
     if not os.path.isfile(path):
@@ -61,6 +109,8 @@ def _load_rule_file(path: str) -> list:
         spec.loader.exec_module(module)
     except InputError as e:
         raise InputError(f"--rule-file {path}: {e}") from None
+    except SystemExit as e:  # the file is imported, not run: exiting is not its call to make
+        raise InputError(f"--rule-file {path}: called sys.exit({e.code!r}) while being imported") from None
     except Exception as e:  # the user's code: any failure is bad input, reported in one line
         raise InputError(f"--rule-file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     rules = getattr(module, "RULES", None)
@@ -70,15 +120,19 @@ def _load_rule_file(path: str) -> list:
 
 
 def _rewrite_main(argv: list[str]) -> int:
-    p = ArgumentParser(prog="rewrite", description="Fuse subgraphs of an ONNX model into fused ops.")
-    p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
-    p.add_argument("-o", "--output", help="where to write the rewritten model")
+    p = ArgumentParser(prog="rewrite", description="Fuse subgraphs of an ONNX model into fused ops.",
+                       epilog=SUBCOMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="input .onnx file (never modified, nor its external data files)")
+    p.add_argument("-o", "--output", help="where to write the rewritten model (atomically; weights of a model "
+                   "with external data go to OUT.data beside it when OUT is in another folder)")
+    p.add_argument("--in-place", action="store_true", help="allow -o to be the input model itself")
     p.add_argument("--rules", help="comma-separated rule names or prefixes ending in * (default: all)")
     p.add_argument("--rule-file", action="append", metavar="RULES.py",
                    help="a Python file defining RULES (a list of fusegraph.Rule) to add; repeatable")
     p.add_argument("--list-rules", action="store_true", help="list the rules and exit")
     p.add_argument("--explain", metavar="RULE", help="show near-misses of RULE: which node failed which constraint")
-    p.add_argument("--verify", action="store_true", help="run original and rewritten in ONNX Runtime and compare")
+    p.add_argument("--verify", action="store_true", help="run original and rewritten in ONNX Runtime and compare "
+                   "before writing: a mismatch writes nothing (exit 1)")
     p.add_argument("--shape", action="append", metavar="NAME:DIMS", help="input shape for --verify, e.g. input_ids:1x128")
     p.add_argument("--atol", type=float, help="absolute tolerance for --verify (default by dtype)")
     p.add_argument("--rtol", type=float, help="relative tolerance for --verify (default by dtype)")
@@ -105,27 +159,36 @@ def _rewrite_main(argv: list[str]) -> int:
     from .api import rewrite_file, rewrite_with_report
     from .model_io import load_model
     start = time.perf_counter()
+    diffs, dims = [], {}
+
+    def verified(candidate: str) -> bool:
+        diffs[:] = _run_verify(args.model, candidate, shapes, atol=args.atol, rtol=args.rtol, dims_used=dims)
+        return all(d.ok for d in diffs)
+
     if args.output:
-        report = rewrite_file(args.model, args.output, rules, explain=args.explain,
+        report = rewrite_file(args.model, args.output, rules, explain=args.explain, in_place=args.in_place,
+                              check=verified if args.verify else None,
                               progress=not args.no_progress and sys.stderr.isatty(), target=args.target)
     else:
         _, report = rewrite_with_report(load_model(args.model), rules, explain=args.explain, copy=False,
-                                        source=args.model, target=args.target)
+                                        base_dir=os.path.dirname(os.path.abspath(args.model)), source=args.model,
+                                        target=args.target)
     elapsed = time.perf_counter() - start
     summary = _summary(report, elapsed)
-    diffs = None
+    written = args.output is not None and all(d.ok for d in diffs)
     if args.verify and args.output:
-        diffs = _run_verify(args.model, args.output, shapes, atol=args.atol, rtol=args.rtol)
         summary["verify"] = [d.__dict__ for d in diffs]
+        summary["verify_dims"] = dims
+    if args.explain:
+        summary["explain"] = _explanation(report, args.explain)
+    summary["written"] = args.output if written else None
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(summary, args.output)
         if args.explain:
-            _print_explain(report, args.explain)
-    if diffs is not None and not all(d.ok for d in diffs):
-        return 1
-    return 0
+            _print_explain(summary["explain"])
+    return 0 if written or not args.output else 1
 
 
 def _summary(report, elapsed: float) -> dict:
@@ -156,6 +219,8 @@ def _print_summary(s: dict, output: str | None) -> None:
             print(f"  {rule:32s} {n:6d}")
     else:
         print("fusions: none")
+    if s.get("verify_dims"):
+        print("verify dims: " + ", ".join(f"{k}={v}" for k, v in s["verify_dims"].items()))
     for d in s.get("verify", ()):
         verdict = "ok" if d["ok"] else "MISMATCH"
         print(f"verify {d['name']}: max abs {d['max_abs']:.3g}, max rel {d['max_rel']:.3g} "
@@ -163,18 +228,27 @@ def _print_summary(s: dict, output: str | None) -> None:
     for rule, e in s["rule_errors"].items():
         print(f"rewrite: warning: rule {rule!r} failed on {e['count']} candidate(s), left unfused: {e['first']}",
               file=sys.stderr)
-    if output:
-        print(f"wrote {output}")
+    if s["written"]:
+        print(f"wrote {s['written']}")
+    elif output:
+        print(f"not written: {output} (the rewritten model does not match the original)")
 
 
-def _print_explain(report, rule: str) -> None:
+def _explanation(report, rule: str) -> dict:
+    """Why RULE refused each candidate, deepest failures first."""
     misses = sorted(report.near_misses, key=lambda m: -m.depth)
-    fired = report.per_rule.get(rule, 0)
-    print(f"explain {rule}: {fired} matches rewritten, {len(misses)} candidates refused")
-    for m in misses[:50]:
-        print(f"  {m.root}: {m.reason}")
-    if len(misses) > 50:
-        print(f"  ... {len(misses) - 50} more")
+    return {"rule": rule, "matches_rewritten": report.per_rule.get(rule, 0),
+            "refused": [{"root": m.root, "reason": m.reason} for m in misses]}
+
+
+def _print_explain(explanation: dict) -> None:
+    refused = explanation["refused"]
+    print(f"explain {explanation['rule']}: {explanation['matches_rewritten']} matches rewritten, "
+          f"{len(refused)} candidates refused")
+    for m in refused[:50]:
+        print(f"  {m['root']}: {m['reason']}")
+    if len(refused) > 50:
+        print(f"  ... {len(refused) - 50} more")
 
 
 def _run_verify(original: str, rewritten: str, shapes, **kw):
@@ -207,18 +281,29 @@ def _verify_main(argv: list[str]) -> int:
     if args.inputs:
         import numpy as np
         try:
-            with np.load(args.inputs) as data:
+            data = np.load(args.inputs)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise InputError(f"{args.inputs}: not an .npz archive of named arrays (np.savez writes one)")
+            with data:
                 feeds = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise InputError(f"{args.inputs}: cannot read inputs ({e})") from None
+        except InputError:
+            raise
+        except Exception as e:  # zipfile, zlib, pickle and numpy each raise their own on a bad file
+            raise InputError(f"{args.inputs}: cannot read inputs ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+    dims: dict[str, int] = {}
     diffs = _run_verify(args.original, args.rewritten, parse_shapes(args.shape), feeds=feeds,
-                        atol=args.atol, rtol=args.rtol, seed=args.seed)
+                        atol=args.atol, rtol=args.rtol, seed=args.seed, dims_used=dims)
     if args.json:
         print(json.dumps([d.__dict__ for d in diffs], indent=2))
     else:
+        if dims:
+            print("dims: " + ", ".join(f"{k}={v}" for k, v in dims.items()))
         for d in diffs:
             print(f"{d.name}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g} "
                   f"(atol {d.atol:g}, rtol {d.rtol:g}) {'ok' if d.ok else 'MISMATCH'}")
     return 0 if all(d.ok for d in diffs) else 1
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

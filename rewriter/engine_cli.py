@@ -13,6 +13,7 @@ from typing import Any
 
 from .engine import ParseError, build_engine, inspect_engine, parse_dims
 from .errors import ArgumentParser, InputError
+from .model_io import check_output
 from .tensorrt_shim import PRECISIONS
 
 
@@ -142,6 +143,7 @@ def _profiles(args: argparse.Namespace) -> dict[str, dict[str, tuple[int, ...]]]
 def build_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output(args.output)  # one rule with `rewrite -o`: the folder must exist, no device, no folder
         report = build_engine(
             args.model, args.output, precisions=tuple(args.precisions), strongly_typed=args.strongly_typed,
             shapes=dict(args.shape), ranges=_profiles(args), plugins=args.plugins,

@@ -18,7 +18,6 @@ it reads from enclosing scopes are opaque there, like graph inputs.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -26,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import external_data
 from .errors import InputError
 
 #: Constants bigger than this are never read from external data just to test a pattern's
@@ -708,13 +708,7 @@ def _densify(t: onnx.SparseTensorProto) -> np.ndarray:
 
 
 def _read_external(t: onnx.TensorProto, base_dir: str) -> np.ndarray:
-    """Read one small external tensor without touching the rest of its file."""
-    info = {e.key: e.value for e in t.external_data}
-    path = os.path.join(base_dir, info["location"])
-    offset = int(info.get("offset", 0))
+    """Read one small external tensor without touching the rest of its file (the reference is
+    checked first: inside the model's folder and long enough, else InputError)."""
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-    count = int(np.prod(t.dims))
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(count * np.dtype(dtype).itemsize)
-    return np.frombuffer(data, dtype=dtype).reshape(tuple(t.dims)).copy()
+    return np.frombuffer(external_data.read(t, base_dir), dtype=dtype).reshape(tuple(t.dims)).copy()

@@ -2,7 +2,10 @@
 
 Inputs are random but tame (floats in [-1, 1), token-like integers in a small range, masks of
 ones) so that a NaN or an overflow means a real difference, not a bad draw; symbolic dims take
-the value given by `--shape` or 2, the same for every input that shares the dim's name.
+the value given by `--shape` or 2, the same for every input that shares the dim's name. An
+export that runs only at some dims (the dynamo exports at batch 1) fails at 2: the original is
+then tried with one free symbolic dim at 1 at a time, then all of them, and the dims used are
+reported.
 """
 
 from __future__ import annotations
@@ -54,10 +57,13 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
-                seed: int = 0, default_dim: int = DEFAULT_DIM) -> dict[str, np.ndarray]:
+                seed: int = 0, default_dim: int = DEFAULT_DIM,
+                dims_used: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random feeds for the model's inputs; `dims_used`, if given, receives the value each
+    symbolic dim took."""
     shapes = shapes or {}
     rng = np.random.default_rng(seed)
-    dims: dict[str, int] = {}
+    dims: dict[str, int] = {} if dims_used is None else dims_used
     for vi in graph_inputs(model):
         if vi.name in shapes:
             for d, given in zip(vi.type.tensor_type.shape.dim, shapes[vi.name]):
@@ -93,12 +99,20 @@ def _random(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype: 
 
 def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run in ONNX Runtime on the CPU, without ORT's own graph rewrites."""
+    return outputs(session(model), feeds)
+
+
+def session(model: onnx.ModelProto | str):
+    """An ONNX Runtime CPU session without ORT's own graph rewrites (loaded once, run often)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # errors reach the user as one line, not as ORT log output
     source = model if isinstance(model, str) else model.SerializeToString()
-    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def outputs(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -138,8 +152,37 @@ def verify_rule(rule, **options):
 
 def verify_models(original: onnx.ModelProto | str, rewritten: onnx.ModelProto | str,
                   shapes: dict[str, tuple[int, ...]] | None = None, *, feeds: dict[str, np.ndarray] | None = None,
-                  atol: float | None = None, rtol: float | None = None, seed: int = 0) -> list[OutputDiff]:
-    """Run both models on the same inputs and compare every output."""
+                  atol: float | None = None, rtol: float | None = None, seed: int = 0,
+                  dims_used: dict[str, int] | None = None) -> list[OutputDiff]:
+    """Run both models on the same inputs and compare every output. Without `feeds`, free
+    symbolic dims take the first values the original runs with (`_dim_attempts`); `dims_used`,
+    if given, receives the value each symbolic dim took."""
+    if feeds is not None:
+        return compare(run(original, feeds), run(rewritten, feeds), atol, rtol)
     header = original if isinstance(original, onnx.ModelProto) else onnx.load(original, load_external_data=False)
-    feeds = make_inputs(header, shapes, seed) if feeds is None else feeds
-    return compare(run(original, feeds), run(rewritten, feeds), atol, rtol)
+    reference = session(original)  # a model ONNX Runtime refuses fails here, once
+    failures = []
+    for fixed in _dim_attempts(header, shapes or {}):
+        dims = dict(fixed)
+        feeds = make_inputs(header, shapes, seed, dims_used=dims)
+        try:
+            expected = outputs(reference, feeds)
+            break
+        except Exception as e:  # onnxruntime's own error types: dims the model cannot run at
+            failures.append(e)
+    else:
+        raise failures[0]  # at the default dims: the error the user can act on
+    if dims_used is not None:
+        dims_used.update(dims)
+    return compare(expected, run(rewritten, feeds), atol, rtol)
+
+
+def _dim_attempts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
+    """Values to try for the symbolic dims `--shape` leaves free: all at DEFAULT_DIM, then one
+    at a time at 1 (batch 1, sequence still 2), then all at 1."""
+    free = list(dict.fromkeys(d.dim_param for vi in graph_inputs(model) if vi.name not in shapes
+                              for d in vi.type.tensor_type.shape.dim if d.dim_param))
+    attempts: list[dict[str, int]] = [{}] + [{name: 1} for name in free]
+    if len(free) > 1:
+        attempts.append(dict.fromkeys(free, 1))
+    return attempts

@@ -4,6 +4,7 @@ written, input untouched)."""
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import onnx
 import pytest
 
 from fusegraph.cli import main
+from fusegraph.errors import InputError
 from fusegraph.testing import make_model, node
 
 F = np.float32
@@ -146,7 +148,7 @@ def test_failure_while_saving_leaves_no_partial_output(tmp_path, monkeypatch):
     def boom(self):
         raise OSError("disk full")
     monkeypatch.setattr(onnx.ModelProto, "SerializeToString", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="cannot write .*disk full"):
         model_io.save_model(onnx.load(src), str(tmp_path / "out.onnx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
 
@@ -201,3 +203,198 @@ def test_bad_user_rule_file_is_one_line_exit_2(tmp_path, body, message):
                            "--rule-file", str(tmp_path / "r.py")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "fusegraph.cli", *args], capture_output=True, text=True, **kw)
+
+
+def one_error_line(proc, message):
+    lines = proc.stderr.strip().splitlines()
+    return (proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("rewrite: error: ")
+            and message in lines[0])
+
+
+def test_help_lists_the_subcommands():
+    out = run_cli("--help").stdout
+    for command in ("rewrite verify", "rewrite build", "rewrite inspect", "--in-place"):
+        assert command in out, out
+
+
+def non_regular(kind, path):
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link_to_dev_null":
+        os.symlink("/dev/null", path)
+    else:
+        os.mkdir(path)
+
+
+@pytest.mark.parametrize("kind,message", [("fifo", "is not a regular file"),
+                                          ("link_to_dev_null", "is not a regular file"),
+                                          ("folder", "is a directory")])
+def test_output_that_is_not_a_regular_file_is_refused_and_kept(tmp_path, kind, message):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    target = str(tmp_path / "target")
+    non_regular(kind, target)
+    proc = run_cli(src, "-o", target, timeout=60)
+    assert one_error_line(proc, message), proc.stderr
+    st = os.lstat(target)
+    assert {"fifo": stat.S_ISFIFO, "link_to_dev_null": stat.S_ISLNK, "folder": stat.S_ISDIR}[kind](st.st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "target"]
+
+
+def test_character_device_output_is_refused(tmp_path):
+    """A copy of /dev/null (a device node, as root can make) is never renamed over."""
+    src = write(tmp_path / "in.onnx", mlp_model())
+    dev = str(tmp_path / "null")
+    try:
+        os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        dev = "/dev/null"  # without CAP_MKNOD: the real one, which must stay a device
+    proc = run_cli(src, "-o", dev)
+    assert one_error_line(proc, "is not a regular file"), proc.stderr
+    assert stat.S_ISCHR(os.stat(dev).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_output_mode_follows_the_umask(tmp_path, umask):
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    model = mlp_model()
+    onnx.save(model, str(src_dir / "in.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    script = (f"import os, sys; os.umask({umask}); from fusegraph.cli import main; "
+              f"sys.exit(main([{str(src_dir / 'in.onnx')!r}, '-o', {str(tmp_path / 'out.onnx')!r}]))")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+    for name in ("out.onnx", "out.onnx.data"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+
+
+def test_missing_output_folder_is_one_rule_for_rewrite_and_build(tmp_path):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    for args in ([src, "-o", str(tmp_path / "missing" / "dir" / "x.onnx")],
+                 ["build", src, "-o", str(tmp_path / "missing" / "dir" / "x.engine")]):
+        proc = run_cli(*args)
+        assert one_error_line(proc, "does not exist"), proc.stderr
+    proc = run_cli(src, "-o", str(tmp_path / "missing") + os.sep)  # a folder to be, not a file name
+    assert one_error_line(proc, "is a directory"), proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+@pytest.mark.parametrize("spec", [",,", "", " , "])
+def test_rules_naming_nothing_is_bad_input(tmp_path, spec):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    proc = run_cli(src, "-o", str(tmp_path / "o.onnx"), "--rules", spec)
+    assert one_error_line(proc, "names no rule"), proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("code", ["3", "0", "'bye'"])
+def test_rule_file_calling_sys_exit_is_bad_input(tmp_path, code):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    (tmp_path / "r.py").write_text(f"import sys\nsys.exit({code})\n")
+    proc = run_cli(src, "-o", str(tmp_path / "o.onnx"), "--rule-file", str(tmp_path / "r.py"))
+    assert one_error_line(proc, "called sys.exit("), proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_explain_goes_into_the_json(tmp_path, capsys):
+    model = mlp_model()
+    model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.ones((2, 3), F), "b"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    src = write(tmp_path / "in.onnx", model)
+    assert main([src, "--explain", "gemm_epilogue.MatMulBiasRelu", "--rules", "gemm_epilogue.MatMulBiasRelu",
+                 "--json"]) == 0
+    explanation = json.loads(capsys.readouterr().out)["explain"]
+    assert explanation["rule"] == "gemm_epilogue.MatMulBiasRelu" and explanation["matches_rewritten"] == 0
+    assert [m["root"] for m in explanation["refused"]] == ["Relu 'act'"]
+    assert "bias shape (2, 3) is not [N]" in explanation["refused"][0]["reason"]
+
+
+def test_failed_verify_writes_nothing_and_keeps_an_older_output(tmp_path, monkeypatch, capsys):
+    """--verify runs on the complete model under its temporary name: a mismatch (exit 1) or a
+    model ONNX Runtime refuses (exit 2) leaves -o as it was."""
+    from fusegraph import verify
+    src = write(tmp_path / "in.onnx", mlp_model())
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"older output")
+    real_run = verify.run
+
+    def skewed(model, feeds):
+        got = real_run(model, feeds)
+        return {k: v + 1 for k, v in got.items()} if ".fusegraph-tmp-" in str(model) else got
+    monkeypatch.setattr(verify, "run", skewed)
+    assert main([src, "-o", str(out), "--verify"]) == 1
+    assert "not written" in capsys.readouterr().out
+    assert out.read_bytes() == b"older output"
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx"]
+
+    def refuses(model, feeds):
+        if ".fusegraph-tmp-" in str(model):
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : made up")
+        return real_run(model, feeds)
+    monkeypatch.setattr(verify, "run", refuses)
+    assert main([src, "-o", str(out), "--verify"]) == 2
+    assert "INVALID_GRAPH" in capsys.readouterr().err
+    assert out.read_bytes() == b"older output"
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx"]
+
+
+def test_malformed_fusion_record_is_bad_input(tmp_path):
+    model = mlp_model()
+    onnx.helper.set_model_props(model, {"fusegraph.fusions": '{"rule": "x"}'})
+    src = write(tmp_path / "in.onnx", model)
+    proc = run_cli(src, "-o", str(tmp_path / "o.onnx"))
+    assert one_error_line(proc, "is not a JSON list of fusions"), proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+def test_rewriting_a_rewritten_model_extends_its_record(tmp_path):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    assert main([src, "-o", str(tmp_path / "a.onnx")]) == 0
+    assert main([str(tmp_path / "a.onnx"), "-o", str(tmp_path / "b.onnx")]) == 0
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "b.onnx")).metadata_props}
+    assert [f["rule"] for f in json.loads(props["fusegraph.fusions"])] == ["gemm_epilogue.MatMulBiasRelu"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_readme_explain_example_runs_on_the_shipped_model():
+    """The README's `--explain` session, command and printed reasons, reproduced from the repo."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    block = readme.split("$ rewrite tests/data/explain_demo.onnx ", 1)[1].split("```", 1)[0]
+    args, *printed = block.strip().splitlines()
+    proc = subprocess.run([sys.executable, "-m", "fusegraph.cli", "tests/data/explain_demo.onnx",
+                           *[a.strip("'") for a in args.split()]], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    got = proc.stdout.splitlines()
+    assert [l for l in got if not l.startswith("nodes:")] == [l for l in printed if not l.startswith("nodes:")]
+
+
+@pytest.mark.parametrize("target,message", [("/dev/zero", "is not a regular file"),
+                                            ("fifo", "is not a regular file")])
+def test_input_that_is_not_a_regular_file_is_refused_not_read_forever(tmp_path, target, message):
+    if target == "fifo":
+        target = str(tmp_path / "fifo.onnx")
+        os.mkfifo(target)
+    proc = run_cli(target, "-o", str(tmp_path / "o.onnx"), timeout=60)
+    assert one_error_line(proc, message), proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_under_a_file_is_refused(tmp_path):
+    src = write(tmp_path / "in.onnx", mlp_model())
+    proc = run_cli(src, "-o", str(tmp_path / "in.onnx" / "x.onnx"))
+    assert one_error_line(proc, "is not a folder"), proc.stderr
+
+
+def test_closed_stdout_is_quiet(tmp_path):
+    """`rewrite --list-rules | head -1`: the reader leaving is not an error worth a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "fusegraph.cli", "--list-rules"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) in (0, 141)
+    assert proc.stderr.read() == b""

@@ -178,9 +178,9 @@ def test_rules_that_are_not_rules_are_bad_input_saying_what_was_passed(rules, wh
     assert what in str(e.value)
 
 
-@pytest.mark.parametrize("record,why", [("{not json", "not valid JSON"), ('{"rule": 1}', "not a JSON list")])
-def test_malformed_fusion_record_is_bad_input(record, why):
+@pytest.mark.parametrize("record", ["{not json", '{"rule": 1}', '[1, 2]'])
+def test_malformed_fusion_record_is_bad_input(record):
     model = two_mlps(np.ones(3), np.ones(3))
     onnx.helper.set_model_props(model, {"fusegraph.fusions": record})
-    with pytest.raises(InputError, match=why):
+    with pytest.raises(InputError, match="not a JSON list of fusions"):
         rewrite(model, [Rule("user.mlp", mlp_pattern, fused)])

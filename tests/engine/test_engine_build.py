@@ -89,6 +89,7 @@ def test_bad_shapes_are_input_errors(tmp_path, capsys, args, message):
 def test_unparseable_model_names_nodes_and_leaves_no_file(tmp_path, capsys):
     model = unparseable_model(tmp_path / "bad.onnx")
     out = tmp_path / "out" / "bad.engine"
+    out.parent.mkdir()  # `-o` into a missing folder is refused before any parse (one rule with `rewrite -o`)
     assert build_main([model, "-o", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("rewrite: error: TensorRT cannot parse") and "mystery_node (FrobnicateTensor)" in err[0]

@@ -106,3 +106,47 @@ def test_rewrite_verify_flag_end_to_end(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["fusions"] and all(d["ok"] for d in summary["verify"])
     assert main(["verify", str(src), str(out), "--shape", "x:7x4"]) == 0
+
+
+def test_corrupt_npz_is_one_line_exit_2(tmp_path):
+    a = _model(tmp_path / "a.onnx")
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, x=np.ones((3, 4), np.float32))
+    data = good.read_bytes()
+    cases = {"truncated.npz": data[: len(data) // 2], "garbage.npz": b"PK\x03\x04" + b"\xff" * 200,
+             "flipped.npz": data[:60] + bytes(b ^ 0xFF for b in data[60:90]) + data[90:]}
+    np.save(tmp_path / "array.npy", np.ones((3, 4), np.float32))
+    cases["array.npy"] = (tmp_path / "array.npy").read_bytes()
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        proc = subprocess.run([sys.executable, "-m", "fusegraph.cli", "verify", a, a, "--inputs", str(tmp_path / name)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (name, proc.stderr)
+        assert proc.stderr.startswith(f"rewrite: error: {tmp_path / name}: "), proc.stderr
+        assert ("not an .npz archive" if name.endswith(".npy") else "cannot read inputs") in proc.stderr
+
+
+def _batch_one_only(path):
+    """A model with a dynamic batch dim that only runs at batch 1 (as the dynamo exports do)."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4])
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Relu", ["r"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [shape])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
+    return str(path)
+
+
+def test_default_dims_fall_back_to_one_and_are_reported(tmp_path, capsys):
+    a = _batch_one_only(tmp_path / "a.onnx")
+    assert main(["verify", a, a]) == 0
+    assert "dims: batch=1" in capsys.readouterr().out
+    assert main([a, "-o", str(tmp_path / "out.onnx"), "--verify", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verify_dims"] == {"batch": 1} and summary["written"] == str(tmp_path / "out.onnx")
+    assert main(["verify", a, a, "--shape", "x:2x4"]) == 2  # dims the user fixed are not second-guessed
+
+
+def test_default_dims_stay_two_where_the_model_runs_there(tmp_path, capsys):
+    a = _model(tmp_path / "a.onnx")
+    assert main(["verify", a, a]) == 0
+    assert "dims: batch=2" in capsys.readouterr().out
