@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import onnx
 
+from .canonicalize import canonicalize as canonicalize_graph
 from .ir import Graph
 from .model_io import load_model, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
@@ -28,11 +29,11 @@ def rewrite(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None) -
 def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None, *,
                         explain: str | None = None, progress: bool = False,
                         base_dir: str | None = None, copy: bool = True,
-                        source: str = "model") -> tuple[onnx.ModelProto, RewriteReport]:
+                        source: str = "model", canonicalize: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite to a fixpoint and report what fused.
 
     `base_dir` is where external data lives (for reading small constants); `copy=False` edits
-    `model` in place, for callers that own it.
+    `model` in place, for callers that own it; `canonicalize` runs `fusegraph.canonicalize` first.
     """
     if copy:
         original, model = model, onnx.ModelProto()
@@ -41,7 +42,11 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
     with _gc_paused():
         graph = Graph(model, base_dir)
         validate(model, graph, source)
+        canonical = canonicalize_graph(graph) if canonicalize else None
+        graph = canonical.graph if canonical else graph
         report = Rewriter(rules, explain=explain, progress=progress).run(graph)
+        if canonical:
+            canonical.amend(report)
         out = finalize(graph, report)
     if _has_untyped_new_values(graph):
         out = onnx.shape_inference.infer_shapes(out)
@@ -49,12 +54,12 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
 
 
 def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, *,
-                 explain: str | None = None, progress: bool = False) -> RewriteReport:
+                 explain: str | None = None, progress: bool = False, canonicalize: bool = True) -> RewriteReport:
     """Rewrite the model at `src` into `dst`; external data is never loaded into memory."""
     model = load_model(src)
     base_dir = os.path.dirname(os.path.abspath(src))
     out, report = rewrite_with_report(model, rules, explain=explain, progress=progress,
-                                      base_dir=base_dir, copy=False, source=src)
+                                      base_dir=base_dir, copy=False, source=src, canonicalize=canonicalize)
     save_model(out, dst, source_dir=base_dir)
     return report
 

@@ -84,6 +84,8 @@ def _rewrite_main(argv: list[str]) -> int:
     p.add_argument("--rtol", type=float, help="relative tolerance for --verify (default by dtype)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-canonicalize", action="store_true",
+                   help="match the graph as exported (no constant folding, CSE or no-op removal first)")
     args = p.parse_args(argv)
 
     rules = _rule_set(args.rules, args.rule_file)
@@ -105,10 +107,11 @@ def _rewrite_main(argv: list[str]) -> int:
     start = time.perf_counter()
     if args.output:
         report = rewrite_file(args.model, args.output, rules, explain=args.explain,
-                              progress=not args.no_progress and sys.stderr.isatty())
+                              progress=not args.no_progress and sys.stderr.isatty(),
+                              canonicalize=not args.no_canonicalize)
     else:
         _, report = rewrite_with_report(load_model(args.model), rules, explain=args.explain, copy=False,
-                                        source=args.model)
+                                        source=args.model, canonicalize=not args.no_canonicalize)
     elapsed = time.perf_counter() - start
     summary = _summary(report, elapsed)
     diffs = None
@@ -132,6 +135,7 @@ def _summary(report, elapsed: float) -> dict:
         "nodes_before": report.nodes_before,
         "nodes_after": report.nodes_after,
         "ops": {op: [report.ops_before.get(op, 0), report.ops_after.get(op, 0)] for op in ops},
+        "canonicalized": dict(sorted(report.canonicalized.items())),
         "fusions": dict(sorted(report.per_rule.items())),
         "passes": report.passes,
         "rewrite_seconds": round(report.seconds, 4),
@@ -147,6 +151,10 @@ def _print_summary(s: dict, output: str | None) -> None:
         print("ops changed:")
         for op, (before, after) in changed.items():
             print(f"  {op:32s} {before:6d} -> {after:6d}")
+    if s["canonicalized"]:
+        print("canonicalized:")
+        for step, n in s["canonicalized"].items():
+            print(f"  {step:32s} {n:6d}")
     if s["fusions"]:
         print("fusions:")
         for rule, n in s["fusions"].items():

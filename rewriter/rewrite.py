@@ -60,6 +60,8 @@ class RewriteReport:
     passes: int = 0
     seconds: float = 0.0
     near_misses: list[NearMiss] = field(default_factory=list)
+    #: Steps of `fusegraph.canonicalize` that ran before the rules, e.g. {"fold_constants": 12}.
+    canonicalized: Counter = field(default_factory=Counter)
 
     @property
     def per_rule(self) -> Counter:
