@@ -255,3 +255,51 @@ def test_real_export_canonicalized_is_equal_and_not_larger(name):
     model = onnx.load(MODELS / name)
     out, _ = canonical(model, manifest_feeds(MANIFEST[name]))
     assert out.ByteSize() <= 1.01 * model.ByteSize()
+
+
+# -- issue 11, item 1: batch-1 static TorchScript exports --------------------------------------
+def batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The batch-1 static export of a batch-2 one: TorchScript bakes the batch into shape vectors
+    ([2, -1, 16, 16], the mask Expand's `C`) and batch-indexed constants ([2, 1, 1, 1])."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in [*out.graph.input, *out.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        assert dims[0].dim_value == 2
+        dims[0].dim_value = 1
+    for n in out.graph.node:
+        if n.op_type == "Constant":
+            t = n.attribute[0].t
+            a = numpy_helper.to_array(t)
+            if a.dtype == I64 and a.ndim == 1 and a.size >= 3 and a[0] == 2:
+                a = np.concatenate([[1], a[1:]]).astype(I64)
+            elif a.ndim >= 2 and a.shape[0] == 2:
+                a = a[:1]
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    return out
+
+
+STATIC_DECODERS = [n for n in NAMES if n.endswith("-torchscript-static.onnx")
+                   and MANIFEST[n]["architecture"] in ("llama", "qwen2", "mistral", "gpt2")]
+
+
+@pytest.mark.parametrize("name", STATIC_DECODERS)
+def test_attention_of_batch_one_static_exports_fuses_once_canonical(name):
+    """The mask's Expand shape is a Where over constants; shape inference types the mask
+    [?, ?, S, S] and the attention rule refuses it, unless the shape is folded first."""
+    model = onnx.load(MODELS / name)
+    one = batch_one(model)
+    feeds = manifest_feeds(MANIFEST[name])
+    feeds_one = {k: v[:1] for k, v in feeds.items()}
+    rows = {k: np.concatenate([v, v]) for k, v in feeds_one.items()}
+    want = run(one, feeds_one)
+    for key, value in run(model, rows).items():  # the derivation is right: row 0 of batch 2
+        np.testing.assert_allclose(want[key], value[:1], atol=1e-5)
+    out, report = rewrite_with_report(one)
+    onnx.checker.check_model(out, full_check=True)
+    assert report.canonicalized["fold_constants"] > 0
+    fused = op_counts(out)["fusegraph.MaskedAttention"] + op_counts(out)["fusegraph.Attention"]
+    assert fused == MANIFEST[name]["expected"]["attention"]
+    got = run(out, feeds_one)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-4, rtol=1e-3)
