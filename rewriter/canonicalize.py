@@ -134,6 +134,12 @@ class _Canonicalizer:
         self.seen: dict[tuple, Node] = {}
         self.evaluators: dict[tuple, Any] = {}
         self.opset = graph.opset.get("", 1)
+        self.read_in_subgraphs = {v for n in graph.nodes if n.implicit_inputs for v in n.implicit_inputs}
+
+    def read_by_subgraph(self, v: Value) -> bool:
+        """Is `v` read by name inside a subgraph (an implicit input of its owner)? Then it keeps
+        its name: renaming it would need the subgraph rewritten too."""
+        return v in self.read_in_subgraphs
 
     def run(self) -> Counter:
         for node in self.graph.toposort():
@@ -181,7 +187,7 @@ class _Canonicalizer:
     def _fold(self, node: Node) -> str | None:
         """Evaluate the node if its inputs are known; returns the step's name, or None."""
         op = node.op_type
-        if op not in FOLDABLE or not node.outputs or any(_read_by_subgraph(v) for v in node.outputs):
+        if op not in FOLDABLE or not node.outputs or any(self.read_by_subgraph(v) for v in node.outputs):
             return None
         if op in ("Shape", "Size"):
             return self._fold_shape(node)
@@ -200,6 +206,8 @@ class _Canonicalizer:
             args.append(a)
         if not _output_fits(op, args) or (op in _INTEGER_ONLY and args[0].dtype.kind not in "biu"):
             return None
+        if op in ("Div", "Mod") and args[1].dtype.kind in "iu" and not args[1].all():
+            return None  # integer division by zero: ONNX Runtime fails (or worse) where numpy gives 0
         outs = self._evaluate(node, args)
         if outs is None:
             return None
@@ -307,7 +315,7 @@ class _Canonicalizer:
         if len(node.outputs) != 1:
             return False
         out = node.outputs[0]
-        if out.is_graph_output or _read_by_subgraph(out):
+        if out.is_graph_output or self.read_by_subgraph(out):
             return False
         x = self._forwarded(node)
         if x is None:
@@ -356,8 +364,10 @@ class _Canonicalizer:
         (a norm's gamma), which fine-tuning or a TensorRT refit changes; a scalar 1 is the
         exporter's."""
         a = self.known(c)
-        dims = x.shape if x is not None else None
-        return a is not None and a.size == 1 and dims is not None and a.ndim <= len(dims) and bool(a.reshape(()) == 1)
+        if a is None or a.size != 1 or x is None or not bool(a.reshape(()) == 1):
+            return False
+        rank = x.rank  # asked last: the first type asked for runs shape inference
+        return rank is not None and a.ndim <= rank
 
     # -- common subexpressions ----------------------------------------------------------
     def _merge_duplicate(self, node: Node) -> bool:
@@ -374,13 +384,15 @@ class _Canonicalizer:
             for v in node.inputs:
                 a = self.known(v)
                 operands.append(None if v is None else (_content_key(a) if a is not None else id(v)))
-            attrs = tuple(sorted((k, a.SerializeToString(deterministic=True)) for k, a in node.attrs.items()))
-            key = (node.op_type, len(node.outputs), tuple(operands), attrs)
+            # Attributes in their written order: the same ones written in another order are
+            # merely not merged.
+            attrs = node.proto.attribute if node.proto is not None else node.attrs.values()
+            key = (node.op_type, len(node.outputs), tuple(operands), tuple(a.SerializeToString() for a in attrs))
         first = self.seen.get(key)
         if first is None or not first.alive:
             self.seen[key] = node
             return False
-        if any(v.is_graph_output or _read_by_subgraph(v) for v in node.outputs):
+        if any(v.is_graph_output or self.read_by_subgraph(v) for v in node.outputs):
             return False
         for v, kept in zip(node.outputs, first.outputs):
             self.graph.replace_uses(v, kept)
@@ -410,12 +422,6 @@ def _elements(dims) -> int:
 
 def _content_key(a: np.ndarray) -> tuple:
     return (a.dtype.str, a.shape, a.tobytes())
-
-
-def _read_by_subgraph(v: Value) -> bool:
-    """Is `v` read by name inside a subgraph (an implicit input of its owner)? Then it keeps
-    its name: renaming it would need the subgraph rewritten too."""
-    return any(c.implicit_inputs and v in c.implicit_inputs for c in v.consumers)
 
 
 def _clamped_range(start: int, end: int, rank: int) -> tuple[int, int]:

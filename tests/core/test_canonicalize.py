@@ -143,6 +143,13 @@ def test_float_sums_are_not_folded():
     assert not steps["fold_constants"] and op_counts(out)["ReduceSum"] == 1
 
 
+def test_integer_division_by_zero_is_left_to_fail_at_run_time():
+    nodes = [const("a", [6, 3]), const("b", [2, 0]), node("Div", ["a", "b"], ["q"]), node("Add", ["x", "q"], ["y"])]
+    model = make_model(nodes, {"x": (I64, [2])}, {"y": (I64, [2])})
+    out, report = rewrite_with_report(model, [])
+    assert not report.canonicalized["fold_constants"] and op_counts(out)["Div"] == 1
+
+
 def test_values_read_by_a_subgraph_keep_their_names():
     body = helper.make_graph([node("Identity", ["s"], ["out"])], "body", [],
                              [helper.make_tensor_value_info("out", TensorProto.INT64, [2])])
