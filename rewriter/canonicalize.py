@@ -24,15 +24,17 @@ uses only exactly rounded ops). Graph inputs and outputs keep their names and or
 output whose producer is folded is produced by a `Constant` of that name, and a no-op or
 duplicate whose output is a graph output (or is read by a subgraph by name) stays. Initializers
 that are also graph inputs can be overridden at run time, so they are not constants. Nothing that
-reads or produces more than `MAX_FOLD_ELEMENTS` elements is folded: weights are never read nor
-duplicated (`Transpose(weight)` stays), and a model grows by at most the few small constants that
-replace the nodes computing them. Nodes inside If/Loop/Scan bodies are left alone.
+reads a weight (a float initializer of more than one element) or reads or produces more than
+`MAX_FOLD_ELEMENTS` elements is folded: weights are never read nor duplicated (`Transpose(weight)`
+stays), and a model grows by at most the few small constants that replace the nodes computing them. Nodes inside If/Loop/Scan bodies are left alone.
 
 Cost. One pass over the nodes in topological order: O(1) per node plus the evaluation of small
 tensors (a cached reference kernel per distinct node signature, ~20 µs a call). Types come from
 the IR, which runs ONNX shape inference at most once on the model as loaded; when anything
 changed, the IR is rebuilt once from the canonical model, so rules see the types the folding made
-static (the mask above becomes `[1,1,32,32]`), at the price of one more inference.
+static (the mask above becomes `[1,1,32,32]`), at the price of one more inference. On a 128-layer
+static batch-1 Llama stand-in (18k nodes) the stage takes 0.6 s of CPU, a 100k-node graph with
+nothing to change 0.4 s.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .ir import Graph, Node, Value
+from .rewrite import RewriteReport
 
 #: The most elements a folded node may read or produce: shape vectors, scalars, small masks.
 #: Weights are bigger, so they are never read here nor copied into a folded result.
@@ -79,15 +82,15 @@ _DATA_INPUTS: dict[str, tuple[int, ...] | None] = {
 _RANDOM = frozenset({"Bernoulli", "Dropout", "Multinomial", "RandomNormal", "RandomNormalLike",
                      "RandomUniform", "RandomUniformLike"})
 
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                          onnx.TensorProto.BFLOAT16})
+
 #: Stands for an unknown dim in a partially static shape (no real dim or index is negative).
 _UNKNOWN_DIM = np.iinfo(np.int64).min
 
 _PLAIN_DTYPES = frozenset(np.dtype(t) for t in (
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
     np.float16, np.float32, np.float64))
-
-STEPS = ("fold_constants", "fold_shapes", "remove_noops", "cse")
-
 
 @dataclass
 class Canonicalized:
@@ -98,7 +101,7 @@ class Canonicalized:
     ops_before: Counter
     seconds: float
 
-    def amend(self, report: Any) -> None:
+    def amend(self, report: RewriteReport) -> None:
         """Fold this stage into a `RewriteReport` of the rewrite that followed it."""
         report.canonicalized = self.steps
         report.ops_before = self.ops_before
@@ -124,13 +127,15 @@ class _Canonicalizer:
         self.graph = graph
         self.steps: Counter = Counter()
         self.graph_inputs = {v.name for v in graph.inputs}
-        # value -> its array: constants and folded results (full), or a shape with _UNKNOWN_DIM
-        # entries (partial); None when neither.
+        #: value -> its array, for small constants and folded results (None: not known)
         self.full: dict[Value, np.ndarray | None] = {}
+        #: value -> a shape with _UNKNOWN_DIM entries, for shapes with dynamic dims
         self.partial: dict[Value, np.ndarray] = {}
         self.folded: dict[Node, None] = {}
+        #: folded nodes that read a partial shape, and those of them kept computed
         self.from_partial_shapes: dict[Node, None] = {}
         self.unfolded: dict[Node, None] = {}
+        #: CSE key -> the first node computing it
         self.seen: dict[tuple, Node] = {}
         self.evaluators: dict[tuple, Any] = {}
         self.opset = graph.opset.get("", 1)
@@ -183,6 +188,13 @@ class _Canonicalizer:
         a = v.const_value
         return a if a is not None and a.size <= MAX_FOLD_ELEMENTS and a.dtype in _PLAIN_DTYPES else None
 
+    def is_weight(self, v: Value) -> bool:
+        """A float initializer of more than one element: a model parameter, which stays as it is
+        (`Transpose(w)` is not folded into a transposed copy), so fine-tuning, a TensorRT refit
+        or a rule looking for that weight still finds it. Scalars (eps, scales) are not weights."""
+        t = self.graph.initializers.get(v.name)
+        return t is not None and t.data_type in _FLOAT_TYPES and _elements(t.dims) > 1
+
     # -- folding ------------------------------------------------------------------------
     def _fold(self, node: Node) -> str | None:
         """Evaluate the node if its inputs are known; returns the step's name, or None."""
@@ -198,6 +210,8 @@ class _Canonicalizer:
             if v is None:
                 args.append(None)
                 continue
+            if self.is_weight(v):
+                return None
             a = self.known(v)
             if a is None and v in self.partial and (data_inputs is None or i in data_inputs):
                 a, partial = self.partial[v], True
