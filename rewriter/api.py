@@ -9,6 +9,7 @@ from typing import Callable
 
 import onnx
 
+from .canonicalize import canonicalize as canonicalize_graph
 from .ir import Graph
 from .lowering import lowering_rules
 from .model_io import check_output, load_checked, save_model, validate
@@ -30,12 +31,13 @@ def rewrite(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None) -
 def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | None = None, *,
                         explain: str | None = None, progress: bool = False,
                         base_dir: str | None = None, copy: bool = True,
-                        source: str = "model", target: str = "portable") -> tuple[onnx.ModelProto, RewriteReport]:
+                        source: str = "model", canonicalize: bool = True,
+                        target: str = "portable") -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite to a fixpoint and report what fused.
 
     `base_dir` is where external data lives (for reading small constants); `copy=False` edits
-    `model` in place, for callers that own it; `target` lowers the fused ops for one runtime
-    (`fusegraph.lowering`).
+    `model` in place, for callers that own it; `canonicalize` runs `fusegraph.canonicalize`
+    first; `target` lowers the fused ops for one runtime (`fusegraph.lowering`).
     """
     lowering = lowering_rules(target)
     if copy:
@@ -45,9 +47,13 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
     with _gc_paused():
         graph = Graph(model, base_dir)
         validate(model, graph, source)
+        canonical = canonicalize_graph(graph) if canonicalize else None
+        graph = canonical.graph if canonical else graph
         report = Rewriter(rules, explain=explain, progress=progress).run(graph)
         if lowering:
             report.merge_lowering(Rewriter(lowering).run(graph))
+        if canonical:
+            canonical.amend(report)
         out = finalize(graph, report)
     if _has_untyped_new_values(graph):
         out = onnx.shape_inference.infer_shapes(out)
@@ -56,7 +62,8 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
 
 def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, *,
                  explain: str | None = None, progress: bool = False, in_place: bool = False,
-                 check: Callable[[str], bool] | None = None, target: str = "portable") -> RewriteReport:
+                 check: Callable[[str], bool] | None = None, target: str = "portable",
+                 canonicalize: bool = True) -> RewriteReport:
     """Rewrite the model at `src` into `dst`; external data is never loaded into memory.
 
     The output is checked before any work (`model_io.check_output`: `dst` equal to `src` needs
@@ -68,7 +75,8 @@ def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, 
     check_output(dst, src, data, in_place=in_place)
     base_dir = os.path.dirname(os.path.abspath(src))
     out, report = rewrite_with_report(model, rules, explain=explain, progress=progress,
-                                      base_dir=base_dir, copy=False, source=src, target=target)
+                                      base_dir=base_dir, copy=False, source=src, target=target,
+                                      canonicalize=canonicalize)
     # A rewrite only adds inline tensors: an input without external data gives none to copy.
     save_model(out, dst, source_dir=base_dir if data else None, check=check)
     return report

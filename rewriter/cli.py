@@ -140,6 +140,8 @@ def _rewrite_main(argv: list[str]) -> int:
                    help="lower the fused ops for this runtime (default portable: ONNX local functions)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-canonicalize", action="store_true",
+                   help="match the graph as exported (no constant folding, CSE or no-op removal first)")
     args = p.parse_args(argv)
 
     rules = _rule_set(args.rules, args.rule_file)
@@ -168,11 +170,12 @@ def _rewrite_main(argv: list[str]) -> int:
     if args.output:
         report = rewrite_file(args.model, args.output, rules, explain=args.explain, in_place=args.in_place,
                               check=verified if args.verify else None,
-                              progress=not args.no_progress and sys.stderr.isatty(), target=args.target)
+                              progress=not args.no_progress and sys.stderr.isatty(), target=args.target,
+                              canonicalize=not args.no_canonicalize)
     else:
         _, report = rewrite_with_report(load_model(args.model), rules, explain=args.explain, copy=False,
                                         base_dir=os.path.dirname(os.path.abspath(args.model)), source=args.model,
-                                        target=args.target)
+                                        target=args.target, canonicalize=not args.no_canonicalize)
     elapsed = time.perf_counter() - start
     summary = _summary(report, elapsed)
     written = args.output is not None and all(d.ok for d in diffs)
@@ -197,6 +200,7 @@ def _summary(report, elapsed: float) -> dict:
         "nodes_before": report.nodes_before,
         "nodes_after": report.nodes_after,
         "ops": {op: [report.ops_before.get(op, 0), report.ops_after.get(op, 0)] for op in ops},
+        "canonicalized": dict(sorted(report.canonicalized.items())),
         "fusions": dict(sorted(report.per_rule.items())),
         "passes": report.passes,
         "rewrite_seconds": round(report.seconds, 4),
@@ -213,6 +217,10 @@ def _print_summary(s: dict, output: str | None) -> None:
         print("ops changed:")
         for op, (before, after) in changed.items():
             print(f"  {op:32s} {before:6d} -> {after:6d}")
+    if s["canonicalized"]:
+        print("canonicalized:")
+        for step, n in s["canonicalized"].items():
+            print(f"  {step:32s} {n:6d}")
     if s["fusions"]:
         print("fusions:")
         for rule, n in s["fusions"].items():

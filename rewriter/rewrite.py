@@ -81,6 +81,8 @@ class RewriteReport:
     seconds: float = 0.0
     near_misses: list[NearMiss] = field(default_factory=list)
     errors: dict[str, RuleError] = field(default_factory=dict)
+    #: Steps of `fusegraph.canonicalize` that ran before the rules, e.g. {"fold_constants": 12}.
+    canonicalized: Counter = field(default_factory=Counter)
 
     def fault(self, rule: str, message: str) -> str:
         """Count a candidate `rule` refused because its code failed; returns the reason."""

@@ -19,6 +19,10 @@ profile and shrinks any failure to the smallest graph and simplest draw. Every f
 saved as a repro directory (original.onnx, rewritten.onnx, inputs.npz, README.txt with the
 seed and the instance), whose path the error message gives.
 
+The rule runs alone, without `fusegraph.canonicalize` (which has its own tests): every branch is
+checked as written, including those canonicalization would respell first (a no-op Cast, a scale
+of 1), for callers that turn it off.
+
 Inputs are floats in [-1, 1) and small non-negative ints; an instance whose *original* output
 is not finite, or that ONNX Runtime refuses to run, is not the rule's fault and is discarded.
 """
@@ -175,7 +179,7 @@ def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: i
             reason = f"no valid instance ({e})"
             continue
         try:
-            _, report = rewrite_with_report(model, [rule])
+            _, report = rewrite_with_report(model, [rule], canonicalize=False)
         except Exception as e:
             raise RuleCheckFailure(f"rule {rule.name!r}, branch {describe_path(rule.outputs, path)}: "
                                    f"rewriting raised {type(e).__name__}: {_first_line(e)}\n"
@@ -260,7 +264,7 @@ def check_instance(rule: Rule, path: dict[int, int], inst: Instance, repro_dir: 
                                f"  instance: {_describe(inst)}\n  repro: {where}")
 
     try:
-        rewritten, report = rewrite_with_report(original, [rule])
+        rewritten, report = rewrite_with_report(original, [rule], canonicalize=False)
     except Exception as e:
         fail(f"rewriting raised {type(e).__name__}: {_first_line(e)}", None)
     if not report.per_rule[rule.name]:

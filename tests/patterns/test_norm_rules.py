@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from fusegraph.patterns import norms
 from fusegraph.rule import RuleSet
-from fusegraph.testing import assert_rewrites, op_counts, rewrite_with_report
+from fusegraph.testing import assert_rewrites, assert_unchanged, op_counts, rewrite_with_report
 from graph_builder import Builder
 
 RULES = RuleSet(norms.RULES)
@@ -146,9 +146,7 @@ def test_residual_add_and_norm_fuse_with_the_sum_reused(f, seed, kind, exported_
 
 
 def assert_not_fused(model, rules=RULES):
-    out, report = rewrite_with_report(model, rules)
-    assert not report.fusions, report.per_rule
-    assert op_counts(out) == op_counts(model)
+    assert_unchanged(model, rules)
 
 
 @DECOYS
@@ -228,5 +226,5 @@ def test_regression_rms_norm_float64_precision(kind):
     assert_rewrites(model(np.float32), RULES, expect={fused: 1})
     out, report = rewrite_with_report(model(np.float64), RULES, explain=f"norms.{kind}_norm")
     assert not report.fusions, report.per_rule
-    assert op_counts(out) == op_counts(model(np.float64))
+    assert op_counts(out) == op_counts(rewrite_with_report(model(np.float64), [])[0])
     assert any("float64" in m.reason for m in report.near_misses), report.near_misses
