@@ -49,10 +49,10 @@ import onnx
 from .api import rewrite_with_report
 from .exact import compare_exact, exact_inputs, is_exact
 from .instantiate import (FLOAT_DTYPES, Instance, Picker, Uninstantiable, branch_paths, build,
-                          describe_path, leaf_assignments, mentioned_numbers)
+                          describe_path, fitted_leaves, leaf_assignments, mentioned_numbers)
 from .mutate import LARGE_FEEDS, Mutant, adversarial_feeds, mutants, retype
 from .rule import Rule
-from .verify import TOLERANCES, OutputDiff, compare, make_inputs, run
+from .verify import DEFAULT_DIM, TOLERANCES, OutputDiff, compare, make_inputs, run
 
 #: Opsets instances are built at: the first that the pattern's ops exist in is used first.
 OPSETS = (18, 23, 17, 21)
@@ -158,6 +158,10 @@ def verify_rule(rule: Rule, *, repro_dir: str | None = None, max_examples: int |
         for f in result.covered:
             _check_counted(rule, f.path, f.inst, repro_dir, result)
         _random_phase(rule, by_size, repro_dir, max_examples, seed, result)
+        if not result.instances:
+            raise RuleCheckFailure(f"rule {rule.name!r}: no instance it fires on could be checked (every one "
+                                   "has an original that ONNX Runtime refuses or whose outputs are not finite); "
+                                   "give valid captures in Rule.examples")
     _mutation_phase(rule, by_size, repro_dir, 1 << 30 if max_mutants is None else max_mutants, result)
     if result.failures:
         failure = RuleCheckFailure(f"rule {rule.name!r}: {len(result.failures)} kinds of near-miss mutant "
@@ -197,8 +201,11 @@ def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: i
     """The first instance of `path` the rule fires on, or why none.
 
     Tries the instances that fired on earlier paths, then leaf realisations simplest first,
-    each with the first, the second and random value choices."""
+    each with the first, the second and random value choices. An instance whose original
+    ONNX Runtime can't run to finite outputs (a GlobalAveragePool of rank 2 passes shape
+    inference) is taken only if no other fires."""
     reason = "no instance was valid ONNX"
+    unrunnable: Found | None = None
     rng = np.random.default_rng(0)
     for tries, inst in enumerate(_candidates(rule, path, previous, limit)):
         picker = Picker(inst.picks, (None, lambda n: 1, lambda n: int(rng.integers(n)))[tries % 3])
@@ -217,10 +224,25 @@ def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: i
                                    f"rewriting raised {type(e).__name__}: {_first_line(e)}\n"
                                    f"  instance: {_describe(inst)}") from e
         if report.per_rule[rule.name]:
-            return Found(path, replace(inst, picks=tuple(picker.taken)), built.nodes,
-                         describe_path(rule.outputs, path))
+            found = Found(path, replace(inst, picks=tuple(picker.taken)), built.nodes,
+                          describe_path(rule.outputs, path))
+            if _runs(model):
+                return found
+            unrunnable = unrunnable or found
+            continue
         reason = "the rule fired on none of the instances tried"
-    return reason
+    return unrunnable or reason
+
+
+def _runs(model: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime runs the original to finite outputs (at symbolic dims 2, or 1)."""
+    for default_dim in (DEFAULT_DIM, 1):
+        try:
+            outputs = run(model, make_inputs(model, default_dim=default_dim))
+        except Exception:  # no kernel, or a shape only defined at the other size
+            continue
+        return all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f")
+    return False
 
 
 def _candidates(rule: Rule, path: dict[int, int], previous: list[Instance], limit: int):
@@ -239,6 +261,12 @@ def _candidates(rule: Rule, path: dict[int, int], previous: list[Instance], limi
             for leaves in leaf_assignments([v for v in probe.var_names if v not in ex], per):
                 inst = Instance(opset=opset, leaves=leaves, example=ex, hints=hints)
                 yield from (inst, inst, inst)  # first, second and random value choices
+    if limit:  # none of those: realisations fitted to each operator's schema
+        for opset in OPSETS:
+            for ex in examples or [{}]:
+                for leaves in fitted_leaves(rule.outputs, path, Instance(opset=opset, example=ex, hints=hints), per):
+                    inst = Instance(opset=opset, leaves=leaves, example=ex, hints=hints)
+                    yield from (inst, inst, inst)
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -341,6 +369,7 @@ def _random_phase(rule: Rule, found: list[Found], repro_dir: str, max_examples: 
                   seed: int | None, result: RuleCheck) -> None:
     """Vary the covered instances with hypothesis; shrinking favours small graphs."""
     from hypothesis import HealthCheck, assume, given, settings, strategies as st
+    from hypothesis.errors import Unsatisfiable
     from hypothesis import seed as fix_seed
 
     if not found:
@@ -369,7 +398,10 @@ def _random_phase(rule: Rule, found: list[Found], repro_dir: str, max_examples: 
         result.exact_instances += exact
 
     test = vary if seed is None else fix_seed(seed)(vary)
-    test()
+    try:
+        test()
+    except Unsatisfiable:  # no variation runs: verify_rule reports it if no instance did
+        pass
 
 
 def _mutation_phase(rule: Rule, found: list[Found], repro_dir: str, limit: int, result: RuleCheck) -> None:
@@ -564,7 +596,7 @@ def _session(model: onnx.ModelProto) -> Callable[[dict[str, np.ndarray]], dict[s
     opts.log_severity_level = 4
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
+    wanted = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
     return lambda feeds: dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
 
 
