@@ -13,8 +13,10 @@ two kinds of freedom, kept apart on purpose:
 Constraints (`where`, `has_rank`, conditions) are opaque predicates: nothing here tries to solve
 them. Candidates are generated and the caller keeps the instances the rule fires on. Attribute
 and constant predicates are tested directly on their candidates (they are pure functions of the
-value), so only the ones that pass are offered. Where no generic candidate fits (a Reshape's
-target shape, say) a rule names concrete captures in `Rule.examples`.
+value), so only the ones that pass are offered. Where no whole-pattern candidate fits, the
+captures are fitted operator by operator to what the op schemas' shape inference and ONNX
+Runtime accept (`fitted_leaves`: a user's Conv, BatchNormalization or Resize); where nothing
+generic fits (a Reshape's target shape, say) a rule names concrete captures in `Rule.examples`.
 """
 
 from __future__ import annotations
