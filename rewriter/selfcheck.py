@@ -545,6 +545,8 @@ def check_mutant(rule: Rule, path: dict[int, int], inst: Instance, mutant: Mutan
             fail(f"ONNX Runtime outputs differ on inputs '{label}': " + _show_diffs(diffs), rewritten, diffs)
         if label == "normal" and _is_16_bit(original):
             ref_expected = _reference(original, feeds)
+            if ref_expected is not None and not all(d.ok for d in compare(ref_expected, expected)):
+                continue  # the original overflows or rounds apart in strict 16-bit: no reference
             ref_got = _reference(rewritten, feeds) if ref_expected is not None else None
             if ref_got is not None:
                 diffs = compare(ref_expected, ref_got)
