@@ -149,7 +149,8 @@ def _overridable_mutants(model: onnx.ModelProto, info: "_Info", rng: np.random.G
         m = _copy(model)
         m.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(array.shape)))
         fed = np.asarray(array.astype(np.float64) * 1.5 + rng.uniform(0.25, 0.75, array.shape)).astype(array.dtype)
-        yield Mutant("initializer that is also a graph input", f"{init.name} fed {_show(fed)} instead of {_show(array)}",
+        yield Mutant("initializer that is also a graph input",
+                     f"{init.name} fed {_show(fed)} instead of {_show(array)}",
                      m, {init.name: fed})
 
 
@@ -170,12 +171,16 @@ def _attribute_mutants(model: onnx.ModelProto, info: "_Info", rng: np.random.Gen
             if current is None and formal.default_value.type:
                 current = helper.get_attribute_value(formal.default_value)
             was = f"{name}={_show(current)}" if name in present else f"{name} unset (default {_show(current)})"
-            for value in _other_values(name, formal.type, current, rank, present):
+            for value in _other_values(name, formal.type, current, rank):
                 yield Mutant(f"attribute {name}", f"{node.op_type} {node.name or index}: {was} -> {_show(value)}",
                              _with_attribute(model, index, name, formal.type, value))
 
 
-def _other_values(name: str, kind: int, current, rank: int | None, present: dict) -> list:
+def _other_values(name: str, kind: int, current, rank: int | None) -> list:
+    """Other values for attribute `name` of schema type `kind`, now `current` (None: no
+    default), on a node whose first input has rank `rank`: every other axis, a flipped flag,
+    a few other permutations, one more in an int list, pads/strides/dilations where unset,
+    1% off a float, the other options of a known string."""
     if isinstance(current, bytes):
         current = current.decode()
     if kind == A.INT:
@@ -193,7 +198,8 @@ def _other_values(name: str, kind: int, current, rank: int | None, present: dict
             return [p for p in perms if p != cur][:6]
         if "axes" in name and rank:
             cur = sorted(a % rank for a in (current or []))
-            return [[a] for a in range(rank) if [a] != cur][:4] + ([[-1, -2]] if rank >= 2 and cur != [rank - 2, rank - 1] else [])
+            last_two = [[-1, -2]] if rank >= 2 and cur != [rank - 2, rank - 1] else []
+            return [[a] for a in range(rank) if [a] != cur][:4] + last_two
         if current:
             return [[v + 1 if i == 0 else v for i, v in enumerate(current)]]
         spatial = (rank or 0) - 2

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import settings
 from onnx import helper, numpy_helper
 
-from fusegraph import Const, Rule, reject
+from fusegraph import Rule, reject
 from fusegraph.cli import main
 from fusegraph.instantiate import Leaf
 from fusegraph.mutate import adversarial_feeds, mutants
@@ -98,15 +98,17 @@ def test_an_unconstrained_cast_target_is_caught(tmp_path):
 
 
 def test_an_absorbed_broadcast_growing_constant_is_caught(tmp_path):
-    def pattern(op, x):
-        return op.Mul(op.Relu(x), Const(name="k"))
+    def pattern(op, x, k):  # k a capture, not a Const: the rule alone decides what it absorbs
+        return op.Mul(op.Relu(x), k)
 
     def scalar_k(op, x, k):  # k's shape dropped: relu(x[3, 3]) * k[1, 1, 1] is rank 3
         return op.Relu(op.Mul(x, op.const(np.array(k.const_value.reshape(-1)[0]))))
 
     def uniform(k):
         v = k.const_value
-        return v is not None and v.size >= 1 and bool(np.all(v == v.reshape(-1)[0])) and bool(np.all(v >= 0)) \
+        if v is None:
+            return reject("k is not a constant")
+        return v.size >= 1 and bool(np.all(v == v.reshape(-1)[0])) and bool(np.all(v >= 0)) \
             or reject("not a uniform non-negative constant")
     _fails_on(Rule("scale", pattern, scalar_k, uniform), "constant broadcast-growing shape", tmp_path)
 
@@ -123,7 +125,8 @@ def test_a_baked_overridable_initializer_is_caught(tmp_path):
 
     def k_is_a_positive_initializer(k):
         init = k.graph.initializers.get(k.name)
-        return init is not None and bool(np.all(numpy_helper.to_array(init) > 0)) or reject("k is no positive initializer")
+        return init is not None and bool(np.all(numpy_helper.to_array(init) > 0)) \
+            or reject("k is no positive initializer")
     rule = Rule("baked", pattern, baked, k_is_a_positive_initializer, examples=[{"k": np.array(0.5, np.float32)}])
     _fails_on(rule, "initializer that is also a graph input", tmp_path)
 
