@@ -5,12 +5,15 @@ ops, MatMul, Reshape/Transpose, Softmax, reductions, Concat/Split, Cast round tr
 instances of what the library fuses and a decoy of each that almost matches:
 
 - MatMul+Add+Relu (decoy: a bias that is not a constant), x*Sigmoid(x) (x*Sigmoid(y)), erf-GELU
-  and tanh-GELU (a wrong constant, or an intermediate read elsewhere);
+  (decoys: a wrong constant, one 0.1% off, a 0.5 whose broadcast grows the output, a 0.5
+  that is an initializer also listed among the graph inputs, i.e. an overridable default) and
+  tanh-GELU (a wrong constant, or an intermediate read elsewhere);
 - LayerNorm and RMSNorm decomposed over the last axis, and a residual Add feeding a LayerNorm
   whose sum is also read later (decoys: a mean over axis 0, a gamma that is not a vector, an
-  intermediate read elsewhere, a constant summand);
+  intermediate read elsewhere, a constant summand, a square taken as Pow(d, 2.002));
 - BMM-Softmax-BMM attention on [B, H, S, D] (Q.K^T.scale, optional additive mask, softmax over
-  the last axis, .V; decoys: softmax over axis 2, a per-key scale, scores read elsewhere);
+  the last axis, .V; decoys: softmax over axis 2, a per-key scale, scores read elsewhere,
+  a causal Where whose fill (0, -10, -1e4) is not a mask's, probabilities cast through int32);
 - a Q/K/V trio of projections (+ bias) of one input (decoy: a fourth projection).
 
 Shared intermediates (values read twice, intermediates that are also graph outputs) exercise the
@@ -56,6 +59,8 @@ class _GraphBuilder:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.count = 0
         self.planted: list[dict] = []
+        #: Initializers also listed among the graph inputs (defaults a caller may override).
+        self.overridable: list[str] = []
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -134,7 +139,10 @@ def _norm(b: _GraphBuilder, kind: str, x: str, miss: str | None) -> tuple[str, s
     layer = not kind.startswith("rms")
     axis0 = _mean_last(b, x, 0) if miss == "axis" and layer else None
     d = b.one("Sub", [x, axis0 or _mean_last(b, x)], sx) if layer else x
-    sq = b.one("Mul", [d, d], sx) if b.rng.integers(2) else b.one("Pow", [d, b.fconst(2.0)], sx)
+    if miss == "pow":  # 0.1% off the square: NaN for negative d, which x*x is not
+        sq = b.one("Pow", [d, b.fconst(2.002)], sx)
+    else:
+        sq = b.one("Mul", [d, d], sx) if b.rng.integers(2) else b.one("Pow", [d, b.fconst(2.0)], sx)
     var = _mean_last(b, sq, 0 if miss == "axis" and not layer else -1)
     axis0 = axis0 or (var if miss == "axis" else None)
     root = b.one("Sqrt", [b.one("Add", [var, b.fconst(NORM_EPS[b.dtype])], b.shapes[var])], b.shapes[var])
@@ -146,13 +154,15 @@ def _norm(b: _GraphBuilder, kind: str, x: str, miss: str | None) -> tuple[str, s
     if miss is None:
         b.plant(kind, start, [y])
     elif miss in ("axis", "const"):
-        b.decoy(kind, axis0 or root)
+        b.decoy(f"{kind} {miss}", axis0 or root)
+    elif miss == "pow":
+        b.decoy(f"{kind} {miss}", sq)
     return y, n
 
 
 def _attention(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
     """softmax(Q.K^T.scale [+ mask]) . V on [rows, H, S, D] projected from x (Q, V) and y (K)."""
-    miss = _variant(b, kind, ("axis", "const", "consumer"))
+    miss = _variant(b, kind, ("fill", "cast") if kind == "attention_mask_decoy" else ("axis", "const", "consumer"))
     rows = b.shapes[x][0]
     h, s, d = int(b.rng.integers(1, 3)), int(b.rng.integers(2, 4)), int(b.rng.integers(1, 3))
     heads = (rows, h, s, d)
@@ -168,15 +178,23 @@ def _attention(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
     scaled = b.one("Mul", [scores, scale], (rows, h, s, s))
     mask = int(b.rng.integers(3))  # none, causal triangle, random additive
     masked = scaled
-    if mask:
+    if miss == "fill":  # Where(causal, s, fill) with a fill that does not zero softmax
+        keep = b.const(np.tril(np.ones((s, s), np.bool_)).reshape(1, 1, s, s))
+        fill = b.fconst(float(b.rng.choice([0.0, -10.0, -1e4])))
+        masked = b.one("Where", [keep, scaled, fill], (rows, h, s, s))
+    elif mask:
         m = (np.triu(np.full((s, s), -1e4), 1) if mask == 1 else b.rng.uniform(-1, 0, (s, s)))
         masked = b.one("Add", [scaled, b.fconst(m.reshape(1, 1, s, s))], (rows, h, s, s))
     probs = b.one("Softmax", [masked], (rows, h, s, s), axis=2 if miss == "axis" else -1)
-    out = b.one("MatMul", [probs, v], heads)
+    weights = probs
+    if miss == "cast":  # probabilities truncated to int32 and back: not a softmax any more
+        weights = b.one("Cast", [b.one("Cast", [probs], (rows, h, s, s), to=onnx.TensorProto.INT32)],
+                        (rows, h, s, s), to=b.elem)
+    out = b.one("MatMul", [weights, v], heads)
     if miss is None:
         b.plant(kind, start, [out])
     elif miss != "consumer":
-        b.decoy(kind, probs)
+        b.decoy(f"{kind} {miss}", probs)
     flat = b.one("Reshape", [out, b.ints(rows, h * s * d)], (rows, h * s * d))
     if miss == "consumer":  # the scores are read elsewhere too, as a 2-D value of the stream; the
         # unmasked ones: a causal mask's -1e4 in the stream would overflow float16 downstream
@@ -255,16 +273,24 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
         else:  # Sigmoid(y) may fuse with what made y, the Mul not into a SiLU
             b.decoy(kind, out, forbidden=["Silu"])
         return [out]
-    if kind in ("gelu", "gelu_decoy"):
+    if kind in ("gelu", "gelu_decoy", "gelu_near_decoy"):
+        miss = "const" if kind == "gelu_decoy" else _variant(b, kind, ("near", "broadcast", "input"))
         start = len(b.nodes)
         d = b.one("Div", [x, b.fconst(math.sqrt(2.0))], sx)
         erf = b.one("Erf", [d], sx)
         e = b.one("Add", [erf, b.fconst(1.0)], sx)
-        out = b.one("Mul", [b.one("Mul", [x, b.fconst(0.5 if kind == "gelu" else 0.6)], sx), e], sx)
-        if kind == "gelu":
+        # 0.5 shaped [k, 1, 1] makes the output [k, rows, features]: not shape-neutral
+        grown = (int(b.rng.integers(1, 3)),) if miss == "broadcast" else ()
+        half = b.fconst(np.full(grown + (1, 1) if grown else (), {"const": 0.6, "near": 0.5 * 1.001}.get(miss, 0.5)))
+        if miss == "input":
+            b.overridable.append(half)
+        out = b.one("Mul", [b.one("Mul", [x, half], grown + sx), e], grown + sx)
+        if miss is None:
             b.plant(kind, start, [out])
         else:
-            b.decoy(kind, erf)
+            b.decoy(f"{kind} {miss}", erf)
+        if grown:  # back to the stream's [rows, features]
+            out = b.one("ReduceSum", [out, b.ints(0)], sx, keepdims=0)
         return [out]
     if kind in ("gelu_tanh", "gelu_tanh_decoy"):
         miss = _variant(b, kind, ("const", "consumer"))
@@ -278,6 +304,8 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
         elif miss == "const":
             b.decoy(kind, t)
         return [out, _read_elsewhere(b, kind, t)] if miss == "consumer" else [out]
+    if kind in ("layer_norm_pow_decoy", "rms_norm_pow_decoy"):
+        return [_norm(b, kind, x, "pow")[0]]
     if kind in ("layer_norm", "layer_norm_decoy", "rms_norm", "rms_norm_decoy"):
         miss = _variant(b, kind, ("axis", "const", "consumer"))
         out, normalized = _norm(b, kind, x, miss)
@@ -292,7 +320,7 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
         elif miss == "const":  # a bias: the LayerNorm fuses, the Add stays outside it
             b.decoy(kind, out, forbidden=["SkipLayerNorm"])
         return [out, s]
-    if kind in ("attention", "attention_decoy"):
+    if kind in ("attention", "attention_decoy", "attention_mask_decoy"):
         return _attention(b, kind, x, y)
     if kind in ("qkv", "qkv_decoy"):
         return _qkv(b, kind, x)
@@ -302,7 +330,9 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
 STEPS = ("unary", "binary", "matmul", "reshape", "softmax", "reduce", "concat_split", "cast",
          "mm_bias_relu", "mm_bias_decoy", "silu", "silu_decoy", "gelu", "gelu_decoy",
          "gelu_tanh", "gelu_tanh_decoy", "layer_norm", "layer_norm_decoy", "rms_norm", "rms_norm_decoy",
-         "skip_norm", "skip_norm_decoy", "attention", "attention_decoy", "qkv", "qkv_decoy")
+         "skip_norm", "skip_norm_decoy", "attention", "attention_decoy", "qkv", "qkv_decoy",
+         # near misses (issue 9): each must be refused, or rewritten into something equal
+         "gelu_near_decoy", "layer_norm_pow_decoy", "rms_norm_pow_decoy", "attention_mask_decoy")
 
 
 def build_graph(rows: int, n_inputs: int, steps: list[tuple[str, int, int]], extra_outputs: list[int],
@@ -326,6 +356,8 @@ def build_graph(rows: int, n_inputs: int, steps: list[tuple[str, int, int]], ext
     made = values[n_inputs:]
     outs = [v for v in made if v not in consumed] + [made[k % len(made)] for k in extra_outputs]
     outs = list(dict.fromkeys(outs))
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+               for t in b.inits if t.name in b.overridable]
     graph = helper.make_graph(
         b.nodes, "fuzz", inputs,
         [helper.make_tensor_value_info(o, b.elem, list(b.shapes[o])) for o in outs], b.inits)

@@ -13,12 +13,15 @@ two kinds of freedom, kept apart on purpose:
 Constraints (`where`, `has_rank`, conditions) are opaque predicates: nothing here tries to solve
 them. Candidates are generated and the caller keeps the instances the rule fires on. Attribute
 and constant predicates are tested directly on their candidates (they are pure functions of the
-value), so only the ones that pass are offered. Where no generic candidate fits (a Reshape's
-target shape, say) a rule names concrete captures in `Rule.examples`.
+value), so only the ones that pass are offered. Where no whole-pattern candidate fits, the
+captures are fitted operator by operator to what the op schemas' shape inference and ONNX
+Runtime accept (`fitted_leaves`: a user's Conv, BatchNormalization or Resize); where nothing
+generic fits (a Reshape's target shape, say) a rule names concrete captures in `Rule.examples`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -29,7 +32,8 @@ from onnx import helper, numpy_helper
 
 from . import fused_ops
 from .exact import integer_array
-from .pattern import Alt, Attr, Const, Constrained, NodeOutput, Pattern, Var
+from .verify import make_inputs, run
+from .pattern import Alt, Attr, Const, Constrained, NodeOutput, NodePattern, Pattern, Var
 
 FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
@@ -38,8 +42,9 @@ FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 class Leaf:
     """How a captured `Var` is realised: a graph input or a constant, of some rank and kind.
 
-    `kind` is "float" (the instance's float type), "int64" or "bool"; every dim is the
-    instance's size `n`, except those listed in `ones` (1, for broadcasting).
+    `kind` is "float" (the instance's float type), "positive" (the same, in [0.5, 1.5): a
+    variance, a divisor), "int64" or "bool"; every dim is the instance's size `n`, except
+    those listed in `ones` (1, for broadcasting).
     """
 
     const: bool = False
@@ -236,10 +241,13 @@ class _Walker:
         else:
             leaf = given if isinstance(given, Leaf) else self.inst.leaves.get(key, Leaf())
             shape = leaf.shape(self.inst.n)
-            dtype = np.dtype(self.inst.float_dtype if leaf.kind == "float" else leaf.kind)
+            dtype = np.dtype(self.inst.float_dtype if leaf.kind in ("float", "positive") else leaf.kind)
             if leaf.const:
                 make = integer_array if self.inst.integer and dtype.kind == "f" else random_array
-                out = self.constant(make(self.rng, shape, dtype), key)
+                array = make(self.rng, shape, dtype)
+                if leaf.kind == "positive":
+                    array = (np.abs(array) + 0.5).astype(dtype)
+                out = self.constant(array, key)
             else:
                 out = self.graph_input(key, shape, dtype)
         if name is not None:
@@ -443,14 +451,94 @@ def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dty
     return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
 
 
-def leaf_assignments(var_names: Sequence[str], limit: int) -> Iterator[dict[str, Leaf]]:
+def fitted_leaves(outputs: Sequence[Pattern], path: Mapping[int, int], inst: Instance,
+                  limit: int, per_node: int = 2) -> Iterator[dict[str, Leaf]]:
+    """Leaf realisations fitted operator by operator, innermost first, to the ONNX schemas.
+
+    The generic search (`leaf_assignments`) tries whole assignments simplest first, which
+    never reaches an operator that wants ranks far down the candidate list (a Conv: input,
+    weight of the same rank >= 3, bias of rank 1). Here each operator's subtree is built
+    alone with the captures it introduces, and only realisations that the op schemas' type
+    and shape inference and ONNX Runtime accept are kept (the first `per_node` per operator), so the cost is
+    a sum over operators instead of a product over captures; the combinations are yielded
+    depth first, up to `limit`. Captures an operator shares with an inner one keep the inner
+    one's realisation."""
+    steps = _operators(outputs, path)
+
+    def fits(node: NodePattern, fixed: dict[str, Leaf]) -> list[dict[str, Leaf]]:
+        sub = [NodeOutput(node, i) for i in range(node.num_outputs)]
+        try:
+            names = [v for v in build(sub, path, Instance(opset=inst.opset, example=inst.example)).var_names
+                     if v not in inst.example and v not in fixed]
+        except Uninstantiable:
+            return []
+        found = []
+        for leaves in leaf_assignments(names, SEARCH_PER_NODE, FIT_CANDIDATES) if names else [{}]:
+            try:
+                model = build(sub, path, Instance(opset=inst.opset, leaves={**fixed, **leaves}, example=inst.example,
+                                                  hints=inst.hints)).model
+                model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+                onnx.checker.check_model(model, full_check=True)
+                outputs = run(model, make_inputs(model))  # ONNX Runtime checks what inference leaves open
+            except Exception:  # not valid ONNX with these realisations (or no value fits)
+                continue
+            if not all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f"):
+                continue
+            found.append(leaves)
+            if len(found) == per_node:
+                break
+        return found
+
+    def combine(i: int, fixed: dict[str, Leaf]) -> Iterator[dict[str, Leaf]]:
+        if i == len(steps):
+            yield fixed
+            return
+        for leaves in fits(steps[i], fixed):
+            yield from combine(i + 1, {**fixed, **leaves})
+
+    yield from itertools.islice(combine(0, {}), limit)
+
+
+#: Realisations tried per operator by `fitted_leaves`.
+SEARCH_PER_NODE = 1500
+#: The realisations `fitted_leaves` tries, simplest first: `LEAF_CANDIDATES` without the
+#: broadcasting variants, with positive constants (a BatchNormalization's variance).
+FIT_CANDIDATES = (
+    Leaf(False, 2), Leaf(True, 1), Leaf(True, 1, "positive"), Leaf(False, 3), Leaf(True, 2), Leaf(False, 4),
+    Leaf(True, 3), Leaf(True, 4), Leaf(False, 1), Leaf(True, 0), Leaf(False, 0), Leaf(False, 2, "int64"),
+    Leaf(False, 1, "int64"), Leaf(False, 2, "bool"),
+)
+
+
+def _operators(outputs: Sequence[Pattern], path: Mapping[int, int]) -> list[NodePattern]:
+    """The operator patterns on branch `path`, each after the operators it consumes."""
+    order: list[NodePattern] = []
+    seen: set[int] = set()
+
+    def visit(p: Pattern | None) -> None:
+        if isinstance(p, Alt):
+            visit(p.options[min(path.get(id(p), 0), len(p.options) - 1)])
+        elif isinstance(p, Constrained):
+            visit(p.inner)
+        elif isinstance(p, NodeOutput) and id(p.node) not in seen:
+            seen.add(id(p.node))
+            for q in p.node.inputs:
+                visit(q)
+            order.append(p.node)
+    for out in outputs:
+        visit(out)
+    return order
+
+
+def leaf_assignments(var_names: Sequence[str], limit: int,
+                     candidates: Sequence[Leaf] = LEAF_CANDIDATES) -> Iterator[dict[str, Leaf]]:
     """Leaf realisations for the pattern's captures, simplest first (by summed candidate index)."""
     k = len(var_names)
-    m = len(LEAF_CANDIDATES)
+    m = len(candidates)
     produced = 0
     for total in range(k * (m - 1) + 1):
         for combo in _compositions(total, k, m - 1):
-            yield {v: LEAF_CANDIDATES[i] for v, i in zip(var_names, combo)}
+            yield {v: candidates[i] for v, i in zip(var_names, combo)}
             produced += 1
             if produced >= limit:
                 return

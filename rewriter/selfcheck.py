@@ -25,11 +25,23 @@ of 1), for callers that turn it off.
 
 Inputs are floats in [-1, 1) and small non-negative ints; an instance whose *original* output
 is not finite, or that ONNX Runtime refuses to run, is not the rule's fault and is discarded.
+
+Last, the near misses (`fusegraph.mutate`): every covered instance is mutated one edit at a time
+(constants by an ulp, 0.1%, 1%, sign and broadcast-growing shapes, mask fills, initializers that
+are also graph inputs, attributes set or left at their default, Cast targets, input dims, the
+float type and the opset 13..23) and each mutant must be refused by the rule or rewritten into
+a valid model (full checker, ONNX Runtime loads it) equal to it on adversarial inputs (large
+magnitudes, zeros, zero-variance rows, masked and fully masked rows), in ONNX Runtime and, for
+16-bit floats whose rounding ONNX Runtime's CPU kernels hide, in `onnx.reference`. A mutant
+whose original is invalid or that ONNX Runtime refuses is discarded; NaN where the other model
+is finite is a failure (only an overflow on large inputs is excused). Each failing kind of
+mutant is reported once, on the smallest instance, with a saved repro.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -41,9 +53,10 @@ import onnx
 from .api import rewrite_with_report
 from .exact import compare_exact, exact_inputs, is_exact
 from .instantiate import (FLOAT_DTYPES, Instance, Picker, Uninstantiable, branch_paths, build,
-                          describe_path, leaf_assignments, mentioned_numbers)
+                          describe_path, fitted_leaves, leaf_assignments, mentioned_numbers)
+from .mutate import LARGE_FEEDS, Mutant, adversarial_feeds, mutants, retype
 from .rule import Rule
-from .verify import OutputDiff, compare, make_inputs, run
+from .verify import DEFAULT_DIM, TOLERANCES, OutputDiff, compare, make_inputs, run
 
 #: Opsets instances are built at: the first that the pattern's ops exist in is used first.
 OPSETS = (18, 23, 17, 21)
@@ -53,6 +66,10 @@ SIZES = (3, 2, 4, 5)
 SEARCH_LIMIT = 240
 #: Up to how many dead paths are tried in pairs (`_cover_jointly`).
 PAIR_LIMIT = 8
+#: Opsets every instance is rebuilt at as a mutant (the float types too: `FLOAT_DTYPES`).
+MUTANT_OPSETS = tuple(range(13, 24))
+#: The kind of "mutant" that is the instance itself, on the adversarial inputs.
+ADVERSARIAL = "adversarial inputs"
 
 
 class RuleCheckFailure(AssertionError):
@@ -82,6 +99,13 @@ class RuleCheck:
     covered: list[Found] = field(default_factory=list)
     instances: int = 0
     exact_instances: int = 0
+    #: Near-miss mutants checked, and what became of them.
+    mutants: int = 0
+    refused: int = 0
+    rewritten_equal: int = 0
+    discarded: int = 0
+    #: One line per failing kind of mutant (with its repro), empty when the rule survived all.
+    failures: list[str] = field(default_factory=list)
 
 
 def default_repro_dir() -> str:
@@ -89,11 +113,16 @@ def default_repro_dir() -> str:
 
 
 def verify_rule(rule: Rule, *, repro_dir: str | None = None, max_examples: int | None = None,
-                seed: int | None = None, path_limit: int = 256) -> RuleCheck:
-    """Check `rule` on graphs built from its pattern; raise RuleCheckFailure on any violation.
+                seed: int | None = None, path_limit: int = 256, max_mutants: int | None = None,
+                own_instances: bool = True) -> RuleCheck:
+    """Check `rule` on graphs built from its pattern and on their near misses; raise
+    RuleCheckFailure on any violation (its `.check` holds the counts).
 
     `max_examples` (default: the active hypothesis profile's) bounds the random phase; `seed`
-    fixes hypothesis' randomness (to replay a reported failure).
+    fixes hypothesis' randomness (to replay a reported failure). `max_mutants` bounds the
+    mutation phase (default: every mutant of every covered instance; 0 skips it);
+    `own_instances=False` skips the checks on the pattern's own instances (the mutation phase
+    still needs them found).
     """
     repro_dir = repro_dir or default_repro_dir()
     result = RuleCheck(rule.name)
@@ -128,10 +157,21 @@ def verify_rule(rule: Rule, *, repro_dir: str | None = None, max_examples: int |
         raise RuleCheckFailure(
             f"rule {rule.name!r}: {len(dead)} of {len(paths)} branch paths never fire "
             f"(a dead alternative, or the rule needs Rule.examples):\n" + "\n".join(dead))
-    for f in result.covered:
-        _check_counted(rule, f.path, f.inst, repro_dir, result)
-    _random_phase(rule, sorted(result.covered, key=lambda f: (f.nodes, f.label)), repro_dir,
-                  max_examples, seed, result)
+    by_size = sorted(result.covered, key=lambda f: (f.nodes, f.label))
+    if own_instances:
+        for f in result.covered:
+            _check_counted(rule, f.path, f.inst, repro_dir, result)
+        _random_phase(rule, by_size, repro_dir, max_examples, seed, result)
+        if not result.instances:
+            raise RuleCheckFailure(f"rule {rule.name!r}: no instance it fires on could be checked (every one "
+                                   "has an original that ONNX Runtime refuses or whose outputs are not finite); "
+                                   "give valid captures in Rule.examples")
+    _mutation_phase(rule, by_size, repro_dir, 1 << 30 if max_mutants is None else max_mutants, result)
+    if result.failures:
+        failure = RuleCheckFailure(f"rule {rule.name!r}: {len(result.failures)} kinds of near-miss mutant "
+                                   f"break it:\n" + "\n".join(result.failures))
+        failure.check = result
+        raise failure
     return result
 
 
@@ -165,8 +205,11 @@ def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: i
     """The first instance of `path` the rule fires on, or why none.
 
     Tries the instances that fired on earlier paths, then leaf realisations simplest first,
-    each with the first, the second and random value choices."""
+    each with the first, the second and random value choices. An instance whose original
+    ONNX Runtime can't run to finite outputs (a GlobalAveragePool of rank 2 passes shape
+    inference) is taken only if no other fires."""
     reason = "no instance was valid ONNX"
+    unrunnable: Found | None = None
     rng = np.random.default_rng(0)
     for tries, inst in enumerate(_candidates(rule, path, previous, limit)):
         picker = Picker(inst.picks, (None, lambda n: 1, lambda n: int(rng.integers(n)))[tries % 3])
@@ -185,10 +228,25 @@ def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: i
                                    f"rewriting raised {type(e).__name__}: {_first_line(e)}\n"
                                    f"  instance: {_describe(inst)}") from e
         if report.per_rule[rule.name]:
-            return Found(path, replace(inst, picks=tuple(picker.taken)), built.nodes,
-                         describe_path(rule.outputs, path))
+            found = Found(path, replace(inst, picks=tuple(picker.taken)), built.nodes,
+                          describe_path(rule.outputs, path))
+            if _runs(model):
+                return found
+            unrunnable = unrunnable or found
+            continue
         reason = "the rule fired on none of the instances tried"
-    return reason
+    return unrunnable or reason
+
+
+def _runs(model: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime runs the original to finite outputs (at symbolic dims 2, or 1)."""
+    for default_dim in (DEFAULT_DIM, 1):
+        try:
+            outputs = run(model, make_inputs(model, default_dim=default_dim))
+        except Exception:  # no kernel, or a shape only defined at the other size
+            continue
+        return all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f")
+    return False
 
 
 def _candidates(rule: Rule, path: dict[int, int], previous: list[Instance], limit: int):
@@ -207,6 +265,12 @@ def _candidates(rule: Rule, path: dict[int, int], previous: list[Instance], limi
             for leaves in leaf_assignments([v for v in probe.var_names if v not in ex], per):
                 inst = Instance(opset=opset, leaves=leaves, example=ex, hints=hints)
                 yield from (inst, inst, inst)  # first, second and random value choices
+    if limit:  # none of those: realisations fitted to each operator's schema
+        for opset in OPSETS:
+            for ex in examples or [{}]:
+                for leaves in fitted_leaves(rule.outputs, path, Instance(opset=opset, example=ex, hints=hints), per):
+                    inst = Instance(opset=opset, leaves=leaves, example=ex, hints=hints)
+                    yield from (inst, inst, inst)
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -309,6 +373,7 @@ def _random_phase(rule: Rule, found: list[Found], repro_dir: str, max_examples: 
                   seed: int | None, result: RuleCheck) -> None:
     """Vary the covered instances with hypothesis; shrinking favours small graphs."""
     from hypothesis import HealthCheck, assume, given, settings, strategies as st
+    from hypothesis.errors import Unsatisfiable
     from hypothesis import seed as fix_seed
 
     if not found:
@@ -337,7 +402,217 @@ def _random_phase(rule: Rule, found: list[Found], repro_dir: str, max_examples: 
         result.exact_instances += exact
 
     test = vary if seed is None else fix_seed(seed)(vary)
-    test()
+    try:
+        test()
+    except Unsatisfiable:  # no variation runs: verify_rule reports it if no instance did
+        pass
+
+
+def _mutation_phase(rule: Rule, found: list[Found], repro_dir: str, limit: int, result: RuleCheck) -> None:
+    """Check up to `limit` near misses of the covered instances, spread so that a small budget
+    still tries every kind on several instances: kinds take turns, and each kind's turn goes
+    to the next instance (smallest first). A kind that failed once is not tried again."""
+    if limit <= 0:
+        return
+    per_kind: dict[str, list[list[tuple[int, Mutant]]]] = {}
+    instances: list[tuple[Found, Instance, onnx.ModelProto]] = []
+    for f in found:
+        inst = replace(f.inst, const_as_node=False, integer=False)
+        try:
+            original = prepare(build(rule.outputs, f.path, inst).model)
+        except (Rejected, Uninstantiable):
+            continue
+        by_kind: dict[str, list[tuple[int, Mutant]]] = {}
+        for m in [*mutants(original, inst.seed), *_rebuilt(rule, f, inst)]:
+            by_kind.setdefault(m.kind, []).append((len(instances), m))
+        instances.append((f, inst, original))
+        for kind, ms in by_kind.items():
+            per_kind.setdefault(kind, []).append(ms)
+    turns = [[m for batch in itertools.zip_longest(*lists) for m in batch if m] for lists in per_kind.values()]
+    order = [m for batch in itertools.zip_longest(*turns) for m in batch if m]
+    #: Per instance, the input sets on which the instance itself fails: a mutant's failure
+    #: there would be the instance's, reported once under ADVERSARIAL.
+    known: dict[int, set[str]] = {}
+    failed: set[str] = set()
+    for i, m in order:
+        if result.mutants >= limit:
+            break
+        if m.kind in failed:
+            continue
+        f, inst, original = instances[i]
+        if i not in known:
+            known[i] = _failing_inputs(rule, f, inst, original, repro_dir, result, failed)
+        result.mutants += 1
+        try:
+            outcome = check_mutant(rule, f.path, inst, m, repro_dir, skip=known[i])
+        except RuleCheckFailure as e:
+            failed.add(m.kind)
+            result.failures.append(f"  {e}".replace("\n", "\n    "))
+            continue
+        if outcome == "refused":
+            result.refused += 1
+        elif outcome == "equal":
+            result.rewritten_equal += 1
+        else:
+            result.discarded += 1
+
+
+def _failing_inputs(rule: Rule, f: Found, inst: Instance, original: onnx.ModelProto, repro_dir: str,
+                    result: RuleCheck, failed: set[str]) -> set[str]:
+    """The adversarial input sets the (unmutated) instance fails on; the first failure of any
+    instance is reported."""
+    itself = Mutant(ADVERSARIAL, "the instance itself", original)
+    labels: set[str] = set()
+    while True:
+        try:
+            check_mutant(rule, f.path, inst, itself, repro_dir, skip=labels)
+            return labels
+        except RuleCheckFailure as e:
+            if e.inputs in labels:  # not an input set's failure
+                return labels
+            labels.add(e.inputs)
+            if ADVERSARIAL not in failed:
+                failed.add(ADVERSARIAL)
+                result.failures.append(f"  {e}".replace("\n", "\n    "))
+
+
+def _rebuilt(rule: Rule, f: Found, inst: Instance) -> list[Mutant]:
+    """The instance rebuilt at every other opset and float type (fused ops' bodies and the
+    rule's opset-dependent targets change with them)."""
+    variants = [("opset", f"{inst.opset} -> {o}", replace(inst, opset=o)) for o in MUTANT_OPSETS if o != inst.opset]
+    variants += [("dtype", f"{np.dtype(inst.float_dtype).name} -> {np.dtype(d).name}", replace(inst, float_dtype=d))
+                 for d in FLOAT_DTYPES if d != inst.float_dtype]
+    out = []
+    for kind, detail, variant in variants:
+        try:
+            out.append(Mutant(kind, detail, build(rule.outputs, f.path, variant).model))
+        except Uninstantiable:
+            continue
+    return out
+
+
+def check_mutant(rule: Rule, path: dict[int, int], inst: Instance, mutant: Mutant, repro_dir: str,
+                 skip: set[str] | frozenset[str] = frozenset()) -> str:
+    """"invalid" (the mutant's original is not valid ONNX or doesn't load in ONNX Runtime),
+    "refused", "equal" (rewritten, valid and equal on every adversarial input set the original
+    runs on, but those labelled in `skip`) or "unusable" (the original runs on none); raises
+    RuleCheckFailure (`.inputs`: the input set's label) otherwise."""
+    try:
+        original = prepare(mutant.model)
+        run_original = _session(original)
+    except Exception:  # Rejected, or ONNX Runtime refuses to load the original
+        return "invalid"
+    feed_sets = [(label, feeds) for label, feeds in adversarial_feeds(original, inst.seed, mutant.overrides)
+                 if label not in skip]
+    label, feeds = feed_sets[0] if feed_sets else ("normal", {})
+
+    def fail(what: str, rewritten: onnx.ModelProto | None, diffs: list[OutputDiff] | None = None) -> None:
+        where = save_repro(repro_dir, rule, path, inst, original, rewritten, feeds, what, diffs, mutant=str(mutant))
+        failure = RuleCheckFailure(f"rule {rule.name!r}, mutant {mutant}, branch {describe_path(rule.outputs, path)}: "
+                                   f"{what}\n  instance: {_describe(inst)}\n  repro: {where}")
+        failure.inputs = label
+        raise failure
+
+    try:
+        rewritten, report = rewrite_with_report(original, [rule])
+    except Exception as e:
+        fail(f"rewriting raised {type(e).__name__}: {_first_line(e)}", None)
+    if not report.per_rule[rule.name]:
+        return "refused"
+    try:
+        onnx.checker.check_model(rewritten, full_check=True)
+        onnx.shape_inference.infer_shapes(rewritten, check_type=True, strict_mode=True)
+        run_rewritten = _session(rewritten)
+    except Exception as e:
+        fail(f"the rewritten model is invalid or ONNX Runtime refuses it: {_first_line(e)}", rewritten)
+    ran = 0
+    for label, feeds in feed_sets:
+        try:
+            expected = run_original(feeds)
+        except Exception:  # these inputs are outside the original's domain
+            continue
+        large = label in LARGE_FEEDS
+        if large and not all(np.all(np.isfinite(v)) for v in expected.values() if v.dtype.kind == "f"):
+            continue  # the original overflows: no reference to compare against
+        ran += 1
+        try:
+            got = run_rewritten(feeds)
+        except Exception as e:
+            fail(f"ONNX Runtime cannot run the rewritten model on inputs '{label}': {_first_line(e)}", rewritten)
+        diffs = compare(expected, got)
+        if large and not all(d.ok for d in diffs):
+            conditioning = _rounding_error(original, feeds, expected)
+            if conditioning is None:
+                continue
+            diffs = _compare_large(expected, got, conditioning)
+        if not all(d.ok for d in diffs):
+            fail(f"ONNX Runtime outputs differ on inputs '{label}': " + _show_diffs(diffs), rewritten, diffs)
+        if label == "normal" and _is_16_bit(original):
+            ref_expected = _reference(original, feeds)
+            if ref_expected is not None and not all(d.ok for d in compare(ref_expected, expected)):
+                continue  # the original overflows or rounds apart in strict 16-bit: no reference
+            ref_got = _reference(rewritten, feeds) if ref_expected is not None else None
+            if ref_got is not None:
+                diffs = compare(ref_expected, ref_got)
+                if not all(d.ok for d in diffs):
+                    fail("onnx.reference outputs differ on inputs 'normal': " + _show_diffs(diffs), rewritten, diffs)
+    return "equal" if ran else "unusable"
+
+
+def _rounding_error(original: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                    expected: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """How far the original's own outputs are from what it computes in float64 on `feeds`
+    (None if it can't be run so): on large inputs a softmax over scores of 1e8 amplifies
+    rounding far beyond any fixed tolerance, and a rewrite may round differently."""
+    kinds = {vi.type.tensor_type.elem_type for vi in original.graph.input}
+    source = next((k for k in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) if k in kinds), None)
+    if source is None:
+        return {name: np.zeros(v.shape) for name, v in expected.items()}
+    wide = retype(original, source, onnx.TensorProto.DOUBLE)
+    np_source = onnx.helper.tensor_dtype_to_np_dtype(source)
+    try:
+        precise = run(wide, {k: v.astype(np.float64) if v.dtype == np_source else v for k, v in feeds.items()})
+    except Exception:  # the float64 twin is not valid (an op without a double kernel)
+        return None
+    with np.errstate(invalid="ignore"):
+        return {name: np.nan_to_num(np.abs(expected[name].astype(np.float64) - precise[name].astype(np.float64)),
+                                    nan=0.0, posinf=0.0) if name in precise else np.zeros(v.shape)
+                for name, v in expected.items()}
+
+
+def _compare_large(expected: dict[str, np.ndarray], got: dict[str, np.ndarray],
+                   conditioning: dict[str, np.ndarray]) -> list[OutputDiff]:
+    """`verify.compare` for large inputs: the absolute tolerance scales with the outputs'
+    magnitude, and each element may also differ by twice the original's own rounding error
+    there (`conditioning`, from `_rounding_error`)."""
+    diffs = []
+    for name, ref in expected.items():
+        atol, _ = TOLERANCES.get(ref.dtype, (0.0, 0.0))
+        finite = np.abs(ref[np.isfinite(ref)].astype(np.float64)) if ref.dtype.kind == "f" else np.zeros(0)
+        slack = atol * max(1.0, float(finite.max(initial=0.0))) + 2 * conditioning[name]
+        diffs += compare({name: ref}, {name: got[name]} if name in got else {}, atol=slack)
+    return diffs
+
+
+def _session(model: onnx.ModelProto) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """`verify.run`, with the session made once for the many input sets of a mutant."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
+    return lambda feeds: dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def _is_16_bit(model: onnx.ModelProto) -> bool:
+    kinds = {vi.type.tensor_type.elem_type for vi in [*model.graph.input, *model.graph.output]}
+    return bool(kinds & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+
+def _show_diffs(diffs: list[OutputDiff]) -> str:
+    return "; ".join(f"{d.name} max abs {d.max_abs:.3g}" for d in diffs if not d.ok)
 
 
 def _replayable(picker: Picker | None) -> Callable[[], Picker | None]:
@@ -366,8 +641,10 @@ def _opsets_from(first: int) -> list[int]:
 
 def save_repro(repro_dir: str, rule: Rule, path: dict[int, int], inst: Instance,
                original: onnx.ModelProto, rewritten: onnx.ModelProto | None,
-               feeds: dict[str, np.ndarray], what: str, diffs: list[OutputDiff] | None) -> str:
-    """Write the failing instance where a person can replay it with `rewrite verify`."""
+               feeds: dict[str, np.ndarray], what: str, diffs: list[OutputDiff] | None,
+               mutant: str | None = None) -> str:
+    """Write the failing instance (or near miss of it) where a person can replay it with
+    `rewrite verify`."""
     digest = hashlib.sha1(original.SerializeToString()).hexdigest()[:10]
     where = os.path.join(repro_dir, f"{rule.name}-{digest}")
     os.makedirs(where, exist_ok=True)
@@ -377,7 +654,7 @@ def save_repro(repro_dir: str, rule: Rule, path: dict[int, int], inst: Instance,
     np.savez(os.path.join(where, "inputs.npz"), **feeds)
     with open(os.path.join(where, "README.txt"), "w") as f:
         f.write(f"rule: {rule.name}\nfailure: {what}\nbranch path: {describe_path(rule.outputs, path)}\n"
-                f"instance: {_describe(inst)}\n")
+                f"instance: {_describe(inst)}\n" + (f"mutant: {mutant}\n" if mutant else ""))
         for d in diffs or ():
             f.write(f"output {d.name}: max abs {d.max_abs:.6g}, max rel {d.max_rel:.6g}\n")
         f.write(f"replay: rewrite verify {where}/original.onnx {where}/rewritten.onnx "

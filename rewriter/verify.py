@@ -137,7 +137,8 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
             err = np.where((g == r) | (np.isnan(g) & np.isnan(r)), 0.0, np.abs(g - r))
         max_abs = float(np.nanmax(err, initial=0.0)) if not np.isnan(err).any() else float("inf")
         max_rel = float(np.max(err / (np.abs(r) + 1e-12), initial=0.0)) if np.isfinite(max_abs) else float("inf")
-        ok = bool(np.all(err <= a_tol + r_tol * np.abs(r))) and bool(np.isfinite(max_abs))
+        with np.errstate(invalid="ignore"):  # err 0 passes even where |r| is NaN or inf
+            ok = bool(np.all((err == 0) | (err <= a_tol + r_tol * np.abs(r)))) and bool(np.isfinite(max_abs))
         diffs.append(OutputDiff(name, max_abs, max_rel, a_tol, r_tol, ok))
     return diffs
 

@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import event, given, note, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -161,3 +162,25 @@ class RuleOrder(RuleBasedStateMachine):
 
 RuleOrder.TestCase.settings = settings(max_examples=15, stateful_step_count=5)
 test_rule_order = RuleOrder.TestCase
+
+
+NEAR_MISS_DECOYS = ("gelu_near_decoy", "layer_norm_pow_decoy", "rms_norm_pow_decoy", "attention_mask_decoy")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kind", NEAR_MISS_DECOYS)
+def test_near_miss_decoys_keep_their_ops_and_values(kind, dtype):
+    """Each variant of a near miss (GELU's 0.5 off by 0.1%, grown by broadcasting, or an
+    overridable initializer; Pow(d, 2.002) in a norm; a causal Where with a finite fill;
+    probabilities cast through int32), over several seeds: the rewrite is valid, runs on the
+    same inputs (an overridable initializer keeps its graph input and its default), is equal,
+    and the decoy's marker keeps its op."""
+    for seed in range(6):
+        model = build_graph(2, 2, [(kind, 0, 1), ("unary", 0, 0)], [], seed, dtype)
+        out, _ = rewrite_with_report(model)
+        onnx.checker.check_model(out, full_check=True)
+        assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
+        assert_equal_outputs(model, out, make_inputs(model))
+        producers = {o: n.op_type for n in out.graph.node for o in n.output}
+        for p in planted(model):
+            assert producers.get(p["marker"]) == p["op"], f"seed {seed}: decoy {p['kind']} fused"
