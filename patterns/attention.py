@@ -258,7 +258,20 @@ def softmax_on_last_axis(axis, q) -> bool:
     return axis == -1 or (axis == 3 and q.rank == 4) or reject(f"softmax on axis {axis}, not the last")
 
 
-def heads_layout(q, k, k_kv, k_bshd, v, v_kv) -> bool:
+def repeated_heads(kv, grown, merged):
+    """How many heads repeat_kv makes of `kv` where its constants say it: the Reshape's target
+    dim 1 (0 copies the expanded tensor's dim 1, the kv heads), else the Expand's Hkv * n."""
+    target = None if merged is None else merged.const_value
+    if target is not None and target.shape == (4,) and target[1] > 0:
+        return int(target[1])
+    size = None if grown is None else grown.const_value
+    if size is not None and size.shape == (5,) and size[2] > 0:
+        hkv = int(size[1]) if size[1] > 1 else _dim(kv, 1)
+        return hkv * int(size[2]) if isinstance(hkv, int) else None
+    return None
+
+
+def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_grown=None, v_merged=None) -> bool:
     """The op takes 4-D [B, H, S, D]: K^T's 4-D perm proves K's rank; Q's and V's must be 4
     where known (TorchScript exports carry no shapes; their Q and V are the head split's).
     Query head h reads kv head h // (Hq / Hkv), so the query heads must be a multiple of K's
@@ -274,6 +287,15 @@ def heads_layout(q, k, k_kv, k_bshd, v, v_kv) -> bool:
         known = isinstance(hq, int) and isinstance(h, int)
         if (known and (h > hq or hq % h)) or (hq == 1 and h not in (1, None)):
             return reject(f"{name} has {h} heads and Q {hq}: the query heads are no multiple of them")
+    # A repeat_kv to more heads than Q has broadcasts Q over them: another computation.
+    for name, kv, grown, merged in (("K", k_kv, k_grown, k_merged), ("V", v_kv, v_grown, v_merged)):
+        if kv is None:
+            continue
+        h = repeated_heads(kv, grown, merged)
+        if isinstance(hq, int) and isinstance(h, int) and h != hq:
+            return reject(f"{name} is repeated to {h} heads and Q has {hq}")
+        if hq == 1 and h != 1:
+            return reject(f"{name} is repeated to {h or 'an unknown number of'} heads and Q has 1")
     return True
 
 

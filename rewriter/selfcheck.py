@@ -222,7 +222,7 @@ def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: i
             reason = f"no valid instance ({e})"
             continue
         try:
-            _, report = rewrite_with_report(model, [rule], canonicalize=False)
+            _, report = rewrite_with_report(model, [rule], canonicalize=False, explain=rule.name)
         except Exception as e:
             raise RuleCheckFailure(f"rule {rule.name!r}, branch {describe_path(rule.outputs, path)}: "
                                    f"rewriting raised {type(e).__name__}: {_first_line(e)}\n"
@@ -234,7 +234,9 @@ def _search(rule: Rule, path: dict[int, int], previous: list[Instance], limit: i
                 return found
             unrunnable = unrunnable or found
             continue
-        reason = "the rule fired on none of the instances tried"
+        refusals = sorted(report.near_misses, key=lambda m: -m.depth)
+        reason = "the rule fired on none of the instances tried" + (
+            f" (the last refused {refusals[0].reason})" if refusals else "")
     return unrunnable or reason
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import settings
 from onnx import helper, numpy_helper
 
-from fusegraph import Rule, reject
+from fusegraph import Rule, reject, rewrite_with_report
 from fusegraph.cli import main
 from fusegraph.instantiate import Leaf
 from fusegraph.mutate import adversarial_feeds, mutants
@@ -76,41 +76,65 @@ def test_a_dropped_attribute_is_caught(tmp_path):
     _fails_on(Rule("softmax_any_axis", pattern, last_axis), "attribute axis", tmp_path)
 
 
-def test_a_conv_rule_that_drops_pads_is_caught(tmp_path):
-    """A user's `Relu(Conv(x, w, b))` rule: instantiated from Conv's schema, and the
-    replacement that loses the pads (strides, dilations) the pattern does not pin fails."""
+def test_a_conv_rule_that_drops_pads_never_rewrites_a_padded_conv(tmp_path):
+    """A user's `Relu(Conv(x, w, b))` rule whose replacement loses the pads (strides,
+    dilations) the pattern does not pin: instantiated from Conv's schema, and every mutant that
+    sets them changes the output's shape, so the driver's type check refuses it (the mutation
+    check sees refusals, not wrong models); a padded Conv is left alone, with the reason."""
     def pattern(op, x, w, b):
         return op.Relu(op.Conv(x, w, b))
 
     def replacement(op, x, w, b):  # the Conv rebuilt from its inputs alone
         return op.Relu(op.Identity(op.Conv(x, w, b)))
-    message = _fails_on(Rule("conv_relu", pattern, replacement), "attribute pads", tmp_path)
-    assert "Conv" in message
+    rule = Rule("conv_relu", pattern, replacement)
+    check = verify_rule(rule, repro_dir=str(tmp_path), max_examples=2)
+    assert check.mutants and not check.failures
+    model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                        helper.make_node("Relu", ["c"], ["y"])],
+                       {"x": (np.float32, [1, 2, 5, 5])}, {"y": (np.float32, [1, 3, 5, 5])},
+                       {"w": np.ones((3, 2, 3, 3), np.float32), "b": np.zeros(3, np.float32)})
+    _, report = rewrite_with_report(model, [rule], explain="conv_relu")
+    assert not report.fusions
+    assert any("shape" in m.reason for m in report.near_misses), report.near_misses
 
 
-def test_an_unconstrained_cast_target_is_caught(tmp_path):
+def test_an_attribute_lost_without_changing_shapes_is_caught(tmp_path):
+    """Where a lost attribute keeps every type and shape (LeakyRelu's alpha), only the values
+    tell, and the mutation check does."""
     def pattern(op, x):
-        return op.Cast(op.Softmax(x, axis=-1))
+        return op.Neg(op.LeakyRelu(x))
 
-    def no_cast(op, x):  # the Cast was taken for a no-op whatever its target
+    def default_alpha(op, x):  # LeakyRelu at its default alpha, whatever the node says
+        return op.Neg(op.Max(x, op.Mul(x, np.array(0.01, np.float32))))
+    _fails_on(Rule("leaky", pattern, default_alpha), "attribute alpha", tmp_path)
+
+
+def test_an_unconstrained_cast_round_trip_is_caught(tmp_path):
+    """Casts through another type and back keep the output type: taking them for no-ops is
+    wrong when the middle type is narrower (float16, int32), which only the values show."""
+    def pattern(op, x):
+        return op.Cast(op.Cast(op.Softmax(x, axis=-1)), to=1)
+
+    def no_cast(op, x):
         return op.Softmax(x, axis=-1)
-    _fails_on(Rule("softmax_cast", pattern, no_cast), "Cast", tmp_path)
+    _fails_on(Rule("softmax_casts", pattern, no_cast), "Cast", tmp_path)
 
 
-def test_an_absorbed_broadcast_growing_constant_is_caught(tmp_path):
+def test_an_absorbed_broadcast_growing_constant_is_refused(tmp_path):
+    """A rule that absorbs a constant of a higher rank (k [1, 1, 1] over x [3, 3]) would change
+    the output's shape: the driver's type check refuses the replacement, with the reason."""
     def pattern(op, x, k):  # k a capture, not a Const: the rule alone decides what it absorbs
         return op.Mul(op.Relu(x), k)
 
     def scalar_k(op, x, k):  # k's shape dropped: relu(x[3, 3]) * k[1, 1, 1] is rank 3
         return op.Relu(op.Mul(x, op.const(np.array(k.const_value.reshape(-1)[0]))))
-
-    def uniform(k):
-        v = k.const_value
-        if v is None:
-            return reject("k is not a constant")
-        return v.size >= 1 and bool(np.all(v == v.reshape(-1)[0])) and bool(np.all(v >= 0)) \
-            or reject("not a uniform non-negative constant")
-    _fails_on(Rule("scale", pattern, scalar_k, uniform), "constant broadcast-growing shape", tmp_path)
+    rule = Rule("scale", pattern, scalar_k)
+    model = make_model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "k"], ["y"])],
+                       {"x": (np.float32, [3, 3])}, {"y": (np.float32, [1, 3, 3])},
+                       {"k": np.full((1, 1, 1), 2.0, np.float32)})
+    _, report = rewrite_with_report(model, [rule], explain="scale")
+    assert not report.fusions
+    assert any("rank" in m.reason for m in report.near_misses), report.near_misses
 
 
 def test_a_baked_overridable_initializer_is_caught(tmp_path):
