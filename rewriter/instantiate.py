@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 
 from . import fused_ops
 from .exact import integer_array
-from .pattern import Alt, Attr, Const, Constrained, NodeOutput, Pattern, Var
+from .pattern import Alt, Attr, Const, Constrained, Named, NodeOutput, Pattern, Tagged, Var
 
 FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
@@ -211,9 +211,9 @@ class _Walker:
             return self.node(p)[p.index]
         if isinstance(p, Var):
             return self.var(p.name, types)
-        if isinstance(p, Alt):
+        if isinstance(p, (Alt, Tagged)):
             return self.value(p.options[self.choose(len(p.options), id(p))], types)
-        if isinstance(p, Constrained):
+        if isinstance(p, (Constrained, Named)):
             return self.value(p.inner, types)
         if isinstance(p, Const):
             return self.const(p, types)
