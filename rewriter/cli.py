@@ -134,6 +134,7 @@ def _summary(report, elapsed: float) -> dict:
         "ops": {op: [report.ops_before.get(op, 0), report.ops_after.get(op, 0)] for op in ops},
         "fusions": dict(sorted(report.per_rule.items())),
         "passes": report.passes,
+        "attempts": report.attempts,
         "rewrite_seconds": round(report.seconds, 4),
         "total_seconds": round(elapsed, 4),
     }

@@ -1,8 +1,9 @@
 """The rewrite driver: rules to a fixpoint, each match checked for safety, edits in batch.
 
-Order of work. Rules run by priority; each rule visits only the live nodes of its root op types
-(the IR's index), in graph order, so one pass costs O(nodes of those types × pattern size).
-A rewrite marks the nodes within the rule set's pattern depth of the new nodes (up- and
+Order of work. Rules run by priority: the rules of one priority visit the live nodes of their
+root op types (the IR's index) in graph order, and at each node only the rules whose first two
+pattern levels fit it are tried (`rewriter.dispatch`), in list order; then the next priority.
+One pass costs O(candidate nodes + attempts × pattern size), not O(rules × nodes). A rewrite marks the nodes within the rule set's pattern depth of the new nodes (up- and
 downstream) as dirty, and later passes visit only dirty nodes: the fixpoint costs what the
 first pass costs plus work proportional to what changed.
 
@@ -16,6 +17,7 @@ which rule fused which nodes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
@@ -26,6 +28,7 @@ import numpy as np
 import onnx
 
 from . import fused_ops
+from .dispatch import Dispatch
 from .errors import InputError
 from .ir import Graph, Node, Value
 from .matcher import EMPTY, Bindings, Failure, Matcher, pattern_depth, root_op_types
@@ -60,6 +63,10 @@ class RewriteReport:
     passes: int = 0
     seconds: float = 0.0
     near_misses: list[NearMiss] = field(default_factory=list)
+    #: Candidate nodes visited (once per priority level and pass), and rule attempts made at
+    #: them: `attempts / candidates` is what dispatch keeps near 1 however many rules there are.
+    candidates: int = 0
+    attempts: int = 0
 
     @property
     def per_rule(self) -> Counter:
@@ -106,10 +113,15 @@ class ReplacementOps:
 
 class Rewriter:
     def __init__(self, rules: Iterable[Rule], *, max_passes: int = 8, explain: str | None = None,
-                 progress: bool = False):
+                 progress: bool = False, dispatch: bool = True):
         self.rules = (rules if isinstance(rules, RuleSet) else RuleSet(rules)).by_priority()
         if explain is not None and explain not in {r.name for r in self.rules}:
             raise InputError(f"--explain: no rule named {explain!r}")
+        # The explained rule sees every candidate, so --explain lists every refusal; without
+        # dispatch every rule does (the brute force that tests compare dispatch against).
+        unfiltered = [r for r in self.rules if not dispatch or r.name == explain]
+        self.levels = [Dispatch(list(group), unfiltered)
+                       for _, group in itertools.groupby(self.rules, key=lambda r: r.priority)]
         self.max_passes = max_passes
         self.explain = explain
         self.progress = progress
@@ -120,26 +132,31 @@ class Rewriter:
         report = RewriteReport(ops_before=_op_histogram(graph))
         matcher = Matcher(graph.opset)
         dirty: set[int] | None = None
-        bar = _progress_bar(graph, self.rules) if self.progress else None
+        bar = _progress_bar(graph, self.levels) if self.progress else None
         for _ in range(self.max_passes):
             if graph.order_dirty:
                 graph.toposort()
             report.passes += 1
             touched: list[Node] = []
             pass_start = len(report.fusions)
-            for rule in self.rules:
-                explaining = rule.name == self.explain and report.passes == 1
-                for node in self._candidates(graph, rule, dirty):
+            for level in self.levels:
+                for node in self._candidates(graph, level.root_ops, dirty):
                     if bar is not None and report.passes == 1:
                         bar.update(1)
                     if not node.alive:
                         continue
-                    matcher.explain = explaining
-                    matcher.failures = []
-                    fusion = self._try(graph, matcher, rule, node, report if explaining else None)
-                    if fusion is not None:
-                        report.fusions.append(fusion[0])
-                        touched.extend(fusion[1])
+                    report.candidates += 1
+                    for rule in level.rules_for(node):
+                        if not node.alive:
+                            break
+                        explaining = rule.name == self.explain and report.passes == 1
+                        report.attempts += 1
+                        matcher.explain = explaining
+                        matcher.failures = []
+                        fusion = self._try(graph, matcher, rule, node, report if explaining else None)
+                        if fusion is not None:
+                            report.fusions.append(fusion[0])
+                            touched.extend(fusion[1])
             if not touched:
                 break
             if report.passes == self.max_passes:
@@ -155,8 +172,8 @@ class Rewriter:
         return report
 
     @staticmethod
-    def _candidates(graph: Graph, rule: Rule, dirty: set[int] | None) -> Iterator[Node]:
-        for key in sorted(rule.root_ops):
+    def _candidates(graph: Graph, root_ops: Iterable[tuple[str, str]], dirty: set[int] | None) -> Iterator[Node]:
+        for key in sorted(root_ops):
             # A snapshot: nodes this pass creates are roots in the next pass (they are dirty).
             for node in list(graph.by_op.get(key, ())):
                 if dirty is None or id(node) in dirty:
@@ -341,8 +358,8 @@ def _op_histogram(graph: Graph) -> Counter:
                     if (k := sum(1 for n in lst if n.alive))})
 
 
-def _progress_bar(graph: Graph, rules: list[Rule]):
-    total = sum(len(graph.by_op.get(k, ())) for r in rules for k in r.root_ops)
+def _progress_bar(graph: Graph, levels: list[Dispatch]):
+    total = sum(len(graph.by_op.get(k, ())) for level in levels for k in level.root_ops)
     if total < 20000:
         return None
     from tqdm import tqdm
