@@ -57,3 +57,26 @@ def transformer_like(num_nodes: int, hidden: int = 8, opset: int = 17) -> onnx.M
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     return model
+
+
+def mlp_blocks(blocks: int, hidden: int = 8, opset: int = 17) -> onnx.ModelProto:
+    """`blocks` residual MLP blocks of 4 nodes: x + Relu(x @ W + b), the planted MatMul+Add+Relu
+    (it fuses) and the residual Add (a decoy: an Add that is not a MatMul's bias)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32) * 0.1, "b")]
+    nodes = []
+    x = "x"
+    for i in range(blocks):
+        p = f"b{i}_"
+        nodes += [helper.make_node("MatMul", [x, "w"], [p + "mm"], name=p + "mm"),
+                  helper.make_node("Add", [p + "mm", "b"], [p + "bias"], name=p + "bias"),
+                  helper.make_node("Relu", [p + "bias"], [p + "act"], name=p + "act"),
+                  helper.make_node("Add", [x, p + "act"], [p + "res"], name=p + "res")]
+        x = p + "res"
+    graph = helper.make_graph(
+        nodes, "mlp_blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", hidden])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
