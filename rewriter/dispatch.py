@@ -20,9 +20,9 @@ how many attempts are made, never which fusions happen. `unfiltered` rules are a
 every node of their root op types (brute force: `--explain`'s rule, and the reference the tests
 compare dispatch against).
 
-Cost. Compiling is O(total pattern size). A lookup builds the node's signature (op type and
-its inputs' producer op types, O(inputs)) and reads a memo of answers per signature; a miss
-checks the heads of that root op type once. A graph has few distinct signatures (a few hundred
+Cost. Compiling is O(total pattern size). A lookup builds the node's signature (op type, input
+count, and the producer op types of the inputs some head constrains: O(inputs)) and reads a
+memo of answers per signature; a miss checks the heads of that root op type once. A graph has few distinct signatures (a few hundred
 in a transformer), so a node costs O(inputs) whatever the number of rules, and a rule costs only
 where its first two levels fit.
 """
@@ -41,6 +41,8 @@ ANY = None
 ABSENT = ("", "")
 #: The producer kind of a graph input or initializer: no operator.
 LEAF = ("", "<leaf>")
+#: An input no head constrains (only ANY slots meet it, and admit it).
+UNWATCHED = ("", "<unwatched>")
 
 
 class Head:
@@ -85,21 +87,30 @@ class Dispatch:
                 orders = {slots, slots[::-1]} if np_.commutative else {slots}
                 self.heads.setdefault(key, []).extend(Head(index, s) for s in orders)
         self.root_ops = frozenset(self.heads) | frozenset(self.always)
+        #: Per root op type, the input positions some head constrains: only their producers
+        #: enter a node's signature (none at all for a root over captures only, as Q/K/V's MatMul).
+        self.watched = {key: tuple(sorted({i for h in heads for i, want in enumerate(h.slots) if want is not ANY}))
+                        for key, heads in self.heads.items()}
         self._memo: dict[tuple, tuple[Rule, ...]] = {}
 
     def rules_for(self, node: Node) -> tuple[Rule, ...]:
         """The rules whose first two levels can match at `node`, in the given order."""
+        key = (node.domain, node.op_type)
         inputs = node.inputs
         k = len(inputs)
         while k and inputs[k - 1] is None:
             k -= 1
-        signature = (node.domain, node.op_type) + tuple(_kind(v) for v in inputs[:k])
+        signature = (key, k, *[_kind(inputs[i]) for i in self.watched.get(key, ()) if i < k])
         found = self._memo.get(signature)
         if found is None:
-            found = self._memo[signature] = self._lookup(signature[:2], signature[2:])
+            kinds: list = [UNWATCHED] * k
+            for i in self.watched.get(key, ()):
+                if i < k:
+                    kinds[i] = _kind(inputs[i])
+            found = self._memo[signature] = self._lookup(key, kinds)
         return found
 
-    def _lookup(self, key: tuple[str, str], kinds: tuple[tuple[str, str], ...]) -> tuple[Rule, ...]:
+    def _lookup(self, key: tuple[str, str], kinds: list) -> tuple[Rule, ...]:
         hits = set(self.always.get(key, ()))
         hits.update(h.rule for h in self.heads.get(key, ()) if h.admits(kinds))
         return tuple(self.rules[i] for i in sorted(hits))
