@@ -3,9 +3,10 @@
 Order of work. Rules run by priority: the rules of one priority visit the live nodes of their
 root op types (the IR's index) in graph order, and at each node only the rules whose first two
 pattern levels fit it are tried (`rewriter.dispatch`), in list order; then the next priority.
-One pass costs O(candidate nodes + attempts × pattern size), not O(rules × nodes). A rewrite marks the nodes within the rule set's pattern depth of the new nodes (up- and
-downstream) as dirty, and later passes visit only dirty nodes: the fixpoint costs what the
-first pass costs plus work proportional to what changed.
+One pass costs O(candidate nodes + attempts × pattern size), not O(rules × nodes). A rewrite
+marks the nodes within the rule set's pattern depth of the new nodes (up- and downstream) as
+dirty, and later passes visit only dirty nodes: the fixpoint costs what the first pass costs
+plus work proportional to what changed.
 
 Safety. A match is rewritten only if no value computed inside it escapes (to a node outside the
 match or to the graph outputs) unless the pattern returns it, and, for patterns with several
@@ -64,7 +65,7 @@ class RewriteReport:
     seconds: float = 0.0
     near_misses: list[NearMiss] = field(default_factory=list)
     #: Candidate nodes visited (once per priority level and pass), and rule attempts made at
-    #: them: `attempts / candidates` is what dispatch keeps near 1 however many rules there are.
+    #: them: dispatch keeps `attempts / candidates` to the rules that fit, however many are held.
     candidates: int = 0
     attempts: int = 0
 
