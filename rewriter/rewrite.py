@@ -23,6 +23,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -327,11 +328,16 @@ def _cycle(matched: list[Node], outputs: list[Value]) -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def _output_reach(p: Pattern) -> tuple[frozenset[tuple[str, str]], int]:
+    """A further output's root op types and depth, computed once per pattern, not per attempt."""
+    return frozenset(root_op_types(p)), pattern_depth(p)
+
+
 def _nearby_outputs(p: Pattern, env: Bindings, anchors: list[Value]) -> Iterator[Value]:
     """Values that could be a further output of a multi-output pattern: outputs of nodes reachable
     downstream from what is already bound (the outputs share inputs or operators with it)."""
-    kinds = root_op_types(p)
-    depth = pattern_depth(p)
+    kinds, depth = _output_reach(p)
     # Constants are left out: a weight shared by thousands of nodes would make this O(graph).
     start = [v for v in env.values.values() if not v.is_constant] + [
         v for n in env.nodes.values() for v in n.inputs if v is not None and not v.is_constant]
