@@ -92,7 +92,7 @@ def matmul_act_replacement(op, x, w, b, activation):
         *((x, w) if b is None else (x, w, b)), _domain=DOMAIN)
 
 
-matmul_act_replacement.__doc__ = (f"MatMul (+ bias) + {ACTIVATION_NAMES} -> fusegraph.MatMul[Bias]{{activation}}")
+matmul_act_replacement.__doc__ = f"MatMul (+ bias) + {ACTIVATION_NAMES} -> fusegraph.MatMul[Bias]{{activation}}"
 
 
 def matmul_bias_pattern(op, x, w, b):
