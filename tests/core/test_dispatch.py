@@ -5,6 +5,7 @@ on the real exports and on fuzzed graphs; attempts are counted and reported."""
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ from fusegraph.ir import Graph
 from fusegraph.model_io import load_model
 from fusegraph.rewrite import Rewriter, finalize
 from fusegraph.testing import make_model, node
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from synthetic_rules import RULES as CHAINS  # noqa: E402
 
 F = np.float32
 LIBRARY = default_rules()
@@ -60,6 +64,15 @@ def test_dispatch_fuses_what_brute_force_fuses_on_real_exports(path):
 @given(graphs())
 def test_dispatch_fuses_what_brute_force_fuses_on_fuzzed_graphs(model):
     assert_dispatch_changes_nothing(model)
+
+
+@settings(max_examples=15)
+@given(graphs(max_steps=8))
+def test_dispatch_fuses_what_brute_force_fuses_with_500_rules(model):
+    """The library and 499 generated op chains (benchmarks/synthetic_rules.py; about one fuzzed
+    graph in two has a chain that fires), all 499 at one priority: dozens of heads per op type,
+    commutative roots, captures as catch-alls."""
+    assert_dispatch_changes_nothing(model, list(LIBRARY) + CHAINS)
 
 
 def relu_of(op_type, extra=()):
