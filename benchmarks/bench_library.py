@@ -4,8 +4,8 @@
     python benchmarks/bench_library.py --no-million --repeat 1
     python benchmarks/bench_library.py --before-python /path/to/old/checkout/.venv/bin/python
 
-On `synthetic.mlp_blocks` (4 nodes a block: MatMul+Add+Relu, which fuses, and a residual Add, a
-decoy), side by side in one run, each a fresh process timed from start to exit (start-up,
+On `synthetic.mlp_blocks` (4 nodes a block: MatMul+Add+Relu, which fuses, and a decoy: a residual
+Add, a Tanh or Sigmoid of the Relu, or Mul(r, r)), side by side in one run, each a fresh process timed from start to exit (start-up,
 load, rewrite, save), the best of `--repeat`:
 
 - one rule (`--rules gemm_epilogue.matmul_act`);
@@ -103,16 +103,16 @@ def best_of(repeat: int, cmd: list[str]) -> tuple[float, float, str]:
     return min(r[0] for r in runs), min(r[1] for r in runs), runs[0][2]
 
 
-def rewrite_cmd(src: str, dst: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fusegraph.cli", src, "-o", dst, "--json", "--no-progress", *extra]
+def rewrite_cmd(python: str, src: str, dst: str, *extra: str) -> list[str]:
+    return [python, "-m", "fusegraph.cli", src, "-o", dst, "--json", "--no-progress", *extra]
 
 
-def cli_row(label: str, repeat: int, src: str, dst: str, *extra: str) -> dict:
-    seconds, cpu, out = best_of(repeat, rewrite_cmd(src, dst, *extra))
+def cli_row(label: str, repeat: int, src: str, dst: str, *extra: str, python: str = sys.executable) -> dict:
+    seconds, cpu, out = best_of(repeat, rewrite_cmd(python, src, dst, *extra))
     summary = json.loads(out)
     print(f"  {label}: {seconds:.2f}s wall, {cpu:.2f}s CPU", file=sys.stderr)
     return {"label": label, "seconds": seconds, "cpu": cpu, "fusions": sum(summary["fusions"].values()),
-            "attempts": summary["attempts"], "rewrite_s": summary["rewrite_seconds"]}
+            "attempts": summary.get("attempts"), "rewrite_s": summary["rewrite_seconds"]}
 
 
 def attempts(python: str, path: str, mode: str, synthetic: bool = False) -> dict:
@@ -132,7 +132,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is kept")
     p.add_argument("--no-million", action="store_true", help="skip the 1M-node rows")
     p.add_argument("--no-onnxscript", action="store_true")
-    p.add_argument("--before-python", help="an older checkout's python, for attempts before dispatch")
+    p.add_argument("--before-python", help="an older checkout's python: its CLI and attempts, before dispatch")
+    p.add_argument("--before-rule", default="gemm_epilogue.MatMulBiasRelu", help="the one rule's name there")
     args = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench_library_")
@@ -148,6 +149,10 @@ def main() -> None:
             cli_row("default library", args.repeat, graph, out),
             cli_row("500 rules", args.repeat, graph, out, "--rule-file", SYNTHETIC_RULES,
                     "--rules", f"{ONE_RULE},synth.*")]
+    if args.before_python:
+        rows += [cli_row("before: one rule", args.repeat, graph, out, "--rules", args.before_rule,
+                         python=args.before_python),
+                 cli_row("before: default library", args.repeat, graph, out, python=args.before_python)]
     if not args.no_onnxscript:
         seconds, cpu, count = best_of(args.repeat, [sys.executable, "-c", ONNXSCRIPT, graph, out])
         print(f"  onnxscript: {seconds:.2f}s wall, {cpu:.2f}s CPU", file=sys.stderr)
@@ -189,6 +194,9 @@ def main() -> None:
     lib = by["default library"]
     print(f"- default library / one rule: {ratio(lib, one)} (target <= 1.5x)")
     print(f"- 500 rules / one rule: {ratio(by['500 rules'], one)} (target <= 3x)")
+    if "before: one rule" in by:
+        print(f"- before dispatch (--before-python), default library / one rule: "
+              f"{ratio(by['before: default library'], by['before: one rule'])}")
     if "onnxscript, same rule" in by:
         print(f"- onnxscript / fusegraph, same rule: {ratio(by['onnxscript, same rule'], one)} (target >= 5x)")
     if million:
