@@ -4,9 +4,9 @@
     python benchmarks/bench_library.py --no-million --repeat 1
     python benchmarks/bench_library.py --before-python /path/to/old/checkout/.venv/bin/python
 
-On `synthetic.mlp_blocks` (4 nodes a block: MatMul+Add+Relu, which fuses, and a decoy: a residual
-Add, a Tanh or Sigmoid of the Relu, or Mul(r, r)), side by side in one run, each a fresh process timed from start to exit (start-up,
-load, rewrite, save), the best of `--repeat`:
+On `synthetic.mlp_blocks` (4 nodes a block: MatMul+Add+Relu, which fuses, and a decoy: a
+residual Add, a Tanh or Sigmoid of the Relu, or Mul(r, r)), side by side in one run, each a
+fresh process timed from start to exit (start-up, load, rewrite, save), the best of `--repeat`:
 
 - one rule (`--rules gemm_epilogue.matmul_act`);
 - the default library (every rule in `fusegraph.patterns`);
@@ -14,7 +14,11 @@ load, rewrite, save), the best of `--repeat`:
   file to file: load, `onnx_ir` conversion, `apply_to_model`, save;
 - a synthetic library of 500 rules: that rule and 499 generated op chains
   (`synthetic_rules.py`, none of which fires);
-- the 1M-node graph with one rule and with the library (the scaling target).
+- the 1M-node graph with one rule and with the library (the scaling target);
+- with `--before-python`, that checkout's CLI with its one rule (`--before-rule`) and library.
+
+Wall and CPU seconds (user + system of the child) are both reported: on a shared machine the
+load inflates wall time far more than CPU time.
 
 Then attempts: rule match attempts (`Rewriter._try` calls) per fusion and per candidate node,
 with dispatch and by brute force (every rule of a node's op type, `Rewriter(dispatch=False)`),

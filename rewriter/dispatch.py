@@ -21,10 +21,10 @@ every node of their root op types (brute force: `--explain`'s rule, and the refe
 compare dispatch against).
 
 Cost. Compiling is O(total pattern size). A lookup builds the node's signature (op type, input
-count, and the producer op types of the inputs some head constrains: O(inputs)) and reads a
-memo of answers per signature; a miss checks the heads of that root op type once. A graph has few distinct signatures (a few hundred
-in a transformer), so a node costs O(inputs) whatever the number of rules, and a rule costs only
-where its first two levels fit.
+count, and the producer op types of the inputs some head constrains: O(inputs)) and reads a memo
+of answers per signature; a miss checks the heads of that root op type once. A graph has few
+distinct signatures (a few hundred in a transformer), so a node costs O(inputs) whatever the
+number of rules, and a rule costs only where its first two levels fit.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from typing import Iterable, Sequence
 from .ir import Node, Value
 from .pattern import Alt, Constrained, Named, NodeOutput, NodePattern, Pattern, Tagged
 from .rule import Rule
+
+Kind = tuple[str, str]
+#: What a head wants at one input: a set of producer kinds, ANY or ABSENT.
+Slot = "frozenset[Kind] | Kind | None"
 
 #: A pattern input that admits any value (but not an absent one).
 ANY = None
@@ -50,12 +54,12 @@ class Head:
 
     __slots__ = ("rule", "arity", "slots")
 
-    def __init__(self, rule: int, slots: tuple[frozenset | tuple | None, ...]):
+    def __init__(self, rule: int, slots: tuple[Slot, ...]):
         self.rule = rule
         self.arity = len(slots)
         self.slots = slots
 
-    def admits(self, kinds: Sequence[tuple[str, str]]) -> bool:
+    def admits(self, kinds: Sequence[Kind]) -> bool:
         if len(kinds) != self.arity:
             return False
         for want, kind in zip(self.slots, kinds):
@@ -71,12 +75,14 @@ class Head:
 
 
 class Dispatch:
+    """The rules of one priority, indexed by their first two pattern levels (module docstring)."""
+
     def __init__(self, rules: Sequence[Rule], unfiltered: Iterable[Rule] = ()):
         self.rules = tuple(rules)
         brute = set(map(id, unfiltered))
-        self.heads: dict[tuple[str, str], list[Head]] = {}
+        self.heads: dict[Kind, list[Head]] = {}
         #: Unfiltered rules by root op type: admitted at every node of that type.
-        self.always: dict[tuple[str, str], set[int]] = {}
+        self.always: dict[Kind, set[int]] = {}
         for index, rule in enumerate(self.rules):
             for np_ in _root_nodes(rule.outputs[0]):
                 key = (np_.domain, np_.op_type)
@@ -100,23 +106,24 @@ class Dispatch:
         k = len(inputs)
         while k and inputs[k - 1] is None:
             k -= 1
-        signature = (key, k, *[_kind(inputs[i]) for i in self.watched.get(key, ()) if i < k])
+        watched = [i for i in self.watched.get(key, ()) if i < k]
+        seen = [_kind(inputs[i]) for i in watched]
+        signature = (key, k, *seen)
         found = self._memo.get(signature)
         if found is None:
-            kinds: list = [UNWATCHED] * k
-            for i in self.watched.get(key, ()):
-                if i < k:
-                    kinds[i] = _kind(inputs[i])
+            kinds = [UNWATCHED] * k
+            for i, kind in zip(watched, seen):
+                kinds[i] = kind
             found = self._memo[signature] = self._lookup(key, kinds)
         return found
 
-    def _lookup(self, key: tuple[str, str], kinds: list) -> tuple[Rule, ...]:
+    def _lookup(self, key: Kind, kinds: list[Kind]) -> tuple[Rule, ...]:
         hits = set(self.always.get(key, ()))
         hits.update(h.rule for h in self.heads.get(key, ()) if h.admits(kinds))
         return tuple(self.rules[i] for i in sorted(hits))
 
 
-def _kind(v: Value | None) -> tuple[str, str]:
+def _kind(v: Value | None) -> Kind:
     if v is None:
         return ABSENT
     p = v.producer
@@ -134,7 +141,7 @@ def _root_nodes(p: Pattern) -> list[NodePattern]:
     return []
 
 
-def _producers(p: Pattern | None) -> frozenset | tuple | None:
+def _producers(p: Pattern | None) -> Slot:
     """What may produce the value `p` matches: a set of op types, ANY, or ABSENT."""
     if p is None:
         return ABSENT

@@ -110,8 +110,10 @@ def test_self_check_covers_every_tagged_branch(tmp_path):
             return op.Neg(op.Tanh(x))
         y = op.Neg(x)
         return op.Max(y, op.Sub(y, y)) if act == "relu" else op.Silu(y, _domain="fusegraph")
-    rule = Rule("act", lambda op, x: tagged("act", {"relu": op.Relu(op.Neg(x)), "silu": op.Mul(op.Neg(x), op.Sigmoid(op.Neg(x))),
-                                                    "tanh": op.Tanh(op.Neg(x))}), replacement)
+    def pattern(op, x):
+        y = op.Neg(x)
+        return tagged("act", {"relu": op.Relu(y), "silu": op.Mul(y, op.Sigmoid(y)), "tanh": op.Tanh(y)})
+    rule = Rule("act", pattern, replacement)
     assert len(branch_paths(rule.outputs)) == 4  # three branches, and the Mul's other operand order
     result = verify_rule(rule, repro_dir=str(tmp_path), max_examples=2)
     assert len(result.covered) == result.paths == 4
