@@ -57,3 +57,34 @@ def transformer_like(num_nodes: int, hidden: int = 8, opset: int = 17) -> onnx.M
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     return model
+
+
+DECOYS = (lambda x, r, out: helper.make_node("Add", [x, r], [out], name=out),
+          lambda x, r, out: helper.make_node("Tanh", [r], [out], name=out),
+          lambda x, r, out: helper.make_node("Sigmoid", [r], [out], name=out),
+          lambda x, r, out: helper.make_node("Mul", [r, r], [out], name=out))
+
+
+def mlp_blocks(blocks: int, hidden: int = 8, opset: int = 17) -> onnx.ModelProto:
+    """`blocks` MLP blocks of 4 nodes: Relu(x @ W + b), the planted MatMul+Add+Relu (it fuses),
+    then a decoy of the op types many rules are rooted at, in turn: a residual Add (not a MatMul's
+    bias), Tanh and Sigmoid of the Relu (activations, but not of a MatMul), Mul(r, r) (not
+    x * Sigmoid(x), GELU or a gated MLP)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32) * 0.1, "b")]
+    nodes = []
+    x = "x"
+    for i in range(blocks):
+        p = f"b{i}_"
+        nodes += [helper.make_node("MatMul", [x, "w"], [p + "mm"], name=p + "mm"),
+                  helper.make_node("Add", [p + "mm", "b"], [p + "bias"], name=p + "bias"),
+                  helper.make_node("Relu", [p + "bias"], [p + "act"], name=p + "act"),
+                  DECOYS[i % len(DECOYS)](x, p + "act", p + "out")]
+        x = p + "out"
+    graph = helper.make_graph(
+        nodes, "mlp_blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", hidden])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model

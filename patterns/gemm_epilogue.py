@@ -15,12 +15,16 @@ activation commutes with it, so act(Reshape(Gemm(x))) = Reshape(act(Gemm(x))) ex
 replacement keeps the Reshape after the fused op. transB = 1 feeds the fused op a `Transpose` of
 the weight, which TensorRT and ONNX Runtime fold into a constant when they build. A Gemm with
 no activation is left alone: it already is one op with its bias.
+
+Three rules, not one per (op, bias, activation): the activation is a tagged alternative whose
+label names the fused op (`matmul_epilogue_name`), and the bias an optional Add (or Gemm's
+optional C), so the library's dispatch sees one rule per shape of chain.
 """
 
 from __future__ import annotations
 
 from fusegraph.fused_ops import DOMAIN, matmul_epilogue_name
-from fusegraph.pattern import Attr, optional
+from fusegraph.pattern import Attr, optional, tagged
 from fusegraph.patterns.activations import (gelu_erf, gelu_tanh, matmul_rank, overridable, silu,
                                             structural_constants_fit)
 from fusegraph.rule import Rule, reject
@@ -86,46 +90,68 @@ def gemm_constants_keep_shape(shape=None, **captures) -> bool:
     return structural_constants_fit(rank, captures)
 
 
-def _make_rule(bias: bool, activation: str) -> Rule:
-    op_name = matmul_epilogue_name(bias, activation)
-    act = ACTIVATION_PATTERNS.get(activation)
-
-    def pattern(op, x, w, b):
-        y = op.MatMul(x, w)
-        if bias:
-            y = op.Add(y, b)
-        return act(op, y) if act else y
-
-    def replacement(op, x, w, b):
-        return getattr(op, op_name)(*((x, w, b) if bias else (x, w)), _domain=DOMAIN)
-    replacement.__doc__ = f"MatMul{' + bias' if bias else ''}{' + ' + activation if activation else ''} -> fusegraph.{op_name}"
-
-    conditions = [weight_is_matrix, matmul_constants_keep_shape] + ([bias_is_vector] if bias else [])
-    # Longer chains first, so MatMul+Add+Relu is never split into MatMul+Add, Relu.
-    priority = 100 + (10 if activation else 0) + (5 if bias else 0)
-    return Rule(f"gemm_epilogue.{op_name}", pattern, replacement, conditions, priority)
+def bias_fits_matmul(x, w, b) -> bool:
+    """No bias (the optional Add is absent), or one the epilogue can broadcast."""
+    return b is None or bias_is_vector(x, w, b)
 
 
-def _make_gemm_rule(bias: bool, activation: str) -> Rule:
-    op_name = matmul_epilogue_name(bias, activation)
-    act = ACTIVATION_PATTERNS[activation]
-
-    def pattern(op, x, w, b, shape):
-        y = op.Gemm(*((x, w, b) if bias else (x, w)), alpha=1.0, beta=1.0, transA=0, transB=Attr("trans_b"))
-        return act(op, optional(op.Reshape(y, shape, allowzero=Attr("allowzero"))))
-
-    def replacement(op, x, w, b, shape, trans_b, allowzero):
-        w = op.Transpose(w, perm=[1, 0]) if trans_b else w
-        y = getattr(op, op_name)(*((x, w, b) if bias else (x, w)), _domain=DOMAIN)
-        if shape is None:
-            return y
-        return op.Reshape(y, shape, **({} if allowzero is None else {"allowzero": allowzero}))
-    replacement.__doc__ = f"Gemm{' + bias' if bias else ''} (+ Reshape) + {activation} -> fusegraph.{op_name}"
-
-    conditions = [weight_is_matrix, gemm_constants_keep_shape] + ([gemm_bias_is_vector] if bias else [])
-    return Rule(f"gemm_epilogue.Gemm{op_name[len('MatMul'):]}", pattern, replacement, conditions,
-                100 + 10 + (5 if bias else 0))
+def bias_fits_gemm(w, b, trans_b) -> bool:
+    return b is None or gemm_bias_is_vector(w, b, trans_b)
 
 
-RULES = [_make_rule(bias, act) for act in ACTIVATION_PATTERNS for bias in (True, False)] + [_make_rule(True, "")] + [
-    _make_gemm_rule(bias, act) for act in ACTIVATION_PATTERNS for bias in (True, False)]
+def activation_of(op, y):
+    """Any epilogue activation of `y`, its name (a key of ACTIVATION_PATTERNS) bound as `activation`."""
+    return tagged("activation", {name: act(op, y) for name, act in ACTIVATION_PATTERNS.items()})
+
+
+ACTIVATION_NAMES = "|".join(ACTIVATION_PATTERNS)
+
+
+def matmul_act_pattern(op, x, w, b):
+    return activation_of(op, optional(op.Add(op.MatMul(x, w), b)))
+
+
+def matmul_act_replacement(op, x, w, b, activation):
+    return getattr(op, matmul_epilogue_name(b is not None, activation))(
+        *((x, w) if b is None else (x, w, b)), _domain=DOMAIN)
+
+
+matmul_act_replacement.__doc__ = f"MatMul (+ bias) + {ACTIVATION_NAMES} -> fusegraph.MatMul[Bias]{{activation}}"
+
+
+def matmul_bias_pattern(op, x, w, b):
+    return op.Add(op.MatMul(x, w), b)
+
+
+def matmul_bias_replacement(op, x, w, b):
+    """MatMul + bias -> fusegraph.MatMulBias"""
+    return op.MatMulBias(x, w, b, _domain=DOMAIN)
+
+
+def gemm_act_pattern(op, x, w, b, shape):
+    attrs = dict(alpha=1.0, beta=1.0, transA=0, transB=Attr("trans_b"))
+    y = op.Gemm(x, w, b, **attrs) | op.Gemm(x, w, **attrs)
+    return activation_of(op, optional(op.Reshape(y, shape, allowzero=Attr("allowzero"))))
+
+
+def gemm_act_replacement(op, x, w, b, shape, trans_b, allowzero, activation):
+    w = op.Transpose(w, perm=[1, 0]) if trans_b else w
+    y = getattr(op, matmul_epilogue_name(b is not None, activation))(
+        *((x, w) if b is None else (x, w, b)), _domain=DOMAIN)
+    if shape is None:
+        return y
+    return op.Reshape(y, shape, **({} if allowzero is None else {"allowzero": allowzero}))
+
+
+gemm_act_replacement.__doc__ = (f"Gemm (+ bias) (+ Reshape) + {ACTIVATION_NAMES} -> "
+                                "fusegraph.MatMul[Bias]{activation}")
+
+# Chains with an activation first, so MatMul+Add+Relu is never split into MatMul+Add, Relu.
+RULES = [
+    Rule("gemm_epilogue.matmul_act", matmul_act_pattern, matmul_act_replacement,
+         [weight_is_matrix, bias_fits_matmul, matmul_constants_keep_shape], 115),
+    Rule("gemm_epilogue.gemm_act", gemm_act_pattern, gemm_act_replacement,
+         [weight_is_matrix, bias_fits_gemm, gemm_constants_keep_shape], 115),
+    Rule("gemm_epilogue.matmul_bias", matmul_bias_pattern, matmul_bias_replacement,
+         [weight_is_matrix, bias_is_vector], 105),
+]

@@ -18,7 +18,7 @@ import sys
 try:
     from .api import default_rules, rewrite, rewrite_file, rewrite_with_report
     from .errors import InputError
-    from .pattern import Attr, Const, Var, is_op, optional, wildcard
+    from .pattern import Attr, Const, Var, any_of, is_op, optional, tagged, wildcard
     from .rule import Rule, RuleSet, reject
 except KeyboardInterrupt:
     # Ctrl-C while the `rewrite` command is still importing onnx and numpy: the command's one
@@ -28,5 +28,5 @@ except KeyboardInterrupt:
         raise SystemExit(130) from None
     raise
 
-__all__ = ["Attr", "Const", "InputError", "Rule", "RuleSet", "Var", "default_rules", "is_op", "optional",
-           "reject", "rewrite", "rewrite_file", "rewrite_with_report", "wildcard"]
+__all__ = ["Attr", "Const", "InputError", "Rule", "RuleSet", "Var", "any_of", "default_rules", "is_op", "optional",
+           "reject", "rewrite", "rewrite_file", "rewrite_with_report", "tagged", "wildcard"]

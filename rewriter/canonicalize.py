@@ -94,24 +94,30 @@ _PLAIN_DTYPES = frozenset(np.dtype(t) for t in (
 
 @dataclass
 class Canonicalized:
-    """What `canonicalize` did: the graph to match on, the steps taken, the original op counts."""
+    """What `canonicalize` did: the graph to match on, the steps taken, and the main graph's op
+    counts before and after it (If/Loop/Scan bodies are left as they are)."""
 
     graph: Graph
     steps: Counter
     ops_before: Counter
+    ops_after: Counter
     seconds: float
 
     def amend(self, report: RewriteReport) -> None:
-        """Fold this stage into a `RewriteReport` of the rewrite that followed it."""
+        """Fold this stage into a `RewriteReport` of the rewrite that followed it: the counts
+        before are the model's as loaded (the rewrite counted the canonical main graph)."""
         report.canonicalized = self.steps
-        report.ops_before = self.ops_before
+        before = Counter(report.ops_before)
+        before.subtract(self.ops_after)
+        before.update(self.ops_before)
+        report.ops_before = +before
         report.seconds += self.seconds
 
 
 def canonicalize(graph: Graph) -> Canonicalized:
     """Canonicalize `graph` (edited in place); returns the graph rules should match on."""
     start = time.perf_counter()
-    ops_before = Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}" for n in graph.live_nodes())
+    ops_before = _op_counts(graph)
     steps = _Canonicalizer(graph).run()
     if steps:
         model = graph.to_model()
@@ -119,7 +125,11 @@ def canonicalize(graph: Graph) -> Canonicalized:
             _drop_unknown_dims(model.graph)
         graph = Graph(model, graph.base_dir)
         graph.toposort()
-    return Canonicalized(graph, steps, ops_before, time.perf_counter() - start)
+    return Canonicalized(graph, steps, ops_before, _op_counts(graph), time.perf_counter() - start)
+
+
+def _op_counts(graph: Graph) -> Counter:
+    return Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}" for n in graph.live_nodes())
 
 
 class _Canonicalizer:
@@ -180,9 +190,11 @@ class _Canonicalizer:
     def _small_constant(self, v: Value) -> np.ndarray | None:
         if v.name in self.graph_inputs or not v.is_constant:
             return None
-        t = self.graph.initializers.get(v.name)
+        t = self.graph.constants.get(v.name)
         if t is None:
             t = v.producer.attr("value")
+        if isinstance(t, onnx.SparseTensorProto):  # a sparse weight: never densified to fold
+            return None
         if isinstance(t, onnx.TensorProto) and _elements(t.dims) > MAX_FOLD_ELEMENTS:
             return None
         a = v.const_value

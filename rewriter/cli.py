@@ -203,6 +203,7 @@ def _summary(report, elapsed: float) -> dict:
         "canonicalized": dict(sorted(report.canonicalized.items())),
         "fusions": dict(sorted(report.per_rule.items())),
         "passes": report.passes,
+        "attempts": report.attempts,
         "rewrite_seconds": round(report.seconds, 4),
         "total_seconds": round(elapsed, 4),
         "rule_errors": {e.rule: {"count": e.count, "first": e.message} for e in report.errors.values()},

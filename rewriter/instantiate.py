@@ -32,8 +32,8 @@ from onnx import helper, numpy_helper
 
 from . import fused_ops
 from .exact import integer_array
+from .pattern import Alt, Attr, Const, Constrained, Named, NodeOutput, NodePattern, Pattern, Tagged, Var
 from .verify import make_inputs, run
-from .pattern import Alt, Attr, Const, Constrained, NodeOutput, NodePattern, Pattern, Var
 
 FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
@@ -215,9 +215,9 @@ class _Walker:
             return self.node(p)[p.index]
         if isinstance(p, Var):
             return self.var(p.name, types)
-        if isinstance(p, Alt):
+        if isinstance(p, (Alt, Tagged)):
             return self.value(p.options[self.choose(len(p.options), id(p))], types)
-        if isinstance(p, Constrained):
+        if isinstance(p, (Constrained, Named)):
             return self.value(p.inner, types)
         if isinstance(p, Const):
             return self.const(p, types)

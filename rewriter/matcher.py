@@ -29,8 +29,8 @@ import onnx
 from onnx import helper
 
 from .ir import Node, Value
-from .pattern import (Alt, Attr, Const, Constrained, NodeOutput, NodePattern, Pattern, Var,
-                      attr_equal)
+from .pattern import (Alt, Attr, Const, Constrained, Named, NodeOutput, NodePattern, Pattern, Tagged,
+                      Var, attr_equal)
 
 _MISSING = object()
 
@@ -124,8 +124,31 @@ class Matcher:
                     self._fail(env, where, f"{v.name!r} fails: {p!r}")
                 return
             yield from self._capture(p.name, v, env)
+        elif isinstance(p, Tagged):
+            yield from self._match_tagged(p, v, env)
+        elif isinstance(p, Named):
+            for e in self.match(p.inner, v, env):
+                yield from self._capture(p.name, v, e)
         else:
             raise TypeError(f"not a pattern: {p!r}")
+
+    def _match_tagged(self, p: Tagged, v: Value, env: Bindings) -> Iterator[Bindings]:
+        """Each option in order with the tag bound to its label (a label already bound by the
+        same tag elsewhere admits only its own option)."""
+        kinds = _tagged_roots(p)
+        n = v.producer
+        if kinds and (n is None or (n.domain, n.op_type) not in kinds):
+            found = n.op_type if n is not None else "a graph input or initializer"
+            self._fail(env, n or v, f"expected {'|'.join(sorted(t for _, t in kinds))} ({p.tag}), found {found}")
+            return
+        bound = env.attrs.get(p.tag, _MISSING)
+        for label, option in zip(p.labels, p.options):
+            if bound is _MISSING:
+                yield from self.match(option, v, env.bind_attr(p.tag, label))
+            elif bound == label:
+                yield from self.match(option, v, env)
+        if bound is not _MISSING and bound not in p.labels:
+            self._fail(env, n or v, f"{p.tag} is {bound!r}, none of {list(p.labels)}")
 
     def _capture(self, name: str | None, v: Value, env: Bindings) -> Iterator[Bindings]:
         """Bind `name` to `v`, or check it is already bound to `v` (a value used twice)."""
@@ -264,13 +287,19 @@ def default_attribute(op_type: str, domain: str, version: int, name: str) -> Any
     return value.decode() if isinstance(value, bytes) else value
 
 
+@lru_cache(maxsize=None)
+def _tagged_roots(p: Tagged) -> frozenset[tuple[str, str]]:
+    """The op types a tagged alternative's options are rooted at (empty if one is not an op)."""
+    return frozenset(root_op_types(p))
+
+
 def root_op_types(p: Pattern) -> set[tuple[str, str]]:
     """The (domain, op_type)s a pattern's root can be: the index keys its rule visits."""
     if isinstance(p, NodeOutput):
         return {(p.node.domain, p.node.op_type)}
-    if isinstance(p, Constrained):
+    if isinstance(p, (Constrained, Named)):
         return root_op_types(p.inner)
-    if isinstance(p, Alt):
+    if isinstance(p, (Alt, Tagged)):
         out: set[tuple[str, str]] = set()
         for o in p.options:
             sub = root_op_types(o)
@@ -291,8 +320,8 @@ def pattern_depth(p: Pattern | None, seen: dict[int, int] | None = None) -> int:
         if key not in seen:
             seen[key] = 1 + max((pattern_depth(i, seen) for i in p.node.inputs), default=0)
         return seen[key]
-    if isinstance(p, Constrained):
+    if isinstance(p, (Constrained, Named)):
         return pattern_depth(p.inner, seen)
-    if isinstance(p, Alt):
+    if isinstance(p, (Alt, Tagged)):
         return max(pattern_depth(o, seen) for o in p.options)
     return 0

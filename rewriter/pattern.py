@@ -20,6 +20,12 @@ Building blocks:
   must not broadcast the op's output to a bigger shape (see `matcher`): a pattern that absorbs
   it would change the shape.
 - `a | b` tries alternatives in order; `optional(op.Cast(x))` matches the Cast or just `x`.
+- tagged alternatives bind which one matched, for conditions and the replacement (as onnxscript's
+  `OrValue(tag_var=, tag_values=)`): `op.any_of("Relu", "Tanh", tag="act")(y)` captures the
+  matched op type as `act`; `tagged("act", {"Relu": relu, "Silu": silu})` (or
+  `(relu | silu).tagged("act", ["Relu", "Silu"])`) captures the label of the matching branch.
+- `.named("expand")` captures the value an inner pattern matched (an intermediate), so a
+  condition reads it by name instead of walking producers by hand.
 - `.has_dtype(...)`, `.has_rank(n)`, `.has_shape(...)`, `.where(pred, why)` constrain a value.
 - attributes: `op.Softmax(x, axis=-1)` requires the value (ONNX defaults apply when the node
   omits it); `axis=Attr("axis")` captures it; `Attr(where=pred)` tests it.
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -76,6 +82,10 @@ class Pattern:
             return s is not None and len(s) == len(want) and all(
                 w is None or w == d for w, d in zip(want, s))
         return self.where(fits, f"shape is {want}")
+
+    def named(self, name: str) -> "Named":
+        """Capture the value this pattern matches as `name`, wherever it sits in the pattern."""
+        return Named(self, name)
 
 
 class Var(Pattern):
@@ -203,6 +213,49 @@ class Alt(Pattern):
     def __repr__(self) -> str:
         return " | ".join(map(repr, self.options))
 
+    def tagged(self, tag: str, labels: Sequence[Any]) -> "Tagged":
+        """These alternatives, binding `tag` to the label of the one that matched."""
+        if len(labels) != len(self.options):
+            raise InputError(f"tagged({tag!r}): {len(labels)} labels for {len(self.options)} alternatives "
+                             f"(nested alternatives flatten: use tagged({tag!r}, {{label: pattern}}))")
+        return Tagged(tag, dict(zip(labels, self.options)))
+
+
+class Tagged(Pattern):
+    """Alternatives that bind which one matched: `tag` captures the label of the first option
+    that lets the whole pattern match. A tag used twice must bind the same label."""
+
+    __slots__ = ("tag", "labels", "options")
+
+    def __init__(self, tag: str, options: Mapping[Any, Any]):
+        if not options:
+            raise InputError(f"tagged({tag!r}) needs at least one alternative")
+        self.tag = tag
+        self.labels = tuple(options)
+        self.options = tuple(as_pattern(o) for o in options.values())
+
+    def __repr__(self) -> str:
+        return f"{self.tag}=(" + " | ".join(f"{lab}: {o!r}" for lab, o in zip(self.labels, self.options)) + ")"
+
+
+def tagged(tag: str, options: Mapping[Any, Any]) -> Tagged:
+    """`tagged("act", {"Relu": op.Relu(y), "Silu": op.Mul(y, op.Sigmoid(y))})`: the first option
+    that matches, with `act` bound to its label (a capture like an attribute)."""
+    return Tagged(tag, options)
+
+
+class Named(Pattern):
+    """`inner`, with the value it matched captured as `name` (same rules as a `Var`'s capture)."""
+
+    __slots__ = ("inner", "name")
+
+    def __init__(self, inner: Pattern, name: str):
+        self.inner = inner
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r} as {self.name}"
+
 
 class Constrained(Pattern):
     __slots__ = ("inner", "predicate", "why")
@@ -243,6 +296,18 @@ def is_op(op_type: str, domain: str = "", num_outputs: int = 1) -> Callable[...,
     return make
 
 
+def any_of(*op_types: str, tag: str | None = None, domain: str = "") -> Callable[..., Any]:
+    """An op-type set, TVM-style: `any_of("Relu", "Tanh", tag="act")(y)` matches a Relu or a
+    Tanh of `y` (same inputs and attributes), binding the op type it found as `act`."""
+    if not op_types:
+        raise InputError("any_of() needs at least one op type")
+
+    def make(*inputs: Any, **attrs: Any) -> Pattern:
+        options = {t: _make_node(t, domain, 1, inputs, attrs) for t in op_types}
+        return Tagged(tag, options) if tag is not None else Alt(*options.values())
+    return make
+
+
 def _make_node(op_type: str, domain: str, num_outputs: int, inputs: Iterable[Any],
                attrs: dict[str, Any]) -> Any:
     node = NodePattern(op_type, [None if i is None else as_pattern(i) for i in inputs], attrs,
@@ -255,6 +320,11 @@ def _make_node(op_type: str, domain: str, num_outputs: int, inputs: Iterable[Any
 class PatternOps:
     """The `op` handed to pattern functions: `op.Relu(x)`, `op.Split(x, _outputs=2)`,
     `op.MyOp(x, _domain="custom")`."""
+
+    @staticmethod
+    def any_of(*op_types: str, tag: str | None = None, _domain: str = "") -> Callable[..., Any]:
+        """`op.any_of("Relu", "Sigmoid", tag="act")(y)`: see `any_of`."""
+        return any_of(*op_types, tag=tag, domain=_domain)
 
     def __getattr__(self, op_type: str) -> Callable[..., Any]:
         if op_type.startswith("_"):

@@ -1,10 +1,12 @@
 """The rewrite driver: rules to a fixpoint, each match checked for safety, edits in batch.
 
-Order of work. Rules run by priority; each rule visits only the live nodes of its root op types
-(the IR's index), in graph order, so one pass costs O(nodes of those types × pattern size).
-A rewrite marks the nodes within the rule set's pattern depth of the new nodes (up- and
-downstream) as dirty, and later passes visit only dirty nodes: the fixpoint costs what the
-first pass costs plus work proportional to what changed.
+Order of work. Rules run by priority: the rules of one priority visit the live nodes of their
+root op types (the IR's index) in graph order, and at each node only the rules whose first two
+pattern levels fit it are tried (`rewriter.dispatch`), in list order; then the next priority.
+One pass costs O(candidate nodes + attempts × pattern size), not O(rules × nodes). A rewrite
+marks the nodes within the rule set's pattern depth of the new nodes (up- and downstream) as
+dirty, and later passes visit only dirty nodes: the fixpoint costs what the first pass costs
+plus work proportional to what changed.
 
 Safety. A match is rewritten only if no value computed inside it escapes (to a node outside the
 match or to the graph outputs) unless the pattern returns it, and, for patterns with several
@@ -25,16 +27,19 @@ which rule fused which nodes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import onnx
 
 from . import fused_ops
+from .dispatch import Dispatch
 from .errors import InputError
 from .ir import Graph, Node, Value, nested_nodes
 from .matcher import EMPTY, Bindings, Failure, Matcher, pattern_depth, raised, root_op_types
@@ -83,6 +88,10 @@ class RewriteReport:
     errors: dict[str, RuleError] = field(default_factory=dict)
     #: Steps of `fusegraph.canonicalize` that ran before the rules, e.g. {"fold_constants": 12}.
     canonicalized: Counter = field(default_factory=Counter)
+    #: Candidate nodes visited (once per priority level and pass), and rule attempts made at
+    #: them: dispatch keeps `attempts / candidates` to the rules that fit, however many are held.
+    candidates: int = 0
+    attempts: int = 0
 
     def fault(self, rule: str, message: str) -> str:
         """Count a candidate `rule` refused because its code failed; returns the reason."""
@@ -97,6 +106,8 @@ class RewriteReport:
         self.errors.update(lowered.errors)
         self.ops_after = lowered.ops_after
         self.seconds += lowered.seconds
+        self.candidates += lowered.candidates
+        self.attempts += lowered.attempts
 
     @property
     def per_rule(self) -> Counter:
@@ -155,10 +166,15 @@ class ReplacementOps:
 
 class Rewriter:
     def __init__(self, rules: Iterable[Rule], *, max_passes: int = 8, explain: str | None = None,
-                 progress: bool = False):
+                 progress: bool = False, dispatch: bool = True):
         self.rules = (rules if isinstance(rules, RuleSet) else RuleSet(rules)).by_priority()
         if explain is not None and explain not in {r.name for r in self.rules}:
             raise InputError(f"--explain: no rule named {explain!r}")
+        # The explained rule sees every candidate, so --explain lists every refusal; without
+        # dispatch every rule does (the brute force that tests compare dispatch against).
+        unfiltered = [r for r in self.rules if not dispatch or r.name == explain]
+        self.levels = [Dispatch(list(group), unfiltered)
+                       for _, group in itertools.groupby(self.rules, key=lambda r: r.priority)]
         self.max_passes = max_passes
         self.explain = explain
         self.progress = progress
@@ -178,7 +194,7 @@ class Rewriter:
         matcher = Matcher(graph.opset)
         types = ReplacementTypes(graph)
         dirty: set[int] | None = None
-        bar = _progress_bar(graph, self.rules) if self.progress and graph.parent is None else None
+        bar = _progress_bar(graph, self.levels) if self.progress and graph.parent is None else None
         passes = 0
         for _ in range(self.max_passes):
             if graph.order_dirty:
@@ -186,23 +202,28 @@ class Rewriter:
             passes += 1
             touched: list[Node] = []
             pass_start = len(report.fusions)
-            for rule in self.rules:
-                explaining = rule.name == self.explain and passes == 1
-                for node in self._candidates(graph, rule, dirty):
+            for level in self.levels:
+                for node in self._candidates(graph, level.root_ops, dirty):
                     if bar is not None and passes == 1:
                         bar.update(1)
                     if not node.alive:
                         continue
-                    matcher.explain = explaining
-                    matcher.failures = []
-                    fusion = self._try(graph, matcher, types, rule, node, report, explaining)
-                    if matcher.raised:
-                        for message in matcher.raised:
-                            report.fault(rule.name, message)
-                        matcher.raised = []
-                    if fusion is not None:
-                        report.fusions.append(fusion[0])
-                        touched.extend(fusion[1])
+                    report.candidates += 1
+                    for rule in level.rules_for(node):
+                        if not node.alive:
+                            break
+                        explaining = rule.name == self.explain and passes == 1
+                        report.attempts += 1
+                        matcher.explain = explaining
+                        matcher.failures = []
+                        fusion = self._try(graph, matcher, types, rule, node, report, explaining)
+                        if matcher.raised:
+                            for message in matcher.raised:
+                                report.fault(rule.name, message)
+                            matcher.raised = []
+                        if fusion is not None:
+                            report.fusions.append(fusion[0])
+                            touched.extend(fusion[1])
             if not touched:
                 break
             if passes == self.max_passes:
@@ -220,8 +241,8 @@ class Rewriter:
         report.ops_after.update(_op_histogram(graph))
 
     @staticmethod
-    def _candidates(graph: Graph, rule: Rule, dirty: set[int] | None) -> Iterator[Node]:
-        for key in sorted(rule.root_ops):
+    def _candidates(graph: Graph, root_ops: Iterable[tuple[str, str]], dirty: set[int] | None) -> Iterator[Node]:
+        for key in sorted(root_ops):
             # A snapshot: nodes this pass creates are roots in the next pass (they are dirty).
             for node in list(graph.by_op.get(key, ())):
                 if dirty is None or id(node) in dirty:
@@ -407,11 +428,16 @@ def _cycle(matched: list[Node], outputs: list[Value]) -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def _output_reach(p: Pattern) -> tuple[frozenset[tuple[str, str]], int]:
+    """A further output's root op types and depth, computed once per pattern, not per attempt."""
+    return frozenset(root_op_types(p)), pattern_depth(p)
+
+
 def _nearby_outputs(p: Pattern, env: Bindings, anchors: list[Value]) -> Iterator[Value]:
     """Values that could be a further output of a multi-output pattern: outputs of nodes reachable
     downstream from what is already bound (the outputs share inputs or operators with it)."""
-    kinds = root_op_types(p)
-    depth = pattern_depth(p)
+    kinds, depth = _output_reach(p)
     # Constants are left out: a weight shared by thousands of nodes would make this O(graph).
     start = [v for v in env.values.values() if not v.is_constant] + [
         v for n in env.nodes.values() for v in n.inputs if v is not None and not v.is_constant]
@@ -439,8 +465,8 @@ def _op_histogram(graph: Graph) -> Counter:
                     if (k := sum(1 for n in lst if n.alive))})
 
 
-def _progress_bar(graph: Graph, rules: list[Rule]):
-    total = sum(len(graph.by_op.get(k, ())) for r in rules for k in r.root_ops)
+def _progress_bar(graph: Graph, levels: list[Dispatch]):
+    total = sum(len(graph.by_op.get(k, ())) for level in levels for k in level.root_ops)
     if total < 20000:
         return None
     from tqdm import tqdm

@@ -49,7 +49,8 @@ class Rule:
     pattern: Callable[..., Any] | Pattern | tuple[Pattern, ...]
     replacement: Callable[..., Any]
     condition: Callable[..., bool] | Sequence[Callable[..., bool]] | None = None
-    #: Rules of higher priority run first over the whole graph; equal priorities keep list order.
+    #: Rules of higher priority run first over the whole graph; rules of equal priority visit the
+    #: graph together, each node trying them in list order.
     priority: int = 0
     description: str = ""
     #: Concrete captures the self-check (`fusegraph.verify.verify_rule`) builds graphs from,

@@ -42,7 +42,7 @@ def test_rewrite_verify_and_summary(tmp_path, capsys):
     rc = main([src, "-o", str(tmp_path / "out.onnx"), "--verify", "--shape", "x:5x4"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "nodes: 3 -> 1" in out and "gemm_epilogue.MatMulBiasRelu" in out and "verify y:" in out and " ok" in out
+    assert "nodes: 3 -> 1" in out and "gemm_epilogue.matmul_act" in out and "verify y:" in out and " ok" in out
     assert digest(src) == before
     onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")), full_check=True)
 
@@ -52,17 +52,17 @@ def test_json_summary(tmp_path, capsys):
     assert main([src, "-o", str(tmp_path / "out.onnx"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["nodes_before"] == 3 and summary["nodes_after"] == 1
-    assert summary["fusions"] == {"gemm_epilogue.MatMulBiasRelu": 1}
+    assert summary["fusions"] == {"gemm_epilogue.matmul_act": 1}
     assert summary["ops"]["fusegraph.MatMulBiasRelu"] == [0, 1]
 
 
 def test_rule_selection_and_listing(tmp_path, capsys):
     assert main(["--list-rules"]) == 0
     listed = capsys.readouterr().out
-    assert "gemm_epilogue.MatMulBiasRelu" in listed
+    assert "gemm_epilogue.matmul_act" in listed
     src = write(tmp_path / "in.onnx", mlp_model())
-    assert main([src, "-o", str(tmp_path / "out.onnx"), "--rules", "gemm_epilogue.MatMulBias", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["fusions"] == {"gemm_epilogue.MatMulBias": 1}
+    assert main([src, "-o", str(tmp_path / "out.onnx"), "--rules", "gemm_epilogue.matmul_bias", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fusions"] == {"gemm_epilogue.matmul_bias": 1}
 
 
 def test_explain_names_the_failed_constraint(tmp_path, capsys):
@@ -70,9 +70,9 @@ def test_explain_names_the_failed_constraint(tmp_path, capsys):
     model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.ones((2, 3), F), "b"))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
     src = write(tmp_path / "in.onnx", model)
-    assert main([src, "--explain", "gemm_epilogue.MatMulBiasRelu", "--rules", "gemm_epilogue.MatMulBiasRelu"]) == 0
+    assert main([src, "--explain", "gemm_epilogue.matmul_act", "--rules", "gemm_epilogue.matmul_act"]) == 0
     out = capsys.readouterr().out
-    assert "explain gemm_epilogue.MatMulBiasRelu: 0 matches rewritten, 1 candidates refused" in out
+    assert "explain gemm_epilogue.matmul_act: 0 matches rewritten, 1 candidates refused" in out
     assert "Relu 'act'" in out and "bias shape (2, 3) is not [N]" in out
 
 
@@ -80,7 +80,7 @@ def test_explain_reports_the_deepest_structural_failure(tmp_path, capsys):
     model = make_model([node("Sub", ["x", "b"], ["a"]), node("Relu", ["a"], ["y"], name="act")],
                        {"x": (F, [2, 3])}, {"y": (F, [2, 3])}, {"b": np.ones(3, F)})
     src = write(tmp_path / "in.onnx", model)
-    assert main([src, "--explain", "gemm_epilogue.MatMulBiasRelu", "--rules", "gemm_epilogue.*"]) == 0
+    assert main([src, "--explain", "gemm_epilogue.matmul_act", "--rules", "gemm_epilogue.*"]) == 0
     assert "expected Add, found Sub" in capsys.readouterr().out
 
 
@@ -304,10 +304,10 @@ def test_explain_goes_into_the_json(tmp_path, capsys):
     model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.ones((2, 3), F), "b"))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
     src = write(tmp_path / "in.onnx", model)
-    assert main([src, "--explain", "gemm_epilogue.MatMulBiasRelu", "--rules", "gemm_epilogue.MatMulBiasRelu",
+    assert main([src, "--explain", "gemm_epilogue.matmul_act", "--rules", "gemm_epilogue.matmul_act",
                  "--json"]) == 0
     explanation = json.loads(capsys.readouterr().out)["explain"]
-    assert explanation["rule"] == "gemm_epilogue.MatMulBiasRelu" and explanation["matches_rewritten"] == 0
+    assert explanation["rule"] == "gemm_epilogue.matmul_act" and explanation["matches_rewritten"] == 0
     assert [m["root"] for m in explanation["refused"]] == ["Relu 'act'"]
     assert "bias shape (2, 3) is not [N]" in explanation["refused"][0]["reason"]
 
@@ -355,7 +355,7 @@ def test_rewriting_a_rewritten_model_extends_its_record(tmp_path):
     assert main([src, "-o", str(tmp_path / "a.onnx")]) == 0
     assert main([str(tmp_path / "a.onnx"), "-o", str(tmp_path / "b.onnx")]) == 0
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "b.onnx")).metadata_props}
-    assert [f["rule"] for f in json.loads(props["fusegraph.fusions"])] == ["gemm_epilogue.MatMulBiasRelu"]
+    assert [f["rule"] for f in json.loads(props["fusegraph.fusions"])] == ["gemm_epilogue.matmul_act"]
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -16,15 +16,17 @@ F = np.float32
 
 
 def two_mlps(bias_a, bias_b):
-    """Two MatMul + Add + Relu chains of one input, with biases `bias_a` and `bias_b`."""
+    """Two MatMul + Add + Relu chains of one input (two weights: no common subexpression for
+    the canonicalizer to merge), with biases `bias_a` and `bias_b`."""
     nodes = []
     for i in "ab":
-        nodes += [node("MatMul", ["x", "w"], [f"m{i}"], name=f"mm_{i}"),
+        nodes += [node("MatMul", ["x", f"w{i}"], [f"m{i}"], name=f"mm_{i}"),
                   node("Add", [f"m{i}", f"b{i}"], [f"s{i}"], name=f"add_{i}"),
                   node("Relu", [f"s{i}"], [f"y{i}"], name=f"relu_{i}")]
     rng = np.random.default_rng(0)
     return make_model(nodes, {"x": (F, [2, 4])}, {"ya": (F, [2, 3]), "yb": (F, [2, 3])},
-                      {"w": rng.standard_normal((4, 3)).astype(F), "ba": np.asarray(bias_a, F),
+                      {"wa": rng.standard_normal((4, 3)).astype(F), "wb": rng.standard_normal((4, 3)).astype(F),
+                       "ba": np.asarray(bias_a, F),
                        "bb": np.asarray(bias_b, F)})
 
 

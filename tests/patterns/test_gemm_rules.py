@@ -7,6 +7,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from fusegraph.api import rewrite_with_report
+from fusegraph.fused_ops import matmul_epilogue_name
 from fusegraph.patterns import all_rules, gemm_epilogue
 from fusegraph.rule import RuleSet
 from fusegraph.testing import assert_rewrites, assert_unchanged, op_counts
@@ -110,3 +111,25 @@ def test_decoy_gemm_output_read_elsewhere(f):
     m = model(b, f, activation(b, f, y), extra={y: None})
     out, report = rewrite_with_report(m, RULES)
     assert not report.fusions and op_counts(out)["Gemm"] == 1
+
+
+def test_three_rules_name_every_fused_op_from_the_activation_tag():
+    """One rule per shape of chain; the activation's tag and the optional bias pick the op."""
+    assert sorted(r.name for r in gemm_epilogue.RULES) == [
+        "gemm_epilogue.gemm_act", "gemm_epilogue.matmul_act", "gemm_epilogue.matmul_bias"]
+    for act in gemm_epilogue.ACTIVATION_PATTERNS:
+        for bias in (False, True):
+            b = Builder(np.float32)
+            y = b.op("MatMul", "x", b.weight(np.eye(4) / 2))
+            if bias:
+                y = b.op("Add", y, b.weight(np.full(4, 0.25)))
+            if act == "Silu":
+                y = b.op("Mul", y, b.op("Sigmoid", y))
+            elif act.startswith("Gelu"):
+                y = b.op("Gelu", y, approximate="tanh" if act == "GeluTanh" else "none")
+            else:
+                y = b.op(act, y)
+            name = matmul_epilogue_name(bias, act)
+            out, report = rewrite_with_report(b.model({"x": [3, 4]}, {y: [3, 4]}, 20), RULES)
+            assert dict(report.per_rule) == {"gemm_epilogue.matmul_act": 1}, (act, bias)
+            assert op_counts(out) == {f"fusegraph.{name}": 1}, (act, bias)

@@ -401,7 +401,7 @@ def test_epilogue_mutant_is_refused_or_equal(spec):
 @pytest.mark.parametrize("gemm, act", [(False, "Relu"), (False, None), (True, "Relu")])
 def test_scalar_bias_is_refused_with_a_reason(gemm, act):
     """A rank-0 bias (MatMul + Add(0.5), Gemm with a scalar C) used to raise IndexError."""
-    rule = f"gemm_epilogue.{'Gemm' if gemm else 'MatMul'}Bias{act or ''}"
+    rule = f"gemm_epilogue.{'gemm_act' if gemm else 'matmul_act' if act else 'matmul_bias'}"
     assert_refused(epilogue({**EPILOGUE, "gemm": gemm, "act": act, "bias_shape": ()}), rule, "is not [N]")
 
 

@@ -91,7 +91,7 @@ def test_examples_supply_what_the_search_cannot_guess(tmp_path):
 
 
 def test_linear_rules_run_in_exact_mode(tmp_path):
-    bias_rule = next(r for r in RULES if r.name == "gemm_epilogue.MatMulBias")
+    bias_rule = next(r for r in RULES if r.name == "gemm_epilogue.matmul_bias")
     result = verify_rule(bias_rule, repro_dir=str(tmp_path), max_examples=3)
     assert result.exact_instances == result.instances >= 1
 
