@@ -254,6 +254,43 @@ def scales_are_scalars(**captures) -> bool:
     return True
 
 
+#: The widest factor (or its inverse) a scale site may apply: beyond it the original, which
+#: applies each factor in turn, can overflow (or flush to zero) where one folded scale does not.
+SCALE_RANGE = 1e10
+#: In float16/bfloat16 a factor beyond 16 risks overflowing Q, K or Q·Kᵀ (float16 tops out at
+#: 65504), and one below 1/256 pushes typical values into subnormals, where they lose their
+#: precision: the fused op, in float32, would not. Exported scales (1/sqrt(D), its square root on
+#: both Q and K, Div by sqrt(D)) sit well inside.
+HALF_FACTOR_RANGE = (1 / 256, 16)
+HALF_TYPES = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+
+def scales_keep_range(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
+    """The fused op multiplies Q·Kᵀ by the product of the factors once, in float32; the original
+    applies each factor in its own type, so a huge factor overflows to inf (or a tiny one
+    flushes to zero) before the others bring the scores back: q·1e-5 · (k/1e-5) is inf in
+    float16. Each factor stays within 1e-10..1e10, and in float16/bfloat16 within
+    `HALF_FACTOR_RANGE`."""
+    half = q_type(q, k, k_kv, k_bshd, **captures) in HALF_TYPES
+    for site in SCALE_SITES:
+        for kind in ("mul", "div"):
+            c = captures.get(f"{site}_{kind}")
+            if c is None or c.const_value is None:
+                continue
+            f = abs(float(c.const_value.astype(np.float64).reshape(-1)[0]))
+            f = f if kind == "mul" else 1 / f
+            if f == 0:  # zero scores either way (a zero factor is exact in any order)
+                continue
+            if not 1 / SCALE_RANGE <= f <= SCALE_RANGE:
+                return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g}, beyond 1e-10..1e10: "
+                              "the original may overflow where one folded scale does not")
+            low, high = HALF_FACTOR_RANGE
+            if half and not low <= f <= high:
+                return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g} in a 16-bit float type, "
+                              "where the original may overflow or lose precision")
+    return True
+
+
 def softmax_on_last_axis(axis, q) -> bool:
     return axis == -1 or (axis == 3 and q.rank == 4) or reject(f"softmax on axis {axis}, not the last")
 
@@ -549,7 +586,7 @@ _ABOVE = np.triu(np.ones((1, 1, 3, 3), bool), k=1)
 CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.float32),
                   "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
 
-CONDITIONS = [scales_are_scalars, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
+CONDITIONS = [scales_are_scalars, scales_keep_range, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
               mask_fits, bias_joins_mask_exactly, math_fits_float32, nan_rows_reproducible]
 
 RULES = [
