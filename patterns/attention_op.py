@@ -89,26 +89,6 @@ def _causal_bias(b: Body, opset: int) -> str:
     return b.op("Where", b.op("LessOrEqual", cols, rows), b.op("Constant", value_float=0.0), ninf)
 
 
-def _if_causal(b: Body, opset: int, scores: str) -> str:
-    """`scores` plus the causal bias when `is_causal` is 1, `scores` itself when 0: an If on the
-    attribute. Once the function is inlined its condition is a constant, so ONNX Runtime (constant
-    folding) and TensorRT's parser keep only the branch it picks and the op pays nothing for the
-    flag it does not set."""
-    start = len(b.nodes)  # the causal branch, built in the body's namespace and moved into the If
-    _ = b.op("Add", scores, _causal_bias(b, opset))
-    branch = b.nodes[start:]
-    del b.nodes[start:]
-    local = {o for n in branch for o in n.output}  # renamed apart from the names b hands out next
-    for n in branch:
-        n.input[:] = ["causal_" + i if i in local else i for i in n.input]
-        n.output[:] = ["causal_" + o for o in n.output]
-    then_branch = helper.make_graph(branch, "causal", [], [onnx.ValueInfoProto(name=branch[-1].output[0])])
-    else_branch = helper.make_graph([helper.make_node("Identity", [scores], ["full_" + scores])], "full", [],
-                                    [onnx.ValueInfoProto(name="full_" + scores)])
-    flag = b.op("Cast", b.attr_const("is_causal", onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
-    return b.op("If", flag, then_branch=then_branch, else_branch=else_branch)
-
-
 def _body(b: Body, opset: int, masked: bool) -> None:
     typed = opset >= TYPED_BODY_OPSET
     q, k, v = (b.op("Cast", x, to=FLOAT) for x in ("Q", "K", "V"))
@@ -128,7 +108,9 @@ def _body(b: Body, opset: int, masked: bool) -> None:
         scores = b.op("Cast", b.op("Add", b.op("CastLike", scores, "Mask"), "Mask"), to=FLOAT)
     elif masked:  # float32 attention only below opset 15 (`attention.body_fits_opset`)
         scores = b.op("Add", scores, b.op("Cast", "Mask", to=FLOAT))
-    probs = b.op("Softmax", _if_causal(b, opset, scores), axis=-1)
+    # is_causal: an If on the attribute that the loader folds (`Body.if_attr`)
+    scores = b.if_attr("is_causal", lambda: b.op("Add", scores, _causal_bias(b, opset)), lambda: scores)
+    probs = b.op("Softmax", scores, axis=-1)
     y = b.op("MatMul", _regroup(b, probs, hkv, group_rows, sk) if grouped else probs, v)
     if grouped:
         y = _regroup(b, y, hq, sq, _dims(b, "V", 3, 4))

@@ -130,6 +130,31 @@ class Body:
         self.nodes.append(node)
         return self.cast_like(node.output[0], like) if like else node.output[0]
 
+    def if_attr(self, attr: str, then: Callable[[], str], otherwise: Callable[[], str]) -> str:
+        """The value `then()` builds where the function's int attribute `attr` is nonzero, else
+        `otherwise()`'s: an If on the attribute, each callback building its branch with this
+        builder. Once the function is inlined the condition is a constant, so ONNX Runtime
+        (constant folding) and TensorRT's parser keep only the chosen branch: a body whose
+        structure depends on an attribute pays nothing for it at run time."""
+        flag = self.op("Cast", self.attr_const(attr, onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
+        branches = []
+        for label, build in (("then", then), ("else", otherwise)):
+            start = len(self.nodes)
+            out = build()
+            nodes = self.nodes[start:]
+            del self.nodes[start:]
+            if not nodes:  # a branch must compute its output
+                nodes, out = [helper.make_node("Identity", [out], [f"{out}_id"])], f"{out}_id"
+            # The branch's own names, set apart from those this builder hands out next.
+            local = {o for n in nodes for o in n.output}
+            prefix = f"{flag}_{label}_"
+            for n in nodes:
+                n.input[:] = [prefix + i if i in local else i for i in n.input]
+                n.output[:] = [prefix + o for o in n.output]
+            out = prefix + out if out in local else out
+            branches.append(helper.make_graph(nodes, f"{attr}_{label}", [], [onnx.ValueInfoProto(name=out)]))
+        return self.op("If", flag, then_branch=branches[0], else_branch=branches[1])
+
 
 REGISTRY: dict[str, FusedOp] = {}
 
