@@ -271,6 +271,66 @@ def time_interleaved(paths: dict[str, Path], arch: Arch, shapes, args) -> dict[s
     return out
 
 
+# -- TensorRT-RTX engines ----------------------------------------------------------------------
+def engine_ranges(arch: Arch, shapes: list[tuple[int, int]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """One optimization profile over the measured shapes: min batch and sequence 1, opt the
+    first shape, max the largest batch and sequence."""
+    def dims(batch: int, seq: int) -> dict[str, tuple[int, ...]]:
+        return {name: a.shape for name, a in feeds_for(arch, batch, seq).items()}
+    fixed = FIXED_SEQ.get(arch.name)
+    lo = dims(1, fixed or 1)
+    opt = dims(*shapes[0])
+    hi = dims(max(b for b, _ in shapes), max(s for _, s in shapes))
+    return {name: {"min": lo[name], "opt": opt[name], "max": hi[name]} for name in opt}
+
+
+def engine_row(name: str, src: Path, arch: Arch, shapes) -> dict[str, dict]:
+    """Engine layers of the export, its rewrite and the rewrite with plugins (built on the CPU)."""
+    import tempfile
+    from fusegraph.engine import build_engine
+    from fusegraph.errors import InputError
+    out = {}
+    with tempfile.TemporaryDirectory() as work:
+        for label, kw in (("original", {}), ("rewritten", {"rewrite": True}),
+                          ("--plugins", {"rewrite": True, "plugins": True})):
+            try:
+                r = build_engine(src, Path(work) / f"{name}.engine", ranges=engine_ranges(arch, shapes),
+                                 write_report=False, **kw)
+            except InputError as e:
+                out[label] = {"error": str(e).splitlines()[0][:160]}
+                continue
+            kinds = {}
+            for op in r.get("fused_ops", []):
+                kinds[op["implementation"]] = kinds.get(op["implementation"], 0) + 1
+            out[label] = {"layers": r["engine_info"]["layer_count"], "types": r["engine_info"]["layer_types"],
+                          "network": r["parse"]["network_layers"], "fused": kinds,
+                          "build_s": r["engine_info"]["build_seconds"]}
+            print(f"{name} engine {label}: {out[label]}", file=sys.stderr, flush=True)
+    return out
+
+
+def render_engines(rows: list[tuple[str, dict]]) -> str:
+    from fusegraph import tensorrt_shim
+    b = tensorrt_shim.backend()
+    lines = ["## TensorRT-RTX engines of the same exports", "",
+             f"{b['flavour']} {b['version']}, built on the CPU (no GPU), one profile over the measured shapes. "
+             "Engine layers are the builder's (kernels, mostly Myelin); kinds: the engine layers' types; "
+             "fused ops: what the rewrite's fused nodes became with `--plugins`.", "",
+             "| model | original: engine layers (network layers) | rewritten | --plugins | --plugins: kinds | "
+             "--plugins: fused ops |", "|---|---|---|---|---|---|"]
+
+    def cell(r: dict) -> str:
+        return "error" if "error" in r else f"{r['layers']} ({r['network']})"
+    for name, r in rows:
+        plugged = r.get("--plugins", {"error": ""})
+        kinds = "" if "error" in plugged else ", ".join(f"{v} {k}" for k, v in sorted(plugged["types"].items()))
+        fused = "" if "error" in plugged else ", ".join(f"{v} {k}" for k, v in sorted(plugged["fused"].items()))
+        lines.append(f"| {name} | {cell(r.get('original', {'error': ''}))} | {cell(r.get('rewritten', {'error': ''}))} | "
+                     f"{cell(plugged)} | {kinds} | {fused} |")
+    errors = [f"{name} {label}: {v['error']}" for name, r in rows for label, v in r.items() if "error" in v]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", default=list(ARCHS))
@@ -280,6 +340,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=20, help="timed runs per variant and shape, interleaved")
     p.add_argument("--variants", nargs="*", help="subset of the variants (default: all)")
+    p.add_argument("--engines", action="store_true", help="also build TensorRT-RTX engines of original / "
+                   "rewritten / --plugins and print their layer counts (CPU build; slow)")
+    p.add_argument("--no-latency", action="store_true", help="with --engines: only the engines table")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--shapes", nargs="*", help=argparse.SUPPRESS)
@@ -291,41 +354,52 @@ def main(argv=None) -> None:
 
     all_variants = variants()
     chosen = {k: v for k, v in all_variants.items() if not args.variants or k in args.variants or k == "original"}
-    rows = []
+    rows, engine_rows = [], []
     for name in args.only:
         arch = ARCHS[name]
         src = export(arch)
         seqs = [FIXED_SEQ[name]] if name in FIXED_SEQ else args.seq
         shapes = [(b, s) for b in args.batch for s in seqs]
-        results, nodes, paths = {}, {}, {}
-        for label, make in chosen.items():
-            path = src
-            if make is not None:
-                path = CACHE / f"{name}.{label.replace(':', '-')}.onnx"
-                try:
-                    t0 = time.perf_counter()
-                    model = make(src, arch)
-                    model.ir_version = min(model.ir_version, 10)
-                    onnx.save(model, str(path))
-                    results.setdefault(label, {})["rewrite_s"] = time.perf_counter() - t0
-                except Exception as e:  # a variant that fails is reported, the run goes on
-                    results[label] = {"error": f"rewrite: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-                    continue
-            nodes[label], paths[label] = len(onnx.load(str(path), load_external_data=False).graph.node), path
-        for label, path in list(paths.items()):
-            results.setdefault(label, {}).update(run_memory(path, arch, shapes, args))
-            if "error" in results[label]:
-                print(f"{name} {label}: {results[label]}", file=sys.stderr, flush=True)
-                del paths[label]
-        for label, timings in time_interleaved(paths, arch, shapes, args).items():
-            results[label].update(timings)
-            if label != "original":
-                diffs = [float(np.max(np.abs(np.load(f"{paths[label]}.{b}x{s}.npy") - np.load(f"{src}.{b}x{s}.npy"))))
-                         for b, s in shapes]
-                results[label]["max_abs"] = max(diffs)
+        if not args.no_latency:
+            rows.append((name, shapes, *latency_row(name, arch, src, shapes, chosen, args)))
+        if args.engines:
+            engine_rows.append((name, engine_row(name, src, arch, shapes)))
+    if rows:
+        print(render(rows, list(chosen), args))
+    if engine_rows:
+        print(render_engines(engine_rows))
+
+
+def latency_row(name: str, arch: Arch, src: Path, shapes, chosen: dict, args) -> tuple[dict, dict]:
+    """Every chosen variant of one export: its timings, peak memory, node count and error."""
+    results, nodes, paths = {}, {}, {}
+    for label, make in chosen.items():
+        path = src
+        if make is not None:
+            path = CACHE / f"{name}.{label.replace(':', '-')}.onnx"
+            try:
+                t0 = time.perf_counter()
+                model = make(src, arch)
+                model.ir_version = min(model.ir_version, 10)
+                onnx.save(model, str(path))
+                results.setdefault(label, {})["rewrite_s"] = time.perf_counter() - t0
+            except Exception as e:  # a variant that fails is reported, the run goes on
+                results[label] = {"error": f"rewrite: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+                continue
+        nodes[label], paths[label] = len(onnx.load(str(path), load_external_data=False).graph.node), path
+    for label, path in list(paths.items()):
+        results.setdefault(label, {}).update(run_memory(path, arch, shapes, args))
+        if "error" in results[label]:
             print(f"{name} {label}: {results[label]}", file=sys.stderr, flush=True)
-        rows.append((name, shapes, results, nodes))
-    print(render(rows, list(chosen), args))
+            del paths[label]
+    for label, timings in time_interleaved(paths, arch, shapes, args).items():
+        results[label].update(timings)
+        if label != "original":
+            diffs = [float(np.max(np.abs(np.load(f"{paths[label]}.{b}x{s}.npy") - np.load(f"{src}.{b}x{s}.npy"))))
+                     for b, s in shapes]
+            results[label]["max_abs"] = max(diffs)
+        print(f"{name} {label}: {results[label]}", file=sys.stderr, flush=True)
+    return results, nodes
 
 
 def render(rows, labels, args) -> str:
