@@ -32,7 +32,11 @@ another pass over the [B, Hq, Sq, Sk] scores (ONNX Runtime's Where costs about 8
   causal masks are: a NaN or +inf score at a masked key makes its row NaN, hence zeros;
 * a fully masked row: Softmax leaves it NaN throughout, so its first probability tells, and a
   Where over Y's row zeroes it. So a dead row is zeros even where V holds inf or NaN (0 * inf
-  in the MatMul would be NaN); a live row's NaN from V stays NaN;
+  in the MatMul would be NaN); a live row's NaN from V stays NaN. For `--target tensorrt`
+  (`Body.target`) the body zeroes the NaN probabilities instead (IsNaN + Where over them, as
+  before): TensorRT fuses that into its attention kernel, while a second reader of the
+  probabilities splits it (Llama, 4 layers: 77 engine layers against 63; the original export
+  builds 69). The two forms differ only where a dead row meets an inf or NaN in V;
 * Cast to float32 of a float32 tensor is free: ONNX Runtime removes it when it inlines.
 """
 
@@ -111,9 +115,14 @@ def _body(b: Body, opset: int, masked: bool) -> None:
     # is_causal: an If on the attribute that the loader folds (`Body.if_attr`)
     scores = b.if_attr("is_causal", lambda: b.op("Add", scores, _causal_bias(b, opset)), lambda: scores)
     probs = b.op("Softmax", scores, axis=-1)
+    if b.target == "tensorrt":  # the guard on the probabilities, which TensorRT fuses into its attention
+        probs = b.op("Where", b.op("IsNaN", probs), b.op("Constant", value_float=0.0), probs)
     y = b.op("MatMul", _regroup(b, probs, hkv, group_rows, sk) if grouped else probs, v)
     if grouped:
         y = _regroup(b, y, hq, sq, _dims(b, "V", 3, 4))
+    if b.target == "tensorrt":
+        b.cast_like(y, "Q", out="Y")
+        return
     # A row with every score at -inf is NaN throughout after Softmax (one NaN makes the sum that
     # normalises the row NaN), so its first probability tells: that row of Y reads as zeros. The
     # ReduceSum over that one column keeps an empty key axis (no column) a live row.

@@ -58,10 +58,11 @@ class FusedOp:
     #: The oldest opset this op's body is valid in.
     min_opset: int = MIN_OPSET
 
-    def function(self, opset: int, dtype: int | None = None) -> onnx.FunctionProto:
+    def function(self, opset: int, dtype: int | None = None, target: str = "portable") -> onnx.FunctionProto:
         """The local function for a model of default-domain `opset`, called by a node whose first
         input has element type `dtype`: one polymorphic body from opset 15 (`dtype` unused), the
-        body specialised to `dtype` (and named by it as its overload) below."""
+        body specialised to `dtype` (and named by it as its overload) below. `target` is the
+        runtime that will inline the body (`Body.target`)."""
         if opset < self.min_opset:
             raise ValueError(f"fusegraph.{self.name} has no body for opset {opset} (needs {self.min_opset})")
         if opset >= POLYMORPHIC_OPSET:
@@ -69,7 +70,7 @@ class FusedOp:
         elif dtype is None:
             raise ValueError(f"fusegraph.{self.name} at opset {opset}: below opset {POLYMORPHIC_OPSET} "
                              "a body is specialised to its input's element type; give the type")
-        b = Body(dtype)
+        b = Body(dtype, target)
         self.body(b, opset)
         f = helper.make_function(
             DOMAIN, self.name, list(self.inputs), list(self.outputs), b.nodes,
@@ -89,10 +90,15 @@ class Body:
 
     `dtype` is the element type the body is specialised to, None for a polymorphic body;
     `cast_like(v, like)` and `const_like` hide the difference (`like` must have X's type).
+    `target` is the runtime the model is rewritten for (`fusegraph.lowering.TARGETS`): every
+    runtime inlines the body, and where two forms of the same semantics run fast in different
+    runtimes a body picks by it (the attention's dead-row guard: `attention_op`). Any ONNX
+    runtime runs either form.
     """
 
-    def __init__(self, dtype: int | None = None) -> None:
+    def __init__(self, dtype: int | None = None, target: str = "portable") -> None:
         self.dtype = dtype
+        self.target = target
         self.nodes: list[onnx.NodeProto] = []
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
@@ -224,13 +230,15 @@ def _register_matmul_epilogues() -> None:
 _register_matmul_epilogues()
 
 
-def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodeProto], int | None] | None = None) -> None:
+def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodeProto], int | None] | None = None,
+                     target: str = "portable") -> None:
     """Give every fused node of `model` (in If/Loop/Scan bodies too) the local function it calls.
 
     Below opset 15 each node is pointed at the body for its element type (its `overload`) and
     the model's IR version raised to 10 if need be. `element_type(node)` says a node's element
     type (that of its first input, or equally of its first output); where it says None (or is
-    not given), ONNX shape inference of the model does. Functions the model already has stay,
+    not given), ONNX shape inference of the model does. Bodies are written for `target`
+    (`Body.target`). Functions the model already has stay,
     except `fusegraph` ones no node calls any more (a fused op lowered for a target): the
     domain is fusegraph's own.
     """
@@ -256,7 +264,7 @@ def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodePr
     for name, ov in sorted(called):
         if (DOMAIN, name, ov) not in have:
             model.functions.append(REGISTRY[name].function(opset, onnx.TensorProto.DataType.Value(ov.upper())
-                                                           if ov else None))
+                                                           if ov else None, target))
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
