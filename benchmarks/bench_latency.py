@@ -236,7 +236,17 @@ def measure_memory(model_path: str, arch: Arch, shapes: list[tuple[int, int]], t
     sess = session(model_path, threads)
     for batch, seq in shapes:
         np.save(f"{model_path}.{batch}x{seq}.npy", sess.run(None, feeds_for(arch, batch, seq))[0])
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"peak_mib": peak_mib()}
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss keeps
+    the parent's peak across fork + exec, so every variant would report the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_memory(path: Path, arch: Arch, shapes, args) -> dict:
