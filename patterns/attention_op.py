@@ -74,11 +74,6 @@ def _repeat_heads(b: Body, x: str, hq: str) -> str:
     return b.op("Gather", x, b.op("Div", heads, group), axis=1)
 
 
-def _regroup(b: Body, x: str, heads: str, rows: str, cols: str) -> str:
-    """x [N, H, R, C] viewed as [N, heads, rows, cols] (the same elements in the same order)."""
-    return b.op("Reshape", x, b.op("Concat", _dims(b, x, 0, 1), heads, rows, cols, axis=0))
-
-
 def _causal_bias(b: Body, opset: int) -> str:
     """[Sq, Sk] float32: 0 where key j <= query i, -inf after. Trilu from opset 14 (two passes
     over Sq x Sk); a Where below, which ONNX Runtime runs about 8x slower per element."""
@@ -96,18 +91,23 @@ def _causal_bias(b: Body, opset: int) -> str:
 def _body(b: Body, opset: int, masked: bool) -> None:
     typed = opset >= TYPED_BODY_OPSET
     q, k, v = (b.op("Cast", x, to=FLOAT) for x in ("Q", "K", "V"))
-    hq = _dims(b, "Q", 1, 2)
     grouped = opset >= GROUPED_BODY_OPSET
     if grouped:  # the query heads that share a kv head as one [group * Sq] block of rows: no copy
-        sq, hkv, sk = _dims(b, "Q", 2, 3), _dims(b, "K", 1, 2), _dims(b, "K", 2, 3)
-        group_rows = b.op("Mul", b.op("Div", hq, hkv), sq)
-        q = _regroup(b, q, hkv, group_rows, _dims(b, "Q", 3, 4))
+        heads_rows = _dims(b, "Q", 1, 3)  # [Hq, Sq]
+        hkv = _dims(b, "K", 1, 2)
+        group_rows = b.op("Div", b.op("ReduceProd", heads_rows, keepdims=1), hkv)  # Hq * Sq / Hkv
+        zero = _ints(b, 0)
+        # Reshape's zeros copy the viewed tensor's own batch and last dims
+        by_kv_head = b.op("Concat", zero, hkv, group_rows, zero, axis=0)  # [N, Hkv, G * Sq, last]
+        by_q_head = b.op("Concat", zero, heads_rows, zero, axis=0)  # [N, Hq, Sq, last]
+        q = b.op("Reshape", q, by_kv_head)
     else:
+        hq = _dims(b, "Q", 1, 2)
         k, v = _repeat_heads(b, k, hq), _repeat_heads(b, v, hq)
     scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])),
                   b.attr_const("scale", onnx.AttributeProto.FLOAT))
     if grouped:
-        scores = _regroup(b, scores, hq, sq, sk)
+        scores = b.op("Reshape", scores, by_q_head)
     if masked and typed:  # the sum in the Mask's type, as the replaced graph computed it
         scores = b.op("Cast", b.op("Add", b.op("CastLike", scores, "Mask"), "Mask"), to=FLOAT)
     elif masked:  # float32 attention only below opset 15 (`attention.body_fits_opset`)
@@ -117,9 +117,9 @@ def _body(b: Body, opset: int, masked: bool) -> None:
     probs = b.op("Softmax", scores, axis=-1)
     if b.target == "tensorrt":  # the guard on the probabilities, which TensorRT fuses into its attention
         probs = b.op("Where", b.op("IsNaN", probs), b.op("Constant", value_float=0.0), probs)
-    y = b.op("MatMul", _regroup(b, probs, hkv, group_rows, sk) if grouped else probs, v)
+    y = b.op("MatMul", b.op("Reshape", probs, by_kv_head) if grouped else probs, v)
     if grouped:
-        y = _regroup(b, y, hq, sq, _dims(b, "V", 3, 4))
+        y = b.op("Reshape", y, by_q_head)
     if b.target == "tensorrt":
         b.cast_like(y, "Q", out="Y")
         return
