@@ -187,8 +187,12 @@ def _gelu_erf(b: Body, x: str, out: str) -> str:
 
 def _gelu_tanh(b: Body, x: str, out: str) -> str:
     # Pow(x, 3), not x * x * x: the form ONNX Runtime fuses into FastGelu (and a bias before it
-    # into FastGelu's bias) when it inlines the body, as it fuses the exported decomposition
-    cube = b.op("Pow", x, b.const_like(3.0, x))
+    # into FastGelu's bias) when it inlines the body, as it fuses the exported decomposition.
+    # The exponent has x's type where a body is per type (Pow wants one type before opset 12),
+    # else float32: polymorphic bodies (opset 15+) and bfloat16 ones (13+), whose type no Pow
+    # exponent may have before opset 15.
+    per_type = b.dtype is not None and b.dtype != onnx.TensorProto.BFLOAT16
+    cube = b.op("Pow", x, b.const_like(3.0, x) if per_type else b.op("Constant", value_float=3.0))
     inner = b.op("Add", x, b.op("Mul", cube, b.const_like(0.044715, x)))
     t = b.op("Tanh", b.op("Mul", inner, b.const_like(math.sqrt(2.0 / math.pi), x)))
     half = b.op("Mul", x, b.const_like(0.5, x))
