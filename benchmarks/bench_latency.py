@@ -5,7 +5,8 @@ architecture is built from a config of realistic width (hidden 512, 8 heads, a f
 random weights, no download), exported by TorchScript (opset 17, dynamic batch and sequence),
 and then run in ONNX Runtime's CPU provider as
 
-* `original`: the export itself;
+* `original`: the export itself, and `original (A/A)` the same file in a second session (the
+  noise floor: on a shared machine their difference is what a cell's ratio can mean);
 * `fusegraph`: `rewrite` with the default rules (the portable output), and `fusegraph:<target>`
   for every lowering target fusegraph offers (`--target`);
 * `ort-transformers`: onnxruntime.transformers' offline optimizer (`optimize_model`);
@@ -214,7 +215,9 @@ def fusegraph_targets() -> list[str]:
 
 
 def variants() -> dict:
-    out = {"original": None, "fusegraph": fusegraph_variant(None)}
+    # "original (A/A)" is the export again, in a session of its own: its distance from
+    # "original" is the run's noise floor.
+    out = {"original": None, "original (A/A)": None, "fusegraph": fusegraph_variant(None)}
     out.update({f"fusegraph:{t}": fusegraph_variant(t) for t in fusegraph_targets()})
     out.update({"ort-transformers": ort_transformers_variant, "onnxscript": onnxscript_variant})
     return out
@@ -363,7 +366,8 @@ def main(argv=None) -> None:
         return
 
     all_variants = variants()
-    chosen = {k: v for k, v in all_variants.items() if not args.variants or k in args.variants or k == "original"}
+    chosen = {k: v for k, v in all_variants.items()
+              if not args.variants or k in args.variants or k in ("original", "original (A/A)")}
     rows, engine_rows = [], []
     for name in args.only:
         arch = ARCHS[name]
