@@ -14,14 +14,15 @@ and then run in ONNX Runtime's CPU provider as
 
 side by side in one run, with the thread count fixed (intra-op threads = `--threads`, one
 inter-op thread, sequential execution, default graph optimizations). Each cell is the median
-of `--runs` timed runs after `--warmup` untimed ones, the variants' sessions side by side in one
-process taking turns run by run (so a passing load on a shared machine falls on all alike); "x" is original / variant (above 1 is
-faster). Every variant's outputs are compared with the original's on the same inputs (max abs
-difference), so a fast wrong model shows up. Each variant is also loaded and run once in a
+of `--runs` timed runs after `--warmup` untimed ones, the variants' sessions side by side in
+one process taking turns run by run (so a passing load on a shared machine falls on all
+alike); "x" is original / variant (above 1 is faster). Every variant's outputs are compared
+with the original's on the same inputs (max abs difference), so a fast wrong model shows up. Each variant is also loaded and run once in a
 subprocess of its own, whose peak resident memory (MiB, load + every shape) is the variant's.
 
     python benchmarks/bench_latency.py                       # every model, batch 1 and 4, seq 128 and 512
     python benchmarks/bench_latency.py --only llama --seq 128 --batch 1 --runs 10
+    python benchmarks/bench_latency.py --engines --no-latency  # only the TensorRT-RTX engine table
 
 Needs torch and transformers (the exports) and onnxscript (a peer); exports are cached in
 `out/latency/` (gitignored). Prints the markdown section of benchmarks/RESULTS.md.
@@ -157,7 +158,8 @@ def export(arch: Arch) -> Path:
             for i in range(LAYERS):
                 cache.update(args[n + 2 * i], args[n + 2 * i + 1], i)
             out = self.model(**dict(zip(arch.inputs, args)), past_key_values=cache, use_cache=True, return_dict=True)
-            return (out.last_hidden_state, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)))
+            presents = (t for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+            return (out.last_hidden_state, *presents)
 
     seq = FIXED_SEQ.get(arch.name, 16)
     args = tuple(torch.from_numpy(a) for a in feeds_for(arch, 2, seq).values())
@@ -338,8 +340,8 @@ def render_engines(rows: list[tuple[str, dict]]) -> str:
         plugged = r.get("--plugins", {"error": ""})
         kinds = "" if "error" in plugged else ", ".join(f"{v} {k}" for k, v in sorted(plugged["types"].items()))
         fused = "" if "error" in plugged else ", ".join(f"{v} {k}" for k, v in sorted(plugged["fused"].items()))
-        lines.append(f"| {name} | {cell(r.get('original', {'error': ''}))} | {cell(r.get('rewritten', {'error': ''}))} | "
-                     f"{cell(plugged)} | {kinds} | {fused} |")
+        original, rewritten = r.get("original", {"error": ""}), r.get("rewritten", {"error": ""})
+        lines.append(f"| {name} | {cell(original)} | {cell(rewritten)} | {cell(plugged)} | {kinds} | {fused} |")
     errors = [f"{name} {label}: {v['error']}" for name, r in rows for label, v in r.items() if "error" in v]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 
@@ -425,8 +427,9 @@ def render(rows, labels, args) -> str:
         f"default graph optimizations; median of {args.runs} runs after {args.warmup} warm-up runs, the "
         f"variants' runs interleaved in one process. The machine is shared: other processes ran alongside. "
         f"Models: TorchScript exports (opset 17, dynamic axes), hidden 512, 8 heads (Llama 4 KV heads), "
-        f"{LAYERS} layers, random weights; llama_decode is one KV-cache decode step of the Llama (one new token "
-        f"after `seq` cached positions: its batch x seq is batch x past length). Command: `python benchmarks/bench_latency.py "
+        f"{LAYERS} layers, random weights; llama_decode is one KV-cache decode step of the Llama (one new "
+        f"token after `seq` cached positions: its batch x seq is batch x past length). "
+        f"Command: `python benchmarks/bench_latency.py "
         f"--batch {' '.join(map(str, args.batch))} --seq {' '.join(map(str, args.seq))} --runs {args.runs}`.",
         "",
         "Each cell: milliseconds (original / variant: above 1.00x is faster than the export). "

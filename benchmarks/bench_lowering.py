@@ -11,8 +11,8 @@ provider (1 thread, default graph optimizations) as
   inlines);
 * `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops).
 
-Each cell is the median of `--runs` runs, the forms' runs interleaved; x = original / form (above 1 is faster). Every form's
-output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
+Each cell is the median of `--runs` runs, the forms' runs interleaved; x = original / form
+(above 1 is faster). Every form's output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
 where that form is measured faster here.
 
     python benchmarks/bench_lowering.py [--seq 128 512] [--runs 50]

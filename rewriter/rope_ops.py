@@ -85,8 +85,8 @@ def _body(b: Body, opset: int) -> None:
         return b.op("Concat", *rotated(x1, x2, c1, c2, s1, s2), rest, axis=-1)
 
     def interleaved() -> str:  # even and odd channels by strided Slices, put back by [.., rd/2, 1] views
-        (x1, x2), (c1, c2), (s1, s2) = ((b.op("Slice", v, b.ints(0), rd, last, two), b.op("Slice", v, one, rd, last, two))
-                                        for v in (x, cos, sin))
+        (x1, x2), (c1, c2), (s1, s2) = ((b.op("Slice", v, b.ints(0), rd, last, two),
+                                         b.op("Slice", v, one, rd, last, two)) for v in (x, cos, sin))
         y1, y2 = rotated(x1, x2, c1, c2, s1, s2)
         lead = b.op("Slice", b.op("Shape", y1), b.ints(0), last)
         split = b.op("Concat", lead, half, one, axis=0)
