@@ -17,8 +17,9 @@ inter-op thread, sequential execution, default graph optimizations). Each cell i
 of `--runs` timed runs after `--warmup` untimed ones, the variants' sessions side by side in
 one process taking turns run by run (so a passing load on a shared machine falls on all
 alike); "x" is original / variant (above 1 is faster). Every variant's outputs are compared
-with the original's on the same inputs (max abs difference), so a fast wrong model shows up. Each variant is also loaded and run once in a
-subprocess of its own, whose peak resident memory (MiB, load + every shape) is the variant's.
+with the original's on the same inputs (max abs difference), so a fast wrong model shows up.
+Each variant is also loaded and run once in a subprocess of its own, whose peak resident
+memory (MiB, load + every shape) is the variant's.
 
     python benchmarks/bench_latency.py                       # every model, batch 1 and 4, seq 128 and 512
     python benchmarks/bench_latency.py --only llama --seq 128 --batch 1 --runs 10
