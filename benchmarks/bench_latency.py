@@ -5,7 +5,8 @@ architecture is built from a config of realistic width (hidden 512, 8 heads, a f
 random weights, no download), exported by TorchScript (opset 17, dynamic batch and sequence),
 and then run in ONNX Runtime's CPU provider as
 
-* `original`: the export itself;
+* `original`: the export itself, and `original (A/A)` the same file in a second session (the
+  noise floor: on a shared machine their difference is what a cell's ratio can mean);
 * `fusegraph`: `rewrite` with the default rules (the portable output), and `fusegraph:<target>`
   for every lowering target fusegraph offers (`--target`);
 * `ort-transformers`: onnxruntime.transformers' offline optimizer (`optimize_model`);
@@ -13,13 +14,16 @@ and then run in ONNX Runtime's CPU provider as
 
 side by side in one run, with the thread count fixed (intra-op threads = `--threads`, one
 inter-op thread, sequential execution, default graph optimizations). Each cell is the median
-of `--runs` timed runs after `--warmup` untimed ones; "x" is original / variant (above 1 is
-faster). Every variant's outputs are compared with the original's on the same inputs (max abs
-difference), so a fast wrong model shows up. Each variant runs in its own subprocess so its
-peak resident memory (MiB, load + every shape) is its own.
+of `--runs` timed runs after `--warmup` untimed ones, the variants' sessions side by side in
+one process taking turns run by run (so a passing load on a shared machine falls on all
+alike); "x" is original / variant (above 1 is faster). Every variant's outputs are compared
+with the original's on the same inputs (max abs difference), so a fast wrong model shows up.
+Each variant is also loaded and run once in a subprocess of its own, whose peak resident
+memory (MiB, load + every shape) is the variant's.
 
     python benchmarks/bench_latency.py                       # every model, batch 1 and 4, seq 128 and 512
     python benchmarks/bench_latency.py --only llama --seq 128 --batch 1 --runs 10
+    python benchmarks/bench_latency.py --engines --no-latency  # only the TensorRT-RTX engine table
 
 Needs torch and transformers (the exports) and onnxscript (a peer); exports are cached in
 `out/latency/` (gitignored). Prints the markdown section of benchmarks/RESULTS.md.
@@ -59,10 +63,14 @@ class Arch:
     ort_model_type: str
     heads: int = 8
     hidden: int = 512
+    #: A KV-cache decode step: one new token after `seq` cached positions (the past keys and
+    #: values are inputs, the presents outputs); its "batch x seq" is batch x past length.
+    decode: bool = False
 
 
 ARCHS = {
     "llama": Arch("llama", ("input_ids", "attention_mask"), "qwen3"),
+    "llama_decode": Arch("llama_decode", ("input_ids", "attention_mask"), "qwen3", decode=True),
     "bert": Arch("bert", ("input_ids", "attention_mask"), "bert"),
     "gpt2": Arch("gpt2", ("input_ids", "attention_mask"), "gpt2"),
     "vit": Arch("vit", ("pixel_values",), "vit"),
@@ -72,6 +80,7 @@ ARCHS = {
 #: pixels, 197 tokens; the Whisper encoder: 512 frames, 256 positions).
 FIXED_SEQ = {"vit": 197, "whisper_encoder": 256}
 LAYERS = 4
+KV_HEADS, HEAD_DIM = 4, 64
 
 
 def build(name: str):
@@ -80,10 +89,11 @@ def build(name: str):
     import transformers as tf
     torch.manual_seed(SEED)
     common = dict(attn_implementation="eager")
-    if name == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=LAYERS, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
-                             intermediate_size=1376, vocab_size=4096, max_position_embeddings=1024,
-                             bos_token_id=0, eos_token_id=0, pad_token_id=0, use_cache=False)
+    if name in ("llama", "llama_decode"):
+        cfg = tf.LlamaConfig(num_hidden_layers=LAYERS, hidden_size=512, num_attention_heads=8,
+                             num_key_value_heads=KV_HEADS, intermediate_size=1376, vocab_size=4096,
+                             max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                             use_cache=name == "llama_decode")
         return tf.LlamaModel._from_config(cfg, **common).eval(), cfg
     if name == "bert":
         cfg = tf.BertConfig(num_hidden_layers=LAYERS, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
@@ -99,9 +109,14 @@ def build(name: str):
     if name == "whisper_encoder":
         cfg = tf.WhisperConfig(encoder_layers=LAYERS, decoder_layers=1, d_model=512, encoder_attention_heads=8,
                                decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
-                               num_mel_bins=80, max_source_positions=256, vocab_size=4096)
+                               num_mel_bins=80, max_source_positions=256, vocab_size=4096, pad_token_id=0,
+                               bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
         return tf.WhisperModel._from_config(cfg, **common).get_encoder().eval(), cfg
     raise ValueError(name)
+
+
+def past_names(arch: Arch) -> list[str]:
+    return [f"past_{kind}_{i}" for i in range(LAYERS) for kind in ("key", "value")] if arch.decode else []
 
 
 def feeds_for(arch: Arch, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -109,13 +124,15 @@ def feeds_for(arch: Arch, batch: int, seq: int) -> dict[str, np.ndarray]:
     out = {}
     for name in arch.inputs:
         if name == "input_ids":
-            out[name] = rng.integers(0, 4096, size=(batch, seq), dtype=np.int64)
+            out[name] = rng.integers(0, 4096, size=(batch, 1 if arch.decode else seq), dtype=np.int64)
         elif name == "attention_mask":
-            out[name] = np.ones((batch, seq), np.int64)
+            out[name] = np.ones((batch, seq + 1 if arch.decode else seq), np.int64)
         elif name == "pixel_values":
             out[name] = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
         else:
             out[name] = rng.standard_normal((batch, 80, 512), dtype=np.float32)
+    for name in past_names(arch):
+        out[name] = rng.standard_normal((batch, KV_HEADS, seq, HEAD_DIM), dtype=np.float32)
     return out
 
 
@@ -126,7 +143,7 @@ def export(arch: Arch) -> Path:
         return path
     import torch
     CACHE.mkdir(parents=True, exist_ok=True)
-    model, _ = build(arch.name)
+    model, config = build(arch.name)
 
     class Wrapper(torch.nn.Module):
         def __init__(self):
@@ -134,16 +151,31 @@ def export(arch: Arch) -> Path:
             self.model = model
 
         def forward(self, *args):
-            return self.model(**dict(zip(arch.inputs, args)), return_dict=True).last_hidden_state
+            if not arch.decode:
+                return self.model(**dict(zip(arch.inputs, args)), return_dict=True).last_hidden_state
+            from transformers import DynamicCache
+            n = len(arch.inputs)
+            cache = DynamicCache(config=config)
+            for i in range(LAYERS):
+                cache.update(args[n + 2 * i], args[n + 2 * i + 1], i)
+            out = self.model(**dict(zip(arch.inputs, args)), past_key_values=cache, use_cache=True, return_dict=True)
+            presents = (t for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+            return (out.last_hidden_state, *presents)
 
     seq = FIXED_SEQ.get(arch.name, 16)
     args = tuple(torch.from_numpy(a) for a in feeds_for(arch, 2, seq).values())
     dynamic = {n: ({0: "batch"} if arch.name in FIXED_SEQ else {0: "batch", 1: "seq"}) for n in arch.inputs}
+    presents = [n.replace("past", "present") for n in past_names(arch)]
+    if arch.decode:
+        dynamic = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "total"},
+                   **{n: {0: "batch", 2: "past"} for n in past_names(arch)},
+                   **{n: {0: "batch", 2: "total"} for n in presents}}
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Wrapper().eval(), args, str(path), dynamo=False, opset_version=17,
-                          input_names=list(arch.inputs), output_names=["last_hidden_state"],
+                          input_names=list(arch.inputs) + past_names(arch),
+                          output_names=["last_hidden_state"] + presents,
                           dynamic_axes={**dynamic, "last_hidden_state": {0: "batch"}})
     m = onnx.load(str(path))
     m.ir_version = min(m.ir_version, 10)
@@ -186,45 +218,133 @@ def fusegraph_targets() -> list[str]:
 
 
 def variants() -> dict:
-    out = {"original": None, "fusegraph": fusegraph_variant(None)}
+    # "original (A/A)" is the export again, in a session of its own: its distance from
+    # "original" is the run's noise floor.
+    out = {"original": None, "original (A/A)": None, "fusegraph": fusegraph_variant(None)}
     out.update({f"fusegraph:{t}": fusegraph_variant(t) for t in fusegraph_targets()})
     out.update({"ort-transformers": ort_transformers_variant, "onnxscript": onnxscript_variant})
     return out
 
 
-# -- measuring (in a subprocess per variant) ----------------------------------------------------
-def measure(model_path: str, arch: Arch, shapes: list[tuple[int, int]], threads: int, warmup: int,
-            runs: int) -> dict:
+# -- measuring ---------------------------------------------------------------------------------
+def session(model_path: str | Path, threads: int):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-    out = {}
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
+def measure_memory(model_path: str, arch: Arch, shapes: list[tuple[int, int]], threads: int) -> dict:
+    """In a process of its own: load, run every shape once, keep the first output (for the
+    comparison) and report the process's peak resident memory."""
+    sess = session(model_path, threads)
     for batch, seq in shapes:
-        feeds = feeds_for(arch, batch, seq)
-        for _ in range(warmup):
-            y = sess.run(None, feeds)[0]
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-        np.save(f"{model_path}.{batch}x{seq}.npy", y)
-        out[f"{batch}x{seq}"] = float(np.median(times))
-    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+        np.save(f"{model_path}.{batch}x{seq}.npy", sess.run(None, feeds_for(arch, batch, seq))[0])
+    return {"peak_mib": peak_mib()}
 
 
-def run_variant(path: Path, arch: Arch, shapes, args) -> dict:
+def peak_mib() -> float:
+    """This process's peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss keeps
+    the parent's peak across fork + exec, so every variant would report the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_memory(path: Path, arch: Arch, shapes, args) -> dict:
     cmd = [sys.executable, __file__, "--measure", str(path), "--arch", arch.name, "--threads", str(args.threads),
-           "--warmup", str(args.warmup), "--runs", str(args.runs), "--shapes",
-           *[f"{b}x{s}" for b, s in shapes]]
+           "--shapes", *[f"{b}x{s}" for b, s in shapes]]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_interleaved(paths: dict[str, Path], arch: Arch, shapes, args) -> dict[str, dict[str, float]]:
+    """Median seconds per run of every variant and shape. The variants' sessions live side by
+    side and take turns run by run (the first to go rotating), so a load that comes and goes on
+    a shared machine falls on every variant alike."""
+    sessions = {label: session(path, args.threads) for label, path in paths.items()}
+    labels = list(sessions)
+    out: dict[str, dict[str, float]] = {label: {} for label in labels}
+    for batch, seq in shapes:
+        feeds = feeds_for(arch, batch, seq)
+        for _ in range(args.warmup):
+            for label in labels:
+                sessions[label].run(None, feeds)
+        times: dict[str, list[float]] = {label: [] for label in labels}
+        for r in range(args.runs):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                t0 = time.perf_counter()
+                sessions[label].run(None, feeds)
+                times[label].append(time.perf_counter() - t0)
+        for label in labels:
+            out[label][f"{batch}x{seq}"] = float(np.median(times[label]))
+    return out
+
+
+# -- TensorRT-RTX engines ----------------------------------------------------------------------
+def engine_ranges(arch: Arch, shapes: list[tuple[int, int]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """One optimization profile over the measured shapes: min batch and sequence 1, opt the
+    first shape, max the largest batch and sequence."""
+    def dims(batch: int, seq: int) -> dict[str, tuple[int, ...]]:
+        return {name: a.shape for name, a in feeds_for(arch, batch, seq).items()}
+    fixed = FIXED_SEQ.get(arch.name)
+    lo = dims(1, fixed or 1)
+    opt = dims(*shapes[0])
+    hi = dims(max(b for b, _ in shapes), max(s for _, s in shapes))
+    return {name: {"min": lo[name], "opt": opt[name], "max": hi[name]} for name in opt}
+
+
+def engine_row(name: str, src: Path, arch: Arch, shapes) -> dict[str, dict]:
+    """Engine layers of the export, its rewrite and the rewrite with plugins (built on the CPU)."""
+    import tempfile
+    from fusegraph.engine import build_engine
+    from fusegraph.errors import InputError
+    out = {}
+    with tempfile.TemporaryDirectory() as work:
+        for label, kw in (("original", {}), ("rewritten", {"rewrite": True}),
+                          ("--plugins", {"rewrite": True, "plugins": True})):
+            try:
+                r = build_engine(src, Path(work) / f"{name}.engine", ranges=engine_ranges(arch, shapes),
+                                 write_report=False, **kw)
+            except InputError as e:
+                out[label] = {"error": str(e).splitlines()[0][:160]}
+                continue
+            kinds = {}
+            for op in r.get("fused_ops", []):
+                kinds[op["implementation"]] = kinds.get(op["implementation"], 0) + 1
+            out[label] = {"layers": r["engine_info"]["layer_count"], "types": r["engine_info"]["layer_types"],
+                          "network": r["parse"]["network_layers"], "fused": kinds,
+                          "build_s": r["engine_info"]["build_seconds"]}
+            print(f"{name} engine {label}: {out[label]}", file=sys.stderr, flush=True)
+    return out
+
+
+def render_engines(rows: list[tuple[str, dict]]) -> str:
+    from fusegraph import tensorrt_shim
+    b = tensorrt_shim.backend()
+    lines = ["## TensorRT-RTX engines of the same exports", "",
+             f"{b['flavour']} {b['version']}, built on the CPU (no GPU), one profile over the measured shapes. "
+             "Engine layers are the builder's (kernels, mostly Myelin); kinds: the engine layers' types; "
+             "fused ops: what the rewrite's fused nodes became with `--plugins`.", "",
+             "| model | original: engine layers (network layers) | rewritten | --plugins | --plugins: kinds | "
+             "--plugins: fused ops |", "|---|---|---|---|---|---|"]
+
+    def cell(r: dict) -> str:
+        return "error" if "error" in r else f"{r['layers']} ({r['network']})"
+    for name, r in rows:
+        plugged = r.get("--plugins", {"error": ""})
+        kinds = "" if "error" in plugged else ", ".join(f"{v} {k}" for k, v in sorted(plugged["types"].items()))
+        fused = "" if "error" in plugged else ", ".join(f"{v} {k}" for k, v in sorted(plugged["fused"].items()))
+        original, rewritten = r.get("original", {"error": ""}), r.get("rewritten", {"error": ""})
+        lines.append(f"| {name} | {cell(original)} | {cell(rewritten)} | {cell(plugged)} | {kinds} | {fused} |")
+    errors = [f"{name} {label}: {v['error']}" for name, r in rows for label, v in r.items() if "error" in v]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 
 
 def main(argv=None) -> None:
@@ -234,48 +354,69 @@ def main(argv=None) -> None:
     p.add_argument("--seq", nargs="*", type=int, default=[128, 512])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--runs", type=int, default=20, help="timed runs per variant and shape, interleaved")
     p.add_argument("--variants", nargs="*", help="subset of the variants (default: all)")
+    p.add_argument("--engines", action="store_true", help="also build TensorRT-RTX engines of original / "
+                   "rewritten / --plugins and print their layer counts (CPU build; slow)")
+    p.add_argument("--no-latency", action="store_true", help="with --engines: only the engines table")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--shapes", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure:
         shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]
-        print(json.dumps(measure(args.measure, ARCHS[args.arch], shapes, args.threads, args.warmup, args.runs)))
+        print(json.dumps(measure_memory(args.measure, ARCHS[args.arch], shapes, args.threads)))
         return
 
     all_variants = variants()
-    chosen = {k: v for k, v in all_variants.items() if not args.variants or k in args.variants or k == "original"}
-    rows = []
+    chosen = {k: v for k, v in all_variants.items()
+              if not args.variants or k in args.variants or k in ("original", "original (A/A)")}
+    rows, engine_rows = [], []
     for name in args.only:
         arch = ARCHS[name]
         src = export(arch)
         seqs = [FIXED_SEQ[name]] if name in FIXED_SEQ else args.seq
         shapes = [(b, s) for b in args.batch for s in seqs]
-        results, nodes = {}, {}
-        for label, make in chosen.items():
-            path = src
-            if make is not None:
-                path = CACHE / f"{name}.{label.replace(':', '-')}.onnx"
-                try:
-                    t0 = time.perf_counter()
-                    model = make(src, arch)
-                    model.ir_version = min(model.ir_version, 10)
-                    onnx.save(model, str(path))
-                    results.setdefault(label, {})["rewrite_s"] = time.perf_counter() - t0
-                except Exception as e:  # a variant that fails is reported, the run goes on
-                    results[label] = {"error": f"rewrite: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-                    continue
-            nodes[label] = len(onnx.load(str(path), load_external_data=False).graph.node)
-            results.setdefault(label, {}).update(run_variant(path, arch, shapes, args))
-            if "error" not in results[label] and label != "original":
-                diffs = [float(np.max(np.abs(np.load(f"{path}.{b}x{s}.npy") - np.load(f"{src}.{b}x{s}.npy"))))
-                         for b, s in shapes]
-                results[label]["max_abs"] = max(diffs)
+        if not args.no_latency:
+            rows.append((name, shapes, *latency_row(name, arch, src, shapes, chosen, args)))
+        if args.engines:
+            engine_rows.append((name, engine_row(name, src, arch, shapes)))
+    if rows:
+        print(render(rows, list(chosen), args))
+    if engine_rows:
+        print(render_engines(engine_rows))
+
+
+def latency_row(name: str, arch: Arch, src: Path, shapes, chosen: dict, args) -> tuple[dict, dict]:
+    """Every chosen variant of one export: its timings, peak memory, node count and error."""
+    results, nodes, paths = {}, {}, {}
+    for label, make in chosen.items():
+        path = src
+        if make is not None:
+            path = CACHE / f"{name}.{label.replace(':', '-')}.onnx"
+            try:
+                t0 = time.perf_counter()
+                model = make(src, arch)
+                model.ir_version = min(model.ir_version, 10)
+                onnx.save(model, str(path))
+                results.setdefault(label, {})["rewrite_s"] = time.perf_counter() - t0
+            except Exception as e:  # a variant that fails is reported, the run goes on
+                results[label] = {"error": f"rewrite: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+                continue
+        nodes[label], paths[label] = len(onnx.load(str(path), load_external_data=False).graph.node), path
+    for label, path in list(paths.items()):
+        results.setdefault(label, {}).update(run_memory(path, arch, shapes, args))
+        if "error" in results[label]:
             print(f"{name} {label}: {results[label]}", file=sys.stderr, flush=True)
-        rows.append((name, shapes, results, nodes))
-    print(render(rows, list(chosen), args))
+            del paths[label]
+    for label, timings in time_interleaved(paths, arch, shapes, args).items():
+        results[label].update(timings)
+        if label != "original":
+            diffs = [float(np.max(np.abs(np.load(f"{paths[label]}.{b}x{s}.npy") - np.load(f"{src}.{b}x{s}.npy"))))
+                     for b, s in shapes]
+            results[label]["max_abs"] = max(diffs)
+        print(f"{name} {label}: {results[label]}", file=sys.stderr, flush=True)
+    return results, nodes
 
 
 def render(rows, labels, args) -> str:
@@ -284,9 +425,12 @@ def render(rows, labels, args) -> str:
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; "
         f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} intra-op thread(s), sequential, "
-        f"default graph optimizations; median of {args.runs} runs after {args.warmup} warm-up runs. "
+        f"default graph optimizations; median of {args.runs} runs after {args.warmup} warm-up runs, the "
+        f"variants' runs interleaved in one process. The machine is shared: other processes ran alongside. "
         f"Models: TorchScript exports (opset 17, dynamic axes), hidden 512, 8 heads (Llama 4 KV heads), "
-        f"{LAYERS} layers, random weights. Command: `python benchmarks/bench_latency.py "
+        f"{LAYERS} layers, random weights; llama_decode is one KV-cache decode step of the Llama (one new "
+        f"token after `seq` cached positions: its batch x seq is batch x past length). "
+        f"Command: `python benchmarks/bench_latency.py "
         f"--batch {' '.join(map(str, args.batch))} --seq {' '.join(map(str, args.seq))} --runs {args.runs}`.",
         "",
         "Each cell: milliseconds (original / variant: above 1.00x is faster than the export). "

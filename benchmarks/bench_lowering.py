@@ -11,8 +11,8 @@ provider (1 thread, default graph optimizations) as
   inlines);
 * `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops).
 
-Each cell is the median of `--runs` runs; x = original / form (above 1 is faster). Every form's
-output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
+Each cell is the median of `--runs` runs, the forms' runs interleaved; x = original / form
+(above 1 is faster). Every form's output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
 where that form is measured faster here.
 
     python benchmarks/bench_lowering.py [--seq 128 512] [--runs 50]
@@ -177,20 +177,28 @@ def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def timed(model: onnx.ModelProto, f: dict, runs: int) -> tuple[float, list[np.ndarray]]:
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    out = sess.run(None, f)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def timed(models: list[onnx.ModelProto], f: dict, runs: int) -> list[tuple[float, list[np.ndarray]]]:
+    """Median seconds per run and the outputs of each model; the models' runs interleave, so a
+    load that comes and goes on a shared machine falls on every form alike."""
+    sessions = [session(m) for m in models]
+    outs = [s.run(None, f) for s in sessions]
     for _ in range(3):
-        sess.run(None, f)
-    times = []
+        for s in sessions:
+            s.run(None, f)
+    times = [[] for _ in sessions]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, f)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
+        for s, t in zip(sessions, times):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            t.append(time.perf_counter() - t0)
+    return [(float(np.median(t)), out) for t, out in zip(times, outs)]
 
 
 def main(argv=None) -> None:
@@ -201,7 +209,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     lines = ["## Fused-op forms in ONNX Runtime (CPU): the measurements behind `--target`", "",
              f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores; "
-             f"onnxruntime {ort.__version__}, 1 thread; median of {args.runs} runs. Command: "
+             f"onnxruntime {ort.__version__}, 1 thread; median of {args.runs} interleaved runs. Command: "
              f"`python benchmarks/bench_lowering.py --seq {' '.join(map(str, args.seq))} --runs {args.runs}`. "
              "Cells: microseconds (original / form). Blocks at hidden 512, 8 heads of 64, batch 1.", "",
              "| block | seq | original | portable | onnxruntime | max abs (portable, onnxruntime) |",
@@ -211,11 +219,10 @@ def main(argv=None) -> None:
         for seq in args.seq:
             original = make(seq)
             f = feeds(original)
-            base, want = timed(original, f, args.runs)
+            rewrites = [rewrite_with_report(original, target=target) for target in ("portable", "onnxruntime")]
+            (base, want), *forms = timed([original] + [m for m, _ in rewrites], f, args.runs)
             cells, errs = [], []
-            for target in ("portable", "onnxruntime"):
-                fused, report = rewrite_with_report(original, target=target)
-                t, got = timed(fused, f, args.runs)
+            for (t, got), (_, report) in zip(forms, rewrites):
                 fusions = ",".join(sorted(report.per_rule)) or "nothing fused"
                 cells.append(f"{t * 1e6:.0f} ({base / t:.2f}x)" + ("" if report.fusions else f" [{fusions}]"))
                 errs.append(max(float(np.nanmax(np.abs(g - w))) for g, w in zip(got, want)))

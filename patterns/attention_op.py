@@ -12,19 +12,32 @@ finfo(float32).min absorbs any score (a fully masked row stays uniform, as in th
 ONNX opset-23 `Attention` without past keys. Softmax runs in float32; Y has Q's type; a row
 with every score at -inf yields zeros (as `kernels.reference.attention` and ONNX's errata say).
 
-Why two names: a local-function body can neither test whether an optional input was given nor
-branch, so "with a mask" is a distinct op (`MaskedAttention`, one more input) rather than an
-optional input. Both carry `scale` and `is_causal` as attributes and map to the one kernel
+Why two names: a local-function body cannot test whether an optional input was given, so
+"with a mask" is a distinct op (`MaskedAttention`, one more input) rather than an optional
+input. Both carry `scale` and `is_causal` as attributes and map to the one kernel
 (`kernels.reference.attention(q, k, v, mask or None, scale, is_causal)`): a plugin registers
-both names. `is_causal` needs no branch either: the body always builds the triangle and keeps
-every score when the flag is 0 (`Or(Not(is_causal), j <= i)`), so the attribute stays on the
-node for the plugin instead of being baked into a materialised mask.
+both names, and the attribute stays on the node instead of being baked into a mask.
 
-Opsets: from 15 the body is type-polymorphic (CastLike back to Q's and the Mask's types). Opsets
-13 and 14 have no CastLike, and a function cannot name its input's type in a Cast: there the
-body computes in its inputs' type, which is float32 semantics for float32 inputs only, so the
-rules emit these ops below opset 15 for float32 attention only (`attention.body_fits_opset`).
-Shapes are read with Shape + Slice (Shape's start/end are opset 15).
+The body is written for speed in ONNX Runtime, which inlines it (`benchmarks/bench_lowering.py`,
+profiled with `SessionOptions.enable_profiling`): it adds to the decomposition it replaces
+(MatMul, scale, mask Add, Softmax, MatMul) only work over [.., Sq, 1] or [.., Sq, Dv], never
+another pass over the [B, Hq, Sq, Sk] scores (ONNX Runtime's Where costs about 8 Adds there):
+
+* grouped KV heads: from opset 14 Q is viewed as [B, Hkv, (Hq / Hkv) * Sq, D], so each kv
+  head meets the rows of its query heads in one MatMul and K and V are never repeated (a
+  Reshape of contiguous data is free); opset 13 repeats them with a Gather (`_repeat_heads`);
+* `is_causal`: an If on the attribute, adding a [Sq, Sk] bias of 0 and -inf (Trilu from
+  opset 14); with the function inlined the condition is a constant, so ONNX Runtime's constant
+  folding and TensorRT's parser keep only the chosen branch. The bias is added, as exporters'
+  causal masks are: a NaN or +inf score at a masked key makes its row NaN, hence zeros;
+* a fully masked row: Softmax leaves it NaN throughout, so its first probability tells, and a
+  Where over Y's row zeroes it. So a dead row is zeros even where V holds inf or NaN (0 * inf
+  in the MatMul would be NaN); a live row's NaN from V stays NaN. For `--target tensorrt`
+  (`Body.target`) the body zeroes the NaN probabilities instead (IsNaN + Where over them, as
+  before): TensorRT fuses that into its attention kernel, while a second reader of the
+  probabilities splits it (Llama, 4 layers: 77 engine layers against 63; the original export
+  builds 69). The two forms differ only where a dead row meets an inf or NaN in V;
+* Cast to float32 of a float32 tensor is free: ONNX Runtime removes it when it inlines.
 """
 
 from __future__ import annotations
@@ -37,6 +50,8 @@ from fusegraph.fused_ops import Body, FusedOp, register
 MIN_OPSET = 13
 #: CastLike, which lets one body serve float32, float16 and bfloat16, exists from this opset.
 TYPED_BODY_OPSET = 15
+#: Reshape keeps a computed shape's rank in inference, and Trilu exists, from this opset.
+GROUPED_BODY_OPSET = 14
 FLOAT = onnx.TensorProto.FLOAT
 
 
@@ -52,38 +67,68 @@ def _dims(b: Body, x: str, start: int, end: int) -> str:
 def _repeat_heads(b: Body, x: str, hq: str) -> str:
     """[B, Hkv, S, D] -> [B, Hq, S, D], each kv head repeated Hq / Hkv times in place: a Gather
     of head h // (Hq / Hkv), whose output rank shape inference knows at every opset (a Reshape
-    to a computed shape loses it before opset 14)."""
+    to a computed shape loses it before opset 14). Opset 13 only (`GROUPED_BODY_OPSET`)."""
     zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
     group = b.op("Squeeze", b.op("Div", hq, _dims(b, x, 1, 2)), _ints(b, 0))
     heads = b.op("Range", zero, b.op("Squeeze", hq, _ints(b, 0)), one)
     return b.op("Gather", x, b.op("Div", heads, group), axis=1)
 
 
+def _causal_bias(b: Body, opset: int) -> str:
+    """[Sq, Sk] float32: 0 where key j <= query i, -inf after. Trilu from opset 14 (two passes
+    over Sq x Sk); a Where below, which ONNX Runtime runs about 8x slower per element."""
+    sq, sk = _dims(b, "Q", 2, 3), _dims(b, "K", 2, 3)
+    ninf = b.op("Constant", value_float=float("-inf"))
+    if opset >= GROUPED_BODY_OPSET:
+        full = b.op("Expand", ninf, b.op("Concat", sq, sk, axis=0))
+        return b.op("Trilu", full, b.op("Constant", value_int=1), upper=1)
+    zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
+    rows = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", sq, _ints(b, 0)), one), _ints(b, 1))
+    cols = b.op("Range", zero, b.op("Squeeze", sk, _ints(b, 0)), one)
+    return b.op("Where", b.op("LessOrEqual", cols, rows), b.op("Constant", value_float=0.0), ninf)
+
+
 def _body(b: Body, opset: int, masked: bool) -> None:
     typed = opset >= TYPED_BODY_OPSET
-    q = b.op("Cast", "Q", to=FLOAT)
-    hq = _dims(b, "Q", 1, 2)
-    k = _repeat_heads(b, b.op("Cast", "K", to=FLOAT), hq)
-    v = _repeat_heads(b, b.op("Cast", "V", to=FLOAT), hq)
+    q, k, v = (b.op("Cast", x, to=FLOAT) for x in ("Q", "K", "V"))
+    grouped = opset >= GROUPED_BODY_OPSET
+    if grouped:  # the query heads that share a kv head as one [group * Sq] block of rows: no copy
+        heads_rows = _dims(b, "Q", 1, 3)  # [Hq, Sq]
+        hkv = _dims(b, "K", 1, 2)
+        group_rows = b.op("Div", b.op("ReduceProd", heads_rows, keepdims=1), hkv)  # Hq * Sq / Hkv
+        zero = _ints(b, 0)
+        # Reshape's zeros copy the viewed tensor's own batch and last dims
+        by_kv_head = b.op("Concat", zero, hkv, group_rows, zero, axis=0)  # [N, Hkv, G * Sq, last]
+        by_q_head = b.op("Concat", zero, heads_rows, zero, axis=0)  # [N, Hq, Sq, last]
+        q = b.op("Reshape", q, by_kv_head)
+    else:
+        hq = _dims(b, "Q", 1, 2)
+        k, v = _repeat_heads(b, k, hq), _repeat_heads(b, v, hq)
     scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])),
                   b.attr_const("scale", onnx.AttributeProto.FLOAT))
+    if grouped:
+        scores = b.op("Reshape", scores, by_q_head)
     if masked and typed:  # the sum in the Mask's type, as the replaced graph computed it
         scores = b.op("Cast", b.op("Add", b.op("CastLike", scores, "Mask"), "Mask"), to=FLOAT)
     elif masked:  # float32 attention only below opset 15 (`attention.body_fits_opset`)
         scores = b.op("Add", scores, b.op("Cast", "Mask", to=FLOAT))
-    # Causal: query i keeps key j iff j <= i, or every key when is_causal is 0.
-    zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
-    sq = b.op("Squeeze", _dims(b, "Q", 2, 3), _ints(b, 0))
-    sk = b.op("Squeeze", _dims(b, "K", 2, 3), _ints(b, 0))
-    rows = b.op("Unsqueeze", b.op("Range", zero, sq, one), _ints(b, 1))
-    cols = b.op("Range", zero, sk, one)
-    causal = b.op("Cast", b.attr_const("is_causal", onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
-    keep = b.op("Or", b.op("Not", causal), b.op("LessOrEqual", cols, rows))
-    ninf = b.op("Constant", value_float=float("-inf"))
-    probs = b.op("Softmax", b.op("Where", keep, scores, ninf), axis=-1)
-    # A fully masked row is NaN after Softmax; it reads as zeros.
-    probs = b.op("Where", b.op("IsNaN", probs), b.op("Constant", value_float=0.0), probs)
-    b.cast_like(b.op("MatMul", probs, v), "Q", out="Y")
+    # is_causal: an If on the attribute that the loader folds (`Body.if_attr`)
+    scores = b.if_attr("is_causal", lambda: b.op("Add", scores, _causal_bias(b, opset)), lambda: scores)
+    probs = b.op("Softmax", scores, axis=-1)
+    if b.target == "tensorrt":  # the guard on the probabilities, which TensorRT fuses into its attention
+        probs = b.op("Where", b.op("IsNaN", probs), b.op("Constant", value_float=0.0), probs)
+    y = b.op("MatMul", b.op("Reshape", probs, by_kv_head) if grouped else probs, v)
+    if grouped:
+        y = b.op("Reshape", y, by_q_head)
+    if b.target == "tensorrt":
+        b.cast_like(y, "Q", out="Y")
+        return
+    # A row with every score at -inf is NaN throughout after Softmax (one NaN makes the sum that
+    # normalises the row NaN), so its first probability tells: that row of Y reads as zeros. The
+    # ReduceSum over that one column keeps an empty key axis (no column) a live row.
+    first = b.op("Slice", probs, _ints(b, 0), _ints(b, 1), _ints(b, -1))
+    dead = b.op("IsNaN", b.op("ReduceSum", first, _ints(b, -1), keepdims=1))
+    b.cast_like(b.op("Where", dead, b.op("Constant", value_float=0.0), y), "Q", out="Y")
 
 
 ATTENTION = register(FusedOp(

@@ -54,7 +54,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
             report.merge_lowering(Rewriter(lowering).run(graph))
         if canonical:
             canonical.amend(report)
-        out = finalize(graph, report)
+        out = finalize(graph, report, target)
     if _has_untyped_new_values(graph):
         out = onnx.shape_inference.infer_shapes(out)
     return out, report

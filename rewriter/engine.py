@@ -318,7 +318,7 @@ def _rewrite(model_path: Path, workdir: str) -> tuple[Path, dict[str, Any] | Non
     except ImportError:
         raise InputError("--rewrite needs fusegraph.rewrite_file, which this fusegraph does not have") from None
     out = Path(workdir) / f"{model_path.stem}.rewritten.onnx"
-    result = rewrite_file(str(model_path), str(out))
+    result = rewrite_file(str(model_path), str(out), target="tensorrt")
     summary = None
     if hasattr(result, "per_rule"):  # fusegraph's RewriteReport
         summary = {"nodes_before": result.nodes_before, "nodes_after": result.nodes_after,

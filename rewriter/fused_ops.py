@@ -58,10 +58,11 @@ class FusedOp:
     #: The oldest opset this op's body is valid in.
     min_opset: int = MIN_OPSET
 
-    def function(self, opset: int, dtype: int | None = None) -> onnx.FunctionProto:
+    def function(self, opset: int, dtype: int | None = None, target: str = "portable") -> onnx.FunctionProto:
         """The local function for a model of default-domain `opset`, called by a node whose first
         input has element type `dtype`: one polymorphic body from opset 15 (`dtype` unused), the
-        body specialised to `dtype` (and named by it as its overload) below."""
+        body specialised to `dtype` (and named by it as its overload) below. `target` is the
+        runtime that will inline the body (`Body.target`)."""
         if opset < self.min_opset:
             raise ValueError(f"fusegraph.{self.name} has no body for opset {opset} (needs {self.min_opset})")
         if opset >= POLYMORPHIC_OPSET:
@@ -69,7 +70,7 @@ class FusedOp:
         elif dtype is None:
             raise ValueError(f"fusegraph.{self.name} at opset {opset}: below opset {POLYMORPHIC_OPSET} "
                              "a body is specialised to its input's element type; give the type")
-        b = Body(dtype)
+        b = Body(dtype, target)
         self.body(b, opset)
         f = helper.make_function(
             DOMAIN, self.name, list(self.inputs), list(self.outputs), b.nodes,
@@ -89,10 +90,15 @@ class Body:
 
     `dtype` is the element type the body is specialised to, None for a polymorphic body;
     `cast_like(v, like)` and `const_like` hide the difference (`like` must have X's type).
+    `target` is the runtime the model is rewritten for (`fusegraph.lowering.TARGETS`): every
+    runtime inlines the body, and where two forms of the same semantics run fast in different
+    runtimes a body picks by it (the attention's dead-row guard: `attention_op`). Any ONNX
+    runtime runs either form.
     """
 
-    def __init__(self, dtype: int | None = None) -> None:
+    def __init__(self, dtype: int | None = None, target: str = "portable") -> None:
         self.dtype = dtype
+        self.target = target
         self.nodes: list[onnx.NodeProto] = []
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
@@ -130,6 +136,31 @@ class Body:
         self.nodes.append(node)
         return self.cast_like(node.output[0], like) if like else node.output[0]
 
+    def if_attr(self, attr: str, then: Callable[[], str], otherwise: Callable[[], str]) -> str:
+        """The value `then()` builds where the function's int attribute `attr` is nonzero, else
+        `otherwise()`'s: an If on the attribute, each callback building its branch with this
+        builder. Once the function is inlined the condition is a constant, so ONNX Runtime
+        (constant folding) and TensorRT's parser keep only the chosen branch: a body whose
+        structure depends on an attribute pays nothing for it at run time."""
+        flag = self.op("Cast", self.attr_const(attr, onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
+        branches = []
+        for label, build in (("then", then), ("else", otherwise)):
+            start = len(self.nodes)
+            out = build()
+            nodes = self.nodes[start:]
+            del self.nodes[start:]
+            if not nodes:  # a branch must compute its output
+                nodes, out = [helper.make_node("Identity", [out], [f"{out}_id"])], f"{out}_id"
+            # The branch's own names, set apart from those this builder hands out next.
+            local = {o for n in nodes for o in n.output}
+            prefix = f"{flag}_{label}_"
+            for n in nodes:
+                n.input[:] = [prefix + i if i in local else i for i in n.input]
+                n.output[:] = [prefix + o for o in n.output]
+            out = prefix + out if out in local else out
+            branches.append(helper.make_graph(nodes, f"{attr}_{label}", [], [onnx.ValueInfoProto(name=out)]))
+        return self.op("If", flag, then_branch=branches[0], else_branch=branches[1])
+
 
 REGISTRY: dict[str, FusedOp] = {}
 
@@ -155,7 +186,13 @@ def _gelu_erf(b: Body, x: str, out: str) -> str:
 
 
 def _gelu_tanh(b: Body, x: str, out: str) -> str:
-    cube = b.op("Mul", b.op("Mul", x, x), x)
+    # Pow(x, 3), not x * x * x: the form ONNX Runtime fuses into FastGelu (and a bias before it
+    # into FastGelu's bias) when it inlines the body, as it fuses the exported decomposition.
+    # The exponent has x's type where a body is per type (Pow wants one type before opset 12),
+    # else float32: polymorphic bodies (opset 15+) and bfloat16 ones (13+), whose type no Pow
+    # exponent may have before opset 15.
+    per_type = b.dtype is not None and b.dtype != onnx.TensorProto.BFLOAT16
+    cube = b.op("Pow", x, b.const_like(3.0, x) if per_type else b.op("Constant", value_float=3.0))
     inner = b.op("Add", x, b.op("Mul", cube, b.const_like(0.044715, x)))
     t = b.op("Tanh", b.op("Mul", inner, b.const_like(math.sqrt(2.0 / math.pi), x)))
     half = b.op("Mul", x, b.const_like(0.5, x))
@@ -199,13 +236,15 @@ def _register_matmul_epilogues() -> None:
 _register_matmul_epilogues()
 
 
-def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodeProto], int | None] | None = None) -> None:
+def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodeProto], int | None] | None = None,
+                     target: str = "portable") -> None:
     """Give every fused node of `model` (in If/Loop/Scan bodies too) the local function it calls.
 
     Below opset 15 each node is pointed at the body for its element type (its `overload`) and
     the model's IR version raised to 10 if need be. `element_type(node)` says a node's element
     type (that of its first input, or equally of its first output); where it says None (or is
-    not given), ONNX shape inference of the model does. Functions the model already has stay,
+    not given), ONNX shape inference of the model does. Bodies are written for `target`
+    (`Body.target`). Functions the model already has stay,
     except `fusegraph` ones no node calls any more (a fused op lowered for a target): the
     domain is fusegraph's own.
     """
@@ -231,7 +270,7 @@ def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodePr
     for name, ov in sorted(called):
         if (DOMAIN, name, ov) not in have:
             model.functions.append(REGISTRY[name].function(opset, onnx.TensorProto.DataType.Value(ov.upper())
-                                                           if ov else None))
+                                                           if ov else None, target))
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -473,8 +473,9 @@ def _progress_bar(graph: Graph, levels: list[Dispatch]):
     return tqdm(total=total, desc="matching", unit="node", leave=False)
 
 
-def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
-    """Write the graph back: local functions for fused ops, opset import, fusion record."""
+def finalize(graph: Graph, report: RewriteReport, target: str = "portable") -> onnx.ModelProto:
+    """Write the graph back: local functions for fused ops (bodies for `target`), opset import,
+    fusion record."""
     model = graph.to_model()
     body_nodes = [n for body in graph.body_protos() for n in nested_nodes(body)]
     # Every domain a replacement introduced needs an opset import (fusegraph's at its version,
@@ -484,7 +485,8 @@ def finalize(graph: Graph, report: RewriteReport) -> onnx.ModelProto:
         version = fused_ops.VERSION if domain == fused_ops.DOMAIN else 1
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
         graph.opset[domain] = version
-    fused_ops.attach_functions(model, lambda n: graph.value(n.input[0]).dtype or graph.value(n.output[0]).dtype)
+    fused_ops.attach_functions(model, lambda n: graph.value(n.input[0]).dtype or graph.value(n.output[0]).dtype,
+                               target)
     if report.fusions:
         record = [{"rule": f.rule, "matched": f.matched, "created": f.created} for f in report.fusions]
         props = {p.key: p for p in model.metadata_props}

@@ -7,17 +7,17 @@ with `interleaved`, (x0, x1, ...) -> (-x1, x0, ...). Math in float32, Y in X's t
 
 The body takes rotary_dim from cos's last axis (the attribute states it for plugins). It is
 written for speed in ONNX Runtime, which inlines it: the rotation is never materialised. With
-x1, x2 the channels a rotation pairs (the two halves, or with `interleaved` the even and odd
-channels: one strided Slice each, chosen by the attribute) and c1, s1, c2, s2 the tables at
-the same channels,
+x1, x2 the channels a rotation pairs and c1, s1, c2, s2 the tables at the same channels,
 
-    y1 = x1 * c1 - x2 * s1,   y2 = x2 * c2 + x1 * s2,
+    y1 = x1 * c1 - x2 * s1,   y2 = x2 * c2 + x1 * s2.
 
-and y1, y2 are put back side by side (halves) or interleaved by one Concat of two Reshapes
-whose shapes the attribute picks ([.., 1, rd/2] or [.., rd/2, 1]). That is about as many passes
-over X as the exported Slice/Neg/Concat/Mul/Add chain (a Gather by a permutation, the obvious
-single-body form, ran 3-5x slower: benchmarks/bench_lowering.py, and stays the body below
-opset 14, where shape inference could not follow the Reshapes).
+The layout is an If on `interleaved` (`Body.if_attr`), which the loader folds: rotate-half
+slices the halves and writes y1, y2 and the pass-through channels with one Concat; interleaved
+takes the even and odd channels by strided Slices and interleaves y1, y2 by one Concat of
+[.., rd/2, 1] views. That is as many passes over X as the exported Slice/Neg/Concat/Mul/Add
+chain (a Gather by a permutation, the obvious single-body form, ran 3-5x slower:
+benchmarks/bench_lowering.py, and stays the body below opset 14, where shape inference could
+not follow the Reshapes).
 """
 
 from __future__ import annotations
@@ -73,25 +73,29 @@ def _body(b: Body, opset: int) -> None:
     rd = b.last_dim("cos")
     one, two, last = b.ints(1), b.ints(2), b.ints(-1)
     half = b.op("Div", rd, two)
-    interleaved = b.op("Cast", b.op("Reshape", b.attr_const("interleaved", onnx.AttributeProto.INT), one), to=BOOL)
-    # x1 = x[..., 0:half] or x[..., 0:rd:2];  x2 = x[..., half:rd] or x[..., 1:rd:2]
-    step = b.op("Where", interleaved, two, one)
-    end1 = b.op("Where", interleaved, rd, half)
-    start2 = b.op("Where", interleaved, one, half)
-
-    def pair(v: str) -> tuple[str, str]:
-        return (b.op("Slice", v, b.ints(0), end1, last, step), b.op("Slice", v, start2, rd, last, step))
-    (x1, x2), (c1, c2), (s1, s2) = pair(x), pair(cos), pair(sin)
-    y1 = b.op("Sub", b.op("Mul", x1, c1), b.op("Mul", x2, s1))
-    y2 = b.op("Add", b.op("Mul", x2, c2), b.op("Mul", x1, s2))
-    lead = b.op("Slice", b.op("Shape", y1), b.ints(0), last)
-    side = b.op("Where", b.op("Expand", interleaved, two), b.op("Concat", half, one, axis=0),
-                b.op("Concat", one, half, axis=0))
-    split = b.op("Concat", lead, side, axis=0)
-    joined = b.op("Concat", b.op("Reshape", y1, split), b.op("Reshape", y2, split), axis=-1)
-    y = b.op("Reshape", joined, b.op("Concat", lead, rd, axis=0))
     rest = b.op("Slice", x, rd, b.ints(2**62), last)
-    b.cast_like(b.op("Concat", y, rest, axis=-1), "X", out="Y")
+
+    def rotated(x1: str, x2: str, c1: str, c2: str, s1: str, s2: str) -> tuple[str, str]:
+        return (b.op("Sub", b.op("Mul", x1, c1), b.op("Mul", x2, s1)),
+                b.op("Add", b.op("Mul", x2, c2), b.op("Mul", x1, s2)))
+
+    def halves() -> str:  # y1, y2 and the pass-through channels side by side: one Concat
+        (x1, x2), (c1, c2), (s1, s2) = ((b.op("Slice", v, b.ints(0), half, last), b.op("Slice", v, half, rd, last))
+                                        for v in (x, cos, sin))
+        return b.op("Concat", *rotated(x1, x2, c1, c2, s1, s2), rest, axis=-1)
+
+    def interleaved() -> str:  # even and odd channels by strided Slices, put back by [.., rd/2, 1] views
+        (x1, x2), (c1, c2), (s1, s2) = ((b.op("Slice", v, b.ints(0), rd, last, two),
+                                         b.op("Slice", v, one, rd, last, two)) for v in (x, cos, sin))
+        y1, y2 = rotated(x1, x2, c1, c2, s1, s2)
+        lead = b.op("Slice", b.op("Shape", y1), b.ints(0), last)
+        split = b.op("Concat", lead, half, one, axis=0)
+        joined = b.op("Concat", b.op("Reshape", y1, split), b.op("Reshape", y2, split), axis=-1)
+        return b.op("Concat", b.op("Reshape", joined, b.op("Concat", lead, rd, axis=0)), rest, axis=-1)
+
+    y = b.if_attr("interleaved", interleaved, halves)
+    # X's shape again (a free view), which ONNX shape inference does not carry out of an If
+    b.cast_like(b.op("Reshape", y, b.op("Shape", "X")), "X", out="Y")
 
 
 ROTARY_EMBEDDING = register(FusedOp(

@@ -98,3 +98,63 @@ def test_unknown_target_is_bad_input(tmp_path, capsys):
     onnx.save(CASES["GeluTanh"], str(src))
     assert main([str(src), "-o", str(tmp_path / "o.onnx"), "--target", "cuda"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# -- bodies written for the target's runtime --------------------------------------------------
+def masked_attention(opset: int, target: str) -> onnx.ModelProto:
+    m = make_model([node("MaskedAttention", ["q", "k", "v", "mask"], ["y"], domain=fused_ops.DOMAIN,
+                         scale=0.25, is_causal=1)],
+                   {"q": ("float32", ["b", 4, "s", 8]), "k": ("float32", ["b", 2, "t", 8]),
+                    "v": ("float32", ["b", 2, "t", 8]), "mask": ("float32", ["b", 1, 1, "t"])},
+                   {"y": ("float32", ["b", 4, "s", 8])}, opset=opset)
+    m.opset_import.append(helper.make_opsetid(fused_ops.DOMAIN, fused_ops.VERSION))
+    fused_ops.attach_functions(m, target=target)
+    return m
+
+
+def softmax_readers(function: onnx.FunctionProto) -> list[str]:
+    """The ops that read the attention body's probabilities (besides Shape), through a Reshape."""
+    probs = {n.output[0] for n in function.node if n.op_type == "Softmax"}
+    readers = []
+    for n in function.node:
+        if set(n.input) & probs and n.op_type != "Shape":
+            readers.append(n.op_type)
+    return readers
+
+
+@pytest.mark.parametrize("opset", [13, 14, 15, 17, 23])
+def test_tensorrt_attention_body_guards_the_probabilities_and_computes_the_same(opset):
+    """`--target tensorrt` writes the attention's dead-row guard over the probabilities (which
+    TensorRT fuses into its attention) instead of over Y's rows: valid, and equal in ONNX
+    Runtime to the portable body and the reference, fully masked rows included."""
+    from fusegraph.kernels.reference import attention
+    import fusegraph.patterns.attention_op  # noqa: F401
+    portable, trt = masked_attention(opset, "portable"), masked_attention(opset, "tensorrt")
+    onnx.checker.check_model(trt, full_check=True)
+    assert sorted(softmax_readers(trt.functions[0])) == ["IsNaN", "Where"]
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 4, 5, 8), dtype=np.float32)
+    k, v = (rng.standard_normal((2, 2, 6, 8), dtype=np.float32) for _ in range(2))
+    mask = np.where(rng.random((2, 1, 1, 6)) < 0.3, -np.inf, 0).astype(np.float32)
+    mask[1] = -np.inf  # every row of batch 1 masked throughout: zeros
+    feeds = {"q": q, "k": k, "v": v, "mask": mask}
+    want = attention(q, k, v, mask, 0.25, True)
+    for model in (portable, trt):
+        np.testing.assert_allclose(run(model, feeds)["y"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_rewrite_for_tensorrt_writes_the_tensorrt_bodies():
+    import fusegraph.patterns.attention_op  # noqa: F401
+    nodes = [node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["q", "kt"], ["qk"]),
+             node("Mul", ["qk", "scale"], ["s"]), node("Add", ["s", "mask"], ["sm"]),
+             node("Softmax", ["sm"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"])]
+    shape = [1, 4, 6, 8]
+    exported = make_model(nodes, {"q": ("float32", shape), "k": ("float32", shape), "v": ("float32", shape),
+                                  "mask": ("float32", [1, 1, 1, 6])}, {"y": ("float32", shape)},
+                          {"scale": np.array(0.25, np.float32)})
+    readers = {"portable": ["MatMul", "Slice"], "tensorrt": ["IsNaN", "Where"]}
+    for target, want in readers.items():
+        out, report = rewrite_with_report(exported, target=target)
+        assert report.per_rule["attention.fusegraph"] == 1
+        [f] = [f for f in out.functions if f.name == "MaskedAttention"]
+        assert sorted(softmax_readers(f)) in (want, sorted(want[1:] + ["Reshape"])), (target, softmax_readers(f))
