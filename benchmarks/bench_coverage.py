@@ -57,9 +57,16 @@ CATEGORIES = {
 }
 CATEGORY_KEYS = list(CATEGORIES)  # table order: attention / norm / gelu / rope
 
-# optimize_model's model_type per corpus architecture.
+# optimize_model's model_type per corpus architecture: the type ORT documents for the family where
+# it has one, else the closest it has (rotary decoders "qwen3", encoders "bert", seq2seq "bart").
 ORT_MODEL_TYPE = {"gpt2": "gpt2", "bert": "bert", "llama": "qwen3", "mistral": "qwen3", "qwen2": "qwen3",
-                  "t5": "t5", "bart": "bart", "vit": "vit", "whisper_encoder": "bart"}
+                  "t5": "t5", "bart": "bart", "vit": "vit", "whisper_encoder": "bart",
+                  "llama_decode": "qwen3", "gpt2_decode": "gpt2", "roberta": "bert", "distilbert": "bert",
+                  "modernbert": "bert", "dinov2": "vit", "swin": "swin", "clip_vision": "clip", "deit": "vit",
+                  "wav2vec2": "bart", "hubert": "bart", "gemma2": "qwen3", "gemma": "qwen3", "bloom": "gpt2",
+                  "mpt": "gpt2", "falcon": "gpt_neox", "gpt_bigcode": "gpt2", "attention_pool": "bert",
+                  "mixtral": "qwen3", "phi": "phi", "gptj": "gpt_neox", "gpt_neox": "gpt_neox",
+                  "t5_encoder": "t5"}
 
 
 def count_categories(model: onnx.ModelProto) -> dict:
@@ -82,8 +89,8 @@ def ort_transformers_column(path: Path, entry: dict, opt_level: int) -> onnx.Mod
 
     cfg = entry["config"]
     heads = (cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
-             or cfg.get("encoder_attention_heads"))
-    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
+             or cfg.get("encoder_attention_heads") or cfg.get("n_heads"))
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or cfg.get("dim")
     return optimize_model(str(path), model_type=ORT_MODEL_TYPE[entry["architecture"]], num_heads=heads,
                           hidden_size=hidden, opt_level=opt_level).model
 

@@ -1,7 +1,8 @@
 """Every exported model under tests/data/models parses with no unsupported node and builds,
 before and after fusegraph rewrites it: rewriting must never make a buildable model unbuildable.
 
-Engines build in about a second each on 2 CPU cores with TensorRT-RTX, so all of them run.
+Engines build in about a second each on 2 CPU cores with TensorRT-RTX: the default run builds
+the representative subset of the corpus (tests/corpus.py), ``-m slow`` every other file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from engine_models import requires_tensorrt
 from fusegraph import tensorrt_shim
 from fusegraph.engine import ParseError, build_engine
 from fusegraph.testing import manifest_profile
+
+from corpus import corpus_params
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"] if (MODELS / "MANIFEST.json").is_file() else {}
@@ -39,7 +42,7 @@ def test_there_are_models_to_build():
     assert ON_DISK, f"no exported models in {MODELS}"
 
 
-@pytest.mark.parametrize("name", ON_DISK)
+@pytest.mark.parametrize("name", corpus_params(ON_DISK))
 @pytest.mark.parametrize("rewrite", [False, True], ids=["exported", "rewritten"])
 def test_model_parses_and_builds(tmp_path, name, rewrite):
     entry = MANIFEST.get(name)
