@@ -91,6 +91,8 @@ def ort_transformers_column(path: Path, entry: dict, opt_level: int) -> onnx.Mod
     heads = (cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
              or cfg.get("encoder_attention_heads") or cfg.get("n_heads"))
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or cfg.get("dim")
+    if isinstance(heads, list):  # per stage (Swin): let the optimizer detect them
+        heads = 0
     return optimize_model(str(path), model_type=ORT_MODEL_TYPE[entry["architecture"]], num_heads=heads,
                           hidden_size=hidden, opt_level=opt_level).model
 
@@ -217,6 +219,12 @@ def render(rows: list, peers: list, opt_level: int, skipped: dict) -> str:
             reached.append(f"{ok}/{len(relevant)}")
         errors = sum(1 for r in rows if r[p].get("error"))
         lines.append(f"| {p} | " + " | ".join(reached) + f" | {errors} |")
+    lines += ["", "## Summary: fused blocks of the expected (each model's count capped at its expected)", "",
+              "| fuser | " + " | ".join(CATEGORY_KEYS) + " |", "|---" * (len(CATEGORY_KEYS) + 1) + "|"]
+    for p in ["original", *peers]:
+        cells = [f"{sum(min(r[p].get(k) or 0, r['expected'][k]) for r in rows)}/{sum(r['expected'][k] for r in rows)}"
+                 for k in CATEGORY_KEYS]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines += ["", "## Per model", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         cells = [r["file"].removesuffix(".onnx"), str(r["nodes"]), fmt_counts(r["expected"]),

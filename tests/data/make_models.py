@@ -32,12 +32,29 @@ file's inputs, outputs, op histogram and the result of checking it (onnx full ch
 an onnxruntime CPU run compared to PyTorch, and for dynamic files a second run at other
 shapes).
 
+The wider families (``WIDE``, issue 11) are half as wide (hidden 32, 4 heads of 8, MLP 64,
+vocab 64) so that the corpus stays under 60 MB: KV-cache decode steps (Llama, GPT-2: past
+K/V in, present out), RoBERTa, DistilBERT, ModernBERT, DINOv2, Swin, CLIP vision, DeiT,
+wav2vec2, HuBERT, Gemma2 (soft-capping), Gemma (GeGLU, MQA), Bloom and MPT (ALiBi), Falcon
+and GPT-BigCode (MQA), nn.MultiheadAttention (heads in the batch), Mixtral (MoE), Phi, GPT-J,
+GPT-NeoX (partial / interleaved RoPE) and the original T5 encoder. Each is exported with its
+sdpa attention (eager where the family has no sdpa or sdpa drops what it tests: Gemma2's
+soft-cap) by every exporter, static at batch 1 (the shape users export at) and dynamic.
+Their counts are derived from the built model (``derive_expected``: the attention, norm,
+GELU and gated-MLP modules its forward calls). ``FORMS`` adds the forms users feed for a few
+original families: fp16, bf16, QDQ int8 (onnxruntime's quantize_static) and opset 13/14.
+No diffusion UNet: transformers has none to build from. Exports that fail are recorded under
+``export_failures``; so is a dynamic export that runs only at its example shapes.
+Fusions fusegraph does not reach yet are listed in ``tests/data/known_misses.json`` (see
+tests/corpus.py), by hand, with their reasons.
+
 Run by hand in an environment with torch, transformers, onnx, onnxruntime and onnxscript
 (not the project's dev venv)::
 
     python tests/data/make_models.py            # whole grid
     python tests/data/make_models.py gpt2 bert  # only these architectures (manifest merged)
     python tests/data/make_models.py mistral --modes static  # only its static files
+    python tests/data/make_models.py llama --labels torchscript-qdq  # only these exporter labels
 
 Exports are deterministic: rerunning rewrites byte-identical files.
 """
@@ -93,8 +110,8 @@ class Arch:
     call_kwargs: dict = field(default_factory=lambda: {"use_cache": False})  # extra forward kwargs
     attns: tuple = ("eager", "sdpa")  # attention implementations exported (dynamo23 only for sdpa)
     static_batch: int = 0  # batch of the static exports; 0: BATCH (the new families use 1, as users do)
-    float_shape: object = None  # callable(cfg, batch) -> shape of its float input(s)
-    forms: tuple = ()  # extra (label, dynamo, opset, attn, dtype, quantize) exports: the forms users feed
+    float_shape: object = None  # callable(cfg, batch, seq) -> shape of its float input(s)
+    forms: tuple = ()  # extra (label, dynamo, opset, attn, dtype, quantize, modes) exports: FORMS
     rope: bool = False  # rotary q and k in every attention (counted when expected is derived)
     glu: tuple = ()  # (gated-MLP module class, kind) counted when expected is derived
     router_softmax: int = 0  # Softmax ops outside attention (MoE routers), recorded as expected softmax_left
@@ -207,7 +224,8 @@ def _tiny(config_cls, model_cls, load=None, **kw):
 
 
 def _text(**kw):
-    return {"vocab_size": SMALL_VOCAB, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "use_cache": False, **kw}
+    return {"vocab_size": SMALL_VOCAB, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "use_cache": False,
+            **kw}
 
 
 def _lm(**kw):  # the Llama-style config keys
@@ -443,7 +461,8 @@ EXPORTS = [  # (label, dynamo, opset, attn implementations it is run for)
 #: The forms users feed, for a few architectures: (label, dynamo, opset, attn, dtype, quantize,
 #: shape modes). dtype float16/bfloat16 converts the model (and its float inputs) before export;
 #: quantize "static" runs onnxruntime.quantization.quantize_static (QDQ, int8 weights and
-#: activations, calibrated on 4 random feeds) on the float export. Dynamic shapes only, except
+#: activations, symmetric, float biases: the form TensorRT takes; calibrated on 4 random feeds)
+#: on the float export. Dynamic shapes only, except
 #: one static fp16 Llama: the forms change dtypes and opsets, not the shape handling. (A T5 at
 #: opset 14 was left out for size: 760 KB for what BERT's opset-14 file already covers.)
 FORMS = {
@@ -460,8 +479,8 @@ FORMS = {
 }
 #: How close an export's ONNX Runtime outputs must be to PyTorch's, per form. Int8 activations of
 #: a random-weight model calibrated on 4 random feeds are far from the float model (Llama's
-#: outputs move by ~3): for QDQ the check proves the file runs at every shape, not equality.
-TOLERANCE = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 2.5e-1, "qdq": 5.0}
+#: outputs move by up to ~6): for QDQ the check proves the file runs at every shape, not equality.
+TOLERANCE = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 2.5e-1, "qdq": 10.0}
 
 ARCHS += [Arch(expected=None, config={}, **a) for a in WIDE]
 for _arch in ARCHS:
@@ -659,8 +678,11 @@ def quantize_qdq(path: Path, arch, cfg, rng) -> None:
             return next(self.feeds, None)
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # The QDQ form ORT documents for TensorRT: symmetric (zero points 0) with float biases;
+        # TensorRT refuses ORT's defaults (asymmetric activations, int32 DequantizeLinear biases).
         quantize_static(str(path), str(path), Feeds(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        extra_options={"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True})
 
 
 def graph_io(model_proto):
