@@ -214,12 +214,31 @@ def whisper_encoder(attn):
 H, HEADS, FF, SMALL_VOCAB = 32, 4, 64, 64
 
 
+NORM_CLASS = re.compile(r"(LayerNorm|RMSNorm)$")
+
+
+def randomize_norms(model):
+    """Move every norm's weight and bias off their 1 / 0 initialisation (seeded). Why: norms of
+    one input with equal parameters are one computation, and the dynamo exporter merges them
+    (GPT-NeoX's two parallel-residual LayerNorms became one), so the config's count would not
+    be the graph's; random parameters also make a fusion that mixes up weight and bias fail."""
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for module in model.modules():
+            if NORM_CLASS.search(type(module).__name__):
+                for name in ("weight", "bias"):
+                    param = getattr(module, name, None)
+                    if isinstance(param, torch.nn.Parameter):
+                        param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model
+
+
 def _tiny(config_cls, model_cls, load=None, **kw):
     """A builder for an HF model class from a tiny config (kw overrides the config's defaults;
-    load: extra ``_from_config`` arguments)."""
+    load: extra ``_from_config`` arguments), its norms' parameters randomized."""
     def build(attn):
         cfg = config_cls(**kw)
-        return _from_config(model_cls, cfg, attn, **(load or {})), cfg
+        return randomize_norms(_from_config(model_cls, cfg, attn, **(load or {}))), cfg
     return build
 
 
@@ -270,7 +289,7 @@ class AttentionPool(torch.nn.Module):
 
 def attention_pool(attn):
     torch.manual_seed(SEED)
-    return AttentionPool().eval(), transformers.PretrainedConfig(vocab_size=SMALL_VOCAB, hidden_size=H,
+    return randomize_norms(AttentionPool().eval()), transformers.PretrainedConfig(vocab_size=SMALL_VOCAB, hidden_size=H,
                                                                  num_attention_heads=HEADS,
                                                                  num_hidden_layers=1, intermediate_size=FF)
 
@@ -620,7 +639,7 @@ def derive_expected(arch, model, inputs) -> dict:
                 cls.endswith("Attention") and not any(type(m).__name__.endswith("Attention")
                                                       for m in module.modules() if m is not module)):
             return "attention", None
-        if re.search(r"(LayerNorm|RMSNorm)$", cls):
+        if NORM_CLASS.search(cls):
             return "norm", "RMSNorm" if "RMS" in cls or cls == "T5LayerNorm" else "LayerNorm"
         if ("GELU" in cls.upper() and "QUICK" not in cls.upper()) or cls == "BloomGelu":
             tanh = cls in GELU_TANH_CLASSES or getattr(module, "approximate", "none") == "tanh"
