@@ -38,8 +38,6 @@ FUSED_OPS = {
     "rope": ("RotaryEmbedding", "fusegraph.RotaryEmbedding"),
 }
 
-#: The families the corpus had before issue 11: every one of their files runs by default.
-ORIGINAL_FAMILIES = {"gpt2", "bert", "llama", "mistral", "qwen2", "t5", "bart", "vit", "whisper_encoder"}
 
 #: How close a rewritten model's outputs must stay to the export's in ONNX Runtime, per form:
 #: a fused op reorders float arithmetic, and half precision and int8 steps amplify that.
@@ -47,13 +45,14 @@ ATOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 6e-2, "qdq": 5e-2}
 
 
 def _representative(names):
-    """Every file of the original families; of a wider family, its first static and first
-    dynamic export in name order (torchscript before dynamo when both exported)."""
+    """Every file of the original nine families (their counts come from the config; the wider
+    families' from the model, `expected_derived_from`); of a wider family, its first static and
+    first dynamic export in name order (torchscript before dynamo when both exported)."""
     chosen, seen = set(), set()
     for name in names:
         entry = MANIFEST[name]
         key = (entry["architecture"], entry["dynamic"])
-        if entry["architecture"] in ORIGINAL_FAMILIES or key not in seen:
+        if entry.get("expected_derived_from", "config") == "config" or key not in seen:
             chosen.add(name)
             seen.add(key)
     return chosen
