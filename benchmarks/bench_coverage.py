@@ -91,8 +91,8 @@ def ort_transformers_column(path: Path, entry: dict, opt_level: int) -> onnx.Mod
     heads = (cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
              or cfg.get("encoder_attention_heads") or cfg.get("n_heads"))
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or cfg.get("dim")
-    if isinstance(heads, list):  # per stage (Swin): let the optimizer detect them
-        heads = 0
+    if isinstance(heads, list):  # per stage (Swin): let the optimizer detect heads and width
+        heads = hidden = 0
     return optimize_model(str(path), model_type=ORT_MODEL_TYPE[entry["architecture"]], num_heads=heads,
                           hidden_size=hidden, opt_level=opt_level).model
 
