@@ -57,9 +57,16 @@ CATEGORIES = {
 }
 CATEGORY_KEYS = list(CATEGORIES)  # table order: attention / norm / gelu / rope
 
-# optimize_model's model_type per corpus architecture.
+# optimize_model's model_type per corpus architecture: the type ORT documents for the family where
+# it has one, else the closest it has (rotary decoders "qwen3", encoders "bert", seq2seq "bart").
 ORT_MODEL_TYPE = {"gpt2": "gpt2", "bert": "bert", "llama": "qwen3", "mistral": "qwen3", "qwen2": "qwen3",
-                  "t5": "t5", "bart": "bart", "vit": "vit", "whisper_encoder": "bart"}
+                  "t5": "t5", "bart": "bart", "vit": "vit", "whisper_encoder": "bart",
+                  "llama_decode": "qwen3", "gpt2_decode": "gpt2", "roberta": "bert", "distilbert": "bert",
+                  "modernbert": "bert", "dinov2": "vit", "swin": "swin", "clip_vision": "clip", "deit": "vit",
+                  "wav2vec2": "bart", "hubert": "bart", "gemma2": "qwen3", "gemma": "qwen3", "bloom": "gpt2",
+                  "mpt": "gpt2", "falcon": "gpt_neox", "gpt_bigcode": "gpt2", "attention_pool": "bert",
+                  "mixtral": "qwen3", "phi": "phi", "gptj": "gpt_neox", "gpt_neox": "gpt_neox",
+                  "t5_encoder": "t5"}
 
 
 def count_categories(model: onnx.ModelProto) -> dict:
@@ -82,8 +89,10 @@ def ort_transformers_column(path: Path, entry: dict, opt_level: int) -> onnx.Mod
 
     cfg = entry["config"]
     heads = (cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
-             or cfg.get("encoder_attention_heads"))
-    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
+             or cfg.get("encoder_attention_heads") or cfg.get("n_heads"))
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or cfg.get("dim")
+    if isinstance(heads, list):  # per stage (Swin): let the optimizer detect heads and width
+        heads = hidden = 0
     return optimize_model(str(path), model_type=ORT_MODEL_TYPE[entry["architecture"]], num_heads=heads,
                           hidden_size=hidden, opt_level=opt_level).model
 
@@ -210,6 +219,12 @@ def render(rows: list, peers: list, opt_level: int, skipped: dict) -> str:
             reached.append(f"{ok}/{len(relevant)}")
         errors = sum(1 for r in rows if r[p].get("error"))
         lines.append(f"| {p} | " + " | ".join(reached) + f" | {errors} |")
+    lines += ["", "## Summary: fused blocks of the expected (each model's count capped at its expected)", "",
+              "| fuser | " + " | ".join(CATEGORY_KEYS) + " |", "|---" * (len(CATEGORY_KEYS) + 1) + "|"]
+    for p in ["original", *peers]:
+        cells = [f"{sum(min(r[p].get(k) or 0, r['expected'][k]) for r in rows)}/{sum(r['expected'][k] for r in rows)}"
+                 for k in CATEGORY_KEYS]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines += ["", "## Per model", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         cells = [r["file"].removesuffix(".onnx"), str(r["nodes"]), fmt_counts(r["expected"]),

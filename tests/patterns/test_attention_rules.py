@@ -17,6 +17,9 @@ from fusegraph.patterns import attention
 from fusegraph.testing import assert_rewrites, make_model, manifest_feeds, node, op_counts
 from fusegraph.verify import compare, run
 
+from corpus import (MANIFEST, MODELS, assert_original_does_not_run,
+                    atol, check_coverage, corpus_params, runs_in_ort)
+
 RULES = attention.RULES
 ATTENTION_OPS = ("Attention", "fusegraph.Attention", "fusegraph.MaskedAttention")
 SCALE_FORMS = ("none", "s_mul", "s_div", "q_mul", "q_div", "k_pre", "k_post", "sqrt_both")
@@ -283,19 +286,16 @@ def test_gqa_needs_proof_of_the_repeat():
 
 
 # -- the real exports ------------------------------------------------------------------------
-MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
-MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"] if (MODELS / "MANIFEST.json").exists() else {}
-NAMES = sorted(n for n in MANIFEST if (MODELS / n).exists())
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", corpus_params())
 def test_every_attention_block_of_a_real_export_fuses(name):
     model = onnx.load(MODELS / name)
     out, _ = rewrite_with_report(model)
     counts = op_counts(out)
-    assert sum(counts[o] for o in ATTENTION_OPS) == MANIFEST[name]["expected"]["attention"], dict(counts)
-    assert counts["Softmax"] == 0
+    if check_coverage(name, "attention", counts):
+        assert counts["Softmax"] == MANIFEST[name]["expected"].get("softmax_left", 0)
     onnx.checker.check_model(out, full_check=True)
     x = manifest_feeds(MANIFEST[name])
-    diffs = compare(run(model, x), run(out, x), atol=1e-4)
+    if not runs_in_ort(name):
+        return assert_original_does_not_run(name, run, model, x)
+    diffs = compare(run(model, x), run(out, x), atol=atol(MANIFEST[name]))
     assert all(d.ok for d in diffs), diffs
