@@ -120,8 +120,9 @@ def is_last_axis(x, axes) -> bool:
 
 
 def means_over_last_axis(x, mean_axes, var_axes) -> bool:
-    """Both means run over the last axis only: -1, or rank-1 (X of known, non-zero rank)."""
-    if not x.rank:
+    """Both means run over the last axis only: -1 (whatever X's rank, if it has one: a scalar
+    has no axis), or rank-1 where the rank is known."""
+    if x.rank == 0:
         return reject(f"X has rank {x.rank}: no last axis to normalize over")
     for axes in (mean_axes, var_axes):
         if not is_last_axis(x, axes):
@@ -130,7 +131,7 @@ def means_over_last_axis(x, mean_axes, var_axes) -> bool:
 
 
 def mean_over_last_axis(x, var_axes) -> bool:
-    if not x.rank:
+    if x.rank == 0:
         return reject(f"X has rank {x.rank}: no last axis to normalize over")
     return is_last_axis(x, var_axes) or reject(f"mean over axes {axes_list(var_axes)}, not the last axis only")
 
@@ -154,15 +155,19 @@ def constants_keep_shape(x, **captures) -> bool:
 
 def affine_is_vector(x, gamma, beta) -> bool:
     """The norm ops take gamma (and beta) over the last axis only, in X's element type: a vector
-    as long as that axis (a shorter one would broadcast, a longer one grow the output)."""
+    as long as that axis (a shorter one would broadcast, a longer one grow the output). Where the
+    graph does not say how long the last axis is (TorchScript exports below opset 14 carry no
+    ranks), a gamma of N > 1 elements is taken to be as long: any other length makes the original
+    fail to broadcast, except a last axis of 1, over which no model normalizes."""
     last = x.shape[-1] if x.shape else None
     for p in (gamma, beta):
         if p is None:
             continue
         if p.shape is None or len(p.shape) != 1:
             return reject(f"{p.name!r} has shape {p.shape}, not a vector")
-        if last is None or p.shape[0] != last:
-            return reject(f"{p.name!r} has {p.shape[0]} elements, the last axis has {last}")
+        n = p.shape[0]
+        if (isinstance(last, int) and n != last) or not isinstance(n, int) or (not isinstance(last, int) and n < 2):
+            return reject(f"{p.name!r} has {n} elements, the last axis has {last}")
         if p.dtype is None or p.dtype != x.dtype:
             return reject(f"{p.name!r} is not of X's element type")
     return True
