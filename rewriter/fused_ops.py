@@ -113,8 +113,9 @@ class Body:
         return self.op("Cast", value, out=out, to=self.dtype)
 
     def const_like(self, value: float, like: str) -> str:
-        """A scalar constant of the same element type as `like`."""
-        return self.cast_like(self.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [], [value])),
+        """A scalar constant of the same element type as `like`, rounded once from `value`: a
+        float64 constant cast down (a float32 one would cost a float64 body 1e-8 at sqrt(2/pi))."""
+        return self.cast_like(self.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.DOUBLE, [], [value])),
                               like)
 
     def ints(self, *values: int) -> str:

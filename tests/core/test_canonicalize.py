@@ -28,8 +28,9 @@ MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())["models"] if (MODE
 NAMES = sorted(n for n in MANIFEST if (MODELS / n).exists())
 
 
-def canonical(model: onnx.ModelProto, feeds: dict | None = None):
-    """Canonicalize alone (no rules) and assert the result is valid and exactly equal."""
+def canonical(model: onnx.ModelProto, feeds: dict | None = None, run=run):
+    """Canonicalize alone (no rules) and assert the result is valid and exactly equal (in ONNX
+    Runtime, or in `run`)."""
     out, report = rewrite_with_report(model, [])
     onnx.checker.check_model(out, full_check=True)
     assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
@@ -40,6 +41,12 @@ def canonical(model: onnx.ModelProto, feeds: dict | None = None):
         assert want[name].dtype == got[name].dtype and want[name].shape == got[name].shape, name
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     return out, report.canonicalized
+
+
+def reference_run(model: onnx.ModelProto, feeds: dict) -> dict:
+    from onnx.reference import ReferenceEvaluator
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, ReferenceEvaluator(model).run(None, feeds)))
 
 
 def const(name: str, value, dtype=I64) -> onnx.NodeProto:
@@ -260,7 +267,9 @@ def test_cli_reports_the_steps_and_can_turn_them_off(tmp_path, capsys):
 @pytest.mark.parametrize("name", NAMES)
 def test_real_export_canonicalized_is_equal_and_not_larger(name):
     model = onnx.load(MODELS / name)
-    out, _ = canonical(model, manifest_feeds(MANIFEST[name]))
+    # An export ONNX Runtime's CPU provider can't run (bfloat16 Mul) is compared in onnx.reference.
+    runs_in_ort = not str(MANIFEST[name].get("checks", {}).get("ort", "ok")).startswith("FAIL")
+    out, _ = canonical(model, manifest_feeds(MANIFEST[name]), run if runs_in_ort else reference_run)
     assert out.ByteSize() <= 1.01 * model.ByteSize()
 
 

@@ -29,6 +29,10 @@ from synthetic_rules import RULES as CHAINS  # noqa: E402
 F = np.float32
 LIBRARY = default_rules()
 CORPUS = sorted(Path(__file__).resolve().parents[1].joinpath("data", "models").glob("*.onnx"))
+#: QDQ exports keep their quantized GEMMs and attention as they are (the policy of issue 11, item
+#: 11): nothing there need fuse.
+QUANTIZED = {name for name, e in json.loads(CORPUS[0].parent.joinpath("MANIFEST.json").read_text())["models"].items()
+             if e.get("quantization")}
 
 
 def rewrite_with(model, rules, dispatch, base_dir=None):
@@ -56,7 +60,7 @@ def test_corpus_has_models():
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_dispatch_fuses_what_brute_force_fuses_on_real_exports(path):
     fast, brute = assert_dispatch_changes_nothing(load_model(str(path)), base_dir=os.path.dirname(path))
-    assert fast.fusions, "every export in the corpus has something to fuse"
+    assert fast.fusions or path.name in QUANTIZED, "every float export in the corpus has something to fuse"
     assert fast.attempts < brute.attempts
 
 
