@@ -320,7 +320,10 @@ def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_gro
     if (k_kv is None) != (v_kv is None):
         return reject("only one of K and V is a repeated kv")
     hq = _dim(q, 1)
-    for name, h in (("K", key_heads(k, k_kv, k_bshd)), ("V", _dim(v_kv or v, 1))):
+    hk, hv = key_heads(k, k_kv, k_bshd), _dim(v_kv or v, 1)
+    if isinstance(hk, int) and isinstance(hv, int) and hk != hv:
+        return reject(f"K has {hk} heads and V {hv}: the op reads one kv head for both")
+    for name, h in (("K", hk), ("V", hv)):
         known = isinstance(hq, int) and isinstance(h, int)
         if (known and (h > hq or hq % h)) or (hq == 1 and h not in (1, None)):
             return reject(f"{name} has {h} heads and Q {hq}: the query heads are no multiple of them")
