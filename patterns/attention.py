@@ -272,22 +272,18 @@ def scales_keep_range(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
     float16. Each factor stays within 1e-10..1e10, and in float16/bfloat16 within
     `HALF_FACTOR_RANGE`."""
     half = q_type(q, k, k_kv, k_bshd, **captures) in HALF_TYPES
-    for site in SCALE_SITES:
-        for kind in ("mul", "div"):
-            c = captures.get(f"{site}_{kind}")
-            if c is None or c.const_value is None:
-                continue
-            f = abs(float(c.const_value.astype(np.float64).reshape(-1)[0]))
-            f = f if kind == "mul" else 1 / f
-            if f == 0:  # zero scores either way (a zero factor is exact in any order)
-                continue
-            if not 1 / SCALE_RANGE <= f <= SCALE_RANGE:
-                return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g}, beyond 1e-10..1e10: "
-                              "the original may overflow where one folded scale does not")
-            low, high = HALF_FACTOR_RANGE
-            if half and not low <= f <= high:
-                return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g} in a 16-bit float type, "
-                              "where the original may overflow or lose precision")
+    low, high = HALF_FACTOR_RANGE
+    for kind, c in _factors(captures):  # `scales_are_scalars` has refused non-finite and / 0
+        f = abs(float(c.const_value.astype(np.float64).reshape(-1)[0]))
+        f = f if kind == "mul" else 1 / f
+        if f == 0:  # zero scores either way (a zero factor is exact in any order)
+            continue
+        if not 1 / SCALE_RANGE <= f <= SCALE_RANGE:
+            return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g}, beyond 1e-10..1e10: "
+                          "the original may overflow where one folded scale does not")
+        if half and not low <= f <= high:
+            return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g} in a 16-bit float type, "
+                          "where the original may overflow or lose precision")
     return True
 
 

@@ -28,6 +28,8 @@ kernel is not faster keeps its portable form (the timings are in benchmarks/RESU
 
 from __future__ import annotations
 
+import onnx
+
 from fusegraph.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, PatternOps
 
@@ -40,7 +42,7 @@ MS_DOMAIN = "com.microsoft"
 def float32_only(x) -> bool:
     """The contrib kernels chosen here are measured (and registered on the CPU) for float32;
     other element types keep the portable form."""
-    return x.dtype == 1 or reject(f"element type {x.dtype}: lowered for float32 only")
+    return x.dtype == onnx.TensorProto.FLOAT or reject(f"element type {x.dtype}: lowered for float32 only")
 
 
 def bias_vector(b) -> bool:
