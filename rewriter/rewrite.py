@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -55,6 +55,10 @@ class Fusion:
     rule: str
     matched: list[str]
     created: list[str]
+    #: With `Rewriter(trace=True)` only: {"matched": [...], "created": [...]}, each node as it
+    #: stood (`_trace_nodes`), so `fusegraph.report` can draw what became what after the graph
+    #: has moved on; None otherwise (the record costs a dict per node).
+    nodes: dict | None = None
 
 
 @dataclass
@@ -65,6 +69,8 @@ class NearMiss:
     root: str
     depth: int
     reason: str
+    #: The candidate node's name (`root` is for reading: "Relu 'act'").
+    node: str = ""
 
 
 @dataclass
@@ -92,6 +98,9 @@ class RewriteReport:
     #: them: dispatch keeps `attempts / candidates` to the rules that fit, however many are held.
     candidates: int = 0
     attempts: int = 0
+    #: Seconds per stage of the whole run ("load", "canonicalize", "match", "write"), filled by
+    #: `fusegraph.api` around the driver; `seconds` is the driver's own part ("match").
+    stages: dict[str, float] = field(default_factory=dict)
 
     def fault(self, rule: str, message: str) -> str:
         """Count a candidate `rule` refused because its code failed; returns the reason."""
@@ -165,18 +174,25 @@ class ReplacementOps:
 
 
 class Rewriter:
-    def __init__(self, rules: Iterable[Rule], *, max_passes: int = 8, explain: str | None = None,
-                 progress: bool = False, dispatch: bool = True):
+    def __init__(self, rules: Iterable[Rule], *, max_passes: int = 8,
+                 explain: str | Collection[str] | None = None, progress: bool = False,
+                 dispatch: bool = True, trace: bool = False):
+        """`explain`: one rule's name, or several (the HTML report explains them all): their
+        refusals are collected in `RewriteReport.near_misses`. `trace`: each `Fusion` keeps
+        the nodes it matched and created (`Fusion.nodes`)."""
         self.rules = (rules if isinstance(rules, RuleSet) else RuleSet(rules)).by_priority()
-        if explain is not None and explain not in {r.name for r in self.rules}:
-            raise InputError(f"--explain: no rule named {explain!r}")
+        explained = {explain} if isinstance(explain, str) else set(explain or ())
+        unknown = sorted(explained - {r.name for r in self.rules})
+        if unknown:
+            raise InputError(f"--explain: no rule named {unknown[0]!r}")
         # The explained rule sees every candidate, so --explain lists every refusal; without
         # dispatch every rule does (the brute force that tests compare dispatch against).
-        unfiltered = [r for r in self.rules if not dispatch or r.name == explain]
+        unfiltered = [r for r in self.rules if not dispatch or r.name in explained]
         self.levels = [Dispatch(list(group), unfiltered)
                        for _, group in itertools.groupby(self.rules, key=lambda r: r.priority)]
         self.max_passes = max_passes
-        self.explain = explain
+        self.explained = explained
+        self.trace = trace
         self.progress = progress
         self.reach = max((r.depth for r in self.rules), default=1)
 
@@ -212,7 +228,7 @@ class Rewriter:
                     for rule in level.rules_for(node):
                         if not node.alive:
                             break
-                        explaining = rule.name == self.explain and passes == 1
+                        explaining = rule.name in self.explained and passes == 1
                         report.attempts += 1
                         matcher.explain = explaining
                         matcher.failures = []
@@ -291,7 +307,7 @@ class Rewriter:
             if best is not None:
                 report.near_misses.append(
                     NearMiss(rule.name, f"{node.op_type} {node.name!r}", best.depth,
-                             f"at {best.node}: {best.reason}"))
+                             f"at {best.node}: {best.reason}", node.name))
         return None
 
     def _matches(self, graph: Graph, matcher: Matcher, rule: Rule, node: Node,
@@ -333,6 +349,7 @@ class Rewriter:
         if reason is not None:
             ops.rollback()
             return reason
+        traced = _trace_nodes(matched) if self.trace else None
         created = set(map(id, ops.created))
         lo = min(n.order for n in matched)
         hi = max(n.order for n in matched)
@@ -357,7 +374,28 @@ class Rewriter:
             if n.alive and not any(v.producer is n and (v.consumers or v.is_graph_output) for v in n.outputs):
                 graph.remove_node(n)
         fusion = Fusion(rule.name, [n.name for n in matched], [n.name for n in ops.created])
+        if traced is not None:
+            fusion.nodes = {"matched": traced, "created": _trace_nodes(ops.created)}
         return fusion, ops.created
+
+
+def _trace_nodes(nodes: list[Node]) -> list[dict]:
+    """Each node as it stands now: name, op, its inputs as (name, type, is constant) and its
+    outputs as (name, type), a type "float[1,16,64]" or "" when unknown; taken before the
+    rewrite rewires them."""
+    return [{"name": n.name, "op": f"{n.domain}.{n.op_type}" if n.domain else n.op_type,
+             "inputs": [(v.name, _type_text(v), v.is_constant) if v is not None else ("", "", False)
+                        for v in n.inputs],
+             "outputs": [(v.name, _type_text(v)) for v in n.outputs]} for n in nodes]
+
+
+def _type_text(v: Value) -> str:
+    dtype, shape = v.dtype, v.shape
+    if dtype is None:
+        return ""
+    name = onnx.TensorProto.DataType.Name(dtype).lower()
+    dims = "?" if shape is None else ",".join("?" if d is None else str(d) for d in shape)
+    return f"{name}[{dims}]"
 
 
 def _malformed(results: tuple[Any, ...], outputs: list[Value], graph: Graph) -> str | None:
