@@ -1,7 +1,7 @@
 """`rewrite`: the command line.
 
     rewrite IN.onnx -o OUT.onnx [--rules R,..] [--rule-file my_rules.py] [--verify [--shape NAME:1x128]]
-            [--explain RULE] [--in-place]
+            [--explain RULE] [--report report.html] [--in-place]
     rewrite --list-rules
     rewrite verify ORIGINAL.onnx REWRITTEN.onnx [--shape ..] [--inputs x.npz] [--atol A --rtol R]
     rewrite build MODEL.onnx -o MODEL.engine ...     (TensorRT; see `rewrite build --help`)
@@ -138,6 +138,8 @@ def _rewrite_main(argv: list[str]) -> int:
     p.add_argument("--rtol", type=float, help="relative tolerance for --verify (default by dtype)")
     p.add_argument("--target", default="portable", choices=("portable", "onnxruntime", "tensorrt"),
                    help="lower the fused ops for this runtime (default portable: ONNX local functions)")
+    p.add_argument("--report", metavar="REPORT.html", help="write an HTML report: each fusion drawn, every rule's "
+                   "refusals with their reason, time per stage (with --json, the same data under \"report\")")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-canonicalize", action="store_true",
@@ -151,8 +153,13 @@ def _rewrite_main(argv: list[str]) -> int:
         return 0
     if not args.model:
         raise InputError("no input model (usage: rewrite IN.onnx -o OUT.onnx)")
-    if not args.output and not args.explain:
+    if not args.output and not args.explain and not args.report:
         raise InputError("no output file (-o OUT.onnx)")
+    explain = args.explain
+    if args.report:  # every rule explained and every fusion traced, for the report
+        from .report import check_report_path
+        check_report_path(args.report, args.model, args.output)
+        explain = [r.name for r in rules.by_priority()]
     shapes = None
     if args.verify:
         from .verify import parse_shapes
@@ -168,14 +175,15 @@ def _rewrite_main(argv: list[str]) -> int:
         return all(d.ok for d in diffs)
 
     if args.output:
-        report = rewrite_file(args.model, args.output, rules, explain=args.explain, in_place=args.in_place,
+        report = rewrite_file(args.model, args.output, rules, explain=explain, in_place=args.in_place,
                               check=verified if args.verify else None,
                               progress=not args.no_progress and sys.stderr.isatty(), target=args.target,
-                              canonicalize=not args.no_canonicalize)
+                              canonicalize=not args.no_canonicalize, trace=bool(args.report))
     else:
-        _, report = rewrite_with_report(load_model(args.model), rules, explain=args.explain, copy=False,
+        _, report = rewrite_with_report(load_model(args.model), rules, explain=explain, copy=False,
                                         base_dir=os.path.dirname(os.path.abspath(args.model)), source=args.model,
-                                        target=args.target, canonicalize=not args.no_canonicalize)
+                                        target=args.target, canonicalize=not args.no_canonicalize,
+                                        trace=bool(args.report))
     elapsed = time.perf_counter() - start
     summary = _summary(report, elapsed)
     written = args.output is not None and all(d.ok for d in diffs)
@@ -185,12 +193,21 @@ def _rewrite_main(argv: list[str]) -> int:
     if args.explain:
         summary["explain"] = _explanation(report, args.explain)
     summary["written"] = args.output if written else None
+    if args.report:
+        from .report import report_data, write_report
+        data = report_data(report, [r.name for r in rules.by_priority()], source=args.model,
+                           output=summary["written"])
+        write_report(args.report, data)
+        if args.json:
+            summary["report"] = data
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(summary, args.output)
         if args.explain:
             _print_explain(summary["explain"])
+        if args.report:
+            print(f"wrote report {args.report}")
     return 0 if written or not args.output else 1
 
 
@@ -205,6 +222,7 @@ def _summary(report, elapsed: float) -> dict:
         "passes": report.passes,
         "attempts": report.attempts,
         "rewrite_seconds": round(report.seconds, 4),
+        "stages": {stage: round(seconds, 4) for stage, seconds in report.stages.items()},
         "total_seconds": round(elapsed, 4),
         "rule_errors": {e.rule: {"count": e.count, "first": e.message} for e in report.errors.values()},
     }
@@ -245,7 +263,7 @@ def _print_summary(s: dict, output: str | None) -> None:
 
 def _explanation(report, rule: str) -> dict:
     """Why RULE refused each candidate, deepest failures first."""
-    misses = sorted(report.near_misses, key=lambda m: -m.depth)
+    misses = sorted((m for m in report.near_misses if m.rule == rule), key=lambda m: -m.depth)
     return {"rule": rule, "matches_rewritten": report.per_rule.get(rule, 0),
             "refused": [{"root": m.root, "reason": m.reason} for m in misses]}
 

@@ -40,6 +40,8 @@ MAX_REFUSALS = 50
 MAX_REASONS = 8
 
 _QUOTED = re.compile(r"'[^']*'")
+#: A symbolic dim in a type text ("float[batch,unk__7,64]"): exporters number them per layer.
+_SYMBOLIC_DIM = re.compile(r"(?<=[\[,])[^\],\d][^\],]*")
 
 
 def report_data(report: RewriteReport, rules: Iterable[str], *, source: str = "", output: str | None = None) -> dict:
@@ -102,12 +104,13 @@ def _shapes(fusions: list) -> list[dict]:
 
 def _signature(nodes: list[dict]) -> tuple:
     """The shape of a node list without its names: each node's op, and per input where it comes
-    from (an earlier node's output, else an outside value's type and constness)."""
+    from (an earlier node's output, else an outside value's type and constness); symbolic dims
+    count as one, since exporters name them apart per layer."""
     made: dict[str, tuple[int, int]] = {}
     sig = []
     for i, n in enumerate(nodes):
-        ins = tuple(made.get(name, (typ, bool(const))) for name, typ, const in n["inputs"])
-        sig.append((n["op"], ins, tuple(t for _, t in n["outputs"])))
+        ins = tuple(made.get(name, (_SYMBOLIC_DIM.sub("?", typ), bool(const))) for name, typ, const in n["inputs"])
+        sig.append((n["op"], ins, tuple(_SYMBOLIC_DIM.sub("?", t) for _, t in n["outputs"])))
         for j, (name, _) in enumerate(n["outputs"]):
             made[name] = (i, j)
     return tuple(sig)
