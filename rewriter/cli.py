@@ -157,7 +157,10 @@ def _rewrite_main(argv: list[str]) -> int:
         raise InputError("no output file (-o OUT.onnx)")
     explain = args.explain
     if args.report:  # every rule explained and every fusion traced, for the report
-        from .report import check_report_path
+        try:
+            from .report import check_report_path
+        except ImportError as e:
+            raise InputError(f"--report needs {e.name} (pip install 'fusegraph[report]')") from None
         check_report_path(args.report, args.model, args.output)
         explain = [r.name for r in rules.by_priority()]
     shapes = None

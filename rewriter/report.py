@@ -282,8 +282,8 @@ def _overview(data: dict) -> str:
             f'{nodes["after"]}</p><p>{fused} fusions, {refused} refused candidates, {data["passes"]} passes; '
             f'canonicalized: {_esc(canon)}.</p>{written}{errors}</div>'
             f'<div><h2>Time per stage</h2><table class="stages">{stage_rows}</table></div>'
-            f'<div><h2>Ops changed</h2><table class="ops"><tr><th>op</th><th>before</th><th>after</th></tr>'
-            f'{op_rows}</table></div></section>')
+            f'<div><h2>Ops changed</h2><div class="ops-box"><table class="ops"><tr><th>op</th><th>before</th><th>after</th></tr>'
+            f'{op_rows}</table></div></div></section>')
 
 
 def _rule_section(r: dict) -> str:
@@ -349,7 +349,8 @@ _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1400px;padding:16px 24px;color:#1d2330;background:#fafbfc}
 h1{font-size:22px;margin:4px 0 12px}h1 small{font-weight:normal;color:#667;font-size:15px}
 h2{font-size:15px;margin:0 0 6px}
-.overview{display:flex;gap:32px;flex-wrap:wrap;background:#fff;border:1px solid #dde;border-radius:8px;padding:12px 16px}
+.overview{display:flex;gap:32px;background:#fff;border:1px solid #dde;border-radius:8px;padding:12px 16px}
+.overview>div:first-child{flex:1 1 360px}.ops-box{max-height:230px;overflow:auto;padding-right:8px}
 .big{font-size:26px;margin:0 0 4px}
 table{border-collapse:collapse}td,th{padding:1px 10px 1px 0;text-align:left}.num{text-align:right;font-variant-numeric:tabular-nums}
 .bar{display:inline-block;height:10px;background:#5b8def;border-radius:2px}
