@@ -84,7 +84,7 @@ def test_report_of_a_real_export_is_one_page_with_drawings_and_refusals(tmp_path
     titles = page.all_text
     first = data["rules"][[r["rule"] for r in data["rules"]].index("norms.rms_norm")]["shapes"][0]["matched"][0]
     assert first["name"] in titles and first["outputs"][0][1] in titles
-    assert page.with_class("ol", "refusal-list") and page.with_class("input", "") == []
+    assert page.with_class("ol", "refusal-list")
     assert [a for t, a in page.tags if t == "input" and a.get("id") == "search"]
 
 
