@@ -25,12 +25,15 @@ import contextlib
 import html
 import os
 import re
+import stat
 import tempfile
 from collections import Counter, defaultdict
+from functools import lru_cache
 from typing import Any, Iterable
 
 import networkx as nx
 
+from .api import _gc_paused
 from .errors import InputError
 from .rewrite import RewriteReport
 
@@ -47,6 +50,11 @@ _SYMBOLIC_DIM = re.compile(r"(?<=[\[,])[^\],\d][^\],]*")
 def report_data(report: RewriteReport, rules: Iterable[str], *, source: str = "", output: str | None = None) -> dict:
     """The report as JSON-able data; `rules` are the names run, in order (each gets a section,
     refusals only where it was explained)."""
+    with _gc_paused():  # a tuple per traced input: the collector would rescan the graph's heap
+        return _report_data(report, rules, source, output)
+
+
+def _report_data(report: RewriteReport, rules: Iterable[str], source: str, output: str | None) -> dict:
     fused_by: dict[str, str] = {}
     for f in report.fusions:
         for name in f.matched:
@@ -109,11 +117,16 @@ def _signature(nodes: list[dict]) -> tuple:
     made: dict[str, tuple[int, int]] = {}
     sig = []
     for i, n in enumerate(nodes):
-        ins = tuple(made.get(name, (_SYMBOLIC_DIM.sub("?", typ), bool(const))) for name, typ, const in n["inputs"])
-        sig.append((n["op"], ins, tuple(_SYMBOLIC_DIM.sub("?", t) for _, t in n["outputs"])))
+        ins = tuple(made.get(name, (_unnamed_dims(typ), const)) for name, typ, const in n["inputs"])
+        sig.append((n["op"], ins, tuple(_unnamed_dims(t) for _, t in n["outputs"])))
         for j, (name, _) in enumerate(n["outputs"]):
             made[name] = (i, j)
     return tuple(sig)
+
+
+@lru_cache(maxsize=4096)
+def _unnamed_dims(type_text: str) -> str:
+    return _SYMBOLIC_DIM.sub("?", type_text)
 
 
 # -- drawing --------------------------------------------------------------------------------
@@ -410,9 +423,12 @@ _SCRIPT = """
 
 def check_report_path(path: str, *inputs_and_outputs: str | None) -> None:
     """Refuse, before any work, a report path that can't be written or would overwrite the
-    model read or written: its folder must exist and it must not be a folder."""
+    model read or written: its folder must exist, and what is there must be a regular file or
+    nothing (the report is renamed over it: never over a device such as /dev/null, a FIFO)."""
     if os.path.isdir(path):
         raise InputError(f"--report {path}: is a folder")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputError(f"--report {path}: exists and is not a regular file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"--report {path}: no such folder {folder}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from html.parser import HTMLParser
@@ -172,15 +173,19 @@ def test_names_are_escaped_not_markup(tmp_path, capsys):
     assert hostile in page.all_text  # shown as text, in the instance list and the hover titles
 
 
-@pytest.mark.parametrize("where", ["missing-folder", "folder", "the-input", "the-output"])
+@pytest.mark.parametrize("where", ["missing-folder", "folder", "the-input", "the-output", "a-fifo"])
 def test_a_bad_report_path_is_bad_input(tmp_path, capsys, where):
     src = tmp_path / "in.onnx"
     src.write_bytes(LLAMA.read_bytes())
     out = tmp_path / "out.onnx"
     report = {"missing-folder": tmp_path / "nope" / "r.html", "folder": tmp_path, "the-input": src,
-              "the-output": out}[where]
+              "the-output": out, "a-fifo": tmp_path / "fifo"}[where]
+    if where == "a-fifo":  # never renamed over, nor written through (a device such as /dev/null alike)
+        os.mkfifo(report)
     before = sorted(os.listdir(tmp_path))
     code, _, err = run_cli(capsys, src, "-o", out, "--report", report, "--no-progress")
     assert code == 2 and err.startswith("rewrite: error: --report") and len(err.splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, the input untouched
     assert src.read_bytes() == LLAMA.read_bytes()
+    if where == "a-fifo":
+        assert stat.S_ISFIFO(os.stat(report).st_mode)
