@@ -50,7 +50,7 @@ class Browser:
         self._from_browser, events_w = os.pipe()
         args = [executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
                 "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                "--disable-background-networking", "--disable-sync", "--hide-scrollbars",
+                "--disable-background-networking", "--disable-sync", "--hide-scrollbars", "--disable-dev-shm-usage",
                 f"--user-data-dir={self._profile}", "about:blank"]
 
         def as_fds_3_and_4():
