@@ -7,7 +7,7 @@
 | `onnx.ModelProto` | as is | a new ModelProto |
 | `onnx_graphsurgeon.Graph` | `gs.export_onnx` | `gs.import_onnx` of the result |
 | `onnx_ir.Model` (also `onnxscript.ir.Model`) | `onnx_ir.serde.serialize_model` | `deserialize_model` |
-| torch's `ONNXProgram` (`torch.onnx.export(..., dynamo=True)`) | its `model_proto` | an `ONNXProgram` over the rewritten model, with the same `exported_program` |
+| `ONNXProgram` (`torch.onnx.export(..., dynamo=True)`) | `model_proto` | a new one, same `exported_program` |
 
 A path is not here: it is rewritten file to file (`fusegraph.rewrite_file`), so external data is
 never loaded. The kinds are recognised through the modules already imported (an object of a

@@ -167,7 +167,8 @@ def draw(nodes: list[dict], outputs: Iterable[str] = ()) -> str:
         for name, typ in n["outputs"]:
             if name in outputs:
                 dst = f"o:{name}"
-                info[dst] = {"kind": "output", "label": _short(name), "title": f"{name}\n{typ or 'type unknown'}\noutput"}
+                info[dst] = {"kind": "output", "label": _short(name),
+                             "title": f"{name}\n{typ or 'type unknown'}\noutput"}
                 g.add_edge(f"n{i}", dst, title=name)
     pos, width, height = _layout(g, info)
     parts = [f'<svg class="drawing" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
@@ -177,7 +178,8 @@ def draw(nodes: list[dict], outputs: Iterable[str] = ()) -> str:
         y1 += _half_height(info[a])
         y2 -= _half_height(info[b]) + 3
         mid = (y1 + y2) / 2
-        parts.append(f'<path class="edge" d="M{x1:.1f},{y1:.1f} C{x1:.1f},{mid:.1f} {x2:.1f},{mid:.1f} {x2:.1f},{y2:.1f}" '
+        curve = f"M{x1:.1f},{y1:.1f} C{x1:.1f},{mid:.1f} {x2:.1f},{mid:.1f} {x2:.1f},{y2:.1f}"
+        parts.append(f'<path class="edge" d="{curve}" '
                      f'marker-end="url(#fg-arrow)"><title>{_esc(data["title"])}</title></path>')
     for key in g.nodes:
         x, y = pos[key]
@@ -295,7 +297,8 @@ def _overview(data: dict) -> str:
             f'{nodes["after"]}</p><p>{fused} fusions, {refused} refused candidates, {data["passes"]} passes; '
             f'canonicalized: {_esc(canon)}.</p>{written}{errors}</div>'
             f'<div><h2>Time per stage</h2><table class="stages">{stage_rows}</table></div>'
-            f'<div><h2>Ops changed</h2><div class="ops-box"><table class="ops"><tr><th>op</th><th>before</th><th>after</th></tr>'
+            f'<div><h2>Ops changed</h2><div class="ops-box"><table class="ops">'
+            f'<tr><th>op</th><th>before</th><th>after</th></tr>'
             f'{op_rows}</table></div></div></section>')
 
 
@@ -359,13 +362,15 @@ _PAGE = """<!DOCTYPE html>
 """
 
 _STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1400px;padding:16px 24px;color:#1d2330;background:#fafbfc}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1400px;padding:16px 24px;
+  color:#1d2330;background:#fafbfc}
 h1{font-size:22px;margin:4px 0 12px}h1 small{font-weight:normal;color:#667;font-size:15px}
 h2{font-size:15px;margin:0 0 6px}
 .overview{display:flex;gap:32px;background:#fff;border:1px solid #dde;border-radius:8px;padding:12px 16px}
 .overview>div:first-child{flex:1 1 360px}.ops-box{max-height:230px;overflow:auto;padding-right:8px}
 .big{font-size:26px;margin:0 0 4px}
-table{border-collapse:collapse}td,th{padding:1px 10px 1px 0;text-align:left}.num{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse}td,th{padding:1px 10px 1px 0;text-align:left}
+.num{text-align:right;font-variant-numeric:tabular-nums}
 .bar{display:inline-block;height:10px;background:#5b8def;border-radius:2px}
 .tools{position:sticky;top:0;background:#fafbfc;padding:10px 0;z-index:1}
 #search{width:380px;padding:5px 8px;font-size:14px}#hits{color:#667}
@@ -376,7 +381,8 @@ details.rule>summary{cursor:pointer;font-size:15px}.name{font-weight:600}
 .pair{display:flex;align-items:flex-start;gap:18px;overflow-x:auto}
 figure{margin:0}figcaption{font-size:12px;color:#667}.becomes{font-size:28px;color:#667;align-self:center}
 svg.drawing{background:#fff}
-svg .op rect{fill:#e8efff;stroke:#5b8def}svg .op text,svg .value text{font:11px system-ui,sans-serif;text-anchor:middle;fill:#1d2330}
+svg .op rect{fill:#e8efff;stroke:#5b8def}
+svg .op text,svg .value text{font:11px system-ui,sans-serif;text-anchor:middle;fill:#1d2330}
 svg .value.input rect{fill:#f3f3f3;stroke:#999}svg .value.output rect{fill:#eaf7ec;stroke:#2a7a3b}
 svg .value.const circle{fill:#fff;stroke:#999}
 svg .edge{fill:none;stroke:#889;stroke-width:1.2}

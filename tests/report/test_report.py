@@ -77,7 +77,8 @@ def test_report_of_a_real_export_is_one_page_with_drawings_and_refusals(tmp_path
     assert len(page.with_class("div", "shape")) == shapes
     # Every fusion is listed by node name; every fused rule has a section.
     fused = {r["rule"]: r["fusions"] for r in data["rules"] if r["fusions"]}
-    assert fused == json.loads(run_cli(capsys, LLAMA, "-o", tmp_path / "plain.onnx", "--json", "--no-progress")[1])["fusions"]
+    plain = run_cli(capsys, LLAMA, "-o", tmp_path / "plain.onnx", "--json", "--no-progress")[1]
+    assert fused == json.loads(plain)["fusions"]
     assert sum(len(s["instances"]) for r in data["rules"] for s in r["shapes"]) == sum(fused.values())
     for rule in fused:
         assert rule in page.all_text

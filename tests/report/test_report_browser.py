@@ -89,7 +89,8 @@ def test_report_opens_without_errors_and_search_filters(chromium, tmp_path, caps
     assert all(s["strays"] == 0 for s in sections if s["shown"] and not s["name"].startswith("rope.rotate_half"))
     assert len([s for s in sections if not s["shown"]]) > 0
     # A node name opens the instance list that holds it.
-    node = data["rules"][[r["rule"] for r in data["rules"]].index("attention.fusegraph")]["shapes"][0]["instances"][0]["matched"][0]
+    attention = next(r for r in data["rules"] if r["rule"] == "attention.fusegraph")
+    node = attention["shapes"][0]["instances"][0]["matched"][0]
     opened = page.evaluate(f"""(() => {{
         const box = document.getElementById('search');
         box.value = {node!r}; box.dispatchEvent(new Event('input'));
