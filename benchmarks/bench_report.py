@@ -64,7 +64,10 @@ def llama_like(layers: int, *, seq: int = 16, hidden: int = 64, heads: int = 4, 
         mlp = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), b.op("MatMul", h, weight(hidden, 2 * hidden)))
         x = b.op("Add", x, b.op("MatMul", mlp, weight(2 * hidden, hidden)))
     table = [1, 1, seq, d]
-    return b.model({"x": [1, seq, hidden], "cos": table, "sin": table}, {rms_norm(x): [1, seq, hidden]}, opset)
+    model = b.model({"x": [1, seq, hidden], "cos": table, "sin": table}, {rms_norm(x): [1, seq, hidden]}, opset)
+    for n in model.graph.node:  # named like an exporter's nodes, after their output
+        n.name = n.name or f"/{n.output[0]}"
+    return model
 
 
 def main() -> None:

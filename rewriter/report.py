@@ -90,7 +90,7 @@ def _rule_data(rule: str, fusions: list, misses: list, fused_by: dict[str, str])
         "refused": len(misses),
         "reasons": [{"reason": r, "count": n} for r, n in reasons.most_common(MAX_REASONS)],
         "refusals": [{"node": m.root, "reason": m.reason, "depth": m.depth,
-                      "fused_by": fused_by.get(m.node)} for m in misses[:MAX_REFUSALS]],
+                      "fused_by": fused_by.get(m.node) if m.node else None} for m in misses[:MAX_REFUSALS]],
     }
 
 
@@ -106,8 +106,16 @@ def _shapes(fusions: list) -> list[dict]:
             group = groups[key] = {"count": 0, "matched": nodes["matched"], "created": nodes["created"],
                                    "instances": []}
         group["count"] += 1
-        group["instances"].append({"matched": f.matched, "created": f.created})
+        group["instances"].append({"matched": _labels(f.matched, nodes["matched"]),
+                                   "created": _labels(f.created, nodes["created"])})
     return sorted(groups.values(), key=lambda g: -g["count"])
+
+
+def _labels(names: list[str], traced: list[dict]) -> list[str]:
+    """Node names, an unnamed node (ONNX allows it) told by what it computes instead."""
+    if all(names) or len(traced) != len(names):
+        return names
+    return [name or f"{n['op']} -> {n['outputs'][0][0] if n['outputs'] else '?'}" for name, n in zip(names, traced)]
 
 
 def _signature(nodes: list[dict]) -> tuple:
@@ -118,8 +126,8 @@ def _signature(nodes: list[dict]) -> tuple:
     sig = []
     for i, n in enumerate(nodes):
         ins = tuple(made.get(name, (_unnamed_dims(typ), const)) for name, typ, const in n["inputs"])
-        sig.append((n["op"], ins, tuple(_unnamed_dims(t) for _, t in n["outputs"])))
-        for j, (name, _) in enumerate(n["outputs"]):
+        sig.append((n["op"], ins, tuple((_unnamed_dims(t), leaves) for _, t, leaves in n["outputs"])))
+        for j, (name, _, _) in enumerate(n["outputs"]):
             made[name] = (i, j)
     return tuple(sig)
 
@@ -138,10 +146,10 @@ _BOX_H = 24
 _DOT = 5         # radius of an outside value's dot
 
 
-def draw(nodes: list[dict], outputs: Iterable[str] = ()) -> str:
+def draw(nodes: list[dict]) -> str:
     """An inline SVG of `nodes` (traced nodes, in order): each op a box, each value entering
-    from outside a dot (hollow for a constant) or, for a non-constant, a labelled pill; values
-    in `outputs` leave through a pill at the bottom. Layers by `networkx`."""
+    from outside a dot (hollow for a constant) or, for a non-constant, a labelled pill; each
+    value that leaves a pill below its producer. Layers by `networkx`."""
     g = nx.DiGraph()
     producer: dict[str, str] = {}
     info: dict[str, dict] = {}
@@ -149,7 +157,7 @@ def draw(nodes: list[dict], outputs: Iterable[str] = ()) -> str:
         key = f"n{i}"
         g.add_node(key)
         info[key] = {"kind": "op", "label": n["op"].split(".")[-1], "title": _node_title(n)}
-        for name, _ in n["outputs"]:
+        for name, _, _ in n["outputs"]:
             producer[name] = key
     for i, n in enumerate(nodes):
         for name, typ, const in n["inputs"]:
@@ -164,8 +172,8 @@ def draw(nodes: list[dict], outputs: Iterable[str] = ()) -> str:
                     g.add_node(src)
             g.add_edge(src, f"n{i}", title=f"{name}: {typ}" if typ else name)
     for i, n in enumerate(nodes):
-        for name, typ in n["outputs"]:
-            if name in outputs:
+        for name, typ, leaves in n["outputs"]:
+            if leaves:
                 dst = f"o:{name}"
                 info[dst] = {"kind": "output", "label": _short(name),
                              "title": f"{name}\n{typ or 'type unknown'}\noutput"}
@@ -246,7 +254,7 @@ def _half_height(node: dict) -> float:
 def _node_title(n: dict) -> str:
     lines = [n["name"] or "(unnamed)", n["op"]]
     lines += [f"in  {name or '(none)'}: {typ or '?'}" for name, typ, _ in n["inputs"]]
-    lines += [f"out {name}: {typ or '?'}" for name, typ in n["outputs"]]
+    lines += [f"out {name}: {typ or '?'}" for name, typ, _ in n["outputs"]]
     return "\n".join(lines)
 
 
@@ -315,9 +323,6 @@ def _rule_section(r: dict) -> str:
 
 
 def _shape_block(rule: str, index: int, shape: dict) -> str:
-    created_outputs = {name for n in shape["created"] for name, _ in n["outputs"]}
-    matched_outputs = {name for n in shape["matched"] for name, _ in n["outputs"]}
-    replaced = created_outputs & matched_outputs
     ops = Counter(n["op"].split(".")[-1] for n in shape["matched"])
     became = ", ".join(n["op"] for n in shape["created"]) or "(nothing)"
     caption = (f'{shape["count"]} &times; {len(shape["matched"])} nodes ('
@@ -327,9 +332,9 @@ def _shape_block(rule: str, index: int, shape: dict) -> str:
         f'<li class="item">{_esc(", ".join(inst["matched"]))} <b>&rarr;</b> {_esc(", ".join(inst["created"]))}</li>'
         for inst in shape["instances"])
     return (f'<div class="shape item"><p class="caption">{caption}</p><div class="pair">'
-            f'<figure><figcaption>matched</figcaption>{draw(shape["matched"], replaced)}</figure>'
+            f'<figure><figcaption>matched</figcaption>{draw(shape["matched"])}</figure>'
             f'<div class="becomes">&rArr;</div>'
-            f'<figure><figcaption>fused</figcaption>{draw(shape["created"], replaced)}</figure></div>'
+            f'<figure><figcaption>fused</figcaption>{draw(shape["created"])}</figure></div>'
             f'<details class="instances"><summary>{shape["count"]} instance(s), by node name</summary>'
             f'<ol>{rows}</ol></details></div>')
 

@@ -381,12 +381,15 @@ class Rewriter:
 
 def _trace_nodes(nodes: list[Node]) -> list[dict]:
     """Each node as it stands now: name, op, its inputs as (name, type, is constant) and its
-    outputs as (name, type), a type "float[1,16,64]" or "" when unknown; taken before the
-    rewrite rewires them."""
+    outputs as (name, type, leaves: read outside `nodes` or a graph output), a type
+    "float[1,16,64]" or "" when unknown. The matched nodes are traced before the rewrite
+    rewires them (what leaves is what the pattern returns), the created ones after."""
+    inside = set(map(id, nodes))
     return [{"name": n.name, "op": f"{n.domain}.{n.op_type}" if n.domain else n.op_type,
              "inputs": [(v.name, _type_text(v), v.is_constant) if v is not None else ("", "", False)
                         for v in n.inputs],
-             "outputs": [(v.name, _type_text(v)) for v in n.outputs]} for n in nodes]
+             "outputs": [(v.name, _type_text(v), v.is_graph_output or any(id(c) not in inside for c in v.consumers))
+                         for v in n.outputs]} for n in nodes]
 
 
 def _type_text(v: Value) -> str:

@@ -116,8 +116,10 @@ def test_refusals_are_capped_per_rule_and_counted(tmp_path):
     depths = [m["depth"] for m in big["refusals"]]
     assert depths == sorted(depths, reverse=True)
     assert f"… {big['refused'] - MAX_REFUSALS} more" in render_html(data)
-    # A candidate refused by one rule and fused by another says so.
-    assert any(m["fused_by"] for r in data["rules"] for m in r["refusals"])
+    # A candidate refused by one rule and fused by another says so (by name: never for "").
+    fused_nodes = {name: f.rule for f in report.fusions for name in f.matched}
+    notes = [(m["node"], m["fused_by"]) for r in data["rules"] for m in r["refusals"] if m["fused_by"]]
+    assert notes and all(fused_nodes[node.split(" ", 1)[1].strip("'")] == rule for node, rule in notes)
 
 
 def test_tracing_and_explaining_every_rule_change_no_fusion():
@@ -148,15 +150,30 @@ def test_a_128_layer_model_renders_in_under_2_seconds():
     seconds = time.perf_counter() - start
     assert seconds < 2.0, f"rendering took {seconds:.2f} s"
     parsed = Page(page)
-    # Grouped: each rule's fusions of the 128 layers share one shape, so one drawing pair each.
+    # Grouped: each rule's fusions of the 128 layers share one shape, so one drawing pair each
+    # (two for the residual norm: the last layer's sum is read by no further layer).
     data = report_data(report, names)
     fused = [r for r in data["rules"] if r["fusions"]]
-    assert all(len(r["shapes"]) == 1 and r["shapes"][0]["count"] == r["fusions"] for r in fused)
+    assert all(sum(s["count"] for s in r["shapes"]) == r["fusions"] for r in fused)
+    assert {r["rule"]: len(r["shapes"]) for r in fused if len(r["shapes"]) > 1} == {"norms.skip_rms_norm": 2}
     assert {r["rule"]: r["fusions"] for r in fused} == {
         "attention.fusegraph": 128, "activations.SwiGLU": 128, "qkv.projections": 128, "rope.rotate_half": 256,
         "norms.rms_norm": 257, "norms.skip_rms_norm": 256}
-    assert len(parsed.with_class("svg", "drawing")) == 2 * len(fused)
+    assert len(parsed.with_class("svg", "drawing")) == 2 * (len(fused) + 1)
     assert len(parsed.with_class("li", "item")) >= len(report.fusions)
+
+
+def test_unnamed_nodes_are_told_by_what_they_compute():
+    model = make_model([node("MatMul", ["x", "w"], ["m"]), node("Relu", ["m"], ["y"])],
+                       {"x": (np.float32, [2, 4])}, {"y": (np.float32, [2, 3])}, {"w": np.ones((4, 3), np.float32)})
+    for n in model.graph.node:
+        n.name = ""
+    names = [r.name for r in default_rules().by_priority()]
+    _, report = rewrite_with_report(model, explain=names, trace=True)
+    data = report_data(report, names)
+    instance = next(r for r in data["rules"] if r["fusions"])["shapes"][0]["instances"][0]
+    assert instance["matched"] == ["MatMul -> m", "Relu -> y"]
+    assert all(m["fused_by"] is None for r in data["rules"] for m in r["refusals"])
 
 
 def test_names_are_escaped_not_markup(tmp_path, capsys):
