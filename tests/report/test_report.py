@@ -207,3 +207,11 @@ def test_a_bad_report_path_is_bad_input(tmp_path, capsys, where):
     assert src.read_bytes() == LLAMA.read_bytes()
     if where == "a-fifo":
         assert stat.S_ISFIFO(os.stat(report).st_mode)
+
+
+def test_without_networkx_the_report_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "networkx", None)  # an import of it fails, as when not installed
+    monkeypatch.delitem(sys.modules, "fusegraph.report")
+    code, _, err = run_cli(capsys, DEMO, "--report", tmp_path / "r.html")
+    assert code == 2 and err == "rewrite: error: --report needs networkx (pip install 'fusegraph[report]')\n"
+    assert not (tmp_path / "r.html").exists()
