@@ -158,3 +158,23 @@ def test_rewrite_for_tensorrt_writes_the_tensorrt_bodies():
         assert report.per_rule["attention.fusegraph"] == 1
         [f] = [f for f in out.functions if f.name == "MaskedAttention"]
         assert sorted(softmax_readers(f)) in (want, sorted(want[1:] + ["Reshape"])), (target, softmax_readers(f))
+
+
+def test_rewriting_a_rewritten_model_writes_this_targets_bodies_afresh():
+    """A model rewritten before (for another target, or by an older fusegraph) carries fusegraph
+    functions; rewriting it again replaces them with the bodies for the target asked now, in both
+    directions, and a function of another domain stays."""
+    import fusegraph.patterns.attention_op  # noqa: F401
+    want = {t: fused_ops.REGISTRY["MaskedAttention"].function(17, target=t) for t in ("portable", "tensorrt")}
+    assert want["portable"] != want["tensorrt"]
+    model = masked_attention(17, "portable")
+    other = helper.make_function("user.domain", "Twice", ["x"], ["y"], [node("Add", ["x", "x"], ["y"])],
+                                 [helper.make_opsetid("", 17)])
+    model.functions.append(other)
+    stale = model.functions[0]
+    stale.doc_string = "a body from an older fusegraph"
+    for target in ("tensorrt", "portable"):
+        model, _ = rewrite_with_report(model, target=target)
+        [body] = [f for f in model.functions if f.domain == fused_ops.DOMAIN]
+        assert body == want[target], target
+        assert other in model.functions
