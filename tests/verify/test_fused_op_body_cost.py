@@ -99,6 +99,7 @@ def test_rope_body_is_one_layout_and_rotate_half_one_concat(tmp_path, interleave
                         ("float32", ["b", 8, "s", 64]), interleaved=interleaved, rotary_dim=32)
     ops = collections.Counter(n.op_type for n in optimized(model, tmp_path).graph.node)
     assert not ops["If"] and not ops["Gather"] and not ops["Where"], ops
+    assert not ops["Cast"], "float32 in, float32 out: no cast (and no copy of Y) is left"
     # rotate-half: y1, y2 and the pass-through channels in one Concat; interleaved: one Concat of
     # the two [.., rd/2, 1] views and one with the pass-through channels (and two of shapes)
     assert ops["Concat"] == (4 if interleaved else 1), ops
