@@ -14,14 +14,15 @@ and then run in ONNX Runtime's CPU provider as
 
 side by side in one run, with the thread count fixed (intra-op threads = `--threads`, one
 inter-op thread, sequential execution, default graph optimizations). Each cell is the median
-of `--runs` timed runs after `--warmup` untimed ones, the variants' sessions side by side in
-one process taking turns run by run (so a passing load on a shared machine falls on all
-alike); "x" is original / variant (above 1 is faster). Every variant's outputs are compared
-with the original's on the same inputs (max abs difference), so a fast wrong model shows up.
+of `--runs` timed runs (`--decode-runs` for the decode step) after `--warmup` untimed ones,
+the variants' sessions side by side in one process taking turns run by run (so a passing load
+on a shared machine falls on all alike); "x" is the median over those rounds of original /
+variant (above 1 is faster). Every variant's outputs are compared with the original's on the
+same inputs (max abs difference), so a fast wrong model shows up.
 Each variant is also loaded and run once in a subprocess of its own, whose peak resident
 memory (MiB, load + every shape) is the variant's.
 
-    python benchmarks/bench_latency.py                       # every model, batch 1 and 4, seq 128 and 512
+    python benchmarks/bench_latency.py --runs 30 --decode-runs 300   # the table of RESULTS.md §7
     python benchmarks/bench_latency.py --only llama --seq 128 --batch 1 --runs 10
     python benchmarks/bench_latency.py --engines --no-latency  # only the TensorRT-RTX engine table
 
@@ -264,10 +265,17 @@ def run_memory(path: Path, arch: Arch, shapes, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def runs_for(arch: Arch, args) -> int:
+    """A decode step takes a few milliseconds, so it gets more runs for the same confidence."""
+    return args.decode_runs if arch.decode else args.runs
+
+
 def time_interleaved(paths: dict[str, Path], arch: Arch, shapes, args) -> dict[str, dict[str, float]]:
-    """Median seconds per run of every variant and shape. The variants' sessions live side by
-    side and take turns run by run (the first to go rotating), so a load that comes and goes on
-    a shared machine falls on every variant alike."""
+    """Median seconds per run of every variant and shape, and its speed-up over the first variant
+    (the original). The variants' sessions live side by side and take turns run by run (the
+    first to go rotating), so a load that comes and goes on a shared machine falls on every
+    variant alike; the speed-up is the median over those rounds of original / variant, steadier
+    there than the ratio of two medians, which a burst of load in one variant's runs moves."""
     sessions = {label: session(path, args.threads) for label, path in paths.items()}
     labels = list(sessions)
     out: dict[str, dict[str, float]] = {label: {} for label in labels}
@@ -277,13 +285,16 @@ def time_interleaved(paths: dict[str, Path], arch: Arch, shapes, args) -> dict[s
             for label in labels:
                 sessions[label].run(None, feeds)
         times: dict[str, list[float]] = {label: [] for label in labels}
-        for r in range(args.runs):
+        for r in range(runs_for(arch, args)):
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 t0 = time.perf_counter()
                 sessions[label].run(None, feeds)
                 times[label].append(time.perf_counter() - t0)
+        base = np.asarray(times[labels[0]])
         for label in labels:
             out[label][f"{batch}x{seq}"] = float(np.median(times[label]))
+            # the median over rounds of original / variant, each round's runs side by side in time
+            out[label][f"{batch}x{seq} x"] = float(np.median(base / np.asarray(times[label])))
     return out
 
 
@@ -355,6 +366,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=20, help="timed runs per variant and shape, interleaved")
+    p.add_argument("--decode-runs", type=int, default=200, help="--runs for the KV-cache decode step")
     p.add_argument("--variants", nargs="*", help="subset of the variants (default: all)")
     p.add_argument("--engines", action="store_true", help="also build TensorRT-RTX engines of original / "
                    "rewritten / --plugins and print their layer counts (CPU build; slow)")
@@ -425,15 +437,18 @@ def render(rows, labels, args) -> str:
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; "
         f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} intra-op thread(s), sequential, "
-        f"default graph optimizations; median of {args.runs} runs after {args.warmup} warm-up runs, the "
+        f"default graph optimizations; median of {args.runs} runs ({args.decode_runs} for the decode step) "
+        f"after {args.warmup} warm-up runs, the "
         f"variants' runs interleaved in one process. The machine is shared: other processes ran alongside. "
         f"Models: TorchScript exports (opset 17, dynamic axes), hidden 512, 8 heads (Llama 4 KV heads), "
         f"{LAYERS} layers, random weights; llama_decode is one KV-cache decode step of the Llama (one new "
         f"token after `seq` cached positions: its batch x seq is batch x past length). "
         f"Command: `python benchmarks/bench_latency.py "
-        f"--batch {' '.join(map(str, args.batch))} --seq {' '.join(map(str, args.seq))} --runs {args.runs}`.",
+        f"--batch {' '.join(map(str, args.batch))} --seq {' '.join(map(str, args.seq))} --runs {args.runs} "
+        f"--decode-runs {args.decode_runs}`.",
         "",
-        "Each cell: milliseconds (original / variant: above 1.00x is faster than the export). "
+        "Each cell: median milliseconds (x: the median over the interleaved rounds of original / variant; "
+        "above 1.00x is faster than the export). "
         "max abs: largest output difference vs the original over every shape. peak: resident MiB of "
         "the measuring process.",
         "",
@@ -450,7 +465,7 @@ def render(rows, labels, args) -> str:
                 if "error" in r:
                     cells.append("error")
                 elif key in r and key in base:
-                    cells.append(f"{r[key] * 1e3:.1f} ({base[key] / r[key]:.2f}x)")
+                    cells.append(f"{r[key] * 1e3:.1f} ({r[f'{key} x']:.2f}x)")
                 else:
                     cells.append("–")
             lines.append("| " + " | ".join(cells) + " |")
