@@ -13,8 +13,8 @@ provider (1 thread, default graph optimizations) as
 
 Each cell is the median of `--runs` runs, the forms taking turns run by run; x is the median
 over those rounds of original / form (above 1 is faster), steadier on a shared machine than a
-ratio of medians. Every form's output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
-where that form is measured faster here.
+ratio of medians. Every form's output is checked against the original's. `fusegraph.lowering`
+lowers an op for a target only where that form is measured faster here.
 
     python benchmarks/bench_lowering.py [--seq 128 512] [--runs 50]
 """
@@ -77,8 +77,8 @@ def linear_skip_layer_norm(seq):
     batch and sequence dims symbolic as in an export (ONNX Runtime's own fusions depend on them)."""
     nodes = [node("MatMul", ["x", "w"], ["mm"]), node("Add", ["mm", "b"], ["xb"]), node("Add", ["xb", "r"], ["s"]),
              node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
-    return make_model(nodes, {"x": ("float32", ["batch", "seq", HIDDEN]), "r": ("float32", ["batch", "seq", HIDDEN])},
-                      {"y": ("float32", ["batch", "seq", HIDDEN])},
+    shape = ["batch", "seq", HIDDEN]
+    return make_model(nodes, {"x": ("float32", shape), "r": ("float32", shape)}, {"y": ("float32", shape)},
                       {"w": np.random.randn(HIDDEN, HIDDEN).astype(np.float32) * 0.05,
                        "b": np.random.randn(HIDDEN).astype(np.float32),
                        "gamma": np.random.rand(HIDDEN).astype(np.float32),
