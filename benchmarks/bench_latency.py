@@ -298,6 +298,65 @@ def time_interleaved(paths: dict[str, Path], arch: Arch, shapes, args) -> dict[s
     return out
 
 
+# -- where the time goes ------------------------------------------------------------------------
+def variant_path(name: str, label: str, src: Path) -> Path:
+    return src if label.startswith("original") else CACHE / f"{name}.{label.replace(':', '-')}.onnx"
+
+
+def profile_kernels(path: Path, arch: Arch, shape: tuple[int, int], args) -> dict[str, tuple[float, int]]:
+    """ONNX Runtime's profiler (`SessionOptions.enable_profiling`) over `--profile-runs` runs of
+    one shape: per op type of the graph it optimized, kernel milliseconds per run and nodes."""
+    import tempfile
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as work:
+        opts.profile_file_prefix = str(Path(work) / "profile")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feeds = feeds_for(arch, *shape)
+        for _ in range(1 + args.profile_runs):  # the first run allocates: its events are dropped below
+            sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    start_us = sorted(e["ts"] for e in events if e.get("name") == "model_run")[1]
+    runs: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start_us:
+            runs.setdefault(e["name"], []).append(e["dur"] / 1e3)
+            op_of[e["name"]] = e["args"]["op_name"]
+    out: dict[str, tuple[float, int]] = {}
+    for node, durations in runs.items():  # each node's median: a preempted run does not count
+        ms, n = out.get(op_of[node], (0.0, 0))
+        out[op_of[node]] = (ms + float(np.median(durations)), n + 1)
+    return out
+
+
+def render_profile(rows: list[tuple[str, tuple[int, int], dict]], args) -> str:
+    lines = ["## Where the time goes: ONNX Runtime's profiler", "",
+             f"Kernel milliseconds by op type of the graph ONNX Runtime optimized (nodes in brackets): "
+             f"each node's median over {args.profile_runs} profiled runs of the first shape (after one "
+             f"untimed run), summed per op type; {args.threads} intra-op thread(s). Kernel times leave "
+             f"out the executor's per-node overhead, which `total` does not show either. "
+             f"Command: `python benchmarks/bench_latency.py --profile` with the table's flags.", ""]
+    for name, (b, s), per_variant in rows:
+        labels = [label for label in per_variant if label != "original (A/A)"]
+        ops = sorted({op for p in per_variant.values() for op in p},
+                     key=lambda op: -max(p.get(op, (0.0, 0))[0] for p in per_variant.values()))
+        lines += [f"{name} {b}x{s}:", "", "| op type | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for op in ops[:args.profile_top]:
+            cells = [f"{per_variant[label][op][0]:.3f} ({per_variant[label][op][1]})" if op in per_variant[label]
+                     else "–" for label in labels]
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+        totals = [f"{sum(ms for ms, _ in per_variant[label].values()):.3f} "
+                  f"({sum(n for _, n in per_variant[label].values())})" for label in labels]
+        lines += ["| total | " + " | ".join(totals) + " |", ""]
+    return "\n".join(lines) + "\n"
+
+
 # -- TensorRT-RTX engines ----------------------------------------------------------------------
 def engine_ranges(arch: Arch, shapes: list[tuple[int, int]]) -> dict[str, dict[str, tuple[int, ...]]]:
     """One optimization profile over the measured shapes: min batch and sequence 1, opt the
@@ -371,6 +430,10 @@ def main(argv=None) -> None:
     p.add_argument("--engines", action="store_true", help="also build TensorRT-RTX engines of original / "
                    "rewritten / --plugins and print their layer counts (CPU build; slow)")
     p.add_argument("--no-latency", action="store_true", help="with --engines: only the engines table")
+    p.add_argument("--profile", action="store_true", help="also profile every variant at the first shape: "
+                   "kernel time per op type (ONNX Runtime's profiler)")
+    p.add_argument("--profile-runs", type=int, default=10)
+    p.add_argument("--profile-top", type=int, default=12, help="op types shown per model (the costliest)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--shapes", nargs="*", help=argparse.SUPPRESS)
@@ -383,7 +446,7 @@ def main(argv=None) -> None:
     all_variants = variants()
     chosen = {k: v for k, v in all_variants.items()
               if not args.variants or k in args.variants or k in ("original", "original (A/A)")}
-    rows, engine_rows = [], []
+    rows, engine_rows, profile_rows = [], [], []
     for name in args.only:
         arch = ARCHS[name]
         src = export(arch)
@@ -391,10 +454,17 @@ def main(argv=None) -> None:
         shapes = [(b, s) for b in args.batch for s in seqs]
         if not args.no_latency:
             rows.append((name, shapes, *latency_row(name, arch, src, shapes, chosen, args)))
+            if args.profile:
+                results = rows[-1][2]
+                profile_rows.append((name, shapes[0], {
+                    label: profile_kernels(variant_path(name, label, src), arch, shapes[0], args)
+                    for label in chosen if "error" not in results.get(label, {"error": ""})}))
         if args.engines:
             engine_rows.append((name, engine_row(name, src, arch, shapes)))
     if rows:
         print(render(rows, list(chosen), args))
+    if profile_rows:
+        print(render_profile(profile_rows, args))
     if engine_rows:
         print(render_engines(engine_rows))
 
@@ -405,7 +475,7 @@ def latency_row(name: str, arch: Arch, src: Path, shapes, chosen: dict, args) ->
     for label, make in chosen.items():
         path = src
         if make is not None:
-            path = CACHE / f"{name}.{label.replace(':', '-')}.onnx"
+            path = variant_path(name, label, src)
             try:
                 t0 = time.perf_counter()
                 model = make(src, arch)
