@@ -25,6 +25,7 @@ memory (MiB, load + every shape) is the variant's.
     python benchmarks/bench_latency.py --runs 30 --decode-runs 300   # the table of RESULTS.md §7
     python benchmarks/bench_latency.py --only llama --seq 128 --batch 1 --runs 10
     python benchmarks/bench_latency.py --engines --no-latency  # only the TensorRT-RTX engine table
+    python benchmarks/bench_latency.py --only bert --batch 1 --seq 128 --profile  # + kernel time per op type
 
 Needs torch and transformers (the exports) and onnxscript (a peer); exports are cached in
 `out/latency/` (gitignored). Prints the markdown section of benchmarks/RESULTS.md.
