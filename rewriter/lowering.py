@@ -25,7 +25,7 @@ driver after the fusion rules, so it is matched, checked and recorded like any f
 is verified like a rule (`tests/core/test_lowering.py`: equal outputs in ONNX Runtime). Which op lowers to what
 was chosen by measurement, not assumption: `benchmarks/bench_lowering.py` times each fused op's
 original decomposition, portable form and contrib op in ONNX Runtime, and an op whose contrib
-kernel is not faster keeps its portable form (the timings are in benchmarks/RESULTS.md §7.4).
+kernel is not faster keeps its portable form (the timings are in benchmarks/RESULTS.md §7.5).
 The portable form is the default, which every test of a rule sees, so a portable body slower
 than the subgraph it replaced is made faster in place (`norm_ops`, `rope_ops`), not lowered.
 """

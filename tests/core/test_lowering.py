@@ -79,7 +79,7 @@ SPLIT_CASES = {"SplitMatMulBias": True, "SplitMatMul": False}
 def test_onnxruntime_separates_a_split_gemm_into_three_equal_ones(name):
     """ONNX Runtime's CPU runs the one GEMM on concatenated Q/K/V weights and its Split (a copy
     of the three outputs) slower than the three GEMMs at prefill sizes (benchmarks/RESULTS.md
-    §7.4), so `--target onnxruntime` writes the three again: equal outputs, no Split, one weight
+    §7.3, §7.5), so `--target onnxruntime` writes the three again: equal outputs, no Split, one weight
     slice each."""
     model = split_gemm(SPLIT_CASES[name])
     lowered, report = rewrite_with_report(model, lowering_rules("onnxruntime"))

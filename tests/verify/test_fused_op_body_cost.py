@@ -108,7 +108,7 @@ def test_rope_body_is_one_layout_and_rotate_half_one_concat(tmp_path, interleave
 def test_skip_layer_norm_body_stays_apart_from_ort_skip_layer_normalization(tmp_path):
     """ONNX Runtime fuses an Add feeding LayerNormalization into com.microsoft.SkipLayerNormalization
     (taking a bias Add before it too), 2-7x slower than the ops it replaces on the measured CPU,
-    where the exports keep them apart (benchmarks/RESULTS.md §7.4): the body's residual sum is a
+    where the exports keep them apart (benchmarks/RESULTS.md §7.3): the body's residual sum is a
     Sum, which that fusion does not take; outputs are the reference's."""
     import fusegraph.norm_ops  # noqa: F401
     shape = ["b", "s", 64]
