@@ -92,11 +92,11 @@ def _matmul_bias_gelu_tanh_ort(op, x, w, b):
 
 
 def _split_gemm(op: PatternOps, x, w, b, sizes):
-    return op.Split(op.MatMulBias(x, w, b, _domain=DOMAIN), sizes, axis=-1, _outputs=3)
+    return op.Split(op.MatMulBias(x, w, b, _domain=DOMAIN), sizes, axis=Attr("axis"), _outputs=3)
 
 
 def _split_gemm_bare(op: PatternOps, x, w, sizes):
-    return op.Split(op.MatMul(x, w), sizes, axis=-1, _outputs=3)
+    return op.Split(op.MatMul(x, w), sizes, axis=Attr("axis"), _outputs=3)
 
 
 def _separate_gemms(op, x, w, sizes, b=None):
@@ -109,21 +109,26 @@ def _separate_gemms(op, x, w, sizes, b=None):
                  for wi, bi in zip(weights, np.split(b.const_value, cuts)))
 
 
-def _split_gemm_ort(op, x, w, b, sizes):
+def _split_gemm_ort(op, x, w, b, sizes, axis):
     """fusegraph.MatMulBias + Split -> three fusegraph.MatMulBias"""
     return _separate_gemms(op, x, w, sizes, b)
 
 
-def _split_gemm_bare_ort(op, x, w, sizes):
+def _split_gemm_bare_ort(op, x, w, sizes, axis):
     """MatMul + Split -> three MatMuls"""
     return _separate_gemms(op, x, w, sizes)
 
 
-def split_of_constant_matrix(w, sizes, b=None) -> bool:
-    """The weight (and bias) in memory, split by constant sizes along its last axis."""
+def split_of_constant_matrix(x, w, sizes, axis, b=None) -> bool:
+    """The weight (and bias) in memory, split by constant positive sizes along the product's
+    last axis (-1, or its number: GPT-2's exports split axis 2)."""
     if w.const_value is None or w.rank != 2:
         return reject("the weight is no 2-D constant in memory")
-    if sizes.const_value is None or sizes.const_value.ndim != 1 or int(sizes.const_value.sum()) != w.shape[1]:
+    last = max(x.rank, 2) - 1 if x.rank is not None and x.rank != 1 else 0
+    if axis != -1 and (x.rank is None or axis != last):
+        return reject(f"split axis {axis} is not the product's last (rank of X {x.rank})")
+    split = sizes.const_value
+    if split is None or split.ndim != 1 or (split <= 0).any() or int(split.sum()) != w.shape[1]:
         return reject("the split sizes are no constant cover of the weight's columns")
     if b is not None and (b.const_value is None or b.shape != (w.shape[1],)):
         return reject(f"the bias is no constant [{w.shape[1]}] vector")

@@ -75,13 +75,14 @@ def split_gemm(bias: bool, sizes=(8, 4, 4), axis: int = -1, opset: int = 17) -> 
 SPLIT_CASES = {"SplitMatMulBias": True, "SplitMatMul": False}
 
 
+@pytest.mark.parametrize("axis", [-1, 2])
 @pytest.mark.parametrize("name", sorted(SPLIT_CASES))
-def test_onnxruntime_separates_a_split_gemm_into_three_equal_ones(name):
+def test_onnxruntime_separates_a_split_gemm_into_three_equal_ones(name, axis):
     """ONNX Runtime's CPU runs the one GEMM on concatenated Q/K/V weights and its Split (a copy
     of the three outputs) slower than the three GEMMs at prefill sizes (benchmarks/RESULTS.md
     §7.3, §7.5), so `--target onnxruntime` writes the three again: equal outputs, no Split, one weight
     slice each."""
-    model = split_gemm(SPLIT_CASES[name])
+    model = split_gemm(SPLIT_CASES[name], axis=axis)
     lowered, report = rewrite_with_report(model, lowering_rules("onnxruntime"))
     assert report.per_rule[f"lower.onnxruntime.{name}"] == 1
     ops = op_counts(lowered)
