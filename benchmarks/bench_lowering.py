@@ -1,22 +1,24 @@
 """Which form of each fused op runs fastest in ONNX Runtime? The measurements behind `--target`.
 
 For each fused op, one block as exporters write it (HF Llama's RMSNorm and residual, BERT's
-erf GELU and residual LayerNorm, GPT-2's tanh GELU, a Linear + GELU, Llama's SwiGLU MLP and
+erf GELU and residual LayerNorm, alone and after its Linear with symbolic batch and sequence
+dims, attention's Q/K/V projections, GPT-2's tanh GELU, a Linear + GELU, Llama's SwiGLU MLP and
 rotate-half RoPE, eager attention with a padding mask and with a causal one) at a realistic
-size (hidden 512, 8 heads of 64, batch 1, sequence `--seq`), timed in ONNX Runtime's CPU
-provider (1 thread, default graph optimizations) as
+size (hidden 512, 8 heads of 64, batch 1, sequence `--seq`; 1 is a decode step's), timed in
+ONNX Runtime's CPU provider (1 thread, default graph optimizations) as
 
 * `original`: the decomposition as exported;
 * `portable`: fusegraph's rewrite (the fused op with its local function, which ONNX Runtime
   inlines);
-* `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops).
+* `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops, and the
+  Q/K/V projections as three GEMMs again).
 
 Each cell is the median of `--runs` runs, the forms taking turns run by run; x is the median
 over those rounds of original / form (above 1 is faster), steadier on a shared machine than a
 ratio of medians. Every form's output is checked against the original's. `fusegraph.lowering`
 lowers an op for a target only where that form is measured faster here.
 
-    python benchmarks/bench_lowering.py [--seq 128 512] [--runs 50]
+    python benchmarks/bench_lowering.py [--seq 1 128 512] [--runs 80] [--only RMSNorm "QKV projections"]
 """
 
 from __future__ import annotations
