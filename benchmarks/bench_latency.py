@@ -14,16 +14,18 @@ and then run in ONNX Runtime's CPU provider as
 
 side by side in one run, with the thread count fixed (intra-op threads = `--threads`, one
 inter-op thread, sequential execution, default graph optimizations). Each cell is the median
-of `--runs` timed runs after `--warmup` untimed ones, the variants' sessions side by side in
-one process taking turns run by run (so a passing load on a shared machine falls on all
-alike); "x" is original / variant (above 1 is faster). Every variant's outputs are compared
-with the original's on the same inputs (max abs difference), so a fast wrong model shows up.
+of `--runs` timed runs (`--decode-runs` for the decode step) after `--warmup` untimed ones,
+the variants' sessions side by side in one process taking turns run by run (so a passing load
+on a shared machine falls on all alike); "x" is the median over those rounds of original /
+variant (above 1 is faster). Every variant's outputs are compared with the original's on the
+same inputs (max abs difference), so a fast wrong model shows up.
 Each variant is also loaded and run once in a subprocess of its own, whose peak resident
 memory (MiB, load + every shape) is the variant's.
 
-    python benchmarks/bench_latency.py                       # every model, batch 1 and 4, seq 128 and 512
+    python benchmarks/bench_latency.py --runs 30 --decode-runs 300   # the table of RESULTS.md §7
     python benchmarks/bench_latency.py --only llama --seq 128 --batch 1 --runs 10
     python benchmarks/bench_latency.py --engines --no-latency  # only the TensorRT-RTX engine table
+    python benchmarks/bench_latency.py --only bert --batch 1 --seq 128 --profile  # + kernel time per op type
 
 Needs torch and transformers (the exports) and onnxscript (a peer); exports are cached in
 `out/latency/` (gitignored). Prints the markdown section of benchmarks/RESULTS.md.
@@ -264,10 +266,17 @@ def run_memory(path: Path, arch: Arch, shapes, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def runs_for(arch: Arch, args) -> int:
+    """A decode step takes a few milliseconds, so it gets more runs for the same confidence."""
+    return args.decode_runs if arch.decode else args.runs
+
+
 def time_interleaved(paths: dict[str, Path], arch: Arch, shapes, args) -> dict[str, dict[str, float]]:
-    """Median seconds per run of every variant and shape. The variants' sessions live side by
-    side and take turns run by run (the first to go rotating), so a load that comes and goes on
-    a shared machine falls on every variant alike."""
+    """Median seconds per run of every variant and shape, and its speed-up over the first variant
+    (the original). The variants' sessions live side by side and take turns run by run (the
+    first to go rotating), so a load that comes and goes on a shared machine falls on every
+    variant alike; the speed-up is the median over those rounds of original / variant, steadier
+    there than the ratio of two medians, which a burst of load in one variant's runs moves."""
     sessions = {label: session(path, args.threads) for label, path in paths.items()}
     labels = list(sessions)
     out: dict[str, dict[str, float]] = {label: {} for label in labels}
@@ -277,14 +286,76 @@ def time_interleaved(paths: dict[str, Path], arch: Arch, shapes, args) -> dict[s
             for label in labels:
                 sessions[label].run(None, feeds)
         times: dict[str, list[float]] = {label: [] for label in labels}
-        for r in range(args.runs):
+        for r in range(runs_for(arch, args)):
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 t0 = time.perf_counter()
                 sessions[label].run(None, feeds)
                 times[label].append(time.perf_counter() - t0)
+        base = np.asarray(times[labels[0]])
         for label in labels:
             out[label][f"{batch}x{seq}"] = float(np.median(times[label]))
+            # the median over rounds of original / variant, each round's runs side by side in time
+            out[label][f"{batch}x{seq} x"] = float(np.median(base / np.asarray(times[label])))
     return out
+
+
+# -- where the time goes ------------------------------------------------------------------------
+def variant_path(name: str, label: str, src: Path) -> Path:
+    return src if label.startswith("original") else CACHE / f"{name}.{label.replace(':', '-')}.onnx"
+
+
+def profile_kernels(path: Path, arch: Arch, shape: tuple[int, int], args) -> dict[str, tuple[float, int]]:
+    """ONNX Runtime's profiler (`SessionOptions.enable_profiling`) over `--profile-runs` runs of
+    one shape: per op type of the graph it optimized, kernel milliseconds per run and nodes."""
+    import tempfile
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as work:
+        opts.profile_file_prefix = str(Path(work) / "profile")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feeds = feeds_for(arch, *shape)
+        for _ in range(1 + args.profile_runs):  # the first run allocates: its events are dropped below
+            sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    start_us = sorted(e["ts"] for e in events if e.get("name") == "model_run")[1]
+    runs: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start_us:
+            runs.setdefault(e["name"], []).append(e["dur"] / 1e3)
+            op_of[e["name"]] = e["args"]["op_name"]
+    out: dict[str, tuple[float, int]] = {}
+    for node, durations in runs.items():  # each node's median: a preempted run does not count
+        ms, n = out.get(op_of[node], (0.0, 0))
+        out[op_of[node]] = (ms + float(np.median(durations)), n + 1)
+    return out
+
+
+def render_profile(rows: list[tuple[str, tuple[int, int], dict]], args) -> str:
+    lines = ["## Where the time goes: ONNX Runtime's profiler", "",
+             f"Kernel milliseconds by op type of the graph ONNX Runtime optimized (nodes in brackets): "
+             f"each node's median over {args.profile_runs} profiled runs of the first shape (after one "
+             f"untimed run), summed per op type; {args.threads} intra-op thread(s). Kernel times leave "
+             f"out the executor's per-node overhead, which `total` does not show either. "
+             f"Command: `python benchmarks/bench_latency.py --profile` with the table's flags.", ""]
+    for name, (b, s), per_variant in rows:
+        labels = [label for label in per_variant if label != "original (A/A)"]
+        ops = sorted({op for p in per_variant.values() for op in p},
+                     key=lambda op: -max(p.get(op, (0.0, 0))[0] for p in per_variant.values()))
+        lines += [f"{name} {b}x{s}:", "", "| op type | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for op in ops[:args.profile_top]:
+            cells = [f"{per_variant[label][op][0]:.3f} ({per_variant[label][op][1]})" if op in per_variant[label]
+                     else "–" for label in labels]
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+        totals = [f"{sum(ms for ms, _ in per_variant[label].values()):.3f} "
+                  f"({sum(n for _, n in per_variant[label].values())})" for label in labels]
+        lines += ["| total | " + " | ".join(totals) + " |", ""]
+    return "\n".join(lines) + "\n"
 
 
 # -- TensorRT-RTX engines ----------------------------------------------------------------------
@@ -355,10 +426,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=20, help="timed runs per variant and shape, interleaved")
+    p.add_argument("--decode-runs", type=int, default=200, help="--runs for the KV-cache decode step")
     p.add_argument("--variants", nargs="*", help="subset of the variants (default: all)")
     p.add_argument("--engines", action="store_true", help="also build TensorRT-RTX engines of original / "
                    "rewritten / --plugins and print their layer counts (CPU build; slow)")
     p.add_argument("--no-latency", action="store_true", help="with --engines: only the engines table")
+    p.add_argument("--profile", action="store_true", help="also profile every variant at the first shape: "
+                   "kernel time per op type (ONNX Runtime's profiler)")
+    p.add_argument("--profile-runs", type=int, default=10)
+    p.add_argument("--profile-top", type=int, default=12, help="op types shown per model (the costliest)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--shapes", nargs="*", help=argparse.SUPPRESS)
@@ -371,7 +447,7 @@ def main(argv=None) -> None:
     all_variants = variants()
     chosen = {k: v for k, v in all_variants.items()
               if not args.variants or k in args.variants or k in ("original", "original (A/A)")}
-    rows, engine_rows = [], []
+    rows, engine_rows, profile_rows = [], [], []
     for name in args.only:
         arch = ARCHS[name]
         src = export(arch)
@@ -379,10 +455,17 @@ def main(argv=None) -> None:
         shapes = [(b, s) for b in args.batch for s in seqs]
         if not args.no_latency:
             rows.append((name, shapes, *latency_row(name, arch, src, shapes, chosen, args)))
+            if args.profile:
+                results = rows[-1][2]
+                profile_rows.append((name, shapes[0], {
+                    label: profile_kernels(variant_path(name, label, src), arch, shapes[0], args)
+                    for label in chosen if "error" not in results.get(label, {"error": ""})}))
         if args.engines:
             engine_rows.append((name, engine_row(name, src, arch, shapes)))
     if rows:
         print(render(rows, list(chosen), args))
+    if profile_rows:
+        print(render_profile(profile_rows, args))
     if engine_rows:
         print(render_engines(engine_rows))
 
@@ -393,7 +476,7 @@ def latency_row(name: str, arch: Arch, src: Path, shapes, chosen: dict, args) ->
     for label, make in chosen.items():
         path = src
         if make is not None:
-            path = CACHE / f"{name}.{label.replace(':', '-')}.onnx"
+            path = variant_path(name, label, src)
             try:
                 t0 = time.perf_counter()
                 model = make(src, arch)
@@ -425,15 +508,18 @@ def render(rows, labels, args) -> str:
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; "
         f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} intra-op thread(s), sequential, "
-        f"default graph optimizations; median of {args.runs} runs after {args.warmup} warm-up runs, the "
+        f"default graph optimizations; median of {args.runs} runs ({args.decode_runs} for the decode step) "
+        f"after {args.warmup} warm-up runs, the "
         f"variants' runs interleaved in one process. The machine is shared: other processes ran alongside. "
         f"Models: TorchScript exports (opset 17, dynamic axes), hidden 512, 8 heads (Llama 4 KV heads), "
         f"{LAYERS} layers, random weights; llama_decode is one KV-cache decode step of the Llama (one new "
         f"token after `seq` cached positions: its batch x seq is batch x past length). "
         f"Command: `python benchmarks/bench_latency.py "
-        f"--batch {' '.join(map(str, args.batch))} --seq {' '.join(map(str, args.seq))} --runs {args.runs}`.",
+        f"--batch {' '.join(map(str, args.batch))} --seq {' '.join(map(str, args.seq))} --runs {args.runs} "
+        f"--decode-runs {args.decode_runs}`.",
         "",
-        "Each cell: milliseconds (original / variant: above 1.00x is faster than the export). "
+        "Each cell: median milliseconds (x: the median over the interleaved rounds of original / variant; "
+        "above 1.00x is faster than the export). "
         "max abs: largest output difference vs the original over every shape. peak: resident MiB of "
         "the measuring process.",
         "",
@@ -450,7 +536,7 @@ def render(rows, labels, args) -> str:
                 if "error" in r:
                     cells.append("error")
                 elif key in r and key in base:
-                    cells.append(f"{r[key] * 1e3:.1f} ({base[key] / r[key]:.2f}x)")
+                    cells.append(f"{r[key] * 1e3:.1f} ({r[f'{key} x']:.2f}x)")
                 else:
                     cells.append("–")
             lines.append("| " + " | ".join(cells) + " |")

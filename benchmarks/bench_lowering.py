@@ -1,21 +1,24 @@
 """Which form of each fused op runs fastest in ONNX Runtime? The measurements behind `--target`.
 
 For each fused op, one block as exporters write it (HF Llama's RMSNorm and residual, BERT's
-erf GELU and residual LayerNorm, GPT-2's tanh GELU, a Linear + GELU, Llama's SwiGLU MLP and
+erf GELU and residual LayerNorm, alone and after its Linear with symbolic batch and sequence
+dims, attention's Q/K/V projections, GPT-2's tanh GELU, a Linear + GELU, Llama's SwiGLU MLP and
 rotate-half RoPE, eager attention with a padding mask and with a causal one) at a realistic
-size (hidden 512, 8 heads of 64, batch 1, sequence `--seq`), timed in ONNX Runtime's CPU
-provider (1 thread, default graph optimizations) as
+size (hidden 512, 8 heads of 64, batch 1, sequence `--seq`; 1 is a decode step's), timed in
+ONNX Runtime's CPU provider (1 thread, default graph optimizations) as
 
 * `original`: the decomposition as exported;
 * `portable`: fusegraph's rewrite (the fused op with its local function, which ONNX Runtime
   inlines);
-* `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops).
+* `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops, and the
+  Q/K/V projections as three GEMMs again).
 
-Each cell is the median of `--runs` runs, the forms' runs interleaved; x = original / form
-(above 1 is faster). Every form's output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
-where that form is measured faster here.
+Each cell is the median of `--runs` runs, the forms taking turns run by run; x is the median
+over those rounds of original / form (above 1 is faster), steadier on a shared machine than a
+ratio of medians. Every form's output is checked against the original's. `fusegraph.lowering`
+lowers an op for a target only where that form is measured faster here.
 
-    python benchmarks/bench_lowering.py [--seq 128 512] [--runs 50]
+    python benchmarks/bench_lowering.py [--seq 1 128 512] [--runs 80] [--only RMSNorm "QKV projections"]
 """
 
 from __future__ import annotations
@@ -69,6 +72,30 @@ def skip_layer_norm(seq):
     return make_model(nodes, {"x": ("float32", [1, seq, HIDDEN]), "r": ("float32", [1, seq, HIDDEN])},
                       {"y": ("float32", [1, seq, HIDDEN]), "s": ("float32", [1, seq, HIDDEN])},
                       {"gamma": np.random.rand(HIDDEN).astype(np.float32), "beta": np.random.rand(HIDDEN).astype(np.float32)})
+
+
+def linear_skip_layer_norm(seq):
+    """BERT's attention output: Linear (+ bias), residual Add, LayerNormalization, with the
+    batch and sequence dims symbolic as in an export (ONNX Runtime's own fusions depend on them)."""
+    nodes = [node("MatMul", ["x", "w"], ["mm"]), node("Add", ["mm", "b"], ["xb"]), node("Add", ["xb", "r"], ["s"]),
+             node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
+    shape = ["batch", "seq", HIDDEN]
+    return make_model(nodes, {"x": ("float32", shape), "r": ("float32", shape)}, {"y": ("float32", shape)},
+                      {"w": np.random.randn(HIDDEN, HIDDEN).astype(np.float32) * 0.05,
+                       "b": np.random.randn(HIDDEN).astype(np.float32),
+                       "gamma": np.random.rand(HIDDEN).astype(np.float32),
+                       "beta": np.random.rand(HIDDEN).astype(np.float32)})
+
+
+def qkv_projections(seq):
+    """Attention's Q, K and V projections (+ bias) of one input (the `qkv` rules)."""
+    nodes, inits = [], {}
+    for p in "qkv":
+        inits[f"w{p}"] = np.random.randn(HIDDEN, HIDDEN).astype(np.float32) * 0.05
+        inits[f"b{p}"] = np.random.randn(HIDDEN).astype(np.float32)
+        nodes += [node("MatMul", ["x", f"w{p}"], [f"m{p}"]), node("Add", [f"m{p}", f"b{p}"], [p])]
+    return make_model(nodes, {"x": ("float32", [1, seq, HIDDEN])}, {p: ("float32", [1, seq, HIDDEN]) for p in "qkv"},
+                      inits)
 
 
 def _gelu_erf(x: str, y: str) -> list[onnx.NodeProto]:
@@ -160,17 +187,20 @@ def attention_causal(seq):
     return _attention(seq, causal=True)
 
 
-BLOCKS = {"RMSNorm": rms_norm, "SkipRMSNorm": skip_rms_norm, "SkipLayerNorm": skip_layer_norm, "Gelu": gelu_erf,
+BLOCKS = {"RMSNorm": rms_norm, "SkipRMSNorm": skip_rms_norm, "SkipLayerNorm": skip_layer_norm,
+          "MatMulBias + SkipLayerNorm": linear_skip_layer_norm, "QKV projections": qkv_projections, "Gelu": gelu_erf,
           "GeluTanh": gelu_tanh, "Silu": silu, "QuickGelu": quick_gelu,
           "MatMulBiasGelu": linear_gelu, "MatMulBiasGeluTanh": linear_gelu_tanh, "SwiGLU": swiglu, "RotaryEmbedding": rope,
           "MaskedAttention": attention_padding, "Attention (causal)": attention_causal}
 
 
-def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def feeds(model: onnx.ModelProto, seq: int) -> dict[str, np.ndarray]:
+    """Random inputs; a symbolic dim is the batch (1) or the sequence (`seq`)."""
     rng = np.random.default_rng(0)
     out = {}
     for i in model.graph.input:
-        shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") else seq if d.dim_param == "seq" else 1
+                 for d in i.type.tensor_type.shape.dim]
         out[i.name] = rng.standard_normal(shape).astype(np.float32)
     if "mask" in out:
         out["mask"] = np.where(rng.random(out["mask"].shape) < 0.1, -np.inf, 0).astype(np.float32)
@@ -184,21 +214,30 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def timed(models: list[onnx.ModelProto], f: dict, runs: int) -> list[tuple[float, list[np.ndarray]]]:
-    """Median seconds per run and the outputs of each model; the models' runs interleave, so a
-    load that comes and goes on a shared machine falls on every form alike."""
+def timed(models: list[onnx.ModelProto], f: dict, runs: int) -> tuple[list[list[float]], list[list[np.ndarray]]]:
+    """Seconds of every run and the outputs of each model. The models take turns run by run (the
+    first to go rotating), so the runs of one round are close in time and a load that comes and
+    goes on a shared machine falls on all of them alike."""
     sessions = [session(m) for m in models]
     outs = [s.run(None, f) for s in sessions]
     for _ in range(3):
         for s in sessions:
             s.run(None, f)
     times = [[] for _ in sessions]
-    for _ in range(runs):
-        for s, t in zip(sessions, times):
+    order = list(range(len(sessions)))
+    for r in range(runs):
+        for i in order[r % len(order):] + order[:r % len(order)]:
             t0 = time.perf_counter()
-            s.run(None, f)
-            t.append(time.perf_counter() - t0)
-    return [(float(np.median(t)), out) for t, out in zip(times, outs)]
+            sessions[i].run(None, f)
+            times[i].append(time.perf_counter() - t0)
+    return times, outs
+
+
+def paired_ratio(base: list[float], form: list[float]) -> float:
+    """The median over rounds of original / form, each round's two runs side by side in time: on
+    a shared machine steadier than the ratio of the medians, which a burst of load in one
+    form's runs moves."""
+    return float(np.median(np.asarray(base) / np.asarray(form)))
 
 
 def main(argv=None) -> None:
@@ -211,22 +250,24 @@ def main(argv=None) -> None:
              f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores; "
              f"onnxruntime {ort.__version__}, 1 thread; median of {args.runs} interleaved runs. Command: "
              f"`python benchmarks/bench_lowering.py --seq {' '.join(map(str, args.seq))} --runs {args.runs}`. "
-             "Cells: microseconds (original / form). Blocks at hidden 512, 8 heads of 64, batch 1.", "",
+             "Cells: median microseconds; x: median over the rounds of original / form (above 1 is faster). "
+             "Blocks at hidden 512, 8 heads of 64, batch 1.", "",
              "| block | seq | original | portable | onnxruntime | max abs (portable, onnxruntime) |",
              "|---|---|---|---|---|---|"]
     for name in args.only:
         make = BLOCKS[name]
         for seq in args.seq:
             original = make(seq)
-            f = feeds(original)
+            f = feeds(original, seq)
             rewrites = [rewrite_with_report(original, target=target) for target in ("portable", "onnxruntime")]
-            (base, want), *forms = timed([original] + [m for m, _ in rewrites], f, args.runs)
+            (base, *forms), (want, *got) = timed([original] + [m for m, _ in rewrites], f, args.runs)
             cells, errs = [], []
-            for (t, got), (_, report) in zip(forms, rewrites):
+            for t, out, (_, report) in zip(forms, got, rewrites):
                 fusions = ",".join(sorted(report.per_rule)) or "nothing fused"
-                cells.append(f"{t * 1e6:.0f} ({base / t:.2f}x)" + ("" if report.fusions else f" [{fusions}]"))
-                errs.append(max(float(np.nanmax(np.abs(g - w))) for g, w in zip(got, want)))
-            lines.append(f"| {name} | {seq} | {base * 1e6:.0f} | {cells[0]} | {cells[1]} | "
+                cells.append(f"{np.median(t) * 1e6:.0f} ({paired_ratio(base, t):.2f}x)"
+                             + ("" if report.fusions else f" [{fusions}]"))
+                errs.append(max(float(np.nanmax(np.abs(g - w))) for g, w in zip(out, want)))
+            lines.append(f"| {name} | {seq} | {np.median(base) * 1e6:.0f} | {cells[0]} | {cells[1]} | "
                          f"{errs[0]:.1e}, {errs[1]:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))

@@ -245,9 +245,10 @@ def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodePr
     the model's IR version raised to 10 if need be. `element_type(node)` says a node's element
     type (that of its first input, or equally of its first output); where it says None (or is
     not given), ONNX shape inference of the model does. Bodies are written for `target`
-    (`Body.target`). Functions the model already has stay,
-    except `fusegraph` ones no node calls any more (a fused op lowered for a target): the
-    domain is fusegraph's own.
+    (`Body.target`). The domain is fusegraph's own, so its functions are always this version's
+    bodies for `target`: one a model already has (a model rewritten before, by an older
+    fusegraph or for another target) is replaced, and one no node calls any more (a fused op
+    lowered for a target) removed; other domains' functions stay.
     """
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
@@ -265,13 +266,15 @@ def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodePr
             n.overload = overload(t)
         model.ir_version = max(model.ir_version, OVERLOAD_IR_VERSION)
     called = {(n.op_type, n.overload) for n in nodes}
-    for f in [f for f in model.functions if f.domain == DOMAIN and (f.name, f.overload) not in called]:
+    for f in [f for f in model.functions
+              if f.domain == DOMAIN and (f.name in REGISTRY or (f.name, f.overload) not in called)]:
         model.functions.remove(f)
-    have = {(f.domain, f.name, f.overload) for f in model.functions}
-    for name, ov in sorted(called):
-        if (DOMAIN, name, ov) not in have:
-            model.functions.append(REGISTRY[name].function(opset, onnx.TensorProto.DataType.Value(ov.upper())
-                                                           if ov else None, target))
+    have = {(f.name, f.overload) for f in model.functions if f.domain == DOMAIN}
+    for name, ov in sorted(called - have):
+        if name not in REGISTRY:
+            raise ValueError(f"fusegraph.{name} is no fused op of this fusegraph and the model has no function for it")
+        model.functions.append(REGISTRY[name].function(opset, onnx.TensorProto.DataType.Value(ov.upper())
+                                                       if ov else None, target))
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -9,7 +9,9 @@ fusion, a *target* lowers each fused op into the operators that runtime executes
 - `portable` (default): the fused ops and their local functions, unchanged; any ONNX runtime.
 - `onnxruntime`: ONNX Runtime's contrib ops where its CPU provider has a kernel that beats the
   portable form (`com.microsoft.FastGelu`, and `SimplifiedLayerNormalization`, which ONNX
-  Runtime registers in the default domain). The output is for ONNX Runtime only:
+  Runtime registers in the default domain), and the decomposition again where a fusion is
+  slower there than what it replaced: the `qkv` rules' one GEMM on concatenated weights and
+  its Split (a copy of Q, K and V) become three GEMMs. The output is for ONNX Runtime only:
   `onnx.checker` does not know these ops.
 - `tensorrt`: the portable ops, which TensorRT's parser maps to its layers (opset-23
   `Attention` and `RMSNormalization` where the model's opset has them; local functions inlined),
@@ -18,16 +20,19 @@ fusion, a *target* lowers each fused op into the operators that runtime executes
   ONNX Runtime and TensorRT want different forms of the same semantics, the attention's
   dead-row guard (`patterns.attention_op`), each target gets its own.
 
-Each lowering is a `Rule` whose pattern is one fused op, run by the same driver after the
-fusion rules, so it is matched, checked and recorded like any fusion, and each is verified like
-a rule (`tests/core/test_lowering.py`: equal outputs in ONNX Runtime). Which op lowers to what
+Each lowering is a `Rule` whose pattern is a fused op (or a fusion's output), run by the same
+driver after the fusion rules, so it is matched, checked and recorded like any fusion, and each
+is verified like a rule (`tests/core/test_lowering.py`: equal outputs in ONNX Runtime). Which op lowers to what
 was chosen by measurement, not assumption: `benchmarks/bench_lowering.py` times each fused op's
 original decomposition, portable form and contrib op in ONNX Runtime, and an op whose contrib
-kernel is not faster keeps its portable form (the timings are in benchmarks/RESULTS.md).
+kernel is not faster keeps its portable form (the timings are in benchmarks/RESULTS.md §7.5).
+The portable form is the default, which every test of a rule sees, so a portable body slower
+than the subgraph it replaced is made faster in place (`norm_ops`, `rope_ops`), not lowered.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from fusegraph.fused_ops import DOMAIN
@@ -86,14 +91,61 @@ def _matmul_bias_gelu_tanh_ort(op, x, w, b):
     return op.FastGelu(op.MatMul(x, w), b, _domain=MS_DOMAIN)
 
 
+def _split_gemm(op: PatternOps, x, w, b, sizes):
+    return op.Split(op.MatMulBias(x, w, b, _domain=DOMAIN), sizes, axis=Attr("axis"), _outputs=3)
+
+
+def _split_gemm_bare(op: PatternOps, x, w, sizes):
+    return op.Split(op.MatMul(x, w), sizes, axis=Attr("axis"), _outputs=3)
+
+
+def _separate_gemms(op, x, w, sizes, b=None):
+    """MatMul (+ bias) split in three along the features (`qkv`) -> three MatMuls (+ bias)"""
+    cuts = np.cumsum(sizes.const_value)[:-1]
+    weights = np.split(w.const_value, cuts, axis=1)
+    if b is None:
+        return tuple(op.MatMul(x, op.const(wi)) for wi in weights)
+    return tuple(op.MatMulBias(x, op.const(wi), op.const(bi), _domain=DOMAIN)
+                 for wi, bi in zip(weights, np.split(b.const_value, cuts)))
+
+
+def _split_gemm_ort(op, x, w, b, sizes, axis):
+    """fusegraph.MatMulBias + Split -> three fusegraph.MatMulBias"""
+    return _separate_gemms(op, x, w, sizes, b)
+
+
+def _split_gemm_bare_ort(op, x, w, sizes, axis):
+    """MatMul + Split -> three MatMuls"""
+    return _separate_gemms(op, x, w, sizes)
+
+
+def split_of_constant_matrix(x, w, sizes, axis, b=None) -> bool:
+    """The weight (and bias) in memory, split by constant positive sizes along the product's
+    last axis (-1, or its number: GPT-2's exports split axis 2)."""
+    if w.const_value is None or w.rank != 2:
+        return reject("the weight is no 2-D constant in memory")
+    last = max(x.rank, 2) - 1 if x.rank is not None and x.rank != 1 else 0
+    if axis != -1 and (x.rank is None or axis != last):
+        return reject(f"split axis {axis} is not the product's last (rank of X {x.rank})")
+    split = sizes.const_value
+    if split is None or split.ndim != 1 or (split <= 0).any() or int(split.sum()) != w.shape[1]:
+        return reject("the split sizes are no constant cover of the weight's columns")
+    if b is not None and (b.const_value is None or b.shape != (w.shape[1],)):
+        return reject(f"the bias is no constant [{w.shape[1]}] vector")
+    return True
+
+
 #: The ops whose contrib kernel beat the portable form in `bench_lowering.py` (RMSNorm 2.3-2.5x,
-#: tanh-GELU 2.5-2.8x, Linear + tanh-GELU 1.1-1.2x). Measured no faster, so left portable:
-#: SkipRMSNorm (0.96x as SkipSimplifiedLayerNormalization), SkipLayerNorm (0.12x as
-#: SkipLayerNormalization with its sum output), erf GELU and Linear + GELU (ONNX Runtime fuses
-#: the decomposition itself), SiLU and QuickGELU (level), SwiGLU, and MaskedAttention as
-#: com.microsoft.MultiHeadAttention (Q transposed to BSD, K and V as BNSH, the mask expanded to
-#: its attention_bias: 1.00x of the portable body at seq 128 and 512, which since runs as fast
-#: as the eager decomposition; it would also need the dead-row guard and Hq == Hkv).
+#: tanh-GELU 2.5-2.8x, Linear + tanh-GELU 1.1-1.3x), and the split GEMM whose three GEMMs beat it
+#: at prefill sizes (the fused one with its Split 0.93-0.97x of them at 128-512 rows; 1.04x at
+#: one row, a decode step, where the node saved weighs more: a few microseconds per layer).
+#: Measured no faster, so left portable: SkipRMSNorm (0.96x as SkipSimplifiedLayerNormalization),
+#: SkipLayerNorm (ONNX Runtime's SkipLayerNormalization, with the bias it takes from the GEMM
+#: before, 0.15-0.6x of LayerNormalization and the Adds), erf GELU and Linear + GELU (ONNX
+#: Runtime fuses the decomposition itself), SiLU and QuickGELU (level), SwiGLU, and
+#: MaskedAttention as com.microsoft.MultiHeadAttention (Q transposed to BSD, K and V as BNSH,
+#: the mask expanded to its attention_bias: 1.00x of the portable body at seq 128 and 512; it
+#: would also need the dead-row guard and Hq == Hkv).
 def _lowerings_onnxruntime() -> list[Rule]:
     name = "lower.onnxruntime."
     return [
@@ -102,6 +154,8 @@ def _lowerings_onnxruntime() -> list[Rule]:
         Rule(name + "MatMulGeluTanh", _matmul_gelu_tanh, _matmul_gelu_tanh_ort, [float32_only]),
         Rule(name + "MatMulBiasGeluTanh", _matmul_bias_gelu_tanh, _matmul_bias_gelu_tanh_ort,
              [float32_only, bias_vector]),
+        Rule(name + "SplitMatMulBias", _split_gemm, _split_gemm_ort, [split_of_constant_matrix]),
+        Rule(name + "SplitMatMul", _split_gemm_bare, _split_gemm_bare_ort, [split_of_constant_matrix]),
     ]
 
 

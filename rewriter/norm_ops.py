@@ -63,7 +63,10 @@ def _layer_norm_body(b: Body, opset: int) -> None:
 
 
 def _skip_layer_norm_body(b: Body, opset: int) -> None:
-    s = b.op("Add", "X", "R", out="S")
+    # Sum, not Add: ONNX Runtime fuses an inlined Add -> LayerNormalization (with the bias Add
+    # before it) into its SkipLayerNormalization, 2-7x slower than the ops it replaces on the
+    # measured CPU (benchmarks/RESULTS.md §7.3), where the exports keep them apart.
+    s = b.op("Sum", "X", "R", out="S")
     if opset < LAYER_NORMALIZATION_OPSET:
         _layer_norm(b, s, opset)
         return

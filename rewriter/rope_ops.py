@@ -30,6 +30,8 @@ from .fused_ops import Body, FusedOp, register
 FLOAT, INT64, BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 #: From this opset Reshape's shape inference keeps the rank of a computed shape.
 FAST_BODY_OPSET = 14
+#: From this opset an If may return any tensor type (bfloat16 included).
+IF_ANY_TYPE_OPSET = 16
 
 
 def _int(b: Body, value: int, shape=()) -> str:
@@ -93,9 +95,15 @@ def _body(b: Body, opset: int) -> None:
         joined = b.op("Concat", b.op("Reshape", y1, split), b.op("Reshape", y2, split), axis=-1)
         return b.op("Concat", b.op("Reshape", joined, b.op("Concat", lead, rd, axis=0)), rest, axis=-1)
 
-    y = b.if_attr("interleaved", interleaved, halves)
-    # X's shape again (a free view), which ONNX shape inference does not carry out of an If
-    b.cast_like(b.op("Reshape", y, b.op("Shape", "X")), "X", out="Y")
+    if opset < IF_ANY_TYPE_OPSET:  # an If of bfloat16 (the cast's type) is invalid here
+        y = b.if_attr("interleaved", interleaved, halves)
+        # X's shape again (a free view), which ONNX shape inference does not carry out of an If
+        b.cast_like(b.op("Reshape", y, b.op("Shape", "X")), "X", out="Y")
+        return
+    # Each branch casts back to X's type: there the value's type is known when ONNX Runtime
+    # inlines the body, so it drops the cast for float32 (after the If, a copy of Y it kept)
+    y = b.if_attr("interleaved", lambda: b.cast_like(interleaved(), "X"), lambda: b.cast_like(halves(), "X"))
+    b.op("Reshape", y, b.op("Shape", "X"), out="Y")
 
 
 ROTARY_EMBEDDING = register(FusedOp(
