@@ -26,6 +26,8 @@ import math
 import triton
 import triton.language as tl
 
+from . import decode_attention
+
 LOG2E = 1.4426950408889634
 
 
@@ -166,8 +168,11 @@ def attention_grid(batch: int, heads_q: int, seq_q: int, cfg: dict) -> tuple:
 
 def attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None):
     """Torch entry: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
-    [B, Hq, Sq, Sk]; returns O [B, Hq, Sq, D] in Q's dtype (written into ``out`` if given)."""
+    [B, Hq, Sq, Sk]; returns O [B, Hq, Sq, D] in Q's dtype (written into ``out`` if given).
+    One query token without a ``config`` for this kernel goes to the split-KV decode kernels."""
     bsz, hq, sq, d = q.shape
+    if sq == 1 and config is None:
+        return decode_attention.decode_attention(q, k, v, mask, scale, is_causal, out=out)
     hkv, sk = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
