@@ -173,8 +173,8 @@ def workspace_elems(batch: int, heads_q: int, cfg: dict, head_dim: int) -> tuple
 def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None):
     """Torch entry: Q [B, Hq, 1, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
     [B, Hq, 1, Sk]; returns O [B, Hq, 1, D] in Q's dtype (into ``out`` if given).
-    ``config`` (any of BLOCK_N, num_warps, num_stages) overrides the default tiles; the split
-    is derived from the problem and the device's SM count."""
+    ``config`` (any of BLOCK_N, num_warps, num_stages, programs_per_sm) overrides the
+    defaults; the split is derived from the problem and the device's SM count."""
     import torch
 
     bsz, hq, sq, d = q.shape
@@ -189,7 +189,8 @@ def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=Non
     sk_seen = min(sk, 1) if is_causal else sk  # upper-left causal: the query sees key 0
     group = hq // hkv
     cfg = dict(decode_config(group, d, q.element_size()), **(config or {}))
-    cfg = with_splits(cfg, bsz, hkv, sk_seen, _sm_count(q.device))
+    cfg = with_splits(cfg, bsz, hkv, sk_seen, _sm_count(q.device),
+                      cfg.pop("programs_per_sm", PROGRAMS_PER_SM))
     n_part, n_ml = workspace_elems(bsz, hq, cfg, d)
     part = torch.empty(max(n_part, 1), device=q.device, dtype=torch.float32)
     ml = torch.empty(max(n_ml, 1), device=q.device, dtype=torch.float32)

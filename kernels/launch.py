@@ -207,7 +207,7 @@ def _load(compiled, ctx_handle: int):
     return func, shared
 
 
-class _Prepared:
+class PreparedLaunch:
     """One compiled, loaded launch with its argument buffer, for repeated enqueues.
 
     The ctypes argument buffer is built once; each enqueue only writes the caller's device
@@ -251,7 +251,7 @@ class _Prepared:
             _check(result)
 
 
-_PREPARED: dict = {}
+_PREPARED: dict = {}  # full key -> PreparedLaunch
 MAX_PREPARED = 4096  # distinct (op, shape, dtype, pointer pattern, context) entries kept
 
 
@@ -283,7 +283,7 @@ def enqueue_cached(key: tuple, pointers: tuple, stream, describe) -> None:
     if prepared is None:
         if len(_PREPARED) >= MAX_PREPARED:
             _PREPARED.clear()
-        prepared = _PREPARED[full_key] = _Prepared(describe(), pointers, full_key[1])
+        prepared = _PREPARED[full_key] = PreparedLaunch(describe(), pointers, full_key[1])
     prepared.enqueue(pointers, stream)
 
 
@@ -298,9 +298,10 @@ def _ints(**values) -> list:
 
 
 def norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
-                rms: bool) -> KernelLaunch:
-    """RMS/LayerNorm, with the residual when ``r_ptr`` is nonzero, beta when ``beta_ptr`` is."""
-    cfg = norms.norm_config(rows, cols, _itemsize(dtype))
+                rms: bool, cfg: dict | None = None) -> KernelLaunch:
+    """RMS/LayerNorm, with the residual when ``r_ptr`` is nonzero, beta when ``beta_ptr`` is;
+    ``cfg`` (BLOCK_R, BLOCK_C, num_warps) overrides ``norms.norm_config``."""
+    cfg = cfg or norms.norm_config(rows, cols, _itemsize(dtype))
     has_res, has_beta = bool(r_ptr), bool(beta_ptr)
     args = [_ptr("x_ptr", dtype, x_ptr), _ptr("r_ptr", dtype, r_ptr or x_ptr),
             _ptr("gamma_ptr", dtype, gamma_ptr), _ptr("beta_ptr", dtype, beta_ptr or gamma_ptr),
