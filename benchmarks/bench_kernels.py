@@ -33,7 +33,7 @@ from fusegraph.kernels import attention, decode_attention, gemm_epilogue, launch
 DEV = "cuda"
 BF16 = torch.bfloat16
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
-SWEEP = True  # tile sweeps of the decode and short-row norm kernels (--no-sweep: off)
+SWEEP = True  # tile sweeps of decode, short-row norms, 7B-shape GEMMs (--no-sweep: off)
 ROWS: list[dict] = []
 CHECKS: list[dict] = []
 
@@ -295,21 +295,64 @@ def bench_decode(ceil, quick):
             attention.attention(q, k, v, out=o)
             want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             check(f"decode {shape} vs torch sdpa", o, want.float(), BF16)
-            fused = row("decode", shape, "fused triton split-KV (default)",
+            fused = row("decode", shape, "fused triton split-KV (torch entry, cached launcher)",
                         bench(lambda: attention.attention(q, k, v, out=o)), nbytes=nbytes, ceil=ceil)
             if best_cfg is not None:
-                fused = min(fused, row("decode", shape, "fused triton split-KV (best of sweep)",
-                                       bench(lambda: decode_attention.decode_attention(
-                                           q, k, v, config=best_cfg, out=o)),
-                                       nbytes=nbytes, ceil=ceil))
-            if sk <= 16384:
+                row("decode", shape, "fused triton split-KV (JIT launch, best of sweep)",
+                    bench(lambda: decode_attention.decode_attention(q, k, v, config=best_cfg, out=o)),
+                    nbytes=nbytes, ceil=ceil)
+            if sk <= 16384 and SWEEP:
                 row("decode", shape, "fused triton prefill kernel (Sq=1)",
                     bench(lambda: attention.attention(q, k, v, out=o, config=attention.attention_config(
                         d, 1, False))), nbytes=nbytes, ceil=ceil)
             torch_best = sdpa_decode_rows("decode", shape, q, k, v, nbytes, ceil)
-            print(f"    decode {shape}: fused {torch_best / fused:.2f}x best torch sdpa", flush=True)
-            del q, k, v
+            # device time alone: CUDA graphs of calls over rotating K/V copies (L2-cold)
+            copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
+            kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+            g_fused = graph_ms([lambda kk=kk, vv=vv: attention.attention(q, kk, vv, out=o)
+                                for kk, vv in kvs])
+            g_torch = graph_ms([lambda kk=kk, vv=vv: F.scaled_dot_product_attention(
+                q, kk, vv, enable_gqa=True) for kk, vv in kvs])
+            row("decode", shape, "fused triton split-KV, CUDA graph (device time)", g_fused,
+                nbytes=nbytes, ceil=ceil)
+            row("decode", shape, "torch sdpa default, CUDA graph (device time)", g_torch,
+                nbytes=nbytes, ceil=ceil)
+            DECODE_RATIOS.append({"shape": shape, "host_incl": torch_best / fused,
+                                  "device": g_torch / g_fused})
+            print(f"    decode {shape}: fused {torch_best / fused:.2f}x best torch sdpa "
+                  f"(host incl.), {g_torch / g_fused:.2f}x sdpa default (CUDA graph)", flush=True)
+            del q, k, v, kvs
             torch.cuda.empty_cache()
+
+
+DECODE_RATIOS: list = []
+
+
+def graph_ms(fns, reps=10) -> float:
+    """Median milliseconds per call of a CUDA graph that runs each of ``fns`` in turn
+    (device time: no host launch cost), warmed up and captured on one side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for fn in fns:
+                fn()
+        graph.replay()
+        stream.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / len(fns))
+    torch.cuda.current_stream().wait_stream(stream)
+    return sorted(times)[len(times) // 2]
 
 
 # --- GEMM + epilogue -------------------------------------------------------------------------
@@ -429,16 +472,17 @@ def bench_gemm_llm(ceil, quick):
             gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", out=y)
             check(f"matmul_bias_act {shape} Silu", y, F.silu(x.float() @ w.float() + bias.float()),
                   BF16)
-            configs = SMALL_M_CONFIGS if m <= 128 else GEMM_CONFIGS[:4]
-            cfg = sweep(f"gemm {shape}", lambda c: gemm_epilogue.matmul_bias_act(
-                x, w, bias, "Silu", config=c, out=y), configs, flops)
             row("mm+bias+silu", shape, "fused triton default config",
                 bench(lambda: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", out=y)),
                 ceil=ceil, **perf)
-            row("mm+bias+silu", shape, f"fused triton best of sweep {cfg['BLOCK_M']}x"
-                f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}",
-                bench(lambda: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", config=cfg, out=y)),
-                ceil=ceil, **perf)
+            if SWEEP:
+                configs = SMALL_M_CONFIGS if m <= 128 else GEMM_CONFIGS[:4]
+                cfg = sweep(f"gemm {shape}", lambda c: gemm_epilogue.matmul_bias_act(
+                    x, w, bias, "Silu", config=c, out=y), configs, flops)
+                row("mm+bias+silu", shape, f"fused triton best of sweep {cfg['BLOCK_M']}x"
+                    f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}",
+                    bench(lambda: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", config=cfg,
+                                                                out=y)), ceil=ceil, **perf)
             row("mm+bias+silu", shape, "torch addmm, silu",
                 bench(lambda: F.silu(torch.addmm(bias, x, w))), ceil=ceil, **perf)
             row("mm+bias+silu", shape, "torch matmul alone", bench(lambda: x @ w), ceil=ceil, **perf)
@@ -493,6 +537,16 @@ def norm_sweep(x, r, g, y, s_out, cols, eps):
     return best
 
 
+def jit_norm(x, r, g, b, y, s, eps, rms):
+    """The norm kernel through Triton's JIT launcher (the torch entries' path before issue 14)."""
+    rows, cols = x.shape
+    cfg = norms.norm_config(rows, cols, x.element_size())
+    norms.norm_kernel[norms.norm_grid(rows, cfg)](
+        x, x if r is None else r, g, g if b is None else b, y, s, rows, cols, cols, cols, cols,
+        cols, eps, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], RMS=rms,
+        HAS_RESIDUAL=r is not None, HAS_BETA=b is not None, num_warps=cfg["num_warps"])
+
+
 def bench_norms(ceil, quick):
     print("RMSNorm / LayerNorm (bf16, 16384 rows)", flush=True)
     eps = 1e-6
@@ -524,40 +578,28 @@ def bench_norms(ceil, quick):
               F.layer_norm((x + r).float(), (cols,), g.float(), b.float(), eps), BF16)
         row("copy", shape, "torch y.copy_(x) (same bytes as a plain norm)",
             bench(lambda: y.copy_(x)), nbytes=plain, ceil=ceil)
-        row("rms_norm", shape, "fused triton (JIT launch)",
-            bench(lambda: norms.rms_norm(x, g, eps, out=y)), nbytes=plain, ceil=ceil)
-        row("rms_norm", shape, "fused triton (cached launcher)",
-            bench(lambda: launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, eps, "bfloat16", st)),
-            nbytes=plain, ceil=ceil)
-        row("rms_norm", shape, "torch F.rms_norm", bench(lambda: F.rms_norm(x, (cols,), g, eps)),
-            nbytes=plain, ceil=ceil)
-        row("skip_rms_norm", shape, "fused triton (JIT launch)",
-            bench(lambda: norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s)),
-            nbytes=skip, ceil=ceil)
-        row("skip_rms_norm", shape, "fused triton (cached launcher)",
-            bench(lambda: launch.launch_skip_rms_norm(p(x), p(r), p(g), p(y), p(s), rows, cols,
-                                                      eps, "bfloat16", st)),
-            nbytes=skip, ceil=ceil)
-        row("skip_rms_norm", shape, "torch add + F.rms_norm",
-            bench(lambda: F.rms_norm(x + r, (cols,), g, eps)), nbytes=skip, ceil=ceil)
+        for op, nb, fused, jit, ref_name, ref in (
+            ("rms_norm", plain, lambda: norms.rms_norm(x, g, eps, out=y),
+             lambda: jit_norm(x, None, g, None, y, y, eps, True),
+             "torch F.rms_norm", lambda: F.rms_norm(x, (cols,), g, eps)),
+            ("skip_rms_norm", skip,
+             lambda: norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s),
+             lambda: jit_norm(x, r, g, None, y, s, eps, True),
+             "torch add + F.rms_norm", lambda: F.rms_norm(x + r, (cols,), g, eps)),
+            ("layer_norm", plain, lambda: norms.layer_norm(x, g, b, eps, out=y),
+             lambda: jit_norm(x, None, g, b, y, y, eps, False),
+             "torch F.layer_norm", lambda: F.layer_norm(x, (cols,), g, b, eps)),
+            ("skip_layer_norm", skip,
+             lambda: norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s),
+             lambda: jit_norm(x, r, g, b, y, s, eps, False),
+             "torch add + F.layer_norm", lambda: F.layer_norm(x + r, (cols,), g, b, eps)),
+        ):
+            row(op, shape, "fused triton (torch entry, cached launcher)", bench(fused), nbytes=nb,
+                ceil=ceil)
+            row(op, shape, "fused triton (Triton JIT launch)", bench(jit), nbytes=nb, ceil=ceil)
+            row(op, shape, ref_name, bench(ref), nbytes=nb, ceil=ceil)
         row("skip_rms_norm", shape, "unfused op-by-op",
             bench(lambda: unfused_rms(x, r, g, eps)), nbytes=skip, ceil=ceil)
-        row("layer_norm", shape, "fused triton (JIT launch)",
-            bench(lambda: norms.layer_norm(x, g, b, eps, out=y)), nbytes=plain, ceil=ceil)
-        row("layer_norm", shape, "fused triton (cached launcher)",
-            bench(lambda: launch.launch_layer_norm(p(x), p(g), p(b), p(y), rows, cols, eps,
-                                                   "bfloat16", st)), nbytes=plain, ceil=ceil)
-        row("layer_norm", shape, "torch F.layer_norm",
-            bench(lambda: F.layer_norm(x, (cols,), g, b, eps)), nbytes=plain, ceil=ceil)
-        row("skip_layer_norm", shape, "fused triton (JIT launch)",
-            bench(lambda: norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s)),
-            nbytes=skip, ceil=ceil)
-        row("skip_layer_norm", shape, "fused triton (cached launcher)",
-            bench(lambda: launch.launch_skip_layer_norm(p(x), p(r), p(g), p(b), p(y), p(s), rows,
-                                                        cols, eps, "bfloat16", st)),
-            nbytes=skip, ceil=ceil)
-        row("skip_layer_norm", shape, "torch add + F.layer_norm",
-            bench(lambda: F.layer_norm(x + r, (cols,), g, b, eps)), nbytes=skip, ceil=ceil)
         row("skip_layer_norm", shape, "unfused op-by-op",
             bench(lambda: unfused_ln(x, r, g, b, eps)), nbytes=skip, ceil=ceil)
         if cols in NORM_SWEEP_WIDTHS and SWEEP:
@@ -715,15 +757,20 @@ def launch_overhead(st):
     kl = launch.norm_launch(*ptrs, rows, cols, 1e-6, "bfloat16", True)
     prepared = launch.PreparedLaunch(kl, kl.pointer_values(), launch._context_handle())
     vals = kl.pointer_values()
-    stream = launch._driver().CUstream(st)
-    args = (prepared.func, *prepared.grid, prepared.threads, 1, 1, prepared.shared, stream,
-            prepared.params_addr, 0)
-    drv_launch = prepared.launch_fn
+    drv = launch._driver()
+    stream = drv.CUstream(st)
+    hot = prepared.hot
+    bindings_args = (drv.CUfunction(prepared.func), *prepared.grid, prepared.threads, 1, 1,
+                     prepared.shared, stream, prepared.params_addr, 0)
     q = torch.randn(1, 32, 1, 128, device=DEV, dtype=BF16)
     kk, vv = (torch.randn(1, 8, 4096, 128, device=DEV, dtype=BF16) for _ in range(2))
     o = torch.empty_like(q)
     paths = {
-        "cuLaunchKernel alone (prepared arguments)": lambda: drv_launch(*args),
+        "cuLaunchKernel alone, ctypes into libcuda (prepared arguments)":
+            lambda: hot.launch(prepared.func, prepared.grid, prepared.threads, prepared.shared, st,
+                               prepared.params_addr),
+        "cuLaunchKernel alone, cuda.bindings (prepared arguments)":
+            lambda: drv.cuLaunchKernel(*bindings_args),
         "launch_rms_norm (cached launcher)":
             lambda: launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, 1e-6, "bfloat16", st),
         "launch_rms_norm (cached launcher, CUstream object)":
@@ -735,7 +782,8 @@ def launch_overhead(st):
         "launch_attention Sq=1 (decode: split + combine, 2 launches)":
             lambda: launch.launch_attention(p(q), p(kk), p(vv), p(o), 1, 32, 8, 1, 4096, 128,
                                             None, False, "bfloat16", st),
-        "triton JIT: norms.rms_norm torch entry": lambda: norms.rms_norm(x, g, 1e-6, out=y),
+        "norms.rms_norm torch entry (cached launcher)": lambda: norms.rms_norm(x, g, 1e-6, out=y),
+        "Triton JIT launch of the same kernel": lambda: jit_norm(x, None, g, None, y, y, 1e-6, True),
         "torch F.rms_norm": lambda: F.rms_norm(x, (cols,), g, 1e-6),
     }
     for name, fn in paths.items():
@@ -774,7 +822,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one size per op, fewer tile sweeps")
     ap.add_argument("--only", default="launch,norms,decode,gemm_llm,gemm,attention,rope")
     ap.add_argument("--no-sweep", action="store_true",
-                    help="skip the decode and short-row norm tile sweeps")
+                    help="skip the decode, short-row norm and 7B-shape GEMM tile sweeps")
     args = ap.parse_args()
     global SWEEP
     SWEEP = not (args.quick or args.no_sweep)
@@ -805,7 +853,8 @@ def main():
     write_markdown(os.path.join(args.out, "results.md"), info, ceil, ROWS, CHECKS)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"info": info, "ceilings": ceil, "rows": ROWS, "checks": CHECKS,
-                   "tuned": tuned, "launch_host_us": LAUNCH_US, "failed_sections": failed},
+                   "tuned": tuned, "launch_host_us": LAUNCH_US, "decode_ratios": DECODE_RATIOS,
+                   "failed_sections": failed},
                   f, indent=1)
     print(f"\n{len(CHECKS) - len(bad)}/{len(CHECKS)} checks passed; failed sections: {failed}")
     for c in bad:

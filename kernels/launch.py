@@ -54,6 +54,7 @@ from triton.compiler import ASTSource
 from . import attention, decode_attention, gemm_epilogue, norms, rope
 
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+DTYPES = tuple(_TRITON_DTYPES)
 _CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "fp32": ctypes.c_float}
 
 
@@ -207,6 +208,56 @@ def _load(compiled, ctx_handle: int):
     return func, shared
 
 
+class _HotCalls:
+    """The two driver calls made on every launch (current context, ``cuLaunchKernel``) as
+    cheap as Python allows: ctypes straight into libcuda when the driver is cuda.bindings
+    (whose own ``cuLaunchKernel`` wrapper alone cost 5.4 us per call on the H200 machine's
+    host), else the driver object's methods (a test double standing in for the driver)."""
+
+    def __init__(self, drv):
+        self.drv = drv
+        self.native = getattr(drv, "__name__", "") == "cuda.bindings.driver"
+        if self.native:
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+            lib.cuCtxGetCurrent.restype = ctypes.c_int
+            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            lib.cuLaunchKernel.restype = ctypes.c_int
+            self._get_ctx, self._launch = lib.cuCtxGetCurrent, lib.cuLaunchKernel
+
+    def context(self) -> int:
+        """The current context as an int, 0 when there is none (or the driver says no)."""
+        if self.native:
+            ctx = ctypes.c_void_p()  # per call: the current context is per host thread
+            err = self._get_ctx(ctypes.byref(ctx))
+            return 0 if err else (ctx.value or 0)
+        err, ctx = self.drv.cuCtxGetCurrent()
+        return int(ctx) if err == self.drv.CUresult.CUDA_SUCCESS else 0
+
+    def handle(self, obj):
+        """What ``launch`` takes for a CUfunction or a stream."""
+        return int(obj) if self.native else obj
+
+    def launch(self, func, grid, threads, shared, stream, params) -> None:
+        if self.native:
+            err = self._launch(func, *grid, threads, 1, 1, shared, stream, params, None)
+            if err:
+                _check((self.drv.CUresult(err),))
+        else:
+            _check(self.drv.cuLaunchKernel(func, *grid, threads, 1, 1, shared, stream, params, 0))
+
+
+_HOT: list = [None]  # the _HotCalls of the current _driver()
+
+
+def _hot() -> _HotCalls:
+    drv = _driver()
+    if _HOT[0] is None or _HOT[0].drv is not drv:
+        _HOT[0] = _HotCalls(drv)
+    return _HOT[0]
+
+
 class PreparedLaunch:
     """One compiled, loaded launch with its argument buffer, for repeated enqueues.
 
@@ -219,7 +270,9 @@ class PreparedLaunch:
         drv = _driver()
         device = int(_check(drv.cuCtxGetDevice()))
         compiled, _ = compile_fitting(launch, _target(device), _max_shared(device))
-        self.func, self.shared = _load(compiled, ctx)
+        func, self.shared = _load(compiled, ctx)
+        self.hot = _hot()
+        self.func = self.hot.handle(func)
         self.grid = launch.grid
         self.threads = 32 * launch.num_warps
         self.values = launch.c_args()
@@ -233,22 +286,13 @@ class PreparedLaunch:
         self.slots = tuple((self.values[i], pointers.index(value))
                            for i, (_, ty, value) in enumerate(runtime) if ty.startswith("*"))
         self.lock = threading.Lock()
-        self.launch_fn = drv.cuLaunchKernel
-        self.success = drv.CUresult.CUDA_SUCCESS
-        self.stream_type = drv.CUstream
 
     def enqueue(self, pointers: tuple, stream) -> None:
-        if not isinstance(stream, self.stream_type):
-            stream = self.stream_type(int(stream))
-        gx, gy, gz = self.grid
         with self.lock:
             for slot, index in self.slots:
                 slot.value = pointers[index]
-            result = self.launch_fn(self.func, gx, gy, gz, self.threads, 1, 1, self.shared,
-                                    stream, self.params_addr, 0)
-        err = result[0] if isinstance(result, tuple) else result
-        if err != self.success:
-            _check(result)
+            self.hot.launch(self.func, self.grid, self.threads, self.shared,
+                            self.hot.handle(stream), self.params_addr)
 
 
 _PREPARED: dict = {}  # full key -> PreparedLaunch
@@ -256,19 +300,15 @@ MAX_PREPARED = 4096  # distinct (op, shape, dtype, pointer pattern, context) ent
 
 
 def _context_handle() -> int:
-    """The current context as an int: one driver call when there is one."""
-    drv = _driver()
-    err, ctx = drv.cuCtxGetCurrent()
-    if err == drv.CUresult.CUDA_SUCCESS and int(ctx):
-        return int(ctx)
-    return int(_current_context())
+    """The current context as an int (the primary one made current if there is none)."""
+    return _hot().context() or int(_current_context())
 
 
 def _pointer_pattern(pointers: tuple) -> tuple:
     """What the compiled code and the argument mapping depend on in the pointers: which are
-    16-byte aligned (the divisibility hint), which are absent (0), and which are equal
-    (in-place calls alias X and Y)."""
-    return tuple((p & 15 == 0, pointers.index(p) if p else -1) for p in pointers)
+    16-byte aligned (the divisibility hint) or absent (0), and which are equal (in-place
+    calls alias X and Y)."""
+    return tuple([p & 15 if p else -1 for p in pointers]), tuple(map(pointers.index, pointers))
 
 
 def enqueue_cached(key: tuple, pointers: tuple, stream, describe) -> None:
@@ -285,6 +325,32 @@ def enqueue_cached(key: tuple, pointers: tuple, stream, describe) -> None:
             _PREPARED.clear()
         prepared = _PREPARED[full_key] = PreparedLaunch(describe(), pointers, full_key[1])
     prepared.enqueue(pointers, stream)
+
+
+# --- The torch entries' way in (tensors are only inspected, never imported from here) -------
+
+def takes_tensors(*tensors) -> bool:
+    """Whether this launcher can run these torch tensors (None = absent): dense, of one
+    launcher dtype, on the current CUDA device.  The torch entries then prefer it to
+    Triton's JIT launcher, which cost 53.7 us of host time per call on the H200 machine's
+    host (issue 14), more than a 1024-column norm's kernel takes."""
+    first = tensors[0]
+    if not first.is_cuda or dtype_name(first) not in DTYPES:
+        return False
+    import torch
+
+    return first.device.index == torch.cuda.current_device() and all(
+        t is None or (t.dtype == first.dtype and t.is_contiguous()) for t in tensors)
+
+
+def dtype_name(tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def current_stream(tensor) -> int:
+    import torch
+
+    return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
 # --- Launch descriptions, one per fused op ----------------------------------------------
@@ -314,8 +380,10 @@ def norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps
                         cfg["num_warps"], 1)
 
 
-def _norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype, rms,
-          stream) -> None:
+def launch_norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype, rms,
+                stream) -> None:
+    """Any of the four norms: RMS or Layer, with the residual (and S) when ``r_ptr`` is
+    nonzero, beta when ``beta_ptr`` is."""
     pointers = (x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr)
     enqueue_cached(("norm", rows, cols, eps, dtype, rms), pointers, stream,
                    lambda: norm_launch(*pointers, rows, cols, eps, dtype, rms))
@@ -323,24 +391,24 @@ def _norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtyp
 
 def launch_rms_norm(x_ptr, gamma_ptr, y_ptr, rows, cols, eps, dtype, stream) -> None:
     """``RMSNorm`` on a [rows, cols] buffer; gamma [cols] in the same dtype."""
-    _norm(x_ptr, 0, gamma_ptr, 0, y_ptr, 0, rows, cols, eps, dtype, True, stream)
+    launch_norm(x_ptr, 0, gamma_ptr, 0, y_ptr, 0, rows, cols, eps, dtype, True, stream)
 
 
 def launch_skip_rms_norm(x_ptr, r_ptr, gamma_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
                          stream) -> None:
     """``SkipRMSNorm``: S = X + R and Y = RMSNorm(S), both [rows, cols]."""
-    _norm(x_ptr, r_ptr, gamma_ptr, 0, y_ptr, s_ptr, rows, cols, eps, dtype, True, stream)
+    launch_norm(x_ptr, r_ptr, gamma_ptr, 0, y_ptr, s_ptr, rows, cols, eps, dtype, True, stream)
 
 
 def launch_layer_norm(x_ptr, gamma_ptr, beta_ptr, y_ptr, rows, cols, eps, dtype, stream) -> None:
     """``LayerNorm``; ``beta_ptr`` 0 means no beta."""
-    _norm(x_ptr, 0, gamma_ptr, beta_ptr, y_ptr, 0, rows, cols, eps, dtype, False, stream)
+    launch_norm(x_ptr, 0, gamma_ptr, beta_ptr, y_ptr, 0, rows, cols, eps, dtype, False, stream)
 
 
 def launch_skip_layer_norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps,
                            dtype, stream) -> None:
     """``SkipLayerNorm``: S = X + R and Y = LayerNorm(S); ``beta_ptr`` 0 means no beta."""
-    _norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype, False, stream)
+    launch_norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype, False, stream)
 
 
 def gemm_launch(x_ptr, w_ptr, wu_ptr, b_ptr, bu_ptr, y_ptr, M, N, K, act, dtype) -> KernelLaunch:

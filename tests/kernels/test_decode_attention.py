@@ -64,12 +64,13 @@ def test_decode_fully_masked_heads_and_splits(device, check, monkeypatch, sms):
 
 def test_split_plan_covers_every_key_once():
     for batch, hkv, sk, sms in [(1, 8, 1000, 132), (1, 8, 131072, 132), (64, 8, 4096, 132),
+                                (128, 8, 4096, 132),
                                 (3, 1, 17, 1), (2, 2, 64, 4), (1, 1, 1, 132)]:
         cfg = decode_attention.with_splits({"BLOCK_N": 64}, batch, hkv, sk, sms)
         splits, length = cfg["SPLITS"], cfg["SPLIT_LEN"]
         assert length % 64 == 0 and splits <= decode_attention.MAX_SPLITS
         assert (splits - 1) * length < sk <= splits * length, cfg  # no empty split, no gap
-        if batch * hkv >= 2 * sms:
+        if batch * hkv >= decode_attention.PROGRAMS_PER_SM * sms:
             assert splits == 1
 
 

@@ -40,12 +40,12 @@ cases = {
                                           cs_strides=(4 * 9 * 32, 9 * 32, 32)),
 }
 split = D.with_splits(D.decode_config(8, 128, 2), 1, 8, 4096, 132)
-direct = D.with_splits(D.decode_config(4, 64, 4), 64, 8, 1000, 132)
+direct = D.with_splits(D.decode_config(4, 64, 4), 128, 8, 1000, 132)
 assert split["SPLITS"] > 1 and direct["SPLITS"] == 1
 cases["decode_split"], cases["decode_combine"] = L.decode_launches(
     P, P, P, P, 2 * P, 3 * P, 1, 64, 8, 4096, 128, None, "bfloat16", split, 4096)
 (cases["decode_direct_masked"],) = L.decode_launches(
-    P, P, P, P, 0, 0, 64, 32, 8, 1000, 64, 0.1, "float32", direct, 1000, mask_ptr=P,
+    P, P, P, P, 0, 0, 128, 32, 8, 1000, 64, 0.1, "float32", direct, 1000, mask_ptr=P,
     mask_strides=(1000, 0, 0, 1))
 out = {}
 for name, launch in cases.items():
@@ -169,7 +169,7 @@ for optin in (232448, 101376):  # H100/H200 opt-in limit; sm_86's
     L.launch_attention(P, P, P, P, 1, 2, 2, 300, 300, 128, None, True, "float32", 0)
     out[optin] = fake.calls
 # the old fp32 GLU tile (fp16-sized config) fits only after dropping stages
-old = L.gemm_launch(P, P, P, 0, 0, P, 111, 96, 64, "Silu", "bfloat16")
+old = L.gemm_launch(P, P, P, 0, 0, P, 1111, 96, 64, "Silu", "bfloat16")  # M > 128: large tiles
 old_fp32 = L.KernelLaunch(old.kernel, tuple((n, "*fp32" if t.startswith("*") else t, v)
                           for n, t, v in old.args), old.constexprs, old.grid, old.num_warps,
                           old.num_stages)
@@ -274,7 +274,7 @@ out["rope"] = [len(fake.loads), fake.launches[:]]
 fake.loads.clear(); fake.launches.clear()
 for o in (Y, Y + 65536):
     L.launch_attention(A, B, B + (1 << 19), o, 1, 64, 8, 1, 4096, 128, None, False, "bfloat16", 3)
-L.launch_attention(A, B, B + (1 << 19), Y, 64, 32, 8, 1, 1000, 64, None, False, "bfloat16", 3)
+L.launch_attention(A, B, B + (1 << 19), Y, 128, 32, 8, 1, 1000, 64, None, False, "bfloat16", 3)
 cfg, seen, (n_part, n_ml) = L.decode_plan(7, 1, 8, 8, 4096, 128, False, "bfloat16")
 out["decode"] = [len(fake.loads), fake.launches[:], fake.allocs, fake.frees, cfg, n_part, n_ml]
 print(json.dumps(out))
@@ -300,7 +300,7 @@ def test_cached_launches_reuse_compiles_and_write_each_calls_pointers():
     loads, launches, allocs, frees, cfg, n_part, n_ml = result["decode"]
     names = [launch[0] for launch in launches]
     assert names == ["decode_split_kernel", "decode_combine_kernel"] * 2 + ["decode_split_kernel"]
-    assert loads == 3  # split + combine once for the 4k cache; the one-split batch-64 step
+    assert loads == 3  # split + combine once for the 4k cache; the one-split batch-128 step
     splits = cfg["SPLITS"]
     assert splits > 1 and n_part == 64 * splits * 128 and n_ml == 64 * splits * 2
     assert len(allocs) == 1 and allocs[0] >= 4 * (n_part + n_ml) and not frees
@@ -311,4 +311,4 @@ def test_cached_launches_reuse_compiles_and_write_each_calls_pointers():
         assert split[4] == [A, B, B + (1 << 19), A, ws, ws + 4 * n_part, o]  # no mask: Q
         assert combine[4] == [ws, ws + 4 * n_part, o]
     direct = launches[4]
-    assert direct[1] == [1, 64 * 8, 1] and direct[4][6] == Y  # writes O itself
+    assert direct[1] == [1, 128 * 8, 1] and direct[4][6] == Y  # writes O itself
