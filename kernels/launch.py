@@ -296,6 +296,7 @@ class PreparedLaunch:
 
 
 _PREPARED: dict = {}  # full key -> PreparedLaunch
+_LAST: dict = {}      # key -> (pointers, context, PreparedLaunch) of its latest call
 MAX_PREPARED = 4096  # distinct (op, shape, dtype, pointer pattern, context) entries kept
 
 
@@ -315,15 +316,24 @@ def enqueue_cached(key: tuple, pointers: tuple, stream, describe) -> None:
     """Enqueue the launch ``describe()`` returns, building it only on ``key``'s first call.
 
     ``key`` holds every non-pointer argument the launch depends on (shapes, dtype, flags);
-    ``pointers`` the device pointers of this call.  Per call this costs a dict lookup, the
-    pointer writes and ``cuLaunchKernel``: the description, the compile and the module load
-    are paid once (issue 14: 78.5 us per call before, on the H200 machine's host)."""
-    full_key = (key, _context_handle(), _pointer_pattern(pointers))
-    prepared = _PREPARED.get(full_key)
-    if prepared is None:
-        if len(_PREPARED) >= MAX_PREPARED:
-            _PREPARED.clear()
-        prepared = _PREPARED[full_key] = PreparedLaunch(describe(), pointers, full_key[1])
+    ``pointers`` the device pointers of this call.  Per call this costs a context query,
+    a dict lookup, the pointer writes and ``cuLaunchKernel``: the description, the compile
+    and the module load are paid once (issue 14: 78.5 us per call before, on the H200
+    machine's host).  A call with the same pointers as the key's previous one (an engine
+    reuses its buffers) skips even the pointer pattern."""
+    ctx = _context_handle()
+    last = _LAST.get(key)
+    if last is not None and last[0] == pointers and last[1] == ctx:
+        prepared = last[2]
+    else:
+        full_key = (key, ctx, _pointer_pattern(pointers))
+        prepared = _PREPARED.get(full_key)
+        if prepared is None:
+            if len(_PREPARED) >= MAX_PREPARED:
+                _PREPARED.clear()
+                _LAST.clear()
+            prepared = _PREPARED[full_key] = PreparedLaunch(describe(), pointers, ctx)
+        _LAST[key] = (pointers, ctx, prepared)
     prepared.enqueue(pointers, stream)
 
 

@@ -156,6 +156,7 @@ def clear():
     for fn in (L._load, L._target, L._max_shared, L.decode_plan):
         fn.cache_clear()
     L._PREPARED.clear()
+    L._LAST.clear()
     L._WORKSPACES.clear()
 
 P = 4096
@@ -270,6 +271,8 @@ fake.loads.clear(); fake.launches.clear()
 L.launch_rotary_embedding(A, G, G + 512, A, 1, 2, 8, 64, 0, False, "float16", 0)  # in place
 L.launch_rotary_embedding(A, G, G + 512, B, 1, 2, 8, 64, 0, False, "float16", 0)  # out of place
 L.launch_rotary_embedding(B, G, G + 512, B, 1, 2, 8, 64, 0, False, "float16", 0)  # in place
+L.launch_rotary_embedding(B, G, G + 512, B, 1, 2, 8, 64, 0, False, "float16", 0)  # same call
+L.launch_rotary_embedding(A, G, G + 512, B, 1, 2, 8, 64, 0, False, "float16", 0)  # out of place
 out["rope"] = [len(fake.loads), fake.launches[:]]
 fake.loads.clear(); fake.launches.clear()
 for o in (Y, Y + 65536):
@@ -293,9 +296,10 @@ def test_cached_launches_reuse_compiles_and_write_each_calls_pointers():
     assert [launch[3] for launch in launches] == [5, 6, 6]
 
     loads, launches = result["rope"]
-    assert loads == 2  # in place and out of place compile differently; in place twice, once
+    assert loads == 2  # in place and out of place compile differently; each once
     assert [launch[4] for launch in launches] == [[A, G, G + 512, A], [A, G, G + 512, B],
-                                                  [B, G, G + 512, B]]
+                                                  [B, G, G + 512, B], [B, G, G + 512, B],
+                                                  [A, G, G + 512, B]]
 
     loads, launches, allocs, frees, cfg, n_part, n_ml = result["decode"]
     names = [launch[0] for launch in launches]
