@@ -15,6 +15,7 @@ fraction of them.  Then each op is launched once through the torch-free cuda-pyt
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -759,16 +760,19 @@ def launch_overhead(st):
     vals = kl.pointer_values()
     drv = launch._driver()
     stream = drv.CUstream(st)
-    hot = prepared.hot
-    bindings_args = (drv.CUfunction(prepared.func), *prepared.grid, prepared.threads, 1, 1,
-                     prepared.shared, stream, prepared.params_addr, 0)
+    bindings_args = (prepared.func, *prepared.grid, prepared.threads, 1, 1, prepared.shared,
+                     stream, prepared.params_addr, 0)
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    libcuda.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+        ctypes.c_void_p] * 3
+    ctypes_args = (int(prepared.func), *prepared.grid, prepared.threads, 1, 1, prepared.shared,
+                   st, prepared.params_addr, None)
     q = torch.randn(1, 32, 1, 128, device=DEV, dtype=BF16)
     kk, vv = (torch.randn(1, 8, 4096, 128, device=DEV, dtype=BF16) for _ in range(2))
     o = torch.empty_like(q)
     paths = {
         "cuLaunchKernel alone, ctypes into libcuda (prepared arguments)":
-            lambda: hot.launch(prepared.func, prepared.grid, prepared.threads, prepared.shared, st,
-                               prepared.params_addr),
+            lambda: libcuda.cuLaunchKernel(*ctypes_args),
         "cuLaunchKernel alone, cuda.bindings (prepared arguments)":
             lambda: drv.cuLaunchKernel(*bindings_args),
         "launch_rms_norm (cached launcher)":

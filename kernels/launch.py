@@ -208,56 +208,6 @@ def _load(compiled, ctx_handle: int):
     return func, shared
 
 
-class _HotCalls:
-    """The two driver calls made on every launch (current context, ``cuLaunchKernel``) as
-    cheap as Python allows: ctypes straight into libcuda when the driver is cuda.bindings
-    (whose own ``cuLaunchKernel`` wrapper alone cost 5.4 us per call on the H200 machine's
-    host), else the driver object's methods (a test double standing in for the driver)."""
-
-    def __init__(self, drv):
-        self.drv = drv
-        self.native = getattr(drv, "__name__", "") == "cuda.bindings.driver"
-        if self.native:
-            lib = ctypes.CDLL("libcuda.so.1")
-            lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-            lib.cuCtxGetCurrent.restype = ctypes.c_int
-            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            lib.cuLaunchKernel.restype = ctypes.c_int
-            self._get_ctx, self._launch = lib.cuCtxGetCurrent, lib.cuLaunchKernel
-
-    def context(self) -> int:
-        """The current context as an int, 0 when there is none (or the driver says no)."""
-        if self.native:
-            ctx = ctypes.c_void_p()  # per call: the current context is per host thread
-            err = self._get_ctx(ctypes.byref(ctx))
-            return 0 if err else (ctx.value or 0)
-        err, ctx = self.drv.cuCtxGetCurrent()
-        return int(ctx) if err == self.drv.CUresult.CUDA_SUCCESS else 0
-
-    def handle(self, obj):
-        """What ``launch`` takes for a CUfunction or a stream."""
-        return int(obj) if self.native else obj
-
-    def launch(self, func, grid, threads, shared, stream, params) -> None:
-        if self.native:
-            err = self._launch(func, *grid, threads, 1, 1, shared, stream, params, None)
-            if err:
-                _check((self.drv.CUresult(err),))
-        else:
-            _check(self.drv.cuLaunchKernel(func, *grid, threads, 1, 1, shared, stream, params, 0))
-
-
-_HOT: list = [None]  # the _HotCalls of the current _driver()
-
-
-def _hot() -> _HotCalls:
-    drv = _driver()
-    if _HOT[0] is None or _HOT[0].drv is not drv:
-        _HOT[0] = _HotCalls(drv)
-    return _HOT[0]
-
-
 class PreparedLaunch:
     """One compiled, loaded launch with its argument buffer, for repeated enqueues.
 
@@ -270,9 +220,9 @@ class PreparedLaunch:
         drv = _driver()
         device = int(_check(drv.cuCtxGetDevice()))
         compiled, _ = compile_fitting(launch, _target(device), _max_shared(device))
-        func, self.shared = _load(compiled, ctx)
-        self.hot = _hot()
-        self.func = self.hot.handle(func)
+        self.func, self.shared = _load(compiled, ctx)
+        self.launch_fn = drv.cuLaunchKernel
+        self.success = drv.CUresult.CUDA_SUCCESS
         self.grid = launch.grid
         self.threads = 32 * launch.num_warps
         self.values = launch.c_args()
@@ -288,11 +238,17 @@ class PreparedLaunch:
         self.lock = threading.Lock()
 
     def enqueue(self, pointers: tuple, stream) -> None:
+        """``stream``: an int handle or a ``CUstream``.  cuda.bindings' ``cuLaunchKernel``
+        (Cython) measured 4.9-6.5 us per call on the H200 machine's host, a ctypes call
+        straight into libcuda 7.4-8.7 us (issue 14), so the launch stays on cuda.bindings."""
+        gx, gy, gz = self.grid
         with self.lock:
             for slot, index in self.slots:
                 slot.value = pointers[index]
-            self.hot.launch(self.func, self.grid, self.threads, self.shared,
-                            self.hot.handle(stream), self.params_addr)
+            result = self.launch_fn(self.func, gx, gy, gz, self.threads, 1, 1, self.shared,
+                                    stream, self.params_addr, 0)
+        if result[0] != self.success:
+            _check(result)
 
 
 _PREPARED: dict = {}  # full key -> PreparedLaunch
@@ -302,7 +258,11 @@ MAX_PREPARED = 4096  # distinct (op, shape, dtype, pointer pattern, context) ent
 
 def _context_handle() -> int:
     """The current context as an int (the primary one made current if there is none)."""
-    return _hot().context() or int(_current_context())
+    drv = _driver()
+    err, ctx = drv.cuCtxGetCurrent()
+    if err == drv.CUresult.CUDA_SUCCESS and int(ctx):
+        return int(ctx)
+    return int(_current_context())
 
 
 def _pointer_pattern(pointers: tuple) -> tuple:
