@@ -522,16 +522,17 @@ _WORKSPACES: dict = {}  # (context, stream) -> (device pointer, bytes)
 def _workspace(ctx: int, stream, nbytes: int) -> int:
     """A device buffer of at least ``nbytes`` for work queued on ``stream``; kept and reused
     (kernels on one stream run in order, so one buffer per stream is never used twice at
-    once).  Grown in powers of two; the old buffer is freed in stream order, after the work
-    already queued on it."""
+    once).  Grown in powers of two, so rarely: the old buffer is freed once the work already
+    queued on the stream is done."""
     key = (ctx, int(stream))
     have = _WORKSPACES.get(key)
     if have is not None and have[1] >= nbytes:
         return have[0]
     drv = _driver()
     if have is not None:
-        _check(drv.cuMemFreeAsync(have[0], stream if isinstance(stream, drv.CUstream)
-                                  else drv.CUstream(int(stream))))
+        _check(drv.cuStreamSynchronize(stream if isinstance(stream, drv.CUstream)
+                                       else drv.CUstream(int(stream))))
+        _check(drv.cuMemFree(have[0]))
     size = triton.next_power_of_2(nbytes)
     ptr = int(_check(drv.cuMemAlloc(size)))
     _WORKSPACES[key] = (ptr, size)

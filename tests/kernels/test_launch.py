@@ -249,8 +249,11 @@ class Fake:
     def cuMemAlloc(self, size):
         self.allocs.append(size)
         return 0, 1 << 40
-    def cuMemFreeAsync(self, ptr, stream):
-        self.frees.append(ptr)
+    def cuStreamSynchronize(self, stream):
+        self.frees.append(["sync", int(stream)])
+        return (0,)
+    def cuMemFree(self, ptr):
+        self.frees.append(["free", ptr])
         return (0,)
     def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
         name = next(n for n in LEADING_POINTERS if f.startswith(n))
@@ -279,7 +282,10 @@ for o in (Y, Y + 65536):
     L.launch_attention(A, B, B + (1 << 19), o, 1, 64, 8, 1, 4096, 128, None, False, "bfloat16", 3)
 L.launch_attention(A, B, B + (1 << 19), Y, 128, 32, 8, 1, 1000, 64, None, False, "bfloat16", 3)
 cfg, seen, (n_part, n_ml) = L.decode_plan(7, 1, 8, 8, 4096, 128, False, "bfloat16")
-out["decode"] = [len(fake.loads), fake.launches[:], fake.allocs, fake.frees, cfg, n_part, n_ml]
+out["decode"] = [len(fake.loads), fake.launches[:], fake.allocs[:], fake.frees[:], cfg, n_part, n_ml]
+L.launch_attention(A, B, B + (1 << 19), Y, 64, 64, 8, 1, 4096, 128, None, False, "bfloat16", 3)
+L.launch_attention(A, B, B + (1 << 19), Y, 64, 64, 8, 1, 4096, 128, None, False, "bfloat16", 9)
+out["grow"] = [fake.allocs, fake.frees]
 print(json.dumps(out))
 """
 
@@ -314,5 +320,9 @@ def test_cached_launches_reuse_compiles_and_write_each_calls_pointers():
         assert split[1] == [splits, 8, 1] and combine[1] == [64, 1, 1]
         assert split[4] == [A, B, B + (1 << 19), A, ws, ws + 4 * n_part, o]  # no mask: Q
         assert combine[4] == [ws, ws + 4 * n_part, o]
+    allocs, frees = result["grow"]
+    # batch 64 needs more partials than batch 1: the stream-3 buffer grows once, after the
+    # stream's queued work; stream 9 gets its own buffer
+    assert len(allocs) == 3 and allocs[1] > allocs[0] and frees == [["sync", 3], ["free", ws]]
     direct = launches[4]
     assert direct[1] == [1, 128 * 8, 1] and direct[4][6] == Y  # writes O itself
