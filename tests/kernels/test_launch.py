@@ -116,6 +116,20 @@ def test_launch_on_raw_pointers_matches_reference():
     ref = reference.attention(q, k, v, is_causal=True, compute_dtype=np.float64)
     assert np.linalg.norm(o.double().cpu().numpy() - ref) / np.linalg.norm(ref) < 2e-3
 
+    # one query token: the split-KV decode kernels, GQA 8:1, padding mask over the keys
+    q = rng.standard_normal((2, 16, 1, 64)).astype(np.float16)
+    k, v = (rng.standard_normal((2, 2, 3000, 64)).astype(np.float16) for _ in range(2))
+    pad = np.zeros((2, 1, 1, 3000), np.float16)
+    pad[1, ..., 1000:] = -np.inf
+    qt, kt, vt, mt = dev(q), dev(k), dev(v), dev(pad)
+    o = torch.full(q.shape, float("nan"), dtype=torch.float16, device="cuda")
+    launch.launch_attention(qt.data_ptr(), kt.data_ptr(), vt.data_ptr(), o.data_ptr(),
+                            2, 16, 2, 1, 3000, 64, None, False, "float16", stream,
+                            mask_ptr=mt.data_ptr(), mask_strides=(3000, 0, 0, 1))
+    torch.cuda.synchronize()
+    ref = reference.attention(q, k, v, pad, compute_dtype=np.float64)
+    assert np.linalg.norm(o.double().cpu().numpy() - ref) / np.linalg.norm(ref) < 2e-3
+
 
 # Shared memory (issue 6 round 2: fp32 SwiGLU failed on the H100 with
 # CUDA_ERROR_INVALID_VALUE).  The launcher did opt in above 48 KB, but the fp32 GLU tile
