@@ -15,6 +15,7 @@ fraction of them.  Then each op is launched once through the torch-free cuda-pyt
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -28,11 +29,12 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fusegraph.kernels import attention, gemm_epilogue, launch, norms, rope
+from fusegraph.kernels import attention, decode_attention, gemm_epilogue, launch, norms, rope
 
 DEV = "cuda"
 BF16 = torch.bfloat16
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
+SWEEP = True  # tile sweeps of decode, short-row norms, 7B-shape GEMMs (--no-sweep: off)
 ROWS: list[dict] = []
 CHECKS: list[dict] = []
 
@@ -114,6 +116,7 @@ def unfused_attention(q, k, v, causal, causal_mask):
 
 
 ATTN_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
@@ -129,9 +132,14 @@ def sdpa_backends():
 
 
 def bench_attention(ceil, quick):
-    print("attention (bf16, D=128, B*S=16k tokens, 16 heads)", flush=True)
-    d, heads = 128, 16
-    seqs = [4096] if quick else [2048, 4096, 8192]
+    for d in ((128,) if quick else (128, 64)):
+        attention_at(ceil, quick, d)
+
+
+def attention_at(ceil, quick, d):
+    heads = 16
+    print(f"attention (bf16, D={d}, B*S=16k tokens, {heads} heads)", flush=True)
+    seqs = [4096] if quick else [1024, 2048, 4096, 8192, 16384]
     # correctness first: ragged lengths, GQA 4:1, additive mask with fully masked rows
     q = torch.randn(2, 8, 1000, d, device=DEV, dtype=BF16)
     k, v = (torch.randn(2, 2, 1037, d, device=DEV, dtype=BF16) for _ in range(2))
@@ -193,6 +201,159 @@ def bench_attention(ceil, quick):
                 row("attention", shape, "unfused op-by-op",
                     bench(lambda: unfused_attention(q, k, v, causal, cm)), flops=flops, ceil=ceil)
         torch.cuda.empty_cache()
+
+
+# --- decode attention (one query token vs a KV cache) -------------------------------------------
+
+DECODE_GQA = ((32, 4), (32, 8))  # (query heads, kv heads): 8:1 and 4:1
+DECODE_SHAPES = ((1, 1024), (1, 16384), (1, 131072), (8, 4096), (8, 32768), (8, 131072),
+                 (16, 131072), (64, 1024), (64, 8192), (64, 32768))
+DECODE_SWEEP_SHAPES = ((1, 32, 4, 16384), (1, 32, 4, 131072), (8, 32, 8, 32768), (64, 32, 8, 4096))
+
+
+def decode_sweep_configs():
+    return [{"BLOCK_N": n, "num_warps": w, "num_stages": st, "programs_per_sm": pps}
+            for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4) for pps in (1, 2, 4)]
+
+
+def sdpa_decode_rows(op, shape, q, k, v, nbytes, ceil):
+    """torch SDPA with enable_gqa under each backend that takes it (and the default choice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    best = float("inf")
+    for name, backend in (("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            if backend is None:
+                fn()
+                ms = bench(fn)
+            else:
+                with sdpa_kernel(backend):
+                    fn()
+                    ms = bench(fn)
+        except Exception as exc:
+            print(f"  sdpa {name} unavailable: {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        best = min(best, row(op, shape, f"torch sdpa {name} (enable_gqa)", ms, nbytes=nbytes,
+                             ceil=ceil))
+    return best
+
+
+def bench_decode(ceil, quick):
+    print("decode attention (bf16, D=128, one query token; GB/s over the K/V read)", flush=True)
+    d = 128
+    # correctness: ragged caches, GQA 8:1 and 4:1, padding mask, causal, one split and many
+    for b, hq, hkv, sk, dd in ((3, 32, 4, 5000, 128), (2, 32, 8, 777, 64), (64, 32, 8, 1000, 128),
+                               (1, 8, 8, 100003, 128)):
+        q = torch.randn(b, hq, 1, dd, device=DEV, dtype=BF16)
+        k, v = (torch.randn(b, hkv, sk, dd, device=DEV, dtype=BF16) for _ in range(2))
+        pad = torch.zeros(b, 1, 1, sk, device=DEV, dtype=BF16)
+        pad[0, ..., sk // 3:] = float("-inf")
+        for causal, m in ((False, None), (False, pad), (True, None)):
+            o = poison(torch.empty_like(q))
+            attention.attention(q, k, v, m, is_causal=causal, out=o)
+            check(f"decode B{b} {hq}:{hkv} Sk{sk} D{dd} causal={causal} mask={m is not None}", o,
+                  ref_attention(q, k, v, m, causal), BF16)
+    # sweep (tiles, warps, stages, split programs per SM) on four caches
+    times = {}
+    for b, hq, hkv, sk in (DECODE_SWEEP_SHAPES if SWEEP else []):
+        q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
+        k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
+        o = torch.empty_like(q)
+        for i, cfg in enumerate(decode_sweep_configs()):
+            try:
+                times[(b, hq, hkv, sk, i)] = bench(
+                    lambda: decode_attention.decode_attention(q, k, v, config=cfg, out=o))
+            except Exception as exc:
+                print(f"  decode config {cfg} failed: {type(exc).__name__}: {str(exc)[:100]}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    best_cfg = None
+    if times:
+        shapes = DECODE_SWEEP_SHAPES
+        per_shape = {sh: min(t for key, t in times.items() if key[:4] == sh) for sh in shapes}
+        scores = []
+        for i, cfg in enumerate(decode_sweep_configs()):
+            if all(sh + (i,) in times for sh in shapes):
+                worst = max(times[sh + (i,)] / per_shape[sh] for sh in shapes)
+                scores.append((worst, i, cfg))
+        scores.sort(key=lambda t: t[0])
+        for worst, i, cfg in scores[:10]:
+            detail = " ".join(f"{times[sh + (i,)] * 1e3:.1f}" for sh in shapes)
+            print(f"    sweep decode {cfg}: worst {worst:.3f}x of per-shape best; us {detail}",
+                  flush=True)
+        best_cfg = scores[0][2]
+        print(f"  decode per-shape best us: {[round(per_shape[sh] * 1e3, 1) for sh in shapes]}")
+    for hq, hkv in DECODE_GQA:
+        for b, sk in (DECODE_SHAPES[:4] if quick else DECODE_SHAPES):
+            q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
+            k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
+            o = poison(torch.empty_like(q))
+            shape = f"B{b} {hq}:{hkv} Sk{sk}"
+            nbytes = 2 * k.numel() * k.element_size()
+            attention.attention(q, k, v, out=o)
+            want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            check(f"decode {shape} vs torch sdpa", o, want.float(), BF16)
+            fused = row("decode", shape, "fused triton split-KV (torch entry, cached launcher)",
+                        bench(lambda: attention.attention(q, k, v, out=o)), nbytes=nbytes, ceil=ceil)
+            if best_cfg is not None:
+                row("decode", shape, "fused triton split-KV (JIT launch, best of sweep)",
+                    bench(lambda: decode_attention.decode_attention(q, k, v, config=best_cfg, out=o)),
+                    nbytes=nbytes, ceil=ceil)
+            if sk <= 16384 and SWEEP:
+                row("decode", shape, "fused triton prefill kernel (Sq=1)",
+                    bench(lambda: attention.attention(q, k, v, out=o, config=attention.attention_config(
+                        d, 1, False))), nbytes=nbytes, ceil=ceil)
+            torch_best = sdpa_decode_rows("decode", shape, q, k, v, nbytes, ceil)
+            # device time alone: CUDA graphs of calls over rotating K/V copies (L2-cold)
+            copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
+            kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+            g_fused = graph_ms([lambda kk=kk, vv=vv: attention.attention(q, kk, vv, out=o)
+                                for kk, vv in kvs])
+            g_torch = graph_ms([lambda kk=kk, vv=vv: F.scaled_dot_product_attention(
+                q, kk, vv, enable_gqa=True) for kk, vv in kvs])
+            row("decode", shape, "fused triton split-KV, CUDA graph (device time)", g_fused,
+                nbytes=nbytes, ceil=ceil)
+            row("decode", shape, "torch sdpa default, CUDA graph (device time)", g_torch,
+                nbytes=nbytes, ceil=ceil)
+            DECODE_RATIOS.append({"shape": shape, "host_incl": torch_best / fused,
+                                  "device": g_torch / g_fused})
+            print(f"    decode {shape}: fused {torch_best / fused:.2f}x best torch sdpa "
+                  f"(host incl.), {g_torch / g_fused:.2f}x sdpa default (CUDA graph)", flush=True)
+            del q, k, v, kvs
+            torch.cuda.empty_cache()
+
+
+DECODE_RATIOS: list = []
+
+
+def graph_ms(fns, reps=10) -> float:
+    """Median milliseconds per call of a CUDA graph that runs each of ``fns`` in turn
+    (device time: no host launch cost), warmed up and captured on one side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for fn in fns:
+                fn()
+        graph.replay()
+        stream.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / len(fns))
+    torch.cuda.current_stream().wait_stream(stream)
+    return sorted(times)[len(times) // 2]
 
 
 # --- GEMM + epilogue -------------------------------------------------------------------------
@@ -284,6 +445,52 @@ def bench_gemm(ceil, quick):
     return cfg, scfg
 
 
+LLM_NK = ((4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008))  # 7B: o/qkv/up/down
+LLM_M = (1, 16, 128, 2048)
+SMALL_M_CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+]
+
+
+def bench_gemm_llm(ceil, quick):
+    """MatMul + bias + Silu at a 7B model's (N, K) for decode-to-prefill M; memory-bound
+    (weights) at small M, so GB/s over X, W, Y there."""
+    print("GEMM + bias + Silu at 7B-model shapes (bf16)", flush=True)
+    for n, k in (LLM_NK[:1] if quick else LLM_NK):
+        w = torch.randn(k, n, device=DEV, dtype=BF16) / math.sqrt(k)
+        bias = torch.randn(n, device=DEV, dtype=BF16)
+        for m in LLM_M:
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            y = poison(torch.empty(m, n, device=DEV, dtype=BF16))
+            shape = f"M{m} N{n} K{k}"
+            flops, nbytes = 2 * m * n * k, (m * k + k * n + m * n) * 2
+            perf = {"nbytes": nbytes} if m <= 16 else {"flops": flops}
+            gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", out=y)
+            check(f"matmul_bias_act {shape} Silu", y, F.silu(x.float() @ w.float() + bias.float()),
+                  BF16)
+            row("mm+bias+silu", shape, "fused triton default config",
+                bench(lambda: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", out=y)),
+                ceil=ceil, **perf)
+            if SWEEP:
+                configs = SMALL_M_CONFIGS if m <= 128 else GEMM_CONFIGS[:4]
+                cfg = sweep(f"gemm {shape}", lambda c: gemm_epilogue.matmul_bias_act(
+                    x, w, bias, "Silu", config=c, out=y), configs, flops)
+                row("mm+bias+silu", shape, f"fused triton best of sweep {cfg['BLOCK_M']}x"
+                    f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}",
+                    bench(lambda: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", config=cfg,
+                                                                out=y)), ceil=ceil, **perf)
+            row("mm+bias+silu", shape, "torch addmm, silu",
+                bench(lambda: F.silu(torch.addmm(bias, x, w))), ceil=ceil, **perf)
+            row("mm+bias+silu", shape, "torch matmul alone", bench(lambda: x @ w), ceil=ceil, **perf)
+        del w
+        torch.cuda.empty_cache()
+
+
 # --- norms and RoPE --------------------------------------------------------------------------
 
 def unfused_rms(x, r, g, eps):
@@ -300,10 +507,53 @@ def unfused_ln(x, r, g, b, eps):
     return ((sf - mean) / torch.sqrt(var + eps) * g.float() + b.float()).to(x.dtype), s
 
 
+NORM_SWEEP_WIDTHS = (512, 1024)
+
+
+def norm_sweep(x, r, g, y, s_out, cols, eps):
+    """Tiles for short rows through the launcher: every (rows per program, warps) with at most
+    32k elements per program; returns {(skip,): (ms, cfg)} best per variant."""
+    st = torch.cuda.current_stream().cuda_stream
+    rows = x.shape[0]
+    p = lambda t: t.data_ptr()  # noqa: E731
+    ctx = launch._context_handle()
+    best = {}
+    for skip in (False, True):
+        ptrs = (p(x), p(r) if skip else 0, p(g), 0, p(y), p(s_out) if skip else 0)
+        times = []
+        for block_r in (1, 2, 4, 8, 16, 32):
+            for warps in (2, 4, 8):
+                if block_r * cols > 32768 or block_r * cols < 32 * warps * 8:
+                    continue
+                cfg = {"BLOCK_R": block_r, "BLOCK_C": cols, "num_warps": warps}
+                kl = launch.norm_launch(*ptrs, rows, cols, eps, "bfloat16", True, cfg)
+                prepared = launch.PreparedLaunch(kl, kl.pointer_values(), ctx)
+                vals = kl.pointer_values()
+                times.append((bench(lambda: prepared.enqueue(vals, st)), cfg))
+        times.sort(key=lambda t: t[0])
+        for ms, cfg in times[:6]:
+            print(f"    sweep {'skip_' if skip else ''}rms_norm {rows}x{cols} {cfg}: {ms * 1e3:.1f} us",
+                  flush=True)
+        best[skip] = times[0]
+    return best
+
+
+def jit_norm(x, r, g, b, y, s, eps, rms):
+    """The norm kernel through Triton's JIT launcher (the torch entries' path before issue 14)."""
+    rows, cols = x.shape
+    cfg = norms.norm_config(rows, cols, x.element_size())
+    norms.norm_kernel[norms.norm_grid(rows, cfg)](
+        x, x if r is None else r, g, g if b is None else b, y, s, rows, cols, cols, cols, cols,
+        cols, eps, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], RMS=rms,
+        HAS_RESIDUAL=r is not None, HAS_BETA=b is not None, num_warps=cfg["num_warps"])
+
+
 def bench_norms(ceil, quick):
     print("RMSNorm / LayerNorm (bf16, 16384 rows)", flush=True)
     eps = 1e-6
-    for cols in ([4096] if quick else [1024, 4096, 8192]):
+    st = torch.cuda.current_stream().cuda_stream
+    p = lambda t: t.data_ptr()  # noqa: E731
+    for cols in ([1024, 4096] if quick else [512, 1024, 2048, 4096, 8192]):
         rows = 16384
         x, r = (torch.randn(rows, cols, device=DEV, dtype=BF16) for _ in range(2))
         g, b = (torch.randn(cols, device=DEV, dtype=BF16) for _ in range(2))
@@ -311,10 +561,13 @@ def bench_norms(ceil, quick):
         item = x.element_size()
         plain, skip = 2 * rows * cols * item, 4 * rows * cols * item
         shape = f"{rows}x{cols}"
-        # correctness (poisoned outputs)
+        # correctness (poisoned outputs), torch entries and the launcher
         poison(y)
         norms.rms_norm(x, g, eps, out=y)
         check(f"rms_norm {shape}", y, F.rms_norm(x.float(), (cols,), g.float(), eps), BF16)
+        poison(y)
+        launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, eps, "bfloat16", st)
+        check(f"launch rms_norm {shape}", y, F.rms_norm(x.float(), (cols,), g.float(), eps), BF16)
         poison(y), poison(s)
         norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s)
         check(f"skip_rms_norm {shape} Y", y,
@@ -324,28 +577,37 @@ def bench_norms(ceil, quick):
         norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s)
         check(f"skip_layer_norm {shape} Y", y,
               F.layer_norm((x + r).float(), (cols,), g.float(), b.float(), eps), BF16)
-        row("rms_norm", shape, "fused triton", bench(lambda: norms.rms_norm(x, g, eps, out=y)),
-            nbytes=plain, ceil=ceil)
-        row("rms_norm", shape, "torch F.rms_norm", bench(lambda: F.rms_norm(x, (cols,), g, eps)),
-            nbytes=plain, ceil=ceil)
-        row("skip_rms_norm", shape, "fused triton",
-            bench(lambda: norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s)),
-            nbytes=skip, ceil=ceil)
-        row("skip_rms_norm", shape, "torch add + F.rms_norm",
-            bench(lambda: F.rms_norm(x + r, (cols,), g, eps)), nbytes=skip, ceil=ceil)
+        row("copy", shape, "torch y.copy_(x) (same bytes as a plain norm)",
+            bench(lambda: y.copy_(x)), nbytes=plain, ceil=ceil)
+        for op, nb, fused, jit, ref_name, ref in (
+            ("rms_norm", plain, lambda: norms.rms_norm(x, g, eps, out=y),
+             lambda: jit_norm(x, None, g, None, y, y, eps, True),
+             "torch F.rms_norm", lambda: F.rms_norm(x, (cols,), g, eps)),
+            ("skip_rms_norm", skip,
+             lambda: norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s),
+             lambda: jit_norm(x, r, g, None, y, s, eps, True),
+             "torch add + F.rms_norm", lambda: F.rms_norm(x + r, (cols,), g, eps)),
+            ("layer_norm", plain, lambda: norms.layer_norm(x, g, b, eps, out=y),
+             lambda: jit_norm(x, None, g, b, y, y, eps, False),
+             "torch F.layer_norm", lambda: F.layer_norm(x, (cols,), g, b, eps)),
+            ("skip_layer_norm", skip,
+             lambda: norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s),
+             lambda: jit_norm(x, r, g, b, y, s, eps, False),
+             "torch add + F.layer_norm", lambda: F.layer_norm(x + r, (cols,), g, b, eps)),
+        ):
+            row(op, shape, "fused triton (torch entry, cached launcher)", bench(fused), nbytes=nb,
+                ceil=ceil)
+            row(op, shape, "fused triton (Triton JIT launch)", bench(jit), nbytes=nb, ceil=ceil)
+            row(op, shape, ref_name, bench(ref), nbytes=nb, ceil=ceil)
         row("skip_rms_norm", shape, "unfused op-by-op",
             bench(lambda: unfused_rms(x, r, g, eps)), nbytes=skip, ceil=ceil)
-        row("layer_norm", shape, "fused triton",
-            bench(lambda: norms.layer_norm(x, g, b, eps, out=y)), nbytes=plain, ceil=ceil)
-        row("layer_norm", shape, "torch F.layer_norm",
-            bench(lambda: F.layer_norm(x, (cols,), g, b, eps)), nbytes=plain, ceil=ceil)
-        row("skip_layer_norm", shape, "fused triton",
-            bench(lambda: norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s)),
-            nbytes=skip, ceil=ceil)
-        row("skip_layer_norm", shape, "torch add + F.layer_norm",
-            bench(lambda: F.layer_norm(x + r, (cols,), g, b, eps)), nbytes=skip, ceil=ceil)
         row("skip_layer_norm", shape, "unfused op-by-op",
             bench(lambda: unfused_ln(x, r, g, b, eps)), nbytes=skip, ceil=ceil)
+        if cols in NORM_SWEEP_WIDTHS and SWEEP:
+            for skip_flag, (ms, cfg) in norm_sweep(x, r, g, y, s, cols, eps).items():
+                row("skip_rms_norm" if skip_flag else "rms_norm", shape,
+                    f"fused triton (launcher, best of sweep: R{cfg['BLOCK_R']} w{cfg['num_warps']})",
+                    ms, nbytes=skip if skip_flag else plain, ceil=ceil)
 
 
 def rotate_half(x):
@@ -455,13 +717,82 @@ def check_launch_path():
     torch.cuda.synchronize()
     check("launch rope in place rd64", xr, ref, BF16)
 
-    # launch overhead of the torch-free path (host side, cached compile and module)
-    t0 = time.perf_counter()
-    for _ in range(200):
-        launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, 1e-6, "bfloat16", st)
+    for b, sk in ((1, 4096), (64, 1000)):  # several splits; one split written directly
+        q = torch.randn(b, 32, 1, 128, device=DEV, dtype=BF16)
+        kk, vv = (torch.randn(b, 8, sk, 128, device=DEV, dtype=BF16) for _ in range(2))
+        pad = torch.zeros(b, 1, 1, sk, device=DEV, dtype=BF16)
+        pad[..., sk // 2:] = float("-inf")
+        o = poison(torch.empty_like(q))
+        launch.launch_attention(p(q), p(kk), p(vv), p(o), b, 32, 8, 1, sk, 128, None, False,
+                                "bfloat16", st, mask_ptr=p(pad), mask_strides=(sk, 0, 0, 1))
+        torch.cuda.synchronize()
+        check(f"launch decode B{b} Sk{sk} mask", o, ref_attention(q, kk, vv, pad), BF16)
+    launch_overhead(st)
+
+
+def host_us(fn, n=2000) -> float:
+    """Host microseconds per call of ``fn`` (enqueue only: the GPU drains the queue after)."""
+    for _ in range(50):
+        fn()
     torch.cuda.synchronize()
-    print(f"  torch-free launch: {(time.perf_counter() - t0) / 200 * 1e6:.1f} us per call "
-          "(host, incl. kernel)", flush=True)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+LAUNCH_US: dict = {}
+
+
+def launch_overhead(st):
+    """Host cost per launch of a tiny RMSNorm (8 x 1024) by each path; the kernel itself
+    runs in ~2-3 us, so a host path slower than that is what a caller waits on."""
+    p = lambda t: t.data_ptr()  # noqa: E731
+    rows, cols = 8, 1024
+    x = torch.randn(rows, cols, device=DEV, dtype=BF16)
+    g = torch.randn(cols, device=DEV, dtype=BF16)
+    y = torch.empty_like(x)
+    ptrs = (p(x), 0, p(g), 0, p(y), 0)
+    kl = launch.norm_launch(*ptrs, rows, cols, 1e-6, "bfloat16", True)
+    prepared = launch.PreparedLaunch(kl, kl.pointer_values(), launch._context_handle())
+    vals = kl.pointer_values()
+    drv = launch._driver()
+    stream = drv.CUstream(st)
+    bindings_args = (prepared.func, *prepared.grid, prepared.threads, 1, 1, prepared.shared,
+                     stream, prepared.params_addr, 0)
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    libcuda.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+        ctypes.c_void_p] * 3
+    ctypes_args = (int(prepared.func), *prepared.grid, prepared.threads, 1, 1, prepared.shared,
+                   st, prepared.params_addr, None)
+    q = torch.randn(1, 32, 1, 128, device=DEV, dtype=BF16)
+    kk, vv = (torch.randn(1, 8, 4096, 128, device=DEV, dtype=BF16) for _ in range(2))
+    o = torch.empty_like(q)
+    paths = {
+        "cuLaunchKernel alone, ctypes into libcuda (prepared arguments)":
+            lambda: libcuda.cuLaunchKernel(*ctypes_args),
+        "cuLaunchKernel alone, cuda.bindings (prepared arguments)":
+            lambda: drv.cuLaunchKernel(*bindings_args),
+        "launch_rms_norm (cached launcher)":
+            lambda: launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, 1e-6, "bfloat16", st),
+        "launch_rms_norm (cached launcher, CUstream object)":
+            lambda: launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, 1e-6, "bfloat16", stream),
+        "uncached: describe + prepare per call (the old path)":
+            lambda: launch.PreparedLaunch(launch.norm_launch(*ptrs, rows, cols, 1e-6, "bfloat16",
+                                                             True), vals,
+                                          launch._context_handle()).enqueue(vals, st),
+        "launch_attention Sq=1 (decode: split + combine, 2 launches)":
+            lambda: launch.launch_attention(p(q), p(kk), p(vv), p(o), 1, 32, 8, 1, 4096, 128,
+                                            None, False, "bfloat16", st),
+        "norms.rms_norm torch entry (cached launcher)": lambda: norms.rms_norm(x, g, 1e-6, out=y),
+        "Triton JIT launch of the same kernel": lambda: jit_norm(x, None, g, None, y, y, 1e-6, True),
+        "torch F.rms_norm": lambda: F.rms_norm(x, (cols,), g, 1e-6),
+    }
+    for name, fn in paths.items():
+        LAUNCH_US[name] = host_us(fn, 300 if "uncached" in name else 2000)
+        print(f"  host per call  {LAUNCH_US[name]:7.1f} us  {name}", flush=True)
 
 
 def write_markdown(path, info, ceil, rows, checks):
@@ -493,8 +824,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="one size per op, fewer tile sweeps")
-    ap.add_argument("--only", default="attention,gemm,norms,rope,launch")
+    ap.add_argument("--only", default="launch,norms,decode,gemm_llm,gemm,attention,rope")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="skip the decode, short-row norm and 7B-shape GEMM tile sweeps")
     args = ap.parse_args()
+    global SWEEP
+    SWEEP = not (args.quick or args.no_sweep)
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     info = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
@@ -507,6 +842,8 @@ def main():
                 "gemm": lambda: tuned.update(zip(("gemm", "swiglu"), bench_gemm(ceil, args.quick))),
                 "norms": lambda: bench_norms(ceil, args.quick),
                 "rope": lambda: bench_rope(ceil, args.quick),
+                "decode": lambda: bench_decode(ceil, args.quick),
+                "gemm_llm": lambda: bench_gemm_llm(ceil, args.quick),
                 "launch": check_launch_path}
     failed = []
     for name in args.only.split(","):
@@ -520,7 +857,9 @@ def main():
     write_markdown(os.path.join(args.out, "results.md"), info, ceil, ROWS, CHECKS)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"info": info, "ceilings": ceil, "rows": ROWS, "checks": CHECKS,
-                   "tuned": tuned, "failed_sections": failed}, f, indent=1)
+                   "tuned": tuned, "launch_host_us": LAUNCH_US, "decode_ratios": DECODE_RATIOS,
+                   "failed_sections": failed},
+                  f, indent=1)
     print(f"\n{len(CHECKS) - len(bad)}/{len(CHECKS)} checks passed; failed sections: {failed}")
     for c in bad:
         print(f"  FAILED {c['name']}: {c['rel_err']:.2e}")

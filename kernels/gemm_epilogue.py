@@ -145,7 +145,9 @@ def gemm_config(M: int, N: int, K: int, glu: bool, itemsize: int = 2) -> dict:
     """Tiles for an H100-class GPU (from benchmarks/KERNEL_NOTES.md), clipped for small problems.
     ``itemsize`` is the element size of X/W: fp32 tiles are twice as large in shared memory,
     so BLOCK_K (then the stage count) shrinks until the buffers fit ``SMEM_BUDGET``."""
-    if glu:
+    if M <= 128:
+        cfg = _small_m_config(M, N)
+    elif glu:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     else:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
@@ -160,6 +162,19 @@ def gemm_config(M: int, N: int, K: int, glu: bool, itemsize: int = 2) -> dict:
         else:
             break  # the launcher checks the compiled size against the device's limit
     return cfg
+
+
+def _small_m_config(M: int, N: int) -> dict:
+    """Decode-to-small-batch M (<= 128): bound by reading W, so the tiles are chosen for
+    enough programs to stream it (N / BLOCK_N against 132 SMs) and long K steps.  From the
+    H200 sweep at a 7B model's (N, K) (KERNEL_NOTES.md, issue 14): the 128 x 256 tile ran
+    M 1-16 at 0.12-0.46 of copy bandwidth, these at 0.36-0.65."""
+    wide = N > 4096
+    if M <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 128 if wide else 32, "BLOCK_K": 128 if wide else 256,
+                "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 64 if wide else 128,
+            "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
 
 
 def gemm_grid(M: int, N: int, cfg: dict) -> tuple:

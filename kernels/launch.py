@@ -13,6 +13,15 @@ launcher (which wants torch tensors and its own C stub) is no use there.  Instea
 3. loads the cubin with ``cuModuleLoadData`` (cached per CUDA context) and launches it
    with ``cuLaunchKernel`` on the given stream.
 
+Steps 1-3 and the ctypes argument buffer are built once per (op, shape, dtype, pointer
+pattern, context) and kept (``enqueue_cached``); a repeated call writes its pointers into
+the kept buffer and launches, a few microseconds of host time (issue 14: ``run`` rebuilt
+everything per call, 78.5 us on the H200 machine's host).
+
+One query token (``Attention`` with Sq = 1) launches the split-KV decode kernels
+(``decode_attention.py``); their fp32 partials live in a workspace this module allocates
+per (context, stream) and keeps (TensorRT's plugin workspace is not passed to the cores).
+
 Kernel ABI (read from triton/backends/nvidia/driver.py, Triton 3.6-3.9): the cubin's
 entry takes every non-constexpr argument in declaration order, then two hidden pointers,
 ``global_scratch`` and ``profile_scratch``.  Our kernels need neither (this module
@@ -22,7 +31,7 @@ threads, and the dynamic shared memory is the compiled kernel's ``shared`` size.
 Shared memory: a block may use more than 48 KB of dynamic shared memory only after
 ``cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)``, and never more than the device's
 opt-in limit (227 KB on sm_90); asking for more fails with CUDA_ERROR_INVALID_VALUE.  The
-tile configs plan for the element size (fp32 tiles are twice as large), and ``run`` checks
+tile configs plan for the element size (fp32 tiles are twice as large), and the launcher checks
 the compiled size against the device's limit, recompiling with fewer pipeline stages when a
 kernel does not fit (e.g. on a GPU with less shared memory than an H100).
 
@@ -35,15 +44,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, gemm_epilogue, norms, rope
+from . import attention, decode_attention, gemm_epilogue, norms, rope
 
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+DTYPES = tuple(_TRITON_DTYPES)
 _CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "fp32": ctypes.c_float}
 
 
@@ -97,6 +108,9 @@ class KernelLaunch:
     def compile(self, target: GPUTarget):
         return _compile(self.kernel, tuple(self.signature().items()), self.all_constexprs(),
                         self.hints(), self.num_warps, self.num_stages, target)
+
+    def pointer_values(self) -> tuple:
+        return tuple(value for _, ty, value in self.runtime_args() if ty.startswith("*"))
 
     def c_args(self) -> list:
         """ctypes values of the runtime args plus the two hidden scratch pointers."""
@@ -194,20 +208,119 @@ def _load(compiled, ctx_handle: int):
     return func, shared
 
 
-def run(launch: KernelLaunch, stream) -> None:
-    """Compile (cached, fitted to the device's shared memory), load (cached) and enqueue
-    ``launch`` on ``stream``."""
+class PreparedLaunch:
+    """One compiled, loaded launch with its argument buffer, for repeated enqueues.
+
+    The ctypes argument buffer is built once; each enqueue only writes the caller's device
+    pointers into their slots and calls ``cuLaunchKernel`` (the driver copies the arguments
+    at launch, so the buffer is free again when it returns; a lock keeps two host threads
+    from interleaving their writes)."""
+
+    def __init__(self, launch: KernelLaunch, pointers: tuple, ctx: int):
+        drv = _driver()
+        device = int(_check(drv.cuCtxGetDevice()))
+        compiled, _ = compile_fitting(launch, _target(device), _max_shared(device))
+        self.func, self.shared = _load(compiled, ctx)
+        self.launch_fn = drv.cuLaunchKernel
+        self.success = drv.CUresult.CUDA_SUCCESS
+        self.grid = launch.grid
+        self.threads = 32 * launch.num_warps
+        self.values = launch.c_args()
+        self.params = (ctypes.c_void_p * len(self.values))(
+            *[ctypes.addressof(v) for v in self.values])
+        self.params_addr = ctypes.addressof(self.params)
+        # Which caller pointer feeds each pointer argument (an absent optional pointer is
+        # passed as another one, e.g. r_ptr or x_ptr); the key's pointer pattern makes this
+        # mapping the same for every call that reaches this entry.
+        runtime = launch.runtime_args()
+        self.slots = tuple((self.values[i], pointers.index(value))
+                           for i, (_, ty, value) in enumerate(runtime) if ty.startswith("*"))
+        self.lock = threading.Lock()
+
+    def enqueue(self, pointers: tuple, stream) -> None:
+        """``stream``: an int handle or a ``CUstream``.  cuda.bindings' ``cuLaunchKernel``
+        (Cython) measured 4.9-6.5 us per call on the H200 machine's host, a ctypes call
+        straight into libcuda 7.4-8.7 us (issue 14), so the launch stays on cuda.bindings."""
+        gx, gy, gz = self.grid
+        with self.lock:
+            for slot, index in self.slots:
+                slot.value = pointers[index]
+            result = self.launch_fn(self.func, gx, gy, gz, self.threads, 1, 1, self.shared,
+                                    stream, self.params_addr, 0)
+        if result[0] != self.success:
+            _check(result)
+
+
+_PREPARED: dict = {}  # full key -> PreparedLaunch
+_LAST: dict = {}      # key -> (pointers, context, PreparedLaunch) of its latest call
+MAX_PREPARED = 4096  # distinct (op, shape, dtype, pointer pattern, context) entries kept
+
+
+def _context_handle() -> int:
+    """The current context as an int (the primary one made current if there is none)."""
     drv = _driver()
-    ctx = _current_context()
-    device = int(_check(drv.cuCtxGetDevice()))
-    compiled, _ = compile_fitting(launch, _target(device), _max_shared(device))
-    func, shared = _load(compiled, int(ctx))
-    c_args = launch.c_args()
-    params = (ctypes.c_void_p * len(c_args))(*[ctypes.addressof(a) for a in c_args])
-    stream = stream if isinstance(stream, drv.CUstream) else drv.CUstream(int(stream))
-    gx, gy, gz = launch.grid
-    _check(drv.cuLaunchKernel(func, gx, gy, gz, 32 * launch.num_warps, 1, 1, shared, stream,
-                              ctypes.addressof(params), 0))
+    err, ctx = drv.cuCtxGetCurrent()
+    if err == drv.CUresult.CUDA_SUCCESS and int(ctx):
+        return int(ctx)
+    return int(_current_context())
+
+
+def _pointer_pattern(pointers: tuple) -> tuple:
+    """What the compiled code and the argument mapping depend on in the pointers: which are
+    16-byte aligned (the divisibility hint) or absent (0), and which are equal (in-place
+    calls alias X and Y)."""
+    return tuple([p & 15 if p else -1 for p in pointers]), tuple(map(pointers.index, pointers))
+
+
+def enqueue_cached(key: tuple, pointers: tuple, stream, describe) -> None:
+    """Enqueue the launch ``describe()`` returns, building it only on ``key``'s first call.
+
+    ``key`` holds every non-pointer argument the launch depends on (shapes, dtype, flags);
+    ``pointers`` the device pointers of this call.  Per call this costs a context query,
+    a dict lookup, the pointer writes and ``cuLaunchKernel``: the description, the compile
+    and the module load are paid once (issue 14: 78.5 us per call before, on the H200
+    machine's host).  A call with the same pointers as the key's previous one (an engine
+    reuses its buffers) skips even the pointer pattern."""
+    ctx = _context_handle()
+    last = _LAST.get(key)
+    if last is not None and last[0] == pointers and last[1] == ctx:
+        prepared = last[2]
+    else:
+        full_key = (key, ctx, _pointer_pattern(pointers))
+        prepared = _PREPARED.get(full_key)
+        if prepared is None:
+            if len(_PREPARED) >= MAX_PREPARED:
+                _PREPARED.clear()
+                _LAST.clear()
+            prepared = _PREPARED[full_key] = PreparedLaunch(describe(), pointers, ctx)
+        _LAST[key] = (pointers, ctx, prepared)
+    prepared.enqueue(pointers, stream)
+
+
+# --- The torch entries' way in (tensors are only inspected, never imported from here) -------
+
+def takes_tensors(*tensors) -> bool:
+    """Whether this launcher can run these torch tensors (None = absent): dense, of one
+    launcher dtype, on the current CUDA device.  The torch entries then prefer it to
+    Triton's JIT launcher, which cost 53.7 us of host time per call on the H200 machine's
+    host (issue 14), more than a 1024-column norm's kernel takes."""
+    first = tensors[0]
+    if not first.is_cuda or dtype_name(first) not in DTYPES:
+        return False
+    import torch
+
+    return first.device.index == torch.cuda.current_device() and all(
+        t is None or (t.dtype == first.dtype and t.is_contiguous()) for t in tensors)
+
+
+def dtype_name(tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def current_stream(tensor) -> int:
+    import torch
+
+    return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
 # --- Launch descriptions, one per fused op ----------------------------------------------
@@ -221,9 +334,10 @@ def _ints(**values) -> list:
 
 
 def norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
-                rms: bool) -> KernelLaunch:
-    """RMS/LayerNorm, with the residual when ``r_ptr`` is nonzero, beta when ``beta_ptr`` is."""
-    cfg = norms.norm_config(rows, cols, _itemsize(dtype))
+                rms: bool, cfg: dict | None = None) -> KernelLaunch:
+    """RMS/LayerNorm, with the residual when ``r_ptr`` is nonzero, beta when ``beta_ptr`` is;
+    ``cfg`` (BLOCK_R, BLOCK_C, num_warps) overrides ``norms.norm_config``."""
+    cfg = cfg or norms.norm_config(rows, cols, _itemsize(dtype))
     has_res, has_beta = bool(r_ptr), bool(beta_ptr)
     args = [_ptr("x_ptr", dtype, x_ptr), _ptr("r_ptr", dtype, r_ptr or x_ptr),
             _ptr("gamma_ptr", dtype, gamma_ptr), _ptr("beta_ptr", dtype, beta_ptr or gamma_ptr),
@@ -236,27 +350,35 @@ def norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps
                         cfg["num_warps"], 1)
 
 
+def launch_norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype, rms,
+                stream) -> None:
+    """Any of the four norms: RMS or Layer, with the residual (and S) when ``r_ptr`` is
+    nonzero, beta when ``beta_ptr`` is."""
+    pointers = (x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr)
+    enqueue_cached(("norm", rows, cols, eps, dtype, rms), pointers, stream,
+                   lambda: norm_launch(*pointers, rows, cols, eps, dtype, rms))
+
+
 def launch_rms_norm(x_ptr, gamma_ptr, y_ptr, rows, cols, eps, dtype, stream) -> None:
     """``RMSNorm`` on a [rows, cols] buffer; gamma [cols] in the same dtype."""
-    run(norm_launch(x_ptr, 0, gamma_ptr, 0, y_ptr, 0, rows, cols, eps, dtype, True), stream)
+    launch_norm(x_ptr, 0, gamma_ptr, 0, y_ptr, 0, rows, cols, eps, dtype, True, stream)
 
 
 def launch_skip_rms_norm(x_ptr, r_ptr, gamma_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
                          stream) -> None:
     """``SkipRMSNorm``: S = X + R and Y = RMSNorm(S), both [rows, cols]."""
-    run(norm_launch(x_ptr, r_ptr, gamma_ptr, 0, y_ptr, s_ptr, rows, cols, eps, dtype, True), stream)
+    launch_norm(x_ptr, r_ptr, gamma_ptr, 0, y_ptr, s_ptr, rows, cols, eps, dtype, True, stream)
 
 
 def launch_layer_norm(x_ptr, gamma_ptr, beta_ptr, y_ptr, rows, cols, eps, dtype, stream) -> None:
     """``LayerNorm``; ``beta_ptr`` 0 means no beta."""
-    run(norm_launch(x_ptr, 0, gamma_ptr, beta_ptr, y_ptr, 0, rows, cols, eps, dtype, False), stream)
+    launch_norm(x_ptr, 0, gamma_ptr, beta_ptr, y_ptr, 0, rows, cols, eps, dtype, False, stream)
 
 
 def launch_skip_layer_norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps,
                            dtype, stream) -> None:
     """``SkipLayerNorm``: S = X + R and Y = LayerNorm(S); ``beta_ptr`` 0 means no beta."""
-    run(norm_launch(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype,
-                    False), stream)
+    launch_norm(x_ptr, r_ptr, gamma_ptr, beta_ptr, y_ptr, s_ptr, rows, cols, eps, dtype, False, stream)
 
 
 def gemm_launch(x_ptr, w_ptr, wu_ptr, b_ptr, bu_ptr, y_ptr, M, N, K, act, dtype) -> KernelLaunch:
@@ -279,7 +401,9 @@ def gemm_launch(x_ptr, w_ptr, wu_ptr, b_ptr, bu_ptr, y_ptr, M, N, K, act, dtype)
 def launch_matmul_bias_act(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, act, dtype, stream) -> None:
     """``MatMulBias{Act}``: Y [M, N] = act(X [M, K] @ W [K, N] + b [N]); ``b_ptr`` 0 = no bias.
     ``act`` is one of "none", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu"."""
-    run(gemm_launch(x_ptr, w_ptr, 0, b_ptr, 0, y_ptr, M, N, K, act, dtype), stream)
+    pointers = (x_ptr, w_ptr, 0, b_ptr, 0, y_ptr)
+    enqueue_cached(("gemm", M, N, K, act, dtype), pointers, stream,
+                   lambda: gemm_launch(*pointers, M, N, K, act, dtype))
 
 
 def launch_swiglu(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, M, N, K, act, dtype,
@@ -287,7 +411,9 @@ def launch_swiglu(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, M, N, K, act, dt
     """Y = act(X @ Wg + bg) * (X @ Wu + bu); ``act`` "Silu" or "Gelu"; biases both 0 or both set."""
     if bool(bg_ptr) != bool(bu_ptr):
         raise ValueError("swiglu takes both biases or neither")
-    run(gemm_launch(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, M, N, K, act, dtype), stream)
+    pointers = (x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr)
+    enqueue_cached(("gemm", M, N, K, act, dtype), pointers, stream,
+                   lambda: gemm_launch(*pointers, M, N, K, act, dtype))
 
 
 def attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
@@ -322,10 +448,115 @@ def launch_attention(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
                      mask_strides=(0, 0, 0, 0), mask_dtype=None) -> None:
     """``Attention``; ``scale`` None = 1/sqrt(D).  An additive mask broadcastable to
     [B, Hq, Sq, Sk] is passed as ``mask_ptr`` with its (b, h, q, k) element strides, 0 on
-    broadcast axes (e.g. a contiguous [Sq, Sk] mask: (0, 0, Sk, 1))."""
-    run(attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
-                         head_dim, scale, is_causal, dtype, mask_ptr, mask_strides, mask_dtype),
-        stream)
+    broadcast axes (e.g. a contiguous [Sq, Sk] mask: (0, 0, Sk, 1)).  One query token
+    (Sq = 1, a decode step) goes to the split-KV decode kernels."""
+    if seq_q == 1:
+        _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
+                is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype)
+        return
+    pointers = (q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr)
+    enqueue_cached(("attention", batch, heads_q, heads_kv, seq_q, seq_k, head_dim, scale,
+                    is_causal, dtype, tuple(mask_strides), mask_dtype), pointers, stream,
+                   lambda: attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv,
+                                            seq_q, seq_k, head_dim, scale, is_causal, dtype,
+                                            mask_ptr, mask_strides, mask_dtype))
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_plan(ctx: int, batch: int, heads_kv: int, group: int, seq_k: int, head_dim: int,
+                is_causal: bool, dtype: str) -> tuple:
+    """(config with the split, keys seen, fp32 workspace elements (partials, pairs)) of one
+    decode step on ``ctx``'s device: the split count depends on its SM count."""
+    drv = _driver()
+    device = int(_check(drv.cuCtxGetDevice()))
+    sms = int(_check(drv.cuDeviceGetAttribute(
+        drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device)))
+    seen = min(seq_k, 1) if is_causal else seq_k  # upper-left causal: the query sees key 0
+    cfg = decode_attention.with_splits(
+        decode_attention.decode_config(group, head_dim, _itemsize(dtype)),
+        batch, heads_kv, seen, sms)
+    return cfg, seen, decode_attention.workspace_elems(batch, heads_kv * group, cfg, head_dim)
+
+
+def decode_launches(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, batch, heads_q, heads_kv, seq_k,
+                    head_dim, scale, dtype, cfg, seen, mask_ptr=0, mask_strides=(0, 0, 0, 0),
+                    mask_dtype=None) -> list:
+    """The split kernel's launch and, with more than one split, the combine kernel's, for
+    contiguous Q/O [B, Hq, 1, D], K/V [B, Hkv, Sk, D]; with more than one split, fp32
+    workspaces for the partial outputs (``part_ptr``) and the (max, denominator) pairs
+    (``ml_ptr``), of ``decode_attention.workspace_elems`` elements."""
+    D = head_dim
+    group = heads_q // heads_kv
+    splits = cfg["SPLITS"]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    part_ptr, ml_ptr = (part_ptr, ml_ptr) if splits > 1 else (o_ptr, o_ptr)  # unused
+    args = [_ptr("q_ptr", dtype, q_ptr), _ptr("k_ptr", dtype, k_ptr), _ptr("v_ptr", dtype, v_ptr),
+            _ptr("mask_ptr", mask_dtype or dtype, mask_ptr or q_ptr),
+            _ptr("part_ptr", "float32", part_ptr), _ptr("ml_ptr", "float32", ml_ptr),
+            _ptr("o_ptr", dtype, o_ptr),
+            *_ints(sqb=heads_q * D, sqh=D, skb=heads_kv * seq_k * D, skh=seq_k * D, skn=D,
+                   svb=heads_kv * seq_k * D, svh=seq_k * D, svn=D, smb=mask_strides[0],
+                   smh=mask_strides[1], smn=mask_strides[3], sob=heads_q * D, soh=D,
+                   HKV=heads_kv, SK=seen, SPLIT_LEN=cfg["SPLIT_LEN"], SPLITS=splits),
+            ("qk_scale", "fp32", float(scale) * decode_attention.LOG2E)]
+    const = (("GROUP", group), ("BLOCK_G", cfg["BLOCK_G"]), ("HEAD_DIM", D),
+             ("BLOCK_D", cfg["BLOCK_D"]), ("BLOCK_N", cfg["BLOCK_N"]),
+             ("HAS_MASK", bool(mask_ptr)), ("DIRECT", splits == 1))
+    launches = [KernelLaunch(decode_attention.decode_split_kernel, tuple(args), const,
+                             (splits, batch * heads_kv, 1), cfg["num_warps"], cfg["num_stages"])]
+    if splits > 1:
+        args = [_ptr("part_ptr", "float32", part_ptr), _ptr("ml_ptr", "float32", ml_ptr),
+                _ptr("o_ptr", dtype, o_ptr),
+                *_ints(sob=heads_q * D, soh=D, HQ=heads_q, SPLITS=splits)]
+        const = (("HEAD_DIM", D), ("BLOCK_D", cfg["BLOCK_D"]),
+                 ("BLOCK_S", triton.next_power_of_2(splits)))
+        launches.append(KernelLaunch(decode_attention.decode_combine_kernel, tuple(args), const,
+                                     (batch * heads_q, 1, 1),
+                                     decode_attention.combine_warps(cfg["BLOCK_D"]), 1))
+    return launches
+
+
+_WORKSPACES: dict = {}  # (context, stream) -> (device pointer, bytes)
+
+
+def _workspace(ctx: int, stream, nbytes: int) -> int:
+    """A device buffer of at least ``nbytes`` for work queued on ``stream``; kept and reused
+    (kernels on one stream run in order, so one buffer per stream is never used twice at
+    once).  Grown in powers of two, so rarely: the old buffer is freed once the work already
+    queued on the stream is done."""
+    key = (ctx, int(stream))
+    have = _WORKSPACES.get(key)
+    if have is not None and have[1] >= nbytes:
+        return have[0]
+    drv = _driver()
+    if have is not None:
+        _check(drv.cuStreamSynchronize(stream if isinstance(stream, drv.CUstream)
+                                       else drv.CUstream(int(stream))))
+        _check(drv.cuMemFree(have[0]))
+    size = triton.next_power_of_2(nbytes)
+    ptr = int(_check(drv.cuMemAlloc(size)))
+    _WORKSPACES[key] = (ptr, size)
+    return ptr
+
+
+def _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
+            is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype) -> None:
+    if heads_q % heads_kv:
+        raise ValueError(f"query heads {heads_q} must be a multiple of kv heads {heads_kv}")
+    ctx = _context_handle()
+    cfg, seen, (n_part, n_ml) = decode_plan(ctx, batch, heads_kv, heads_q // heads_kv, seq_k,
+                                            head_dim, bool(is_causal), dtype)
+    part_ptr = _workspace(ctx, stream, 4 * (n_part + n_ml)) if n_part else 0
+    ml_ptr = part_ptr + 4 * n_part if n_part else 0
+    pointers = (q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, mask_ptr)
+    key = ("decode", batch, heads_q, heads_kv, seq_k, head_dim, scale, is_causal, dtype,
+           tuple(mask_strides), mask_dtype)
+    describe = functools.partial(decode_launches, q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
+                                 batch, heads_q, heads_kv, seq_k, head_dim, scale, dtype, cfg,
+                                 seen, mask_ptr, mask_strides, mask_dtype)
+    enqueue_cached(key + (0,), pointers, stream, lambda: describe()[0])
+    if cfg["SPLITS"] > 1:
+        enqueue_cached(key + (1,), pointers, stream, lambda: describe()[1])
 
 
 def rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rotary_dim,
@@ -355,5 +586,8 @@ def rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rot
 def launch_rotary_embedding(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim,
                             rotary_dim, interleaved, dtype, stream, cs_strides=None) -> None:
     """``RotaryEmbedding``; ``y_ptr == x_ptr`` rotates in place.  See ``rope_launch``."""
-    run(rope_launch(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, seq, head_dim, rotary_dim,
-                    interleaved, dtype, cs_strides), stream)
+    pointers = (x_ptr, cos_ptr, sin_ptr, y_ptr)
+    enqueue_cached(("rope", batch, heads, seq, head_dim, rotary_dim, interleaved, dtype,
+                    cs_strides and tuple(cs_strides)), pointers, stream,
+                   lambda: rope_launch(*pointers, batch, heads, seq, head_dim, rotary_dim,
+                                       interleaved, dtype, cs_strides))

@@ -101,3 +101,17 @@ def test_fp32_tiles_fit_shared_memory(glu):
         assert gemm_epilogue.gemm_smem_bytes(cfg32, glu, 4) <= gemm_epilogue.SMEM_BUDGET
         assert cfg16 == gemm_epilogue.gemm_config(m, n, k, glu)  # 16-bit tiles unchanged
         assert (cfg32["BLOCK_M"], cfg32["BLOCK_N"]) == (cfg16["BLOCK_M"], cfg16["BLOCK_N"])
+
+
+@pytest.mark.parametrize("m,n", [(1, 70), (16, 4100), (100, 70), (100, 4100)])
+def test_small_m_default_tiles_match_reference(device, check, m, n):
+    """The decode-to-small-batch tiles (M <= 128; narrow and wide N), ragged K."""
+    cfg = gemm_epilogue.gemm_config(m, n, 300, False)
+    assert cfg["BLOCK_M"] <= 64 and cfg["num_warps"] == 4
+    rng = np.random.default_rng(m + n)
+    x = rng.standard_normal((m, 300)).astype(np.float32)
+    w = (rng.standard_normal((300, n)) / 17).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    y = gemm_epilogue.matmul_bias_act(t(x), t(w), t(b), "Silu")
+    check(y, reference.matmul_bias_act(x, w, b, "Silu", compute_dtype=np.float64), "float32")

@@ -1,0 +1,110 @@
+"""Split-KV decode attention (one query token) against kernels/reference.py."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="kernel tests drive Triton through torch tensors")
+pytest.importorskip("triton", reason="kernels are written in Triton")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from fusegraph.kernels import attention, decode_attention, reference  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SMALL = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+MASK_SHAPES = {"none": None, "Sk": lambda b, h, k: (k,), "B11Sk": lambda b, h, k: (b, 1, 1, k),
+               "BH1Sk": lambda b, h, k: (b, h, 1, k)}
+
+
+def _t(device):
+    return lambda a: None if a is None else torch.from_numpy(a).to(device)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), hkv=st.integers(1, 2), group=st.sampled_from([1, 3, 4, 8]),
+       sk=st.integers(1, 150), d=st.sampled_from([16, 24, 32]), causal=st.booleans(),
+       mask=st.sampled_from(sorted(MASK_SHAPES)), scale=st.sampled_from([None, 0.3]),
+       sms=st.sampled_from([1, 4, 132]), dtype=st.sampled_from(sorted(DTYPES)),
+       seed=st.integers(0, 2**16))
+def test_decode_matches_reference(device, check, b, hkv, group, sk, d, causal, mask, scale,
+                                  sms, dtype, seed):
+    """Any split count (one split written directly; several, with multi-block splits when
+    the device has few SMs), GQA groups padded to 16 rows, ragged D and Sk."""
+    rng = np.random.default_rng(seed)
+    hq = hkv * group
+    q = rng.standard_normal((b, hq, 1, d)).astype(dtype)
+    k, v = (rng.standard_normal((b, hkv, sk, d)).astype(dtype) for _ in range(2))
+    m = None if mask == "none" else rng.standard_normal(MASK_SHAPES[mask](b, hq, sk)).astype(dtype)
+    t = _t(device)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_attention, "NUM_SMS", sms)
+        o = decode_attention.decode_attention(t(q), t(k), t(v), t(m), scale, causal, config=SMALL)
+    want = reference.attention(q, k, v, m, scale, causal, compute_dtype=np.float64)
+    check(o, want, dtype, f"splits, causal={causal} mask={mask}")
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+def test_decode_fully_masked_heads_and_splits(device, check, monkeypatch, sms):
+    """A head whose keys are all -inf outputs 0; a head masked over whole splits (their max
+    stays -inf) still combines the other splits exactly."""
+    monkeypatch.setattr(decode_attention, "NUM_SMS", sms)
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 1, 100, 16)).astype(np.float32) for _ in range(2))
+    m = np.zeros((1, 4, 1, 100), np.float32)
+    m[:, 1] = -np.inf            # whole head
+    m[:, 2, :, :70] = -np.inf    # the first splits of head 2
+    m[:, 3, :, 5] = -np.inf      # one key
+    t = _t(device)
+    o = decode_attention.decode_attention(t(q), t(k), t(v), t(m), config=SMALL)
+    assert (o[:, 1].cpu().numpy() == 0).all()
+    check(o, reference.attention(q, k, v, m, compute_dtype=np.float64), "float32")
+
+
+def test_split_plan_covers_every_key_once():
+    for batch, hkv, sk, sms in [(1, 8, 1000, 132), (1, 8, 131072, 132), (64, 8, 4096, 132),
+                                (128, 8, 4096, 132),
+                                (3, 1, 17, 1), (2, 2, 64, 4), (1, 1, 1, 132)]:
+        cfg = decode_attention.with_splits({"BLOCK_N": 64}, batch, hkv, sk, sms)
+        splits, length = cfg["SPLITS"], cfg["SPLIT_LEN"]
+        assert length % 64 == 0 and splits <= decode_attention.MAX_SPLITS
+        assert (splits - 1) * length < sk <= splits * length, cfg  # no empty split, no gap
+        if batch * hkv >= decode_attention.PROGRAMS_PER_SM * sms:
+            assert splits == 1
+
+
+def test_attention_entry_sends_one_query_token_to_decode(device, check, monkeypatch):
+    """``attention.attention`` with Sq = 1 and no config runs the decode kernels (GQA 8:1)."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 16, 1, 32)).astype(np.float16)
+    k, v = (rng.standard_normal((2, 2, 300, 32)).astype(np.float16) for _ in range(2))
+    t = _t(device)
+    calls = []
+    real = decode_attention.decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "decode_attention", spy)
+    o = attention.attention(t(q), t(k), t(v))
+    assert calls
+    check(o, reference.attention(q, k, v, compute_dtype=np.float64), "float16")
+
+
+def test_decode_rejects_bad_shapes():
+    q = torch.zeros(1, 3, 1, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention.decode_attention(q, torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16))
+    with pytest.raises(ValueError, match="one query token"):
+        decode_attention.decode_attention(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 4, 16),
+                                          torch.zeros(1, 2, 4, 16))
+
+
+def test_fp32_tiles_fit_shared_memory():
+    for d in (64, 128, 256):
+        for item in (2, 4):
+            cfg = decode_attention.decode_config(8, d, item)
+            assert decode_attention.decode_smem_bytes(cfg, item) <= decode_attention.SMEM_BUDGET
+    assert decode_attention.decode_config(8, 128, 2)["num_stages"] == 3  # bf16 unchanged
