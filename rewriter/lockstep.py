@@ -24,7 +24,7 @@ from onnx import helper
 
 from . import collectives
 from .errors import InputError
-from .verify import compare, make_inputs, outputs, session
+from .verify import _dim_attempts, compare, make_inputs, outputs, session
 
 
 class LockstepRunner:
@@ -99,7 +99,7 @@ def _stages(model: onnx.ModelProto) -> list[tuple[onnx.ModelProto | None, list[o
 
 
 def _outer(g: onnx.GraphProto) -> set:
-    from .shard import _outer_names
+    from .sharding import _outer_names
     return _outer_names(g)
 
 
@@ -160,6 +160,36 @@ def embedding_vocab(model: onnx.ModelProto) -> dict[str, int]:
     return vocab
 
 
+def _reference_session(original):
+    try:
+        return session(original)
+    except Exception as e:  # ORT's own error types
+        raise InputError(f"the original model: ONNX Runtime refuses it: {str(e).splitlines()[0]}") from None
+
+
+def _feeds(header, reference, shapes, seed, dims_used):
+    """Random inputs the original runs on (free dims as `rewrite verify` picks them), with ids
+    drawn over each embedding's whole vocabulary, and the original's outputs on them."""
+    vocab = embedding_vocab(header)
+    failures = []
+    for fixed in _dim_attempts(header, shapes):
+        dims = dict(fixed)
+        feeds = make_inputs(header, shapes, seed, dims_used=dims)
+        rng = np.random.default_rng(seed + 1)
+        for name, v in vocab.items():
+            if name in feeds:
+                feeds[name] = rng.integers(0, v, size=feeds[name].shape).astype(feeds[name].dtype)
+        try:
+            expected = outputs(reference, feeds)
+        except Exception as e:  # onnxruntime's own error types: dims the model cannot run at
+            failures.append(e)
+            continue
+        if dims_used is not None:
+            dims_used.update(dims)
+        return feeds, expected
+    raise failures[0]
+
+
 def verify_shards(original: onnx.ModelProto | str, ranks: list[onnx.ModelProto | str],
                   shapes: dict[str, tuple[int, ...]] | None = None, *, feeds: dict[str, np.ndarray] | None = None,
                   atol: float | None = None, rtol: float | None = None, seed: int = 0,
@@ -168,16 +198,12 @@ def verify_shards(original: onnx.ModelProto | str, ranks: list[onnx.ModelProto |
     outputs with the original's. Returns one `verify.OutputDiff` per output (the worst rank)."""
     header = original if isinstance(original, onnx.ModelProto) else onnx.load(original, load_external_data=False)
     runner = LockstepRunner(ranks)
-    reference = session(original)
-    if feeds is None:
-        dims = {} if dims_used is None else dims_used
-        feeds = make_inputs(header, shapes, seed, dims_used=dims)
-        rng = np.random.default_rng(seed + 1)
-        for name, vocab in embedding_vocab(header).items():
-            if name in feeds:
-                feeds[name] = rng.integers(0, vocab, size=feeds[name].shape).astype(feeds[name].dtype)
+    reference = _reference_session(original)
     try:
-        expected = outputs(reference, feeds)
+        if feeds is None:
+            feeds, expected = _feeds(header, reference, shapes or {}, seed, dims_used)
+        else:
+            expected = outputs(reference, feeds)
         got = runner.run(feeds)
     except InputError:
         raise

@@ -70,7 +70,7 @@ REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
               "ReduceSumSquare", "ReduceLogSumExp"}
 #: ops the shape tracer follows (int vectors built from Shape and constants)
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", "Reshape", "Mul", "Div",
-             "Where", "ConstantOfShape", "Equal"}
+             "Where", "ConstantOfShape", "Equal", "Slice"}
 
 Seed = tuple  # (node index, segment index)
 
@@ -742,10 +742,13 @@ class _Walk:
         st = ins[0]
         if ins[1] or not st.simple:
             raise _Refusal(f"{self._label(i)}: reshapes a partly sharded value", seeds)
-        shin, shout = s.shapes.get(n.input[0]), s.shapes.get(n.output[0])
-        if shin is None or shout is None:
-            raise _Refusal(f"{self._label(i)}: shapes unknown", seeds)
-        shout = _solve_reshape(shin, shout)
+        shin = s.shapes.get(n.input[0])
+        elems = self._shape_elements(i, 1)
+        if shin is None or elems is None:
+            raise _Refusal(f"{self._label(i)}: its input shape or its target shape is unknown (computed in a form "
+                           "the sharder does not follow)", seeds)
+        shout = _reshape_target(shin, elems) or _solve_reshape(shin, s.shapes.get(n.output[0]) or ())
+        s.shapes[n.output[0]] = shout  # what the ops after it read (inference may have lost the symbols)
         prefix = _product(shin[:st.axis])
         b = next((b for b in range(len(shout)) if _product(shout[:b]) == prefix and shout[b] != 1), None)
         if prefix is None or b is None or not isinstance(shout[b], int):
@@ -756,8 +759,7 @@ class _Walk:
             fatal = not (heads < self.tp and self.tp % heads == 0)
             raise _Refusal(f"{self._label(i)} splits axis {st.axis} of {_fmt(shin)} into {heads} groups "
                            f"(heads) on axis {b} of {_fmt(shout)}; {heads} does not divide by tp {self.tp}", seeds, fatal)
-        elems = self._shape_elements(i, 1)
-        if elems is None or len(elems) != len(shout):
+        if len(elems) != len(shout):
             raise _Refusal(f"{self._label(i)}: its target shape is computed in a form the sharder does not follow", seeds)
         for p, e in enumerate(elems):
             if p == b:
@@ -870,7 +872,8 @@ class _Walk:
             if r is None:
                 return
             st = self.state.get(n.input[0])
-            dims = [("dim", st.seeds if st and st.axis == p else frozenset()) for p in range(r)]
+            shape = s.shapes[n.input[0]]
+            dims = [("dim", st.seeds if st and st.axis == p else frozenset(), shape[p]) for p in range(r)]
             start, end = _attr(n, "start", 0), _attr(n, "end", None)
             self.elems[out] = dims[start:end]
             return
@@ -888,6 +891,13 @@ class _Walk:
             idx = s.small_ints(n.input[1]) if len(n.input) > 1 else None
             if args[0] is not None and idx is not None and len(idx) == 1 and -len(args[0]) <= idx[0] < len(args[0]):
                 self.elems[out] = [args[0][idx[0]]]
+        elif key == "Slice" and args[0] is not None and len(n.input) >= 3:
+            bounds = [s.small_ints(x) if x else None for x in n.input[1:5]]
+            starts, ends = bounds[0], bounds[1]
+            axes = bounds[2] if len(bounds) > 2 and n.input[3:4] and n.input[3] else [0]
+            steps = bounds[3] if len(bounds) > 3 and n.input[4:5] and n.input[4] else [1]
+            if starts and ends and axes == [0] and steps == [1] and len(starts) == 1:
+                self.elems[out] = args[0][slice(starts[0], ends[0])]
         elif key == "Concat":
             if all(a is not None for a in args):
                 self.elems[out] = [e for a in args for e in a]
@@ -905,11 +915,9 @@ class _Walk:
     def _check_local_dims(self, i, n, key):
         """A node that reads no sharded tensor must not read a rank-local extent either (unless
         it only passes it on to the shape tracer's ops)."""
-        if key in SHAPE_OPS and key != "Reshape":
-            return
+        if (n.output and n.output[0] in self.elems) or key in ("Equal", "ConstantOfShape", "Shape"):
+            return  # shape arithmetic the tracer follows; what it builds is checked where it is used
         for j, name in enumerate(n.input):
-            if key in ("Reshape", "Expand") and j == 0:
-                continue  # an int vector reshaped: the tracer carries its elements
             for e in self.elems.get(name) or ():
                 if e[0] == "dim" and e[1]:
                     raise _Refusal(f"{self._label(i)} computes with a rank-local extent of a sharded axis", e[1])
@@ -920,7 +928,8 @@ def _combine(op, a, b):
         return ("const", a[1] * b[1] if op == "Mul" else (a[1] // b[1] if b[1] else 0), None)
     for x, y in ((a, b), (b, a)):
         if x[0] == "dim" and y[0] == "const" and (op == "Mul" or x is a):
-            return ("dim", x[1])
+            value = x[2] * y[1] if op == "Mul" else (x[2] // y[1] if y[1] and not x[2] % y[1] else None)
+            return ("dim", x[1], value if isinstance(x[2], int) else None)
     return ("other",)
 
 
@@ -940,6 +949,28 @@ def _describe(e):
 
 def _fmt(shape):
     return "[" + ",".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+def _reshape_target(shin, elems):
+    """The global output shape a Reshape's traced target elements say (-1 solved), or None."""
+    dims = []
+    for p, e in enumerate(elems):
+        if e[0] == "const" and e[1] > 0:
+            dims.append(e[1])
+        elif e[0] == "const" and e[1] == 0 and p < len(shin):
+            dims.append(shin[p])
+        elif e[0] == "dim" and e[2] is not None:
+            dims.append(e[2])
+        elif e[0] == "const" and e[1] == -1:
+            dims.append(None)
+        else:
+            return None
+    if dims.count(None) > 1:
+        return None
+    if None in dims:
+        solved = _solve_reshape(shin, tuple("?" if d is None else d for d in dims))
+        return None if "?" in solved else solved
+    return tuple(dims)
 
 
 def _solve_reshape(shin, shout):
@@ -1216,7 +1247,7 @@ def summary_lines(report: ShardReport) -> list[str]:
         expected = report.sharded_bytes / report.tp + report.replicated_bytes
         lines.append(f"weights per rank: {_size(max(report.rank_bytes))} = 1/{report.tp} of {_size(report.sharded_bytes)} "
                      f"sharded + {_size(report.replicated_bytes)} replicated "
-                     f"(+{_size(max(report.rank_bytes) - expected)} padding rows; original "
+                     f"(+{_size(max(report.rank_bytes) - expected)} of zero row and rank constants; original "
                      f"{_size(report.sharded_bytes + report.replicated_bytes)})")
     for what, why in report.replicated.items():
         lines.append(f"replicated: {what}: {why}")
