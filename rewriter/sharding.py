@@ -64,6 +64,8 @@ ELEMENTWISE = {
     "fusegraph.Silu", "fusegraph.Gelu", "fusegraph.GeluTanh", "fusegraph.QuickGelu",
 }
 GATED_MLPS = {"fusegraph.SwiGLU", "fusegraph.GeGLU", "fusegraph.GeGLUTanh"}
+#: `fusegraph.MatMul{Bias}{Act}` (X, W[, B]): the bias and the activation follow the columns
+GEMM_EPILOGUE = "fusegraph.MatMul"
 FUSED_ATTENTION = {"fusegraph.Attention", "fusegraph.MaskedAttention", "Attention"}
 ROTARY = {"fusegraph.RotaryEmbedding", "RotaryEmbedding"}
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1",
@@ -273,20 +275,21 @@ class Sharder:
         rep = ShardReport(self.tp)
         kinds = Counter(plan.sharded_seeds.values())
         rep.column, rep.row, rep.embeddings = kinds["column"] + kinds["gated"], kinds["row"], kinds["embedding"]
-        rep.collectives = Counter({"AllReduce": len(plan.all_reduce) + len(plan.embeddings),
-                                   "AllGather": len(plan.all_gather)})
+        rep.collectives = Counter({"AllReduce": len(plan.all_reduce), "AllGather": len(plan.all_gather)})
         rep.collectives = +rep.collectives
-        sliced = {self.nodes[i].input[j] for (i, j), (_, segs) in plan.weight_slices.items()
-                  if any(s for _, s in segs)}
-        sliced |= {self.nodes[i].input[0] for i in plan.embeddings}
+        # the fraction of each initializer that is split: a fused QKV weight whose K/V blocks
+        # stay whole is split only in its Q columns
+        split_fraction = {self.nodes[i].input[0]: 1.0 for i in plan.embeddings}
+        for (i, j), (_, segments) in plan.weight_slices.items():
+            total = sum(size for size, _ in segments)
+            split_fraction.setdefault(self.nodes[i].input[j], sum(size for size, sd in segments if sd) / total)
         for name, t in self.inits.items():
             if name in self.graph_inputs or name not in self.consumers:
                 continue
             n = external_data.nbytes(t) or 0
-            if name in sliced:
-                rep.sharded_bytes += n
-            else:
-                rep.replicated_bytes += n
+            split = round(n * split_fraction.get(name, 0.0))
+            rep.sharded_bytes += split
+            rep.replicated_bytes += n - split
         rep.replicated = {self._node_label(i): why for i, why in plan.replicated.items()}
         return rep
 
@@ -441,7 +444,7 @@ class _Walk:
         elif key == "Transpose" and ins[0]:
             perm = _attr(n, "perm", None) or list(reversed(range(len(ins[0]))))
             derived = tuple(ins[0][p] for p in perm)
-        elif key in GATED_MLPS and ins[0] and self.s.weight(n.input[1]):
+        elif (key in GATED_MLPS or key.startswith(GEMM_EPILOGUE)) and ins[0] and self.s.weight(n.input[1]):
             derived = ins[0][:-1] + (self.s.weight(n.input[1])[1],)
         if derived is not None and n.output:
             known = self.s.symbols
@@ -455,6 +458,8 @@ class _Walk:
             return self._column(i, n, [1])
         if key in GATED_MLPS and not ins[0] and all(s.weight(w) for w in n.input[1:3]):
             return self._column(i, n, [1, 2], kind="gated")
+        if key.startswith(GEMM_EPILOGUE) and not ins[0] and len(n.input) > 1 and s.weight(n.input[1]):
+            return self._column(i, n, [1], bias=2 if len(n.input) > 2 and n.input[2] else None)
         if key == "Gather" and not ins[1] and s.weight(n.input[0]) and not s.is_const(n.input[1]):
             axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
             vocab = s.weight(n.input[0])[0]
@@ -471,7 +476,7 @@ class _Walk:
             return True
         return False
 
-    def _column(self, i, n, weight_inputs, kind="column") -> bool:
+    def _column(self, i, n, weight_inputs, kind="column", bias=None) -> bool:
         s = self.s
         cols = s.weight(n.input[weight_inputs[0]])[1]
         sizes = self._segments_ahead(n.output[0], cols)
@@ -490,6 +495,10 @@ class _Walk:
             return False
         for j in weight_inputs:
             self.plan.weight_slices[(i, j)] = (1, segments)
+        if bias is not None:
+            if not s.is_const(n.input[bias]):
+                raise _Refusal(f"{self._label(i)}: a computed bias", frozenset().union(*(sd for _, sd in segments)))
+            self.plan.weight_slices[(i, bias)] = (len(s.shapes[n.input[bias]]) - 1, segments)
         rank = s.rank_of(n.output[0]) or s.rank_of(n.input[0])
         if rank is None:
             raise _Refusal(f"{self._label(i)}: the rank of its output is unknown", frozenset().union(*(sd for _, sd in segments)))
@@ -750,7 +759,8 @@ class _Walk:
         shout = _reshape_target(shin, elems) or _solve_reshape(shin, s.shapes.get(n.output[0]) or ())
         s.shapes[n.output[0]] = shout  # what the ops after it read (inference may have lost the symbols)
         prefix = _product(shin[:st.axis])
-        b = next((b for b in range(len(shout)) if _product(shout[:b]) == prefix and shout[b] != 1), None)
+        # the first output axis after the same prefix takes the split (a 1 there is one head: no split)
+        b = next((b for b in range(len(shout)) if _product(shout[:b]) == prefix), None)
         if prefix is None or b is None or not isinstance(shout[b], int):
             raise _Refusal(f"{self._label(i)}: the sharded axis {st.axis} of {list(shin)} has no counterpart in "
                            f"{list(shout)}", seeds)
