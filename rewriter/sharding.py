@@ -372,6 +372,7 @@ class _Walk:
     def __init__(self, sharder: Sharder, excluded: set):
         self.s, self.tp, self.excluded = sharder, sharder.tp, excluded
         self.plan = Plan(sharder.tp)
+        self.graph_outputs = {o.name for o in sharder.model.graph.output}
         self.state: dict[str, Sharded] = {}
         self.elems: dict[str, list] = {}
         self.edit_requests: dict = {}  # (node, input) -> set of requesting nodes
@@ -486,7 +487,10 @@ class _Walk:
             if seed in self.excluded:
                 segments.append((size, frozenset()))
             elif size % self.tp:
-                s._unseeded[i] = f"{size} columns do not divide by tp {self.tp}"
+                if n.output[0] not in self.graph_outputs:
+                    raise _Refusal(f"{self._label(i)}: its {size} output columns do not divide by tp {self.tp}",
+                                   fatal=True)
+                s._unseeded[i] = f"{size} columns do not divide by tp {self.tp}"  # an LM head: kept whole
                 segments.append((size, frozenset()))
             else:
                 segments.append((size, frozenset([seed])))
