@@ -183,11 +183,15 @@ def plugin_classes() -> tuple[type, type]:
     import numpy as np
     trt = tensorrt_shim.load()
 
-    def to_fields(core: CollectiveCore):
+    def to_fields(core: CollectiveCore, keep: list):
+        """The fields TensorRT stores; `keep` holds their arrays alive (a PluginField only points
+        at its array's memory: a temporary one is freed before TensorRT reads it)."""
+        keep[:] = [np.array([core.group_size], np.int32), np.frombuffer(core.reduction.encode(), np.int8).copy(),
+                   np.array([core.axis], np.int32)]
         return trt.PluginFieldCollection([
-            trt.PluginField("group_size", np.array([core.group_size], np.int32), trt.PluginFieldType.INT32),
-            trt.PluginField("reduction", np.frombuffer(core.reduction.encode(), np.int8), trt.PluginFieldType.CHAR),
-            trt.PluginField("axis", np.array([core.axis], np.int32), trt.PluginFieldType.INT32)])
+            trt.PluginField("group_size", keep[0], trt.PluginFieldType.INT32),
+            trt.PluginField("reduction", keep[1], trt.PluginFieldType.CHAR),
+            trt.PluginField("axis", keep[2], trt.PluginFieldType.INT32)])
 
     class Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, core: CollectiveCore) -> None:
@@ -199,6 +203,7 @@ def plugin_classes() -> tuple[type, type]:
             self.num_outputs = 1
             self.plugin_name, self.plugin_namespace, self.plugin_version = core.op, NAMESPACE, VERSION
             self.timing_cache_id = ""
+            self._field_arrays: list = []
 
         def get_capability_interface(self, capability: Any) -> Any:
             return self
@@ -247,7 +252,7 @@ def plugin_classes() -> tuple[type, type]:
             return self.clone()
 
         def get_fields_to_serialize(self) -> Any:
-            return to_fields(self.core)
+            return to_fields(self.core, self._field_arrays)
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
             self.core.enqueue(tuple(input_desc[0].dims), dtype_name(input_desc[0].type), int(inputs[0]),
@@ -258,7 +263,8 @@ def plugin_classes() -> tuple[type, type]:
             trt.IPluginCreatorV3One.__init__(self)
             self.op = self.name = op
             self.plugin_namespace, self.plugin_version = NAMESPACE, VERSION
-            self.field_names = to_fields(CollectiveCore(op, 1))
+            self._field_arrays: list = []
+            self.field_names = to_fields(CollectiveCore(op, 1), self._field_arrays)
 
         def create_plugin(self, name: str, fields: Any, phase: Any) -> Plugin:
             values = {}
