@@ -373,6 +373,7 @@ class _Walk:
         self.s, self.tp, self.excluded = sharder, sharder.tp, excluded
         self.plan = Plan(sharder.tp)
         self.graph_outputs = {o.name for o in sharder.model.graph.output}
+        self.uneven: dict = {}  # seed -> why its columns cannot be split evenly
         self.state: dict[str, Sharded] = {}
         self.elems: dict[str, list] = {}
         self.edit_requests: dict = {}  # (node, input) -> set of requesting nodes
@@ -393,6 +394,8 @@ class _Walk:
                 self._check_local_dims(i, n, key)
                 continue
             seeds = frozenset().union(*(st.seeds for st in ins if st))
+            if key not in ELEMENTWISE and key != "Reshape":
+                self._check_uneven(seeds, True)
             handler = getattr(self, "_op_" + key.replace(".", "_"), None)
             if key in ELEMENTWISE:
                 handler = self._elementwise
@@ -413,9 +416,11 @@ class _Walk:
             st = self.state.get(o.name)
             if st is None:
                 continue
+            self._check_uneven(st.seeds, False)  # an LM head over a vocabulary that does not divide: whole
             if not st.simple:
                 raise _Refusal(f"graph output {o.name!r} concatenates sharded and whole blocks", st.seeds)
             self.plan.all_gather[o.name] = st.axis
+        self._check_uneven(frozenset(self.uneven), False)  # a split nothing reads
         for (i, j), requesters in self.edit_requests.items():
             producer = s.nodes[i]
             users = {c for out in producer.output for c in s.consumers.get(out, ())}
@@ -426,6 +431,14 @@ class _Walk:
 
     def _label(self, i: int) -> str:
         return self.s._node_label(i)
+
+    def _check_uneven(self, seeds, fatal: bool):
+        """Columns that do not divide by tp are carried through elementwise ops to the Reshape
+        that splits them into heads: fewer heads than ranks keeps them whole there (GQA's KV);
+        anything else they reach cannot shard them exactly: refused (`fatal`), or kept whole."""
+        uneven = [seed for seed in seeds if seed in self.uneven]
+        if uneven:
+            raise _Refusal(self.uneven[uneven[0]] + ("" if fatal else ": kept whole"), frozenset(uneven), fatal)
 
     def _set(self, name: str, st: Sharded | None):
         if st is not None:
@@ -486,13 +499,9 @@ class _Walk:
             seed = (i, k)
             if seed in self.excluded:
                 segments.append((size, frozenset()))
-            elif size % self.tp:
-                if n.output[0] not in self.graph_outputs:
-                    raise _Refusal(f"{self._label(i)}: its {size} output columns do not divide by tp {self.tp}",
-                                   fatal=True)
-                s._unseeded[i] = f"{size} columns do not divide by tp {self.tp}"  # an LM head: kept whole
-                segments.append((size, frozenset()))
             else:
+                if size % self.tp:  # only a reshape into fewer heads than ranks may excuse it (below)
+                    self.uneven[seed] = f"{self._label(i)}: its {size} output columns do not divide by tp {self.tp}"
                 segments.append((size, frozenset([seed])))
         segments = tuple(segments)
         if not any(sd for _, sd in segments):
@@ -770,9 +779,11 @@ class _Walk:
                            f"{list(shout)}", seeds)
         heads = shout[b]
         if heads % self.tp:
-            fatal = not (heads < self.tp and self.tp % heads == 0)
+            if heads < self.tp and self.tp % heads == 0:  # GQA's few KV heads: whole, sliced where read
+                raise _Refusal(f"{self._label(i)}: {heads} head{'s' if heads > 1 else ''} (axis {b} of {_fmt(shout)}), "
+                               f"fewer than tp {self.tp}: kept whole on every rank", seeds)
             raise _Refusal(f"{self._label(i)} splits axis {st.axis} of {_fmt(shin)} into {heads} groups "
-                           f"(heads) on axis {b} of {_fmt(shout)}; {heads} does not divide by tp {self.tp}", seeds, fatal)
+                           f"(heads) on axis {b} of {_fmt(shout)}; {heads} does not divide by tp {self.tp}", seeds, True)
         if len(elems) != len(shout):
             raise _Refusal(f"{self._label(i)}: its target shape is computed in a form the sharder does not follow", seeds)
         for p, e in enumerate(elems):
