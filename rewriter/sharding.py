@@ -116,7 +116,7 @@ class Plan:
     all_reduce: list = field(default_factory=list)     # values
     all_gather: dict = field(default_factory=dict)     # graph output -> axis
     sharded_seeds: dict = field(default_factory=dict)  # node -> "column" | "row" | "embedding" | "gated"
-    replicated: dict = field(default_factory=dict)     # node -> reason
+    replicated: dict = field(default_factory=dict)     # (node, block of a fused projection or None) -> reason
 
 
 @dataclass
@@ -260,10 +260,14 @@ class Sharder:
                 if r.fatal or not new:
                     raise InputError(f"{self.source}: cannot shard over tp {self.tp}: {r.reason}") from None
                 excluded |= new
-                for node_index, _ in new:
-                    reasons.setdefault(node_index, r.reason)
-        plan.replicated = {i: why for i, why in reasons.items() if i not in plan.sharded_seeds}
-        plan.replicated.update({i: why for i, why in self._unseeded.items() if i not in plan.sharded_seeds})
+                for seed in new:
+                    reasons.setdefault(seed, r.reason)
+        # a seed's node, or its block of a fused projection whose other blocks shard (a node that
+        # ended row-parallel, once tried as a column seed, is no replicated one)
+        for (i, k), why in reasons.items():
+            kind = plan.sharded_seeds.get(i)
+            if kind is None or kind in ("column", "gated"):
+                plan.replicated[(i, None if kind is None else k)] = why
         if self.tp > 1 and not plan.sharded_seeds:
             why = next(iter(plan.replicated.values()), "no MatMul with a constant [K, N] weight, no embedding table")
             raise InputError(f"{self.source}: nothing to shard over tp {self.tp}: {why}")
@@ -290,7 +294,8 @@ class Sharder:
             split = round(n * split_fraction.get(name, 0.0))
             rep.sharded_bytes += split
             rep.replicated_bytes += n - split
-        rep.replicated = {self._node_label(i): why for i, why in plan.replicated.items()}
+        rep.replicated = {self._node_label(i) + ("" if block is None else f" block {block}"): why
+                          for (i, block), why in plan.replicated.items()}
         return rep
 
     def _node_label(self, i: int) -> str:
@@ -378,7 +383,6 @@ class _Walk:
         self.elems: dict[str, list] = {}
         self.edit_requests: dict = {}  # (node, input) -> set of requesting nodes
         self._node_seeds: dict = {}     # requesting node -> its seeds
-        sharder._unseeded = {}
 
     def run(self) -> Plan:
         s = self.s
@@ -480,7 +484,7 @@ class _Walk:
             if axis != 0:
                 return False
             if vocab % self.tp:
-                s._unseeded[i] = f"vocabulary {vocab} does not divide by tp {self.tp}"
+                self.plan.replicated[(i, None)] = f"vocabulary {vocab} does not divide by tp {self.tp}"
                 return False
             if (i, 0) in self.excluded:
                 return False
