@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -110,7 +109,7 @@ class Plan:
     tp: int
     weight_slices: dict = field(default_factory=dict)  # (node, input) -> (axis, segments)
     const_edits: dict = field(default_factory=dict)    # (node, input) -> {offset: new value}
-    local_slices: dict = field(default_factory=dict)   # (node, input) -> (axis, starts per rank, length)
+    local_slices: dict = field(default_factory=dict)   # (node, input) -> (axis, starts per rank, length, full)
     split_sizes: dict = field(default_factory=dict)    # node -> new sizes
     embeddings: dict = field(default_factory=dict)     # node -> vocabulary size
     all_reduce: list = field(default_factory=list)     # values
@@ -591,19 +590,20 @@ class _Walk:
         out_rank = s.rank_of(n.output[0])
         if out_rank is None:
             raise _Refusal(f"{self._label(i)}: the rank of its output is unknown", seeds)
-        operands = [1] if n.op_type == "Clip" else range(len(n.input))
+        # Clip's min/max are scalars, broadcast everywhere; every other input is an operand
+        operands = [0] if n.op_type == "Clip" else range(len(n.input))
         target = None
         for j in range(len(n.input)):
             st = ins[j]
             if st is None:
                 continue
-            if j not in operands and j != 0:
+            if j not in operands:
                 raise _Refusal(f"{self._label(i)}: a sharded bound", seeds)
             target = _merge(target, Sharded(st.axis + out_rank - s.rank_of(n.input[j]), st.segments))
             if target is None:
                 raise _Refusal(f"{self._label(i)}: its inputs are sharded differently", seeds)
         for j, name in enumerate(n.input):
-            if name and ins[j] is None and (n.op_type != "Clip" or j == 0):
+            if name and ins[j] is None and j in operands:
                 self._broadcast_operand(i, j, name, target.axis, out_rank, target, seeds)
         for out in n.output:
             self._set(out, target)
@@ -845,7 +845,7 @@ class _Walk:
             raise _Refusal(f"{self._label(i)}: query not sharded on its heads axis", seeds)
         hq = s.shapes[n.input[0]][1]
         hkv = s.shapes[n.input[1]][1]
-        if not isinstance(hkv, int) or hq % hkv:
+        if not isinstance(hq, int) or not isinstance(hkv, int) or hq % hkv:
             raise _Refusal(f"{self._label(i)}: {hq} query heads over {hkv} KV heads", seeds)
         if (k is None) != (v is None):
             raise _Refusal(f"{self._label(i)}: K and V sharded differently", seeds)
