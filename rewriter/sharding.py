@@ -160,7 +160,7 @@ def shard_file(src: str, out_dir: str, tp: int, *, external: bool | None = None)
         rank = sharder.rank_model(r)
         report.rank_bytes.append(_weight_bytes(rank))
         big = external if external is not None else (bool(data) or report.rank_bytes[-1] > EXTERNAL_DATA_ABOVE)
-        _save_rank(rank, path, big)
+        _save_rank(rank, path, big, base_dir)
         report.written.append(path)
     manifest = {"tp": tp, "source": os.path.basename(src), "ranks": [os.path.basename(p) for p in targets],
                 "report": report.to_dict()}
@@ -1228,9 +1228,10 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
     return sum(external_data.nbytes(t) or 0 for t in model.graph.initializer)
 
 
-def _save_rank(model: onnx.ModelProto, path: str, external: bool) -> None:
+def _save_rank(model: onnx.ModelProto, path: str, external: bool, source_dir: str) -> None:
     """`model_io.save_model`, with the rank's big tensors first moved into `path.data` (written
-    under a temporary name and renamed in just before the model, as save_model does)."""
+    under a temporary name and renamed in just before the model, as save_model does); tensors the
+    rank keeps whole from an input with external data are copied there from `source_dir`."""
     if not external:
         model_io.save_model(model, path)
         return
@@ -1241,9 +1242,12 @@ def _save_rank(model: onnx.ModelProto, path: str, external: bool) -> None:
         tmp = model_io._new_temp(folder, ".data", temps)
         with open(tmp, "wb") as f:
             for t in model.graph.initializer:
-                if len(t.raw_data) < EXTERNAL_TENSOR_MIN and external_data.element_count(t) * 4 < EXTERNAL_TENSOR_MIN:
+                if external_data.is_external(t):
+                    raw = external_data.read(t, source_dir)
+                elif len(t.raw_data) < EXTERNAL_TENSOR_MIN and external_data.element_count(t) * 4 < EXTERNAL_TENSOR_MIN:
                     continue
-                raw = t.raw_data or numpy_helper.to_array(t).tobytes()
+                else:
+                    raw = t.raw_data or numpy_helper.to_array(t).tobytes()
                 offset = -(-f.tell() // 4096) * 4096
                 f.seek(offset)
                 f.write(raw)

@@ -58,6 +58,21 @@ def test_external_data_rank_models(tmp_path, model_path, capsys):
     capsys.readouterr()
 
 
+def test_a_model_with_external_data_shards_without_touching_it(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(build(Config(layers=1)), str(src / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.weights", size_threshold=256)
+    before = (src / "m.weights").read_bytes()
+    out_dir = tmp_path / "tp2"
+    out_dir.mkdir()
+    code, out, err = shard(capsys, str(src / "m.onnx"), "--tp", "2", "-o", str(out_dir))
+    assert code == 0, err
+    assert (out_dir / "rank0.onnx.data").exists() and (src / "m.weights").read_bytes() == before
+    assert main(["verify-shards", str(src / "m.onnx"), str(out_dir)]) == 0
+    capsys.readouterr()
+
+
 def test_a_tampered_rank_fails_verification_with_exit_1(tmp_path, model_path, capsys):
     out_dir = tmp_path / "tp2"
     out_dir.mkdir()
