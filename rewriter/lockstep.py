@@ -28,6 +28,9 @@ from .verify import _dim_attempts, compare, make_inputs, outputs, session
 
 
 class LockstepRunner:
+    """The rank models (in rank order), cut into stages and loaded into ONNX Runtime once;
+    `run(feeds)` gives each rank's outputs."""
+
     def __init__(self, ranks: list[onnx.ModelProto | str]):
         if not ranks:
             raise InputError("no rank models to run")
@@ -37,6 +40,10 @@ class LockstepRunner:
                        for c in m.graph.node if collectives.is_collective(c)) for m in self.models}
         if len(calls) != 1:
             raise InputError("the rank models do not call the same collectives in the same order")
+        groups = {dict(attrs).get("group_size") for _, attrs in next(iter(calls))}
+        if groups - {len(ranks)}:
+            raise InputError(f"the rank models' collectives are over {sorted(groups)[0]} ranks, "
+                             f"but {len(ranks)} rank models were given")
         self.sessions = [[_session(seg, m, f"rank {r} stage {k}") for k, (seg, _) in enumerate(stages)]
                          for r, (m, stages) in enumerate(zip(self.models, self.stages))]
 
@@ -116,8 +123,7 @@ def _typed(name: str, types: dict) -> onnx.ValueInfoProto:
     t = types.get(name)
     if t is None or not t.HasField("tensor_type") or not t.tensor_type.elem_type:
         raise InputError(f"cannot type {name!r} between the stages of a rank model")
-    vi = helper.make_tensor_value_info(name, t.tensor_type.elem_type, None)
-    return vi
+    return helper.make_tensor_value_info(name, t.tensor_type.elem_type, None)
 
 
 def _session(seg, model, where):

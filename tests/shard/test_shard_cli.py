@@ -116,3 +116,15 @@ def test_verify_shards_refuses_a_folder_with_a_missing_rank(tmp_path, model_path
     assert main(["verify-shards", model_path, str(out_dir)]) == 2
     err = capsys.readouterr().err
     assert err == f"rewrite: error: {out_dir}: rank1.onnx is missing (found ranks [0, 2])\n"
+
+
+def test_verify_shards_refuses_too_few_ranks(tmp_path, model_path, capsys):
+    out_dir = tmp_path / "tp4"
+    out_dir.mkdir()
+    assert shard(capsys, model_path, "--tp", "4", "-o", str(out_dir))[0] == 0
+    for r in (2, 3):
+        os.unlink(out_dir / f"rank{r}.onnx")
+    assert main(["verify-shards", model_path, str(out_dir)]) == 2
+    assert capsys.readouterr().err == ("rewrite: error: the rank models' collectives are over 4 ranks, "
+                                       "but 2 rank models were given\n")
+
