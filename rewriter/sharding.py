@@ -26,9 +26,10 @@ Megatron's scheme, found from the graph's dataflow, never from layer names:
 - **Backing off.** When a sharded value reaches what cannot carry it (a norm over the sharded
   axis, fewer KV heads than ranks, a shape computed in a form the tracer does not follow), the
   seeds it came from are replicated instead and the walk starts again, each reason kept for the
-  report; the loop ends after at most one walk per seed. Two things refuse the model (InputError,
-  exit 2): heads that cannot be split exactly (neither divisible by tp nor dividing it), and a
-  model where nothing can be sharded at all.
+  report; the loop ends after at most one walk per seed. Refused (InputError, exit 2): heads that
+  cannot be split exactly (neither divisible by tp nor dividing it), projection columns that do
+  not divide by tp (except where they end in fewer heads than ranks, or an LM head's: kept whole),
+  and a model where nothing can be sharded at all.
 
 Cost: O(nodes) per walk, at most one walk per seed; weights are read one at a time when the
 rank models are written (`write_shards`), never all at once.
