@@ -20,6 +20,7 @@ try:
     from .errors import InputError
     from .pattern import Attr, Const, Var, any_of, is_op, optional, tagged, wildcard
     from .rule import Rule, RuleSet, reject
+    from .sharding import shard
 except KeyboardInterrupt:
     # Ctrl-C while the `rewrite` command is still importing onnx and numpy: the command's one
     # line and exit code (see fusegraph.cli), not a traceback. A library import re-raises.
@@ -29,4 +30,4 @@ except KeyboardInterrupt:
     raise
 
 __all__ = ["Attr", "Const", "InputError", "Rule", "RuleSet", "Var", "any_of", "default_rules", "is_op", "optional",
-           "reject", "rewrite", "rewrite_file", "rewrite_with_report", "tagged", "wildcard"]
+           "reject", "rewrite", "rewrite_file", "rewrite_with_report", "shard", "tagged", "wildcard"]

@@ -4,6 +4,8 @@
             [--explain RULE] [--report report.html] [--in-place]
     rewrite --list-rules
     rewrite verify ORIGINAL.onnx REWRITTEN.onnx [--shape ..] [--inputs x.npz] [--atol A --rtol R]
+    rewrite shard MODEL.onnx --tp N -o DIR/          (tensor parallelism; see `rewrite shard --help`)
+    rewrite verify-shards ORIGINAL.onnx DIR [--shape ..]
     rewrite build MODEL.onnx -o MODEL.engine ...     (TensorRT; see `rewrite build --help`)
     rewrite inspect MODEL.engine
 
@@ -28,6 +30,8 @@ from .errors import ArgumentParser, InputError
 SUBCOMMANDS = """commands:
   rewrite IN.onnx -o OUT.onnx ...       rewrite a model (this help)
   rewrite verify ORIG.onnx NEW.onnx     compare two models' outputs in ONNX Runtime (see verify --help)
+  rewrite shard MODEL.onnx --tp N -o DIR  tensor-parallel rank models DIR/rank0.onnx.. (see shard --help)
+  rewrite verify-shards ORIG.onnx DIR   run the rank models in lock step on the CPU, compare with ORIG
   rewrite build MODEL.onnx -o X.engine  build a TensorRT engine (see build --help)
   rewrite inspect X.engine              describe a TensorRT engine (see inspect --help)
 
@@ -59,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "verify":
             code = _verify_main(argv[1:])
+        elif argv and argv[0] in ("shard", "verify-shards"):
+            from . import shard_cli
+            code = shard_cli.main(argv[0], argv[1:])
         elif argv and argv[0] in ("build", "inspect"):
             from . import engine_cli
             code = getattr(engine_cli, f"{argv[0]}_main")(argv[1:])
