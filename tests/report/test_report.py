@@ -9,7 +9,6 @@ import json
 import os
 import stat
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -142,13 +141,11 @@ def test_stages_are_timed(tmp_path, capsys):
     assert sum(stages.values()) <= summary["total_seconds"] + 1e-3
 
 
-def test_a_128_layer_model_renders_in_under_2_seconds():
+def test_a_128_layer_model_report_is_grouped():
+    # Its render time is a benchmark figure (benchmarks/bench_report.py, RESULTS §8), not asserted here.
     names = [r.name for r in default_rules().by_priority()]
     _, report = rewrite_with_report(llama_like(128), explain=names, trace=True)
-    start = time.perf_counter()
     page = render_html(report_data(report, names, source="llama_like(128)"))
-    seconds = time.perf_counter() - start
-    assert seconds < 2.0, f"rendering took {seconds:.2f} s"
     parsed = Page(page)
     # Grouped: each rule's fusions of the 128 layers share one shape, so one drawing pair each
     # (two for the residual norm: the last layer's sum is read by no further layer).
