@@ -11,8 +11,17 @@ graph into one spelling first; each step is counted like a rule (`RewriteReport.
 - `fold_constants`: a node of a deterministic standard op (`FOLDABLE`) whose inputs are all small
   constants is evaluated by ONNX's reference implementation, and its consumers read the result;
 - `fold_shapes`: `Shape`/`Size` of a value whose dims are static, and Gather/Slice/Concat/...
-  of a shape that pick only its static dims (partially static shapes flow through the ops that
-  only move elements, `_DATA_INPUTS`), then on through `fold_constants`;
+  of a shape that pick only its static dims, then on through `fold_constants`. A partially
+  static shape is a value and a mask of its unknown elements: it flows through the ops that
+  only move elements (`_DATA_INPUTS`: the mask moves with them) and the elementwise ones
+  (`_ELEMENTWISE`: an element is known where all the elements it is computed from are), so
+  `Where(Equal(C, -1), 1, C)` of `C = [batch, -1, 1, past + 1]` is `[?, 1, 1, ?]`;
+- `prove_shapes`: an Expand or Reshape whose shape stays computed but is partly known gets the
+  output dims that shape proves (`Expand(m [b, 1, 1, k], [?, 1, 1, ?])` is `[?, 1, 1, ?]`, where
+  shape inference, blind to Where, types it `[?, ?, ?, ?]`), written into the model's
+  value_info for inference to carry on. A dim is only proven from known elements (an unknown
+  element of an Expand shape proves the input's dim only where that dim is a static one
+  other than 1); nothing is assumed of an unknown one;
 - `remove_noops`: Identity, Cast to the input's own type, Reshape/Expand to the input's own static
   shape, `Mul(x, 1)`/`Div(x, 1)` by a one-element 1 that broadcasting does not grow x by (not
   `Add(x, 0)`: it turns -0.0 into +0.0);
@@ -78,6 +87,14 @@ _DATA_INPUTS: dict[str, tuple[int, ...] | None] = {
     "Slice": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
 }
 
+#: Ops computing each output element from the input elements broadcasting aligns with it: an
+#: output element is known where all of those are.
+_ELEMENTWISE = frozenset({
+    "Abs", "Add", "And", "Cast", "Ceil", "Div", "Equal", "Floor", "Greater", "GreaterOrEqual",
+    "Less", "LessOrEqual", "Max", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Sign", "Sub", "Where",
+    "Xor",
+})
+
 #: Ops whose two evaluations may differ: never merged by CSE.
 _RANDOM = frozenset({"Bernoulli", "Dropout", "Multinomial", "RandomNormal", "RandomNormalLike",
                      "RandomUniform", "RandomUniformLike"})
@@ -85,8 +102,9 @@ _RANDOM = frozenset({"Bernoulli", "Dropout", "Multinomial", "RandomNormal", "Ran
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                           onnx.TensorProto.BFLOAT16})
 
-#: Stands for an unknown dim in a partially static shape (no real dim or index is negative).
-_UNKNOWN_DIM = np.iinfo(np.int64).min
+#: Stands for an unknown element of a partially known value while evaluating it (its mask says
+#: it is unknown): 1 divides and indexes without failing.
+_FILLER = 1
 
 _PLAIN_DTYPES = frozenset(np.dtype(t) for t in (
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -118,11 +136,21 @@ def canonicalize(graph: Graph) -> Canonicalized:
     """Canonicalize `graph` (edited in place); returns the graph rules should match on."""
     start = time.perf_counter()
     ops_before = _op_counts(graph)
-    steps = _Canonicalizer(graph).run()
+    canonicalizer = _Canonicalizer(graph)
+    steps = canonicalizer.run()
     if steps:
         model = graph.to_model()
         if steps["fold_constants"] or steps["fold_shapes"]:
             _drop_unknown_dims(model.graph)
+        graph = Graph(model, graph.base_dir)
+        graph.toposort()
+    # Proven on the types of the canonical graph (folding typed more of the Expand inputs),
+    # then typed by one more inference, only where a proof added a static dim.
+    proven = canonicalizer.proven_dims(graph)
+    if proven:
+        steps["prove_shapes"] = len(proven)
+        model = graph.to_model()
+        _write_proven_dims(model.graph, proven)
         graph = Graph(model, graph.base_dir)
         graph.toposort()
     return Canonicalized(graph, steps, ops_before, _op_counts(graph), time.perf_counter() - start)
@@ -139,8 +167,8 @@ class _Canonicalizer:
         self.graph_inputs = {v.name for v in graph.inputs}
         #: value -> its array, for small constants and folded results (None: not known)
         self.full: dict[Value, np.ndarray | None] = {}
-        #: value -> a shape with _UNKNOWN_DIM entries, for shapes with dynamic dims
-        self.partial: dict[Value, np.ndarray] = {}
+        #: value -> (its elements, the mask of those unknown), for shapes with dynamic dims
+        self.partial: dict[Value, tuple[np.ndarray, np.ndarray]] = {}
         self.folded: dict[Node, None] = {}
         #: folded nodes that read a partial shape, and those of them kept computed
         self.from_partial_shapes: dict[Node, None] = {}
@@ -216,7 +244,7 @@ class _Canonicalizer:
         if op in ("Shape", "Size"):
             return self._fold_shape(node)
         args: list[np.ndarray | None] = []
-        partial = False
+        unknown: dict[int, np.ndarray] = {}  # input index -> mask of its unknown elements
         data_inputs = _DATA_INPUTS.get(op, ())
         for i, v in enumerate(node.inputs):
             if v is None:
@@ -225,8 +253,8 @@ class _Canonicalizer:
             if self.is_weight(v):
                 return None
             a = self.known(v)
-            if a is None and v in self.partial and (data_inputs is None or i in data_inputs):
-                a, partial = self.partial[v], True
+            if a is None and v in self.partial and (op in _ELEMENTWISE or data_inputs is None or i in data_inputs):
+                a, unknown[i] = self.partial[v]
             if a is None:
                 return None
             args.append(a)
@@ -237,13 +265,33 @@ class _Canonicalizer:
         outs = self._evaluate(node, args)
         if outs is None:
             return None
-        if partial and any((o == _UNKNOWN_DIM).any() for o in outs):
-            for v, o in zip(node.outputs, outs):
-                self.partial[v] = o
-            return None
+        if unknown:
+            masks = self._unknown_elements(node, args, unknown, outs)
+            if masks is None:
+                return None
+            if any(m.any() for m in masks):
+                for v, o, m in zip(node.outputs, outs, masks):
+                    self.partial[v] = (o, m)
+                return None
         for v, o in zip(node.outputs, outs):
             self.full[v] = o
-        return "fold_shapes" if partial else "fold_constants"
+        return "fold_shapes" if unknown else "fold_constants"
+
+    def _unknown_elements(self, node: Node, args: list[np.ndarray | None], unknown: dict[int, np.ndarray],
+                          outs: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Which output elements depend on an unknown input element: elementwise, the union of
+        the inputs' masks broadcast to the output; for an op that moves elements, the op run on
+        the masks themselves (moved as the elements are)."""
+        if node.op_type in _ELEMENTWISE:
+            try:
+                return [np.logical_or.reduce([np.broadcast_to(m, o.shape) for m in unknown.values()]) for o in outs]
+            except ValueError:
+                return None
+        moved = [np.asarray(unknown[i], a.dtype) if i in unknown else
+                 (np.zeros(a.shape, a.dtype) if a is not None and node.op_type == "Concat" else a)
+                 for i, a in enumerate(args)]
+        masks = self._evaluate(node, moved)
+        return None if masks is None else [m != 0 for m in masks]
 
     def _fold_shape(self, node: Node) -> str | None:
         x = node.inputs[0]
@@ -258,9 +306,10 @@ class _Canonicalizer:
         rank = len(dims)
         start, end = node.attr("start", 0), node.attr("end", rank)
         picked = dims[slice(*_clamped_range(start, end, rank))]
-        shape = np.array([d if isinstance(d, int) else _UNKNOWN_DIM for d in picked], np.int64)
-        if (shape == _UNKNOWN_DIM).any():
-            self.partial[node.outputs[0]] = shape
+        shape = np.array([d if isinstance(d, int) else _FILLER for d in picked], np.int64)
+        unknown = np.array([not isinstance(d, int) for d in picked], bool)
+        if unknown.any():
+            self.partial[node.outputs[0]] = (shape, unknown)
             return None
         self.full[node.outputs[0]] = shape
         return "fold_shapes"
@@ -309,6 +358,29 @@ class _Canonicalizer:
                 del self.folded[node]
                 self.unfolded[node] = None
                 self.steps["fold_shapes"] -= 1
+
+    def proven_dims(self, graph: Graph) -> dict[Value, list[int | None]]:
+        """The output dims of each Expand/Reshape of `graph` (this graph, or the one rebuilt from
+        it: values are matched by name) whose shape stayed computed but partly known, where
+        they prove a static dim its type lacks (`prove_shapes`)."""
+        proven = {}
+        for v, (target, unknown) in self.partial.items():
+            kept = graph.values.get(v.name)
+            if kept is None or target.ndim != 1 or target.dtype != np.int64:
+                continue
+            for node in kept.consumers:
+                if node.op_type not in ("Expand", "Reshape") or node.domain or node.inputs[1] is not kept:
+                    continue
+                out, x = node.outputs[0], node.inputs[0].shape
+                if node.op_type == "Expand":
+                    dims = _expanded_dims(x, target, unknown)
+                else:
+                    dims = _reshaped_dims(x, target, unknown, bool(node.attr("allowzero", 0)))
+                have = out.shape
+                if dims is not None and any(isinstance(d, int) and (have is None or not isinstance(h, int))
+                                            for d, h in zip(dims, have or dims)):
+                    proven[out] = dims
+        return proven
 
     def _stays_dynamic(self, node: Node) -> bool:
         return node in self.unfolded or (node not in self.folded and any(v in self.partial for v in node.outputs))
@@ -439,6 +511,16 @@ def _drop_unknown_dims(g: onnx.GraphProto) -> None:
         g.value_info.extend(keep)
 
 
+def _write_proven_dims(g: onnx.GraphProto, proven: dict[Value, list[int | None]]) -> None:
+    """Type the values `prove_shapes` proved dims of (their other dims left unknown, for shape
+    inference to fill in), in place of what the model said of them."""
+    typed = {v.name: (v.dtype, dims) for v, dims in proven.items() if v.dtype is not None}
+    keep = [vi for vi in g.value_info if vi.name not in typed]
+    g.ClearField("value_info")
+    g.value_info.extend(keep)
+    g.value_info.extend(helper.make_tensor_value_info(name, dtype, dims) for name, (dtype, dims) in typed.items())
+
+
 def _elements(dims) -> int:
     n = 1
     for d in dims:
@@ -490,3 +572,40 @@ def _reshape_keeps(dims: tuple[int, ...], target: list[int], allowzero: bool) ->
             return False
     # With every other dim equal, a single -1 can only be the remaining dim (if no dim is 0).
     return inferred == 0 or (inferred == 1 and 0 not in dims)
+
+
+def _expanded_dims(x: tuple | None, target: np.ndarray, unknown: np.ndarray) -> list[int | None] | None:
+    """Expand(x, target)'s dims where provable (None where not): a known target element other
+    than 1 is the dim; a known 1 keeps x's static dim; an unknown element keeps x's static dim
+    other than 1 (the target must then be 1 or that dim). None if x's rank is unknown."""
+    if x is None:
+        return None
+    rank = max(len(x), len(target))
+    xs = (None,) * (rank - len(x)) + tuple(d if isinstance(d, int) else None for d in x)
+    ts = [None] * (rank - len(target)) + [None if u else int(t) for t, u in zip(target, unknown)]
+    dims: list[int | None] = []
+    for i, (xd, td) in enumerate(zip(xs, ts)):
+        if i < rank - len(target):
+            dims.append(xd)  # x's own leading dims, the target has none there
+        elif td is not None and td != 1:
+            dims.append(td if xd in (None, 1, td) else None)  # a mismatch fails at run time
+        elif td == 1 or (td is None and xd != 1):
+            dims.append(xd)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _reshaped_dims(x: tuple | None, target: np.ndarray, unknown: np.ndarray, allowzero: bool) -> list[int | None]:
+    """Reshape(x, target)'s dims where provable: a known positive element is the dim, a known 0
+    copies x's static dim at that index (unless `allowzero`); -1 and unknown elements prove none."""
+    dims: list[int | None] = []
+    for i, (t, u) in enumerate(zip(target, unknown)):
+        t = int(t)
+        if u or t < 0:
+            dims.append(None)
+        elif t == 0 and not allowzero:
+            dims.append(x[i] if x is not None and i < len(x) and isinstance(x[i], int) else None)
+        else:
+            dims.append(t)
+    return dims

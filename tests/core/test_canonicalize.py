@@ -142,6 +142,76 @@ def test_a_shape_that_stays_computed_keeps_its_static_pieces():
     assert not steps["fold_shapes"] and op_counts(out)["Slice"] == 2
 
 
+# -- issue 11, item 8: a partly known Expand shape proves the dims it fixes -------------------
+def decode_mask_model(query_from: str = "one") -> onnx.ModelProto:
+    """A KV-cache decode step's mask (TorchScript): `Expand(m, Where(Equal(C, -1), 1, C))` with
+    `C = [batch, -1, <query>, past + 1]`; `query_from` "one" is the constant 1 the export
+    writes for one query token, "q" the symbolic query length of `q`."""
+    nodes = [node("Shape", ["past"], ["ps"]), const("zero", 0), const("two", 2), const("one", 1),
+             const("axes", [0]), node("Gather", ["ps", "zero"], ["b"]), node("Gather", ["ps", "two"], ["p"]),
+             node("Add", ["p", "one"], ["total"]), node("Unsqueeze", ["b", "axes"], ["b1"]),
+             node("Unsqueeze", ["total", "axes"], ["t1"]), const("minus1", [-1]), const("four", [4]),
+             node("ConstantOfShape", ["four"], ["ones"], value=numpy_helper.from_array(np.array([1], I64))),
+             node("Mul", ["ones", "minus1"], ["neg"])]
+    if query_from == "one":
+        nodes.append(const("query", [1]))
+    else:
+        nodes += [node("Shape", ["q"], ["qs"]), node("Gather", ["qs", "two"], ["s"]),
+                  node("Unsqueeze", ["s", "axes"], ["query"])]
+    nodes += [node("Concat", ["b1", "minus1", "query", "t1"], ["C"], axis=0), node("Equal", ["C", "neg"], ["free"]),
+              node("Where", ["free", "ones", "C"], ["shape"]), node("Expand", ["keep", "shape"], ["mask"]),
+              node("Where", ["mask", "scores", "fill"], ["y"])]
+    inputs = {"past": (F, ["batch", 2, "past_seq", 4]), "keep": (np.bool_, ["batch", 1, 1, "total_seq"]),
+              "scores": (F, ["batch", 2, "q_len", "total_seq"]), "q": (F, ["batch", 2, "q_len", 4])}
+    return make_model(nodes, inputs, {"y": (F, ["batch", 2, "q_len", "total_seq"])}, {"fill": np.array(-np.inf, F)})
+
+
+def decode_feeds(query: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"past": np.zeros((2, 2, 3, 4), F), "keep": rng.random((2, 1, 1, 4)) > 0.3,
+            "scores": rng.standard_normal((2, 2, query, 4)).astype(F), "q": np.zeros((2, 2, query, 4), F)}
+
+
+def expand_dims(model: onnx.ModelProto) -> list:
+    typed = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info}
+    dims = typed["mask"].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def test_a_partly_known_expand_shape_proves_the_dims_it_fixes():
+    """Inference cannot see through Where: the mask is [?, ?, ?, ?] and the attention rule must
+    refuse a query dim that might grow one query's scores. The known elements -1 -> 1 and 1
+    prove dims 1 and 2; batch and the total length stay unknown (never assumed)."""
+    model = decode_mask_model()
+    assert expand_dims(model)[1:3] == [None, None]
+    out, steps = canonical(model, decode_feeds(1))
+    assert steps["prove_shapes"] == 1
+    assert expand_dims(out) == [None, 1, 1, None]
+    graph = canonicalize(Graph(model)).graph
+    assert graph.values["mask"].shape[1:3] == (1, 1)
+
+
+def test_an_expand_shape_element_from_a_symbolic_dim_proves_nothing():
+    """Near miss: the query element comes from `Shape(q)[2]`, a symbolic dim that may be 1 or
+    not; its dim stays unproven (the graph still runs at 3 queries)."""
+    model = decode_mask_model("q")
+    out, steps = canonical(model, decode_feeds(3))
+    assert expand_dims(out)[2] is None
+    assert Graph(out).values["mask"].shape[2] != 1 and canonicalize(Graph(model)).graph.values["mask"].shape[2] != 1
+
+
+@pytest.mark.parametrize("x, target, unknown, want", [
+    ([None, 1, 1, None], [1, 1, 1, 1], [1, 0, 0, 1], [None, 1, 1, None]),   # 1 keeps x's dim
+    ([None, 1, 1, None], [1, 5, 1, 1], [1, 0, 0, 1], [None, 5, 1, None]),   # a known dim other than 1
+    ([1, 8], [1, 1], [1, 1], [None, 8]),                                    # unknown over a static 8
+    ([2, 3], [4, 2, 3], [0, 0, 0], [4, 2, 3]),                               # a new leading dim
+    ([7, 3], [5, 1], [0, 0], [None, 3]),                                     # 7 vs 5 fails at run time
+])
+def test_expanded_dims(x, target, unknown, want):
+    from fusegraph.canonicalize import _expanded_dims
+    assert _expanded_dims(tuple(x), np.array(target, I64), np.array(unknown, bool)) == want
+
+
 def test_float_sums_are_not_folded():
     """ReduceSum's float rounding depends on its order: left to ONNX Runtime."""
     nodes = [node("ReduceSum", ["c"], ["s"], keepdims=0), node("Add", ["x", "s"], ["y"])]
