@@ -156,54 +156,92 @@ def canonicalize(graph: Graph) -> Canonicalized:
     return Canonicalized(graph, steps, ops_before, _op_counts(graph), time.perf_counter() - start)
 
 
+@dataclass
+class Evaluated:
+    """What `evaluate` knows of a value: its elements, and which of them are unknown (0 known,
+    -1 computed from an unknown dim, k > 0 the symbolic dim `dim_names[k]` itself)."""
+
+    elements: np.ndarray
+    unknown: np.ndarray
+    dim_names: list[str]
+
+    @property
+    def value(self) -> np.ndarray | None:
+        """The whole value, if every element is known."""
+        return None if self.unknown.any() else self.elements
+
+    def dims(self) -> np.ndarray:
+        """The elements as an object array: ints, symbolic names (str) and None (unknown)."""
+        out = np.empty(self.elements.shape, object)
+        for i, (e, u) in enumerate(zip(self.elements.reshape(-1).tolist(), self.unknown.reshape(-1).tolist())):
+            out.reshape(-1)[i] = e if u == 0 else (self.dim_names[u] if u > 0 else None)
+        return out
+
+
+def evaluate(v: Value | None, *, max_nodes: int = 32, max_elements: int = MAX_FOLD_ELEMENTS,
+             any_op: bool = False, read_weights: bool = False) -> Evaluated | None:
+    """What the canonicalizer's folding knows of `v`, for a pattern's condition: the value of a
+    constant or of a computation over constants (at most `max_nodes` nodes, no tensor over
+    `max_elements`), or the known elements of a shape computed from `Shape` of a value with
+    dynamic dims. `any_op` evaluates any deterministic standard op (the folding only exactly
+    rounded ones), `read_weights` reads float initializers too. A graph input's default is not
+    a constant (the caller may feed it). None if nothing is known."""
+    if v is None:
+        return None
+    ev = _Evaluator(v.graph, max_elements, None if any_op else FOLDABLE, read_weights)
+    budget = [max_nodes]
+
+    def visit(x: Value) -> None:
+        if x in ev.partial or ev.known(x) is not None:
+            return
+        node = x.producer
+        if node is None or not ev.evaluable(node) or budget[0] == 0:
+            return
+        budget[0] -= 1
+        if node.op_type not in ("Shape", "Size"):
+            for i in node.inputs:
+                if i is not None:
+                    visit(i)
+        ev.fold(node)
+
+    visit(v)
+    if v in ev.partial:
+        return Evaluated(*ev.partial[v], ev.dim_names)
+    a = ev.known(v)
+    return None if a is None else Evaluated(a, np.zeros(a.shape, np.int64), ev.dim_names)
+
+
 def _op_counts(graph: Graph) -> Counter:
     return Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}" for n in graph.live_nodes())
 
 
-class _Canonicalizer:
-    def __init__(self, graph: Graph):
+class _Evaluator:
+    """Values of small computations: constants, what standard ops compute from them, and the
+    known elements of shapes with dynamic dims. The folding below and the patterns' conditions
+    (`evaluate`) share it, so both see one semantics: ONNX's reference kernels.
+
+    `max_elements` caps what is read and made; `ops` the op types evaluated (None: any
+    deterministic standard op); `read_weights` lets it read float initializers (a constant
+    causal-mask buffer is one; folding never reads one)."""
+
+    def __init__(self, graph: Graph, max_elements: int = MAX_FOLD_ELEMENTS,
+                 ops: frozenset[str] | None = FOLDABLE, read_weights: bool = False):
         self.graph = graph
-        self.steps: Counter = Counter()
+        self.max_elements = max_elements
+        self.ops = ops
+        self.read_weights = read_weights
         self.graph_inputs = {v.name for v in graph.inputs}
+        self.opset = graph.opset.get("", 1)
         #: value -> its array, for small constants and folded results (None: not known)
         self.full: dict[Value, np.ndarray | None] = {}
-        #: value -> (its elements, the mask of those unknown), for shapes with dynamic dims
+        #: value -> (its elements, which are unknown), for shapes with dynamic dims: 0 known,
+        #: -1 computed from an unknown dim, k > 0 the symbolic dim `dim_names[k]` itself
         self.partial: dict[Value, tuple[np.ndarray, np.ndarray]] = {}
-        self.folded: dict[Node, None] = {}
-        #: folded nodes that read a partial shape, and those of them kept computed
-        self.from_partial_shapes: dict[Node, None] = {}
-        self.unfolded: dict[Node, None] = {}
-        #: CSE key -> the first node computing it
-        self.seen: dict[tuple, Node] = {}
-        self.evaluators: dict[tuple, Any] = {}
-        self.opset = graph.opset.get("", 1)
-        self.read_in_subgraphs = {v for n in graph.nodes if n.implicit_inputs for v in n.implicit_inputs}
+        self.dim_names: list[str] = [""]
 
-    def read_by_subgraph(self, v: Value) -> bool:
-        """Is `v` read by name inside a subgraph (an implicit input of its owner)? Then it keeps
-        its name: renaming it would need the subgraph rewritten too."""
-        return v in self.read_in_subgraphs
-
-    def run(self) -> Counter:
-        for node in self.graph.toposort():
-            if not node.alive or node.domain or node.implicit_inputs or node.op_type in ("If", "Loop", "Scan"):
-                continue
-            step = self._fold(node)
-            if step is not None:
-                self.steps[step] += 1
-                self.folded[node] = None
-                if step == "fold_shapes" and node.op_type not in ("Shape", "Size"):
-                    self.from_partial_shapes[node] = None
-            elif self._remove_noop(node):
-                self.steps["remove_noops"] += 1
-            elif self._merge_duplicate(node):
-                self.steps["cse"] += 1
-        self._keep_dynamic_shapes()
-        if self.folded:
-            self._materialize()
-        if self.steps:
-            self.graph.remove_dead()
-        return +self.steps
+    def evaluable(self, node: Node) -> bool:
+        return (node.op_type in self.ops if self.ops is not None else node.op_type not in _RANDOM) and \
+            not node.domain and not node.implicit_inputs and bool(node.outputs)
 
     # -- what is known ------------------------------------------------------------------
     def known(self, v: Value | None) -> np.ndarray | None:
@@ -223,28 +261,30 @@ class _Canonicalizer:
             t = v.producer.attr("value")
         if isinstance(t, onnx.SparseTensorProto):  # a sparse weight: never densified to fold
             return None
-        if isinstance(t, onnx.TensorProto) and _elements(t.dims) > MAX_FOLD_ELEMENTS:
+        if isinstance(t, onnx.TensorProto) and _elements(t.dims) > self.max_elements:
             return None
         a = v.const_value
-        return a if a is not None and a.size <= MAX_FOLD_ELEMENTS and a.dtype in _PLAIN_DTYPES else None
+        return a if a is not None and a.size <= self.max_elements and a.dtype in _PLAIN_DTYPES else None
 
     def is_weight(self, v: Value) -> bool:
         """A float initializer of more than one element: a model parameter, which stays as it is
         (`Transpose(w)` is not folded into a transposed copy), so fine-tuning, a TensorRT refit
         or a rule looking for that weight still finds it. Scalars (eps, scales) are not weights."""
+        if self.read_weights:
+            return False
         t = self.graph.initializers.get(v.name)
         return t is not None and t.data_type in _FLOAT_TYPES and _elements(t.dims) > 1
 
     # -- folding ------------------------------------------------------------------------
-    def _fold(self, node: Node) -> str | None:
+    def fold(self, node: Node) -> str | None:
         """Evaluate the node if its inputs are known; returns the step's name, or None."""
         op = node.op_type
-        if op not in FOLDABLE or not node.outputs or any(self.read_by_subgraph(v) for v in node.outputs):
+        if not self.evaluable(node):
             return None
         if op in ("Shape", "Size"):
             return self._fold_shape(node)
         args: list[np.ndarray | None] = []
-        unknown: dict[int, np.ndarray] = {}  # input index -> mask of its unknown elements
+        unknown: dict[int, np.ndarray] = {}  # input index -> its unknown elements
         data_inputs = _DATA_INPUTS.get(op, ())
         for i, v in enumerate(node.inputs):
             if v is None:
@@ -258,7 +298,7 @@ class _Canonicalizer:
             if a is None:
                 return None
             args.append(a)
-        if not _output_fits(op, args) or (op in _INTEGER_ONLY and args[0].dtype.kind not in "biu"):
+        if not _output_fits(op, args, self.max_elements) or (op in _INTEGER_ONLY and args[0].dtype.kind not in "biu"):
             return None
         if op in ("Div", "Mod") and args[1].dtype.kind in "iu" and not args[1].all():
             return None  # integer division by zero: ONNX Runtime fails (or worse) where numpy gives 0
@@ -266,12 +306,12 @@ class _Canonicalizer:
         if outs is None:
             return None
         if unknown:
-            masks = self._unknown_elements(node, args, unknown, outs)
-            if masks is None:
+            unknown_out = self._unknown_elements(node, args, unknown, outs)
+            if unknown_out is None:
                 return None
-            if any(m.any() for m in masks):
-                for v, o, m in zip(node.outputs, outs, masks):
-                    self.partial[v] = (o, m)
+            if any(u.any() for u in unknown_out):
+                for v, o, u in zip(node.outputs, outs, unknown_out):
+                    self.partial[v] = (o, u)
                 return None
         for v, o in zip(node.outputs, outs):
             self.full[v] = o
@@ -279,19 +319,30 @@ class _Canonicalizer:
 
     def _unknown_elements(self, node: Node, args: list[np.ndarray | None], unknown: dict[int, np.ndarray],
                           outs: list[np.ndarray]) -> list[np.ndarray] | None:
-        """Which output elements depend on an unknown input element: elementwise, the union of
-        the inputs' masks broadcast to the output; for an op that moves elements, the op run on
-        the masks themselves (moved as the elements are)."""
-        if node.op_type in _ELEMENTWISE:
+        """Which output elements depend on an unknown input element (as `partial` marks them):
+        for an op that moves elements, the op run on the marks themselves (a symbolic dim
+        stays itself, so does one cast to another integer type); elementwise, any unknown input
+        element the output element is computed from makes it unknown (-1)."""
+        op = node.op_type
+        if op in _ELEMENTWISE and not (op == "Cast" and outs[0].dtype.kind == "i"):
             try:
-                return [np.logical_or.reduce([np.broadcast_to(m, o.shape) for m in unknown.values()]) for o in outs]
+                return [-np.logical_or.reduce([np.broadcast_to(u != 0, o.shape) for u in unknown.values()]).astype(np.int64)
+                        for o in outs]
             except ValueError:
                 return None
-        moved = [np.asarray(unknown[i], a.dtype) if i in unknown else
-                 (np.zeros(a.shape, a.dtype) if a is not None and node.op_type == "Concat" else a)
-                 for i, a in enumerate(args)]
-        masks = self._evaluate(node, moved)
-        return None if masks is None else [m != 0 for m in masks]
+        if op == "Cast":
+            return [unknown[0]]
+        moved = []
+        for i, a in enumerate(args):
+            if i in unknown:  # the marks in the data's own type; a non-integer one keeps only "unknown"
+                u = unknown[i]
+                moved.append(u.astype(a.dtype) if a.dtype.kind == "i" else (u != 0).astype(a.dtype))
+            else:
+                moved.append(np.zeros(a.shape, a.dtype) if a is not None and op == "Concat" else a)
+        marks = self._evaluate(node, moved)
+        if marks is None:
+            return None
+        return [m.astype(np.int64) if m.dtype.kind == "i" else -(m != 0).astype(np.int64) for m in marks]
 
     def _fold_shape(self, node: Node) -> str | None:
         x = node.inputs[0]
@@ -307,7 +358,7 @@ class _Canonicalizer:
         start, end = node.attr("start", 0), node.attr("end", rank)
         picked = dims[slice(*_clamped_range(start, end, rank))]
         shape = np.array([d if isinstance(d, int) else _FILLER for d in picked], np.int64)
-        unknown = np.array([not isinstance(d, int) for d in picked], bool)
+        unknown = np.array([0 if isinstance(d, int) else self._dim_id(d) for d in picked], np.int64)
         if unknown.any():
             self.partial[node.outputs[0]] = (shape, unknown)
             return None
@@ -316,7 +367,7 @@ class _Canonicalizer:
 
     def _evaluate(self, node: Node, args: list[np.ndarray | None]) -> list[np.ndarray] | None:
         """The node's outputs by ONNX's reference kernel, or None if it fails or is too big."""
-        evaluator = self._evaluator(node, [a is not None for a in args])
+        evaluator = _evaluator(node, [a is not None for a in args], self.opset)
         feeds = {f"i{i}": a for i, a in enumerate(args) if a is not None}
         try:
             with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -325,25 +376,58 @@ class _Canonicalizer:
         except Exception:  # an input the op refuses: then the node is simply left to run
             return None
         for v, o in zip(node.outputs, outs):
-            if o.dtype not in _PLAIN_DTYPES or o.size > MAX_FOLD_ELEMENTS:
+            if o.dtype not in _PLAIN_DTYPES or o.size > self.max_elements:
                 return None
             if v.dtype is not None and helper.np_dtype_to_tensor_dtype(o.dtype) != v.dtype:
                 return None
         return outs
 
-    def _evaluator(self, node: Node, present: list[bool]):
-        """One reference evaluator per op, attributes and input pattern: building one costs
-        ~150 µs, running it ~20 µs, and shape computations repeat the same few nodes per layer."""
-        from onnx.reference import ReferenceEvaluator
-        attrs = tuple(sorted((k, a.SerializeToString(deterministic=True)) for k, a in node.attrs.items()))
-        key = (node.op_type, tuple(present), len(node.outputs), attrs)
-        evaluator = self.evaluators.get(key)
-        if evaluator is None:
-            proto = helper.make_node(node.op_type, [f"i{i}" if p else "" for i, p in enumerate(present)],
-                                     [f"o{i}" for i in range(len(node.outputs))])
-            proto.attribute.extend(node.attrs.values())
-            evaluator = self.evaluators[key] = ReferenceEvaluator(proto, opsets={"": self.opset})
-        return evaluator
+    def _dim_id(self, d: str | None) -> int:
+        """The mark of a shape's unknown dim: its symbolic name's number, -1 if it has none."""
+        if not d:
+            return -1
+        if d not in self.dim_names:
+            self.dim_names.append(d)
+        return self.dim_names.index(d)
+
+
+class _Canonicalizer(_Evaluator):
+    def __init__(self, graph: Graph):
+        super().__init__(graph)
+        self.steps: Counter = Counter()
+        self.folded: dict[Node, None] = {}
+        #: folded nodes that read a partial shape, and those of them kept computed
+        self.from_partial_shapes: dict[Node, None] = {}
+        self.unfolded: dict[Node, None] = {}
+        #: CSE key -> the first node computing it
+        self.seen: dict[tuple, Node] = {}
+        self.read_in_subgraphs = {v for n in graph.nodes if n.implicit_inputs for v in n.implicit_inputs}
+
+    def read_by_subgraph(self, v: Value) -> bool:
+        """Is `v` read by name inside a subgraph (an implicit input of its owner)? Then it keeps
+        its name: renaming it would need the subgraph rewritten too."""
+        return v in self.read_in_subgraphs
+
+    def run(self) -> Counter:
+        for node in self.graph.toposort():
+            if not node.alive or node.domain or node.implicit_inputs or node.op_type in ("If", "Loop", "Scan"):
+                continue
+            step = None if any(self.read_by_subgraph(v) for v in node.outputs) else self.fold(node)
+            if step is not None:
+                self.steps[step] += 1
+                self.folded[node] = None
+                if step == "fold_shapes" and node.op_type not in ("Shape", "Size"):
+                    self.from_partial_shapes[node] = None
+            elif self._remove_noop(node):
+                self.steps["remove_noops"] += 1
+            elif self._merge_duplicate(node):
+                self.steps["cse"] += 1
+        self._keep_dynamic_shapes()
+        if self.folded:
+            self._materialize()
+        if self.steps:
+            self.graph.remove_dead()
+        return +self.steps
 
     def _keep_dynamic_shapes(self) -> None:
         """Keep computing the static pieces of a shape that stays computed (a Concat with
@@ -497,6 +581,25 @@ class _Canonicalizer:
         return True
 
 
+def _evaluator(node: Node, present: list[bool], opset: int):
+    """One reference evaluator per op, attributes, input pattern and opset, for the process:
+    building one costs ~150 µs, running it ~20 µs, and shape computations repeat the same few
+    nodes per layer (and per model)."""
+    from onnx.reference import ReferenceEvaluator
+    attrs = tuple(sorted((k, a.SerializeToString(deterministic=True)) for k, a in node.attrs.items()))
+    key = (node.op_type, tuple(present), len(node.outputs), attrs, opset)
+    evaluator = _EVALUATORS.get(key)
+    if evaluator is None:
+        proto = helper.make_node(node.op_type, [f"i{i}" if p else "" for i, p in enumerate(present)],
+                                 [f"o{i}" for i in range(len(node.outputs))])
+        proto.attribute.extend(node.attrs.values())
+        evaluator = _EVALUATORS[key] = ReferenceEvaluator(proto, opsets={"": opset})
+    return evaluator
+
+
+_EVALUATORS: dict[tuple, Any] = {}
+
+
 def _drop_unknown_dims(g: onnx.GraphProto) -> None:
     """Forget the types an exporter wrote with unknown dims: the IR prefers written types to
     inferred ones, and inference now sees constants where the exporter saw computations (the
@@ -539,7 +642,7 @@ def _clamped_range(start: int, end: int, rank: int) -> tuple[int, int]:
     return clamp(start), clamp(end)
 
 
-def _output_fits(op: str, args: list[np.ndarray | None]) -> bool:
+def _output_fits(op: str, args: list[np.ndarray | None], max_elements: int) -> bool:
     """Ops that can make a large tensor from small inputs are sized before they run."""
     try:
         if op == "ConstantOfShape":
@@ -555,7 +658,7 @@ def _output_fits(op: str, args: list[np.ndarray | None]) -> bool:
             return True
     except (ValueError, TypeError, IndexError, OverflowError, AttributeError):
         return False
-    return n is not None and n <= MAX_FOLD_ELEMENTS
+    return n is not None and n <= max_elements
 
 
 def _reshape_keeps(dims: tuple[int, ...], target: list[int], allowzero: bool) -> bool:

@@ -212,6 +212,25 @@ def test_expanded_dims(x, target, unknown, want):
     assert _expanded_dims(tuple(x), np.array(target, I64), np.array(unknown, bool)) == want
 
 
+def test_evaluate_shares_the_folding_with_pattern_conditions():
+    """`evaluate` (what rope's Slice bounds and the attention masks read) knows constants,
+    arithmetic over static dims, and moves symbolic dims by name; arithmetic on a symbolic dim
+    and a graph input's default are unknown."""
+    from fusegraph.canonicalize import evaluate
+    nodes = [node("Shape", ["x"], ["s"]), const("last", -1), const("zero", 0), const("two", 2), const("three", 3),
+             node("Gather", ["s", "last"], ["w"]), node("Add", ["w", "two"], ["w2"]), node("Div", ["w2", "three"], ["third"]),
+             node("Gather", ["s", "zero"], ["b"]), const("axes", [0]), node("Unsqueeze", ["b", "axes"], ["b1"]),
+             node("Unsqueeze", ["third", "axes"], ["t1"]), node("Concat", ["b1", "t1"], ["target"], axis=0),
+             node("Add", ["b", "two"], ["b2"]), node("Add", ["third", "fed"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 4, 96]), "fed": (I64, [])}, {"y": (I64, [])}, {"fed": np.array(1, I64)})
+    graph = Graph(model)
+    assert evaluate(graph.values["third"]).value == 32  # the chunk(3) bound of a fused QKV
+    assert evaluate(graph.values["target"]).dims().tolist() == ["batch", 32]
+    assert evaluate(graph.values["b2"]).dims().item() is None and evaluate(graph.values["b2"]).value is None
+    assert evaluate(graph.values["fed"]) is None and evaluate(graph.values["y"]) is None
+    assert evaluate(graph.values["third"], max_nodes=2) is None  # more nodes than allowed
+
+
 def test_float_sums_are_not_folded():
     """ReduceSum's float rounding depends on its order: left to ONNX Runtime."""
     nodes = [node("ReduceSum", ["c"], ["s"], keepdims=0), node("Add", ["x", "s"], ["y"])]
