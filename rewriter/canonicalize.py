@@ -159,11 +159,12 @@ def canonicalize(graph: Graph) -> Canonicalized:
 @dataclass
 class Evaluated:
     """What `evaluate` knows of a value: its elements, and which of them are unknown (0 known,
-    -1 computed from an unknown dim, k > 0 the symbolic dim `dim_names[k]` itself)."""
+    -1 computed from an unknown dim, k > 0 the dynamic dim `dims_of[k]` itself: (the value
+    whose `Shape` read it, its index, its symbolic name or None))."""
 
     elements: np.ndarray
     unknown: np.ndarray
-    dim_names: list[str]
+    dims_of: list[tuple[Value | None, int, str | None]]
 
     @property
     def value(self) -> np.ndarray | None:
@@ -174,7 +175,7 @@ class Evaluated:
         """The elements as an object array: ints, symbolic names (str) and None (unknown)."""
         out = np.empty(self.elements.shape, object)
         for i, (e, u) in enumerate(zip(self.elements.reshape(-1).tolist(), self.unknown.reshape(-1).tolist())):
-            out.reshape(-1)[i] = e if u == 0 else (self.dim_names[u] if u > 0 else None)
+            out.reshape(-1)[i] = e if u == 0 else (self.dims_of[u][2] if u > 0 else None)
         return out
 
 
@@ -206,9 +207,9 @@ def evaluate(v: Value | None, *, max_nodes: int = 32, max_elements: int = MAX_FO
 
     visit(v)
     if v in ev.partial:
-        return Evaluated(*ev.partial[v], ev.dim_names)
+        return Evaluated(*ev.partial[v], ev.dims_of)
     a = ev.known(v)
-    return None if a is None else Evaluated(a, np.zeros(a.shape, np.int64), ev.dim_names)
+    return None if a is None else Evaluated(a, np.zeros(a.shape, np.int64), ev.dims_of)
 
 
 def _op_counts(graph: Graph) -> Counter:
@@ -235,9 +236,10 @@ class _Evaluator:
         #: value -> its array, for small constants and folded results (None: not known)
         self.full: dict[Value, np.ndarray | None] = {}
         #: value -> (its elements, which are unknown), for shapes with dynamic dims: 0 known,
-        #: -1 computed from an unknown dim, k > 0 the symbolic dim `dim_names[k]` itself
+        #: -1 computed from an unknown dim, k > 0 the dynamic dim `dims_of[k]` itself
         self.partial: dict[Value, tuple[np.ndarray, np.ndarray]] = {}
-        self.dim_names: list[str] = [""]
+        #: a dynamic dim read by `Shape`: (the value, the dim's index, its symbolic name or None)
+        self.dims_of: list[tuple[Value | None, int, str | None]] = [(None, -1, None)]
 
     def evaluable(self, node: Node) -> bool:
         return (node.op_type in self.ops if self.ops is not None else node.op_type not in _RANDOM) and \
@@ -346,7 +348,13 @@ class _Evaluator:
 
     def _fold_shape(self, node: Node) -> str | None:
         x = node.inputs[0]
-        dims = x.shape if x is not None else None
+        if x is None:
+            return None
+        # A value evaluated here has the shape of its elements, which inference may not know.
+        a = self.full.get(x)
+        if a is None and x in self.partial:
+            a = self.partial[x][0]
+        dims = a.shape if a is not None else x.shape
         if dims is None:
             return None
         if node.op_type == "Size":
@@ -358,7 +366,9 @@ class _Evaluator:
         start, end = node.attr("start", 0), node.attr("end", rank)
         picked = dims[slice(*_clamped_range(start, end, rank))]
         shape = np.array([d if isinstance(d, int) else _FILLER for d in picked], np.int64)
-        unknown = np.array([0 if isinstance(d, int) else self._dim_id(d) for d in picked], np.int64)
+        first = _clamped_range(start, end, rank)[0]
+        unknown = np.array([0 if isinstance(d, int) else self._dim_id(x, first + i, d) for i, d in enumerate(picked)],
+                           np.int64)
         if unknown.any():
             self.partial[node.outputs[0]] = (shape, unknown)
             return None
@@ -382,13 +392,12 @@ class _Evaluator:
                 return None
         return outs
 
-    def _dim_id(self, d: str | None) -> int:
-        """The mark of a shape's unknown dim: its symbolic name's number, -1 if it has none."""
-        if not d:
-            return -1
-        if d not in self.dim_names:
-            self.dim_names.append(d)
-        return self.dim_names.index(d)
+    def _dim_id(self, x: Value, index: int, name: str | None) -> int:
+        """The mark of `x`'s dynamic dim `index` (its number in `dims_of`)."""
+        key = (x, index, name)
+        if key not in self.dims_of:
+            self.dims_of.append(key)
+        return self.dims_of.index(key)
 
 
 class _Canonicalizer(_Evaluator):
@@ -401,6 +410,8 @@ class _Canonicalizer(_Evaluator):
         self.unfolded: dict[Node, None] = {}
         #: CSE key -> the first node computing it
         self.seen: dict[tuple, Node] = {}
+        #: the constant Reshape targets `_copy_dims_in_place` made, by content
+        self.copied_targets: dict[tuple, Value] = {}
         self.read_in_subgraphs = {v for n in graph.nodes if n.implicit_inputs for v in n.implicit_inputs}
 
     def read_by_subgraph(self, v: Value) -> bool:
@@ -418,6 +429,8 @@ class _Canonicalizer(_Evaluator):
                 self.folded[node] = None
                 if step == "fold_shapes" and node.op_type not in ("Shape", "Size"):
                     self.from_partial_shapes[node] = None
+            elif self._copy_dims_in_place(node):
+                self.steps["fold_shapes"] += 1
             elif self._remove_noop(node):
                 self.steps["remove_noops"] += 1
             elif self._merge_duplicate(node):
@@ -465,6 +478,31 @@ class _Canonicalizer(_Evaluator):
                                             for d, h in zip(dims, have or dims)):
                     proven[out] = dims
         return proven
+
+    def _copy_dims_in_place(self, node: Node) -> bool:
+        """`Reshape(x, target)` where each unknown element of the target is x's own dim at that
+        index (read by `Shape(x)`, as `x.flatten(-2)` exports) reads the constant target with 0
+        there instead (0 copies the input's dim): the same shape, and x is no longer read by a
+        Shape, which would keep it from being fused away as an intermediate."""
+        if node.op_type != "Reshape" or node.domain or node.attr("allowzero", 0) or node.inputs[1] not in self.partial:
+            return False
+        x, computed = node.inputs
+        target, unknown = self.partial[computed]
+        if target.ndim != 1:
+            return False
+        for i, u in enumerate(unknown.tolist()):
+            if u != 0 and (u < 0 or self.dims_of[u][:2] != (x, i)):
+                return False
+        constant = np.where(unknown != 0, 0, target).astype(np.int64)
+        key = _content_key(constant)
+        new = self.copied_targets.get(key)
+        if new is None:
+            new = self.copied_targets[key] = self.graph.add_initializer(constant, computed.name)
+        computed.consumers.pop(node, None)
+        node.inputs = [x, new]
+        new.consumers[node] = None
+        node.touch()
+        return True
 
     def _stays_dynamic(self, node: Node) -> bool:
         return node in self.unfolded or (node not in self.folded and any(v in self.partial for v in node.outputs))
