@@ -429,9 +429,10 @@ class _Canonicalizer(_Evaluator):
                 self.folded[node] = None
                 if step == "fold_shapes" and node.op_type not in ("Shape", "Size"):
                     self.from_partial_shapes[node] = None
-            elif self._copy_dims_in_place(node):
+                continue
+            if self._copy_dims_in_place(node):
                 self.steps["fold_shapes"] += 1
-            elif self._remove_noop(node):
+            if self._remove_noop(node):
                 self.steps["remove_noops"] += 1
             elif self._merge_duplicate(node):
                 self.steps["cse"] += 1
@@ -566,9 +567,11 @@ class _Canonicalizer(_Evaluator):
             return None
         dims = x.shape
         target = self.known(ins[1])
-        if dims is None or target is None or target.ndim != 1 or not all(isinstance(d, int) for d in dims):
+        if dims is None or target is None or target.ndim != 1:
             return None
         if op == "Expand":
+            if not all(isinstance(d, int) for d in dims):
+                return None
             try:
                 same = np.broadcast_shapes(tuple(dims), tuple(int(t) for t in target)) == tuple(dims)
             except ValueError:
@@ -699,8 +702,9 @@ def _output_fits(op: str, args: list[np.ndarray | None], max_elements: int) -> b
     return n is not None and n <= max_elements
 
 
-def _reshape_keeps(dims: tuple[int, ...], target: list[int], allowzero: bool) -> bool:
-    """Does Reshape(x, target) give x's own static shape `dims`?"""
+def _reshape_keeps(dims: tuple[int | str | None, ...], target: list[int], allowzero: bool) -> bool:
+    """Does Reshape(x, target) give x's own shape `dims`? A dynamic dim only where the target
+    copies it (0)."""
     if len(target) != len(dims):
         return False
     inferred = 0
@@ -711,8 +715,9 @@ def _reshape_keeps(dims: tuple[int, ...], target: list[int], allowzero: bool) ->
             inferred += 1
         elif t != d:
             return False
-    # With every other dim equal, a single -1 can only be the remaining dim (if no dim is 0).
-    return inferred == 0 or (inferred == 1 and 0 not in dims)
+    # With every other dim equal, a single -1 can only be the remaining dim (if no dim is 0,
+    # which only static dims prove).
+    return inferred == 0 or (inferred == 1 and all(isinstance(d, int) and d for d in dims))
 
 
 def _expanded_dims(x: tuple | None, target: np.ndarray, unknown: np.ndarray) -> list[int | None] | None:

@@ -132,14 +132,27 @@ def test_shape_of_static_dims_folds_dynamic_dims_stay():
 
 
 def test_a_shape_that_stays_computed_keeps_its_static_pieces():
-    """Concat(Slice(Shape) batch, Slice(Shape) width): only the batch is dynamic, and folding the
-    width alone would only respell the computation; it is kept as exported."""
+    """Concat(Slice(Shape(x)) batch, Slice(Shape(x)) width) reshaping another value: only the
+    batch is dynamic, and folding the width alone would only respell the computation; it is kept
+    as exported."""
     nodes = [node("Shape", ["x"], ["shape"]), const("s0", [0]), const("s1", [1]), const("s2", [2]),
              node("Slice", ["shape", "s0", "s1"], ["b"]), node("Slice", ["shape", "s1", "s2"], ["w"]),
-             node("Concat", ["b", "w"], ["target"], axis=0), node("Reshape", ["x", "target"], ["y"])]
+             node("Concat", ["b", "w"], ["target"], axis=0), node("Reshape", ["z", "target"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 8]), "z": (F, ["batch", 2, 4])}, {"y": (F, ["batch", 8])})
+    out, steps = canonical(model, {"x": np.ones((2, 8), F), "z": np.ones((2, 2, 4), F)})
+    assert not steps["fold_shapes"] and op_counts(out)["Slice"] == 2
+
+
+def test_a_reshape_to_its_own_dims_reads_zeros_in_place():
+    """The same target reshaping x itself: its batch element is x's own dim 0, which 0 copies;
+    the target is [0, 8], and the Reshape then keeps x's shape: a no-op."""
+    nodes = [node("Shape", ["x"], ["shape"]), const("s0", [0]), const("s1", [1]), const("s2", [2]),
+             node("Slice", ["shape", "s0", "s1"], ["b"]), node("Slice", ["shape", "s1", "s2"], ["w"]),
+             node("Concat", ["b", "w"], ["target"], axis=0), node("Reshape", ["x", "target"], ["t"]),
+             node("Relu", ["t"], ["y"])]
     model = make_model(nodes, {"x": (F, ["batch", 8])}, {"y": (F, ["batch", 8])})
     out, steps = canonical(model, {"x": np.ones((2, 8), F)})
-    assert not steps["fold_shapes"] and op_counts(out)["Slice"] == 2
+    assert steps["fold_shapes"] and steps["remove_noops"] == 1 and op_counts(out) == {"Relu": 1}
 
 
 # -- issue 11, item 8: a partly known Expand shape proves the dims it fixes -------------------
@@ -287,6 +300,16 @@ def test_not_a_noop_stays(op_nodes, y, why):
     out, steps = canonical(model, {"x": np.array([[-0.0, 1, 2], [3, 4, 5]], F)})
     assert not steps["remove_noops"], why
     assert op_counts(out)[op_nodes[-1].op_type] == 1
+
+
+@pytest.mark.parametrize("target, removed", [([0, 3], True), ([-1, 3], False), ([0, -1], False)])
+def test_a_reshape_keeps_a_dynamic_dim_only_by_copying_it(target, removed):
+    """Over x [batch, 3], 0 copies the batch; -1 would infer it only if no dim is 0 at run time
+    (an empty batch makes -1 fail), which a symbolic dim does not prove."""
+    nodes = [const("shape", target), node("Reshape", ["x", "shape"], ["t"]), node("Neg", ["t"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 3])}, {"y": (F, ["batch", 3])})
+    out, steps = canonical(model, {"x": np.ones((2, 3), F)})
+    assert bool(steps["remove_noops"]) == removed and op_counts(out)["Reshape"] == (not removed)
 
 
 def test_an_identity_producing_a_graph_output_stays():
