@@ -21,7 +21,8 @@ graph into one spelling first; each step is counted like a rule (`RewriteReport.
   shape inference, blind to Where, types it `[?, ?, ?, ?]`), written into the model's
   value_info for inference to carry on. A dim is only proven from known elements (an unknown
   element of an Expand shape proves the input's dim only where that dim is a static one
-  other than 1); nothing is assumed of an unknown one;
+  other than 1); nothing is assumed of an unknown one. At opset 13, whose inference gives a
+  Reshape by a computed shape no rank, Reshape outputs are typed as opset 14 types them;
 - `remove_noops`: Identity, Cast to the input's own type, Reshape/Expand to the input's own static
   shape, `Mul(x, 1)`/`Div(x, 1)` by a one-element 1 that broadcasting does not grow x by (not
   `Add(x, 0)`: it turns -0.0 into +0.0);
@@ -146,7 +147,7 @@ def canonicalize(graph: Graph) -> Canonicalized:
         graph.toposort()
     # Proven on the types of the canonical graph (folding typed more of the Expand inputs),
     # then typed by one more inference, only where a proof added a static dim.
-    proven = canonicalizer.proven_dims(graph)
+    proven = canonicalizer.proven_dims(graph) | _reshape_ranks_at_opset_13(graph)
     if proven:
         steps["prove_shapes"] = len(proven)
         model = graph.to_model()
@@ -653,6 +654,37 @@ def _drop_unknown_dims(g: onnx.GraphProto) -> None:
         keep = [vi for vi in g.value_info if not weak(vi)]
         g.ClearField("value_info")
         g.value_info.extend(keep)
+
+
+def _reshape_ranks_at_opset_13(graph: Graph) -> dict[Value, list[int | None]]:
+    """The dims of Reshape outputs that opset 13's shape inference leaves without a rank.
+
+    ONNX types `Reshape(x, shape)` by the length of a computed `shape` from opset 14 on, not at
+    13; a TorchScript opset-13 export reshapes by computed shapes in every layer (repeat_kv), and
+    from the first one on nothing downstream has a rank. Reshape-14 with allowzero 0 is
+    Reshape-13, and no other op of opset 13 changed what it computes at 14, so the model's types
+    are inferred once at 14 and the Reshape outputs keep theirs (static dims only, the rest
+    unknown); inference at 13 carries them on from there."""
+    if graph.opset.get("", 1) != 13:
+        return {}
+    untyped = [n.outputs[0] for n in graph.live_nodes() if n.op_type == "Reshape" and not n.domain and n.outputs[0].shape is None]
+    if not untyped:
+        return {}
+    model = graph.to_model()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 14
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        return {}
+    typed = {vi.name: vi.type.tensor_type for vi in inferred.graph.value_info}
+    proven = {}
+    for v in untyped:
+        t = typed.get(v.name)
+        if t is not None and t.HasField("shape"):
+            proven[v] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return proven
 
 
 def _write_proven_dims(g: onnx.GraphProto, proven: dict[Value, list[int | None]]) -> None:

@@ -213,6 +213,20 @@ def test_an_expand_shape_element_from_a_symbolic_dim_proves_nothing():
     assert Graph(out).values["mask"].shape[2] != 1 and canonicalize(Graph(model)).graph.values["mask"].shape[2] != 1
 
 
+@pytest.mark.parametrize("opset, typed", [(13, True), (12, False)])
+def test_reshape_by_a_computed_shape_gets_its_rank_at_opset_13(opset, typed):
+    """Opset 13's inference gives `Reshape(x, shape)` by a shape it does not know no rank (14's
+    gives the shape's length, and Reshape-14 means the same); without it nothing downstream has
+    one. Below 13 (Unsqueeze's axes an attribute) opset 14 would read the model differently:
+    left as it is."""
+    nodes = [node("Reshape", ["x", "shape"], ["t"]), node("Relu", ["t"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 8]), "shape": (I64, [3])}, {"y": (F, ["batch", 2, 4])}, opset=opset)
+    out, steps = canonical(model, {"x": np.ones((3, 8), F), "shape": np.array([3, 2, -1], I64)})
+    graph = canonicalize(Graph(model)).graph
+    assert bool(steps["prove_shapes"]) == typed
+    assert (graph.values["t"].rank == 3) == typed
+
+
 @pytest.mark.parametrize("x, target, unknown, want", [
     ([None, 1, 1, None], [1, 1, 1, 1], [1, 0, 0, 1], [None, 1, 1, None]),   # 1 keeps x's dim
     ([None, 1, 1, None], [1, 5, 1, 1], [1, 0, 0, 1], [None, 5, 1, None]),   # a known dim other than 1
