@@ -249,6 +249,7 @@ class _Evaluator:
         self.partial: dict[Value, tuple[np.ndarray, np.ndarray]] = {}
         #: a dynamic dim read by `Shape`: (the value, the dim's index, its symbolic name or None)
         self.dims_of: list[tuple[Value | None, int, str | None]] = [(None, -1, None)]
+        self.dim_ids: dict[tuple[Value | None, int, str | None], int] = {}
 
     def evaluable(self, node: Node) -> bool:
         return (node.op_type in self.ops if self.ops is not None else node.op_type not in _RANDOM) and \
@@ -404,9 +405,10 @@ class _Evaluator:
     def _dim_id(self, x: Value, index: int, name: str | None) -> int:
         """The mark of `x`'s dynamic dim `index` (its number in `dims_of`)."""
         key = (x, index, name)
-        if key not in self.dims_of:
+        if key not in self.dim_ids:
+            self.dim_ids[key] = len(self.dims_of)
             self.dims_of.append(key)
-        return self.dims_of.index(key)
+        return self.dim_ids[key]
 
 
 class _Canonicalizer(_Evaluator):
