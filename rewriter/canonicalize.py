@@ -332,11 +332,11 @@ class _Evaluator:
     def _unknown_elements(self, node: Node, args: list[np.ndarray | None], unknown: dict[int, np.ndarray],
                           outs: list[np.ndarray]) -> list[np.ndarray] | None:
         """Which output elements depend on an unknown input element (as `partial` marks them):
-        for an op that moves elements, the op run on the marks themselves (a symbolic dim
-        stays itself, so does one cast to another integer type); elementwise, any unknown input
-        element the output element is computed from makes it unknown (-1)."""
+        for an op that moves elements, the op run on the marks themselves (a dynamic dim
+        stays itself, so does one cast to int64, which holds every dim); elementwise, any
+        unknown input element the output element is computed from makes it unknown (-1)."""
         op = node.op_type
-        if op in _ELEMENTWISE and not (op == "Cast" and outs[0].dtype.kind == "i"):
+        if op in _ELEMENTWISE and not (op == "Cast" and outs[0].dtype == np.int64):
             try:
                 return [-np.logical_or.reduce([np.broadcast_to(u != 0, o.shape) for u in unknown.values()]).astype(np.int64)
                         for o in outs]
