@@ -21,6 +21,7 @@ blocks fused are counted in the output (fusegraph's own ops and the peers' ORT o
 
     # the models (needs torch + transformers, e.g. /work/bench-venv/bin/python); written to /tmp
     python benchmarks/bench_scaling.py generate --out /tmp/fg_scaling --layers 8 32 128
+    python benchmarks/bench_scaling.py generate --out /tmp/fg_scaling --attn eager --exporters torchscript
     # the table
     python benchmarks/bench_scaling.py measure --dir /tmp/fg_scaling [--tools fusegraph canonicalize]
 """
@@ -46,7 +47,7 @@ EXPORTERS = {"torchscript": (False, 17), "dynamo": (True, 18)}
 
 
 # -- generating (torch + transformers) -------------------------------------------------------
-def generate(out: Path, layers: list[int], exporters: list[str]) -> None:
+def generate(out: Path, layers: list[int], exporters: list[str], attn: str = "sdpa") -> None:
     import contextlib
     import io
     import warnings
@@ -69,10 +70,10 @@ def generate(out: Path, layers: list[int], exporters: list[str]) -> None:
     for n in layers:
         torch.manual_seed(0)
         cfg = transformers.LlamaConfig(num_hidden_layers=n, **CONFIG)
-        model = LastHidden(transformers.LlamaModel._from_config(cfg, attn_implementation="sdpa").eval())
+        model = LastHidden(transformers.LlamaModel._from_config(cfg, attn_implementation=attn).eval())
         for name in exporters:
             dynamo, opset = EXPORTERS[name]
-            path = out / f"llama{n}-sdpa-{name}-static.onnx"
+            path = out / f"llama{n}-{attn}-{name}-static.onnx"
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
                     warnings.catch_warnings(), torch.no_grad():
@@ -212,6 +213,8 @@ def main() -> None:
     g.add_argument("--out", type=Path, default=Path("/tmp/fg_scaling"))
     g.add_argument("--layers", type=int, nargs="+", default=[8, 32, 128])
     g.add_argument("--exporters", nargs="+", default=list(EXPORTERS), choices=list(EXPORTERS))
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                   help="HF attention implementation (onnxscript's fusions match eager Llama attention only)")
     m = sub.add_parser("measure")
     m.add_argument("--dir", type=Path, default=Path("/tmp/fg_scaling"))
     m.add_argument("--tools", nargs="+", default=list(TOOLS), choices=list(TOOLS))
@@ -222,7 +225,7 @@ def main() -> None:
     one.add_argument("dst")
     args = p.parse_args()
     if args.cmd == "generate":
-        generate(args.out, args.layers, args.exporters)
+        generate(args.out, args.layers, args.exporters, args.attn)
     elif args.cmd == "one":
         print(json.dumps(measure_one(args.tool, args.src, args.dst)))
     else:

@@ -700,7 +700,7 @@ def _reshape_ranks_at_opset_13(graph: Graph) -> dict[Value, list[int | None]]:
 def _write_proven_dims(g: onnx.GraphProto, proven: dict[Value, list[int | None]]) -> None:
     """Type the values `prove_shapes` proved dims of (their other dims left unknown, for shape
     inference to fill in), in place of what the model said of them."""
-    typed = {v.name: (v.dtype, dims) for v, dims in proven.items() if v.dtype is not None}
+    typed = {v.name: (v.dtype, dims) for v, dims in proven.items() if v.dtype is not None and not v.is_graph_output}
     keep = [vi for vi in g.value_info if vi.name not in typed]
     g.ClearField("value_info")
     g.value_info.extend(keep)
