@@ -310,8 +310,10 @@ class _Evaluator:
             if a is None:
                 return None
             args.append(a)
-        if not _output_fits(op, args, self.max_elements) or (op in _INTEGER_ONLY and args[0].dtype.kind not in "biu"):
+        if not _output_fits(op, args, self.max_elements):
             return None
+        if self.ops is not None and op in _INTEGER_ONLY and args[0].dtype.kind not in "biu":
+            return None  # folded values must be ONNX Runtime's bit for bit (analysis takes numpy's)
         if op in ("Div", "Mod") and args[1].dtype.kind in "iu" and not args[1].all():
             return None  # integer division by zero: ONNX Runtime fails (or worse) where numpy gives 0
         outs = self._evaluate(node, args)
