@@ -251,6 +251,11 @@ class _Evaluator:
         self.dims_of: list[tuple[Value | None, int, str | None]] = [(None, -1, None)]
         self.dim_ids: dict[tuple[Value | None, int, str | None], int] = {}
 
+    def plain(self, a: np.ndarray) -> bool:
+        """A type folding may hold (numpy's own; bfloat16 and float8 come from ml_dtypes, whose
+        arithmetic ONNX Runtime's need not match); analysis takes any."""
+        return self.ops is None or a.dtype in _PLAIN_DTYPES
+
     def evaluable(self, node: Node) -> bool:
         return (node.op_type in self.ops if self.ops is not None else node.op_type not in _RANDOM) and \
             not node.domain and not node.implicit_inputs and bool(node.outputs)
@@ -276,7 +281,7 @@ class _Evaluator:
         if isinstance(t, onnx.TensorProto) and _elements(t.dims) > self.max_elements:
             return None
         a = v.const_value
-        return a if a is not None and a.size <= self.max_elements and a.dtype in _PLAIN_DTYPES else None
+        return a if a is not None and a.size <= self.max_elements and self.plain(a) else None
 
     def is_weight(self, v: Value) -> bool:
         """A float initializer of more than one element: a model parameter, which stays as it is
@@ -398,7 +403,7 @@ class _Evaluator:
         except Exception:  # an input the op refuses: then the node is simply left to run
             return None
         for v, o in zip(node.outputs, outs):
-            if o.dtype not in _PLAIN_DTYPES or o.size > self.max_elements:
+            if not self.plain(o) or o.size > self.max_elements:
                 return None
             if v.dtype is not None and helper.np_dtype_to_tensor_dtype(o.dtype) != v.dtype:
                 return None

@@ -258,6 +258,25 @@ def test_evaluate_shares_the_folding_with_pattern_conditions():
     assert evaluate(graph.values["third"], max_nodes=2) is None  # more nodes than allowed
 
 
+def test_analysis_reads_what_folding_leaves():
+    """A bfloat16 causal mask `Where(triu, lowest, 0)` (a bf16 export's): folding leaves it (ml_dtypes'
+    arithmetic need not be ONNX Runtime's), `evaluate(any_op=True)`, what the attention mask
+    check reads, knows it."""
+    import ml_dtypes
+    from fusegraph.canonicalize import evaluate
+    bf16 = ml_dtypes.bfloat16
+    nodes = [node("Where", ["tri", "low", "zero"], ["m"]), node("Add", ["s", "m"], ["y"])]
+    model = make_model(nodes, {"s": (bf16, [4, 4])}, {"y": (bf16, [4, 4])},
+                       {"tri": np.triu(np.ones((4, 4), bool), 1), "low": np.array(ml_dtypes.finfo(bf16).min, bf16),
+                        "zero": np.array(0, bf16)})
+    graph = Graph(model)
+    assert evaluate(graph.values["m"]) is None
+    mask = evaluate(graph.values["m"], any_op=True).value
+    assert mask.dtype == bf16 and (mask[np.triu_indices(4, 1)] == ml_dtypes.finfo(bf16).min).all()
+    _, report = rewrite_with_report(model, [])
+    assert not report.canonicalized["fold_constants"]
+
+
 def test_float_sums_are_not_folded():
     """ReduceSum's float rounding depends on its order: left to ONNX Runtime."""
     nodes = [node("ReduceSum", ["c"], ["s"], keepdims=0), node("Add", ["x", "s"], ["y"])]
