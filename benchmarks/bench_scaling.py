@@ -14,7 +14,8 @@ issue-11 targets on tiny-width Llamas of 8, 32 and 128 layers, exported by Torch
   ONNX Runtime (bit for bit) and the file never more than 1% larger.
 
 Every measurement is a fresh subprocess: seconds are file in to file out (load, rewrite,
-save), memory is that process's peak RSS (`VmHWM`: getrusage's maxrss would carry over the
+save), wall and CPU (the process's own: on a shared machine the wall time is mostly waiting
+for a core), memory is that process's peak RSS (`VmHWM`: getrusage's maxrss would carry over the
 measuring parent's, inherited through fork and exec), beside the model file's size and the
 interpreter's own peak with the tool imported, so the rewrite's share can be read off. The attention
 blocks fused are counted in the output (fusegraph's own ops and the peers' ORT ops).
@@ -140,10 +141,10 @@ def measure_one(tool: str, src: str, dst: str) -> dict:
     logging.disable(logging.WARNING)
     run = TOOLS[tool](src, dst)  # imports before the clock starts
     baseline = peak_rss_mb()
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     run()
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mb": peak_rss_mb(), "baseline_mb": baseline}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"seconds": seconds, "cpu_s": cpu, "peak_mb": peak_rss_mb(), "baseline_mb": baseline}
 
 
 def attention_fused(path: str) -> int:
@@ -164,9 +165,9 @@ def same_outputs(original: str, canonical: str) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(*outs))
 
 
-def measure(directory: Path, tools: list[str], timeout: float) -> list[dict]:
+def measure(directory: Path, tools: list[str], timeout: float, pattern: str = "llama*-static.onnx") -> list[dict]:
     rows = []
-    for src in sorted(directory.glob("llama*-static.onnx"), key=lambda p: (int(p.name[5:].split("-")[0]), p.name)):
+    for src in sorted(directory.glob(pattern), key=lambda p: (int(p.name[5:].split("-")[0]), p.name)):
         for tool in tools:
             dst = str(directory / "out" / f"{src.stem}.{tool}.onnx")
             os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -191,16 +192,17 @@ def measure(directory: Path, tools: list[str], timeout: float) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| file | MiB | tool | attention | s | peak RSS MB (import baseline) | peak / file | out MiB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| file | MiB | tool | attention | wall s | CPU s | peak RSS MB (import baseline) | peak / file | out MiB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['file']} | {r['file_mb']:.1f} | {r['tool']} | – | {r['error']} | – | – | – |")
+            lines.append(f"| {r['file']} | {r['file_mb']:.1f} | {r['tool']} | – | {r['error']} | – | – | – | – |")
             continue
         extra = ""
         if r["tool"] == "canonicalize":
             extra = f" ({'equal' if r['equal'] else 'DIFFERENT'} outputs, {r['out_mb'] / r['file_mb'] - 1:+.2%} size)"
-        lines.append(f"| {r['file']} | {r['file_mb']:.1f} | {r['tool']} | {r['attention']} | {r['seconds']:.2f} | "
+        cpu = f"{r['cpu_s']:.2f}" if "cpu_s" in r else "–"
+        lines.append(f"| {r['file']} | {r['file_mb']:.1f} | {r['tool']} | {r['attention']} | {r['seconds']:.2f} | {cpu} | "
                      f"{r['peak_mb']:.0f} ({r['baseline_mb']:.0f}) | {r['peak_mb'] / r['file_mb']:.1f}x | "
                      f"{r['out_mb']:.1f}{extra} |")
     return "\n".join(lines)
@@ -219,6 +221,7 @@ def main() -> None:
     m.add_argument("--dir", type=Path, default=Path("/tmp/fg_scaling"))
     m.add_argument("--tools", nargs="+", default=list(TOOLS), choices=list(TOOLS))
     m.add_argument("--timeout", type=float, default=1200, help="seconds one tool may take on one file")
+    m.add_argument("--glob", default="llama*-static.onnx", help="which files of --dir")
     one = sub.add_parser("one")
     one.add_argument("tool", choices=list(TOOLS))
     one.add_argument("src")
@@ -229,7 +232,7 @@ def main() -> None:
     elif args.cmd == "one":
         print(json.dumps(measure_one(args.tool, args.src, args.dst)))
     else:
-        print(table(measure(args.dir, args.tools, args.timeout)))
+        print(table(measure(args.dir, args.tools, args.timeout, args.glob)))
 
 
 if __name__ == "__main__":
