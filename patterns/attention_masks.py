@@ -16,12 +16,11 @@ triangle of them is not `is_causal`.
 
 from __future__ import annotations
 
-import warnings
-
 import ml_dtypes
 import numpy as np
-import onnx
 from onnx import helper
+
+from fusegraph.canonicalize import evaluate
 
 #: A causal mask's producers are a handful of nodes; bigger subgraphs are left alone.
 MAX_NODES = 32
@@ -103,71 +102,9 @@ def is_fixed(v) -> bool:
 
 
 def constant_value(v) -> np.ndarray | None:
-    """The value of `v` if it is a constant or computed from constants by a few nodes."""
+    """The value of `v` if it is a constant or computed from constants by a few standard nodes
+    (the canonicalizer's evaluator, reading weights too: a constant causal buffer is one)."""
     if v.is_constant:
         return v.const_value if is_fixed(v) else None
-    nodes, leaves = _cone(v)
-    if nodes is None:
-        return None
-    inits = []
-    for leaf in leaves:
-        a = leaf.const_value
-        if a is None or a.size > MAX_ELEMENTS:
-            return None
-        inits.append(onnx.numpy_helper.from_array(a, leaf.name))
-    graph = helper.make_graph([n.to_proto() for n in nodes], "mask", [],
-                              [helper.make_value_info(v.name, onnx.TypeProto())], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, n) for d, n in v.graph.opset.items()])
-    from onnx.reference import ReferenceEvaluator
-    try:
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = ReferenceEvaluator(model).run(None, {})[0]
-    except Exception:  # an op the evaluator lacks: then the mask is simply not recognised
-        return None
-    out = np.asarray(out)
-    return out if out.size <= MAX_ELEMENTS else None
-
-
-def _cone(v):
-    """The nodes computing `v` (in order) and the constants they read, or (None, None) if a
-    graph input, a non-standard op or too many nodes are involved."""
-    seen, order, leaves = set(), [], {}
-    stack = [v]
-    while stack:
-        x = stack.pop()
-        p = x.producer
-        if x.is_constant:
-            if not is_fixed(x):
-                return None, None
-            leaves[x.name] = x
-            continue
-        if p is None or p.domain or p.implicit_inputs:
-            return None, None
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        order.append(p)
-        if len(order) > MAX_NODES:
-            return None, None
-        stack.extend(i for i in p.inputs if i is not None)
-    return _producers_first(order), list(leaves.values())
-
-
-def _producers_first(nodes: list) -> list:
-    """The collected nodes ordered so each comes after the ones among them it reads."""
-    inside = {id(n) for n in nodes}
-    done: set[int] = set()
-    out: list = []
-
-    def visit(n) -> None:
-        if id(n) in done:
-            return
-        done.add(id(n))
-        for i in n.inputs:
-            if i is not None and i.producer is not None and id(i.producer) in inside:
-                visit(i.producer)
-        out.append(n)
-    for n in nodes:
-        visit(n)
-    return out
+    known = evaluate(v, max_nodes=MAX_NODES, max_elements=MAX_ELEMENTS, any_op=True, read_weights=True)
+    return None if known is None else known.value

@@ -19,7 +19,8 @@ epsilon becomes an attribute, so it must be a constant nobody can feed that keep
 A transformer block adds its output to the residual stream and normalizes the sum, and the
 next block adds to that same sum: `fusegraph.SkipLayerNorm`/`SkipRMSNorm` compute both, S = X + R
 and Y = norm(S), in one pass (`fusegraph.norm_ops`). They run after the norm rules, so they see
-the norm ops whether exported or fused here.
+the norm ops whether exported or fused here (`fusegraph.LayerNorm` below opset 17 included:
+SkipLayerNorm's body is written out there too).
 """
 
 from __future__ import annotations
@@ -222,7 +223,9 @@ def summed(op: PatternOps, x: Pattern, r: Pattern) -> Pattern:
 
 def skip_layer_norm_pattern(op, x, r, gamma, beta):
     read = summed(op, x, r)
-    return op.LayerNormalization(read, gamma, beta, axis=Attr("axis"), epsilon=Attr("epsilon"), stash_type=1), read
+    norm = (op.LayerNormalization(read, gamma, beta, axis=Attr("axis"), epsilon=Attr("epsilon"), stash_type=1)
+            | op.LayerNorm(read, gamma, beta, _domain=DOMAIN, epsilon=Attr("epsilon")))
+    return norm, read
 
 
 def skip_layer_norm_replacement(op, x, r, gamma, beta, epsilon):

@@ -10,7 +10,7 @@ and an Add, per q and per k: six passes over the head. The forms matched:
   x[..., rd:] untouched.
 
 Slice bounds are constants or Shape arithmetic (dynamic exports compute D/2 from Shape(x));
-they are evaluated (`static_int`), normalized as Slice does (negative bounds count from the
+they are evaluated by the canonicalizer's evaluator (`static_int`), normalized as Slice does (negative bounds count from the
 end, `x[..., -h:]`; ends clamp) and must split the head exactly in half over the last axis,
 else this is some other concatenation. Concat axes may be spelled -1 or rank-1. The interleaved
 Reshape must restore x's whole shape, not just its last dim. cos and sin are HF's [.., S, rd]
@@ -30,9 +30,9 @@ import numpy as np
 import onnx
 
 from fusegraph import rope_ops  # noqa: F401  (registers the fused op)
+from fusegraph.canonicalize import evaluate
 from fusegraph.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, Pattern, PatternOps, Var
-from fusegraph.patterns.activations import overridable
 from fusegraph.rule import Rule, reject
 
 PRIORITY = 80
@@ -88,8 +88,7 @@ def replacement_for(interleaved: bool):
 
 # -- evaluating Slice bounds ----------------------------------------------------------------
 class SymbolicDim:
-    """A dim known only by its symbolic name (from `Shape`): equal to the same name, and no
-    arithmetic (which raises TypeError, so a computation over it is unknown)."""
+    """A dim known only by its symbolic name (from `Shape`): equal to the same name only."""
 
     __slots__ = ("name",)
 
@@ -106,48 +105,19 @@ class SymbolicDim:
         return self.name
 
 
-def static_int(v, depth: int = 12) -> np.ndarray | None:
-    """The value of a small shape computation (constants, Shape, Gather/Unsqueeze/Squeeze/
-    Concat/Cast/Identity and + - * /) as an object array whose symbolic dims are `SymbolicDim`s
-    and unknown dims None, or None. A graph input's default is not a constant: it can be fed."""
-    if v is None or depth == 0:
+def static_int(v) -> np.ndarray | None:
+    """The value of a small integer shape computation (constants, `Shape` and what the
+    canonicalizer's evaluator computes from them) as an object array of ints, `SymbolicDim`s
+    (a symbolic dim moved as it is) and None (unknown), or None. A graph input's default is
+    not a constant: it can be fed."""
+    known = evaluate(v, max_nodes=12)
+    if known is None or known.elements.dtype.kind not in "iu":
         return None
-    if v.is_constant:
-        c = None if overridable(v) else v.const_value
-        return None if c is None or c.dtype.kind not in "iu" else c.astype(object)
-    n = v.producer
-    if n is None or n.domain:
-        return None
-    if n.op_type == "Shape":
-        dims = n.inputs[0].shape
-        if dims is None:
-            return None
-        part = dims[n.attr("start", 0):n.attr("end", len(dims))]
-        return np.array([d if isinstance(d, int) else SymbolicDim(d) if d else None for d in part], dtype=object)
-    args = [static_int(i, depth - 1) for i in n.inputs if i is not None]
-    if any(a is None for a in args):
-        return None
-    try:
-        return _evaluate(n, args)
-    except (TypeError, ValueError, IndexError):
-        return None  # arithmetic on an unknown dim, or a malformed shape computation
-
-
-def _evaluate(n, args: list[np.ndarray]) -> np.ndarray | None:
-    t = n.op_type
-    if t in ("Identity", "Cast"):
-        return args[0]
-    if t == "Gather":
-        return np.take(args[0], args[1].astype(np.int64), axis=n.attr("axis", 0))
-    if t == "Unsqueeze":
-        axes = args[1] if len(args) > 1 else n.attr("axes")
-        return np.expand_dims(args[0], tuple(int(a) for a in np.ravel(axes)))
-    if t == "Squeeze":
-        return args[0].reshape(()) if args[0].size == 1 else None
-    if t == "Concat":
-        return np.concatenate([np.atleast_1d(a) for a in args], axis=n.attr("axis", 0))
-    ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}
-    return ops[t](args[0], args[1]) if t in ops else None
+    dims = known.dims()
+    for i, d in enumerate(dims.reshape(-1)):
+        if isinstance(d, str):
+            dims.reshape(-1)[i] = SymbolicDim(d)
+    return dims
 
 
 def scalar(v) -> int | None:

@@ -31,8 +31,8 @@ KNOWN_MISSES, RESIDUE = _TABLE["misses"], _TABLE["residue"]
 #: fused ops per category, as `fusegraph.testing.op_counts` names them
 FUSED_OPS = {
     "attention": ("Attention", "fusegraph.Attention", "fusegraph.MaskedAttention"),
-    "norm": ("LayerNormalization", "RMSNormalization", "fusegraph.RMSNorm", "fusegraph.SkipRMSNorm",
-             "fusegraph.SkipLayerNorm"),
+    "norm": ("LayerNormalization", "RMSNormalization", "fusegraph.LayerNorm", "fusegraph.RMSNorm",
+             "fusegraph.SkipRMSNorm", "fusegraph.SkipLayerNorm"),
     # a GELU is fused as a GELU op, or inside a GEMM epilogue or a gated MLP
     "gelu": ("Gelu", "fusegraph.Gelu", "fusegraph.GeluTanh", "fusegraph.MatMulGelu", "fusegraph.MatMulBiasGelu",
              "fusegraph.MatMulGeluTanh", "fusegraph.MatMulBiasGeluTanh", "fusegraph.GeGLU", "fusegraph.GeGLUTanh"),

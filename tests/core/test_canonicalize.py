@@ -132,14 +132,149 @@ def test_shape_of_static_dims_folds_dynamic_dims_stay():
 
 
 def test_a_shape_that_stays_computed_keeps_its_static_pieces():
-    """Concat(Slice(Shape) batch, Slice(Shape) width): only the batch is dynamic, and folding the
-    width alone would only respell the computation; it is kept as exported."""
+    """Concat(Slice(Shape(x)) batch, Slice(Shape(x)) width) reshaping another value: only the
+    batch is dynamic, and folding the width alone would only respell the computation; it is kept
+    as exported."""
     nodes = [node("Shape", ["x"], ["shape"]), const("s0", [0]), const("s1", [1]), const("s2", [2]),
              node("Slice", ["shape", "s0", "s1"], ["b"]), node("Slice", ["shape", "s1", "s2"], ["w"]),
-             node("Concat", ["b", "w"], ["target"], axis=0), node("Reshape", ["x", "target"], ["y"])]
+             node("Concat", ["b", "w"], ["target"], axis=0), node("Reshape", ["z", "target"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 8]), "z": (F, ["batch", 2, 4])}, {"y": (F, ["batch", 8])})
+    out, steps = canonical(model, {"x": np.ones((2, 8), F), "z": np.ones((2, 2, 4), F)})
+    assert not steps["fold_shapes"] and op_counts(out)["Slice"] == 2
+
+
+def test_a_reshape_to_its_own_dims_reads_zeros_in_place():
+    """The same target reshaping x itself: its batch element is x's own dim 0, which 0 copies;
+    the target is [0, 8], and the Reshape then keeps x's shape: a no-op."""
+    nodes = [node("Shape", ["x"], ["shape"]), const("s0", [0]), const("s1", [1]), const("s2", [2]),
+             node("Slice", ["shape", "s0", "s1"], ["b"]), node("Slice", ["shape", "s1", "s2"], ["w"]),
+             node("Concat", ["b", "w"], ["target"], axis=0), node("Reshape", ["x", "target"], ["t"]),
+             node("Relu", ["t"], ["y"])]
     model = make_model(nodes, {"x": (F, ["batch", 8])}, {"y": (F, ["batch", 8])})
     out, steps = canonical(model, {"x": np.ones((2, 8), F)})
-    assert not steps["fold_shapes"] and op_counts(out)["Slice"] == 2
+    assert steps["fold_shapes"] and steps["remove_noops"] == 1 and op_counts(out) == {"Relu": 1}
+
+
+# -- issue 11, item 8: a partly known Expand shape proves the dims it fixes -------------------
+def decode_mask_model(query_from: str = "one") -> onnx.ModelProto:
+    """A KV-cache decode step's mask (TorchScript): `Expand(m, Where(Equal(C, -1), 1, C))` with
+    `C = [batch, -1, <query>, past + 1]`; `query_from` "one" is the constant 1 the export
+    writes for one query token, "q" the symbolic query length of `q`."""
+    nodes = [node("Shape", ["past"], ["ps"]), const("zero", 0), const("two", 2), const("one", 1),
+             const("axes", [0]), node("Gather", ["ps", "zero"], ["b"]), node("Gather", ["ps", "two"], ["p"]),
+             node("Add", ["p", "one"], ["total"]), node("Unsqueeze", ["b", "axes"], ["b1"]),
+             node("Unsqueeze", ["total", "axes"], ["t1"]), const("minus1", [-1]), const("four", [4]),
+             node("ConstantOfShape", ["four"], ["ones"], value=numpy_helper.from_array(np.array([1], I64))),
+             node("Mul", ["ones", "minus1"], ["neg"])]
+    if query_from == "one":
+        nodes.append(const("query", [1]))
+    else:
+        nodes += [node("Shape", ["q"], ["qs"]), node("Gather", ["qs", "two"], ["s"]),
+                  node("Unsqueeze", ["s", "axes"], ["query"])]
+    nodes += [node("Concat", ["b1", "minus1", "query", "t1"], ["C"], axis=0), node("Equal", ["C", "neg"], ["free"]),
+              node("Where", ["free", "ones", "C"], ["shape"]), node("Expand", ["keep", "shape"], ["mask"]),
+              node("Where", ["mask", "scores", "fill"], ["y"])]
+    inputs = {"past": (F, ["batch", 2, "past_seq", 4]), "keep": (np.bool_, ["batch", 1, 1, "total_seq"]),
+              "scores": (F, ["batch", 2, "q_len", "total_seq"]), "q": (F, ["batch", 2, "q_len", 4])}
+    return make_model(nodes, inputs, {"y": (F, ["batch", 2, "q_len", "total_seq"])}, {"fill": np.array(-np.inf, F)})
+
+
+def decode_feeds(query: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"past": np.zeros((2, 2, 3, 4), F), "keep": rng.random((2, 1, 1, 4)) > 0.3,
+            "scores": rng.standard_normal((2, 2, query, 4)).astype(F), "q": np.zeros((2, 2, query, 4), F)}
+
+
+def expand_dims(model: onnx.ModelProto) -> list:
+    typed = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info}
+    dims = typed["mask"].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def test_a_partly_known_expand_shape_proves_the_dims_it_fixes():
+    """Inference cannot see through Where: the mask is [?, ?, ?, ?] and the attention rule must
+    refuse a query dim that might grow one query's scores. The known elements -1 -> 1 and 1
+    prove dims 1 and 2; batch and the total length stay unknown (never assumed)."""
+    model = decode_mask_model()
+    assert expand_dims(model)[1:3] == [None, None]
+    out, steps = canonical(model, decode_feeds(1))
+    assert steps["prove_shapes"] == 1
+    assert expand_dims(out) == [None, 1, 1, None]
+    graph = canonicalize(Graph(model)).graph
+    assert graph.values["mask"].shape[1:3] == (1, 1)
+
+
+def test_an_expand_shape_element_from_a_symbolic_dim_proves_nothing():
+    """Near miss: the query element comes from `Shape(q)[2]`, a symbolic dim that may be 1 or
+    not; its dim stays unproven (the graph still runs at 3 queries)."""
+    model = decode_mask_model("q")
+    out, steps = canonical(model, decode_feeds(3))
+    assert expand_dims(out)[2] is None
+    assert Graph(out).values["mask"].shape[2] != 1 and canonicalize(Graph(model)).graph.values["mask"].shape[2] != 1
+
+
+@pytest.mark.parametrize("opset, typed", [(13, True), (12, False)])
+def test_reshape_by_a_computed_shape_gets_its_rank_at_opset_13(opset, typed):
+    """Opset 13's inference gives `Reshape(x, shape)` by a shape it does not know no rank (14's
+    gives the shape's length, and Reshape-14 means the same); without it nothing downstream has
+    one. Below 13 (Unsqueeze's axes an attribute) opset 14 would read the model differently:
+    left as it is."""
+    nodes = [node("Reshape", ["x", "shape"], ["t"]), node("Relu", ["t"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 8]), "shape": (I64, [3])}, {"y": (F, ["batch", 2, 4])}, opset=opset)
+    out, steps = canonical(model, {"x": np.ones((3, 8), F), "shape": np.array([3, 2, -1], I64)})
+    graph = canonicalize(Graph(model)).graph
+    assert bool(steps["prove_shapes"]) == typed
+    assert (graph.values["t"].rank == 3) == typed
+
+
+@pytest.mark.parametrize("x, target, unknown, want", [
+    ([None, 1, 1, None], [1, 1, 1, 1], [1, 0, 0, 1], [None, 1, 1, None]),   # 1 keeps x's dim
+    ([None, 1, 1, None], [1, 5, 1, 1], [1, 0, 0, 1], [None, 5, 1, None]),   # a known dim other than 1
+    ([1, 8], [1, 1], [1, 1], [None, 8]),                                    # unknown over a static 8
+    ([2, 3], [4, 2, 3], [0, 0, 0], [4, 2, 3]),                               # a new leading dim
+    ([7, 3], [5, 1], [0, 0], [None, 3]),                                     # 7 vs 5 fails at run time
+])
+def test_expanded_dims(x, target, unknown, want):
+    from fusegraph.canonicalize import _expanded_dims
+    assert _expanded_dims(tuple(x), np.array(target, I64), np.array(unknown, bool)) == want
+
+
+def test_evaluate_shares_the_folding_with_pattern_conditions():
+    """`evaluate` (what rope's Slice bounds and the attention masks read) knows constants,
+    arithmetic over static dims, and moves symbolic dims by name; arithmetic on a symbolic dim
+    and a graph input's default are unknown."""
+    from fusegraph.canonicalize import evaluate
+    nodes = [node("Shape", ["x"], ["s"]), const("last", -1), const("zero", 0), const("two", 2), const("three", 3),
+             node("Gather", ["s", "last"], ["w"]), node("Add", ["w", "two"], ["w2"]), node("Div", ["w2", "three"], ["third"]),
+             node("Gather", ["s", "zero"], ["b"]), const("axes", [0]), node("Unsqueeze", ["b", "axes"], ["b1"]),
+             node("Unsqueeze", ["third", "axes"], ["t1"]), node("Concat", ["b1", "t1"], ["target"], axis=0),
+             node("Add", ["b", "two"], ["b2"]), node("Add", ["third", "fed"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 4, 96]), "fed": (I64, [])}, {"y": (I64, [])}, {"fed": np.array(1, I64)})
+    graph = Graph(model)
+    assert evaluate(graph.values["third"]).value == 32  # the chunk(3) bound of a fused QKV
+    assert evaluate(graph.values["target"]).dims().tolist() == ["batch", 32]
+    assert evaluate(graph.values["b2"]).dims().item() is None and evaluate(graph.values["b2"]).value is None
+    assert evaluate(graph.values["fed"]) is None and evaluate(graph.values["y"]) is None
+    assert evaluate(graph.values["third"], max_nodes=2) is None  # more nodes than allowed
+
+
+def test_analysis_reads_what_folding_leaves():
+    """A bfloat16 causal mask `Where(triu, lowest, 0)` (a bf16 export's): folding leaves it (ml_dtypes'
+    arithmetic need not be ONNX Runtime's), `evaluate(any_op=True)`, what the attention mask
+    check reads, knows it."""
+    import ml_dtypes
+    from fusegraph.canonicalize import evaluate
+    bf16 = ml_dtypes.bfloat16
+    nodes = [node("Where", ["tri", "low", "zero"], ["m"]), node("Add", ["s", "m"], ["y"])]
+    model = make_model(nodes, {"s": (bf16, [4, 4])}, {"y": (bf16, [4, 4])},
+                       {"tri": np.triu(np.ones((4, 4), bool), 1), "low": np.array(ml_dtypes.finfo(bf16).min, bf16),
+                        "zero": np.array(0, bf16)})
+    graph = Graph(model)
+    assert evaluate(graph.values["m"]) is None
+    mask = evaluate(graph.values["m"], any_op=True).value
+    assert mask.dtype == bf16 and (mask[np.triu_indices(4, 1)] == ml_dtypes.finfo(bf16).min).all()
+    _, report = rewrite_with_report(model, [])
+    assert not report.canonicalized["fold_constants"]
 
 
 def test_float_sums_are_not_folded():
@@ -198,6 +333,16 @@ def test_not_a_noop_stays(op_nodes, y, why):
     out, steps = canonical(model, {"x": np.array([[-0.0, 1, 2], [3, 4, 5]], F)})
     assert not steps["remove_noops"], why
     assert op_counts(out)[op_nodes[-1].op_type] == 1
+
+
+@pytest.mark.parametrize("target, removed", [([0, 3], True), ([-1, 3], False), ([0, -1], False)])
+def test_a_reshape_keeps_a_dynamic_dim_only_by_copying_it(target, removed):
+    """Over x [batch, 3], 0 copies the batch; -1 would infer it only if no dim is 0 at run time
+    (an empty batch makes -1 fail), which a symbolic dim does not prove."""
+    nodes = [const("shape", target), node("Reshape", ["x", "shape"], ["t"]), node("Neg", ["t"], ["y"])]
+    model = make_model(nodes, {"x": (F, ["batch", 3])}, {"y": (F, ["batch", 3])})
+    out, steps = canonical(model, {"x": np.ones((2, 3), F)})
+    assert bool(steps["remove_noops"]) == removed and op_counts(out)["Reshape"] == (not removed)
 
 
 def test_an_identity_producing_a_graph_output_stays():
