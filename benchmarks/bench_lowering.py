@@ -12,7 +12,7 @@ provider (1 thread, default graph optimizations) as
 * `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops).
 
 Each cell is the median of `--runs` runs, the forms' runs interleaved; x = original / form
-(above 1 is faster). Every form's output is checked against the original's. `fusegraph.lowering` lowers an op for a target only
+(above 1 is faster). Every form's output is checked against the original's. `fusegraph.ops.lowering` lowers an op for a target only
 where that form is measured faster here.
 
     python benchmarks/bench_lowering.py [--seq 128 512] [--runs 50]
@@ -33,7 +33,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from fusegraph.api import rewrite_with_report
-from fusegraph.testing import make_model
+from fusegraph.verify.testing import make_model
 
 node = helper.make_node
 HIDDEN, HEADS, HEAD_DIM, FFN = 512, 8, 64, 1376

@@ -6,7 +6,7 @@ TensorRT adapter delegates to, the way TensorRT would: output shapes and dtypes 
 format support queried per position, then `enqueue` with raw device pointers (CuPy
 allocations) and a CUDA stream. The kernels launch through `fusegraph.kernels.launch`
 (cuda-python, no torch). Each result is compared with onnxruntime running the fused op's
-local function from `fusegraph.fused_ops` where the rewriter defines it, else with the numpy
+local function from `fusegraph.ops.fused_ops` where the rewriter defines it, else with the numpy
 reference in `fusegraph.kernels.reference`.
 
     python benchmarks/check_plugins_gpu.py [--json out.json]
@@ -50,7 +50,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 import fusegraph  # noqa: E402
-from fusegraph.fused_ops import REGISTRY  # noqa: E402
+from fusegraph.ops.fused_ops import REGISTRY  # noqa: E402
 from fusegraph.kernels import reference  # noqa: E402
 from fusegraph.plugins.core import CORES  # noqa: E402
 

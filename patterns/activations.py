@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 
-from fusegraph import activation_ops  # noqa: F401  (registers the fused ops)
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops import activation_ops  # noqa: F401  (registers the fused ops)
+from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.pattern import Const, Pattern, PatternOps
 from fusegraph.rule import Rule, reject
 

@@ -42,12 +42,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops.attention_op import MIN_OPSET, TYPED_BODY_OPSET
+from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps, Var, optional
 from fusegraph.rule import Rule, reject
 
 from . import attention_masks
-from .attention_op import MIN_OPSET, TYPED_BODY_OPSET
 
 ONNX_ATTENTION_OPSET = 23
 #: Captures holding scale constants: a product of the `_mul`s over a product of the `_div`s.

@@ -23,7 +23,7 @@ optional C), so the library's dispatch sees one rule per shape of chain.
 
 from __future__ import annotations
 
-from fusegraph.fused_ops import DOMAIN, matmul_epilogue_name
+from fusegraph.ops.fused_ops import DOMAIN, matmul_epilogue_name
 from fusegraph.pattern import Attr, optional, tagged
 from fusegraph.patterns.activations import (gelu_erf, gelu_tanh, matmul_rank, overridable, silu,
                                             structural_constants_fit)

@@ -18,7 +18,7 @@ epsilon becomes an attribute, so it must be a constant nobody can feed that keep
 
 A transformer block adds its output to the residual stream and normalizes the sum, and the
 next block adds to that same sum: `fusegraph.SkipLayerNorm`/`SkipRMSNorm` compute both, S = X + R
-and Y = norm(S), in one pass (`fusegraph.norm_ops`). They run after the norm rules, so they see
+and Y = norm(S), in one pass (`fusegraph.ops.norm_ops`). They run after the norm rules, so they see
 the norm ops whether exported or fused here.
 """
 
@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import onnx
 
-from fusegraph import norm_ops  # noqa: F401  (registers the fused ops)
-from fusegraph.fused_ops import DOMAIN, opset_refusal
-from fusegraph.instantiate import Leaf
+from fusegraph.ops import norm_ops  # noqa: F401  (registers the fused ops)
+from fusegraph.ops.fused_ops import DOMAIN, opset_refusal
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps
 from fusegraph.patterns.activations import overridable, structural_constants_fit, unabsorbable
-from fusegraph.rule import Rule, reject
+from fusegraph.rule import Leaf, Rule, reject
 
 NORM_PRIORITY = 60
 SKIP_PRIORITY = 50

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.rule import Rule, reject
 
 from .activations import overridable

@@ -29,8 +29,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from fusegraph import rope_ops  # noqa: F401  (registers the fused op)
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops import rope_ops  # noqa: F401  (registers the fused op)
+from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, Pattern, PatternOps, Var
 from fusegraph.patterns.activations import overridable
 from fusegraph.rule import Rule, reject

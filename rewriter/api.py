@@ -11,7 +11,7 @@ import onnx
 
 from .canonicalize import canonicalize as canonicalize_graph
 from .ir import Graph
-from .lowering import lowering_rules
+from .ops.lowering import lowering_rules
 from .model_io import check_output, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
 from .rule import Rule, RuleSet
@@ -37,7 +37,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
 
     `base_dir` is where external data lives (for reading small constants); `copy=False` edits
     `model` in place, for callers that own it; `canonicalize` runs `fusegraph.canonicalize`
-    first; `target` lowers the fused ops for one runtime (`fusegraph.lowering`).
+    first; `target` lowers the fused ops for one runtime (`fusegraph.ops.lowering`).
     """
     lowering = lowering_rules(target)
     if copy:

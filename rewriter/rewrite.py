@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import onnx
 
-from . import fused_ops
+from .ops import fused_ops
 from .dispatch import Dispatch
 from .errors import InputError
 from .ir import Graph, Node, Value, nested_nodes

@@ -19,12 +19,12 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from fusegraph import fused_ops
+from fusegraph.ops import fused_ops
 from fusegraph.kernels import reference
-from fusegraph.testing import make_model
+from fusegraph.verify.testing import make_model
 
-import fusegraph.patterns.attention_op  # noqa: F401  (registers the fused ops used below)
-import fusegraph.rope_ops  # noqa: F401
+import fusegraph.ops.attention_op  # noqa: F401  (registers the fused ops used below)
+import fusegraph.ops.rope_ops  # noqa: F401
 
 
 def optimized(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:

@@ -23,7 +23,7 @@ where the polymorphic one writes `CastLike`. Measured with ONNX Runtime 1.32 and
 1.7: both run overloaded functions and ONNX Runtime picks the overload each node names, but
 TensorRT's parser (like `onnx.reference`) looks local functions up by name alone, so one model
 that uses the same op at two element types below opset 15 parses only through `rewrite build`,
-which gives each overload a name of its own first (`fusegraph.engine`). The numpy references in
+which gives each overload a name of its own first (`fusegraph.plugins.engine`). The numpy references in
 `fusegraph.kernels.reference` implement the same semantics for the GPU kernels.
 """
 
@@ -90,7 +90,7 @@ class Body:
 
     `dtype` is the element type the body is specialised to, None for a polymorphic body;
     `cast_like(v, like)` and `const_like` hide the difference (`like` must have X's type).
-    `target` is the runtime the model is rewritten for (`fusegraph.lowering.TARGETS`): every
+    `target` is the runtime the model is rewritten for (`fusegraph.ops.lowering.TARGETS`): every
     runtime inlines the body, and where two forms of the same semantics run fast in different
     runtimes a body picks by it (the attention's dead-row guard: `attention_op`). Any ONNX
     runtime runs either form.

@@ -45,7 +45,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from fusegraph.fused_ops import Body, FusedOp, register
+from .fused_ops import Body, FusedOp, register
 
 MIN_OPSET = 13
 #: CastLike, which lets one body serve float32, float16 and bfloat16, exists from this opset.
