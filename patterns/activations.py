@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 
-from fusegraph.ops import activation_ops  # noqa: F401  (registers the fused ops)
-from fusegraph.ops.fused_ops import DOMAIN
+from fusegraph.ops.activation_ops import GATED
+from fusegraph.ops.fused_ops import ACTIVATIONS, DOMAIN
 from fusegraph.pattern import Const, Pattern, PatternOps
 from fusegraph.rule import Rule, reject
 
@@ -80,6 +80,19 @@ def gelu_tanh(op: PatternOps, x: Pattern) -> Pattern:
 
 def silu(op: PatternOps, x: Pattern) -> Pattern:
     return op.Mul(x, op.Sigmoid(x)) | op.Silu(x, _domain=DOMAIN)
+
+
+#: Every form of each activation of the fused ops' enum (`fused_ops.ACTIVATIONS`, the identity
+#: aside), in the order a tagged alternative tries them.
+ACTIVATION_PATTERNS = {
+    "Relu": lambda op, x: op.Relu(x),
+    "Sigmoid": lambda op, x: op.Sigmoid(x),
+    "Tanh": lambda op, x: op.Tanh(x),
+    "Silu": silu,
+    "Gelu": gelu_erf,
+    "GeluTanh": gelu_tanh,
+}
+assert set(ACTIVATION_PATTERNS) == set(ACTIVATIONS) - {""}, "an activation of the enum without its patterns"
 
 
 # -- conditions shared with the GEMM epilogues -------------------------------------------------
@@ -169,11 +182,8 @@ def alpha_is_quick_gelu(alpha) -> bool:
 
 
 # -- gated MLPs -----------------------------------------------------------------------------
-GATE_ACTIVATIONS = {"SwiGLU": silu, "GeGLU": gelu_erf, "GeGLUTanh": gelu_tanh}
-
-
 def _gated_rule(op_name: str) -> Rule:
-    act = GATE_ACTIVATIONS[op_name]
+    act = ACTIVATION_PATTERNS[GATED[op_name]]
 
     def pattern(op, x, wg, wu):
         return op.Mul(act(op, op.MatMul(x, wg)), op.MatMul(x, wu))
@@ -192,7 +202,7 @@ def weights_are_matrices(wg, wu) -> bool:
     return wg.shape == wu.shape or reject(f"weight shapes {wg.shape} and {wu.shape} differ")
 
 
-RULES = [_gated_rule(name) for name in GATE_ACTIVATIONS] + [
+RULES = [_gated_rule(name) for name in GATED] + [
     _gelu_rule("activations.gelu_erf", gelu_erf_decomposed, "none", "Gelu"),
     _gelu_rule("activations.gelu_tanh", gelu_tanh_decomposed, "tanh", "GeluTanh"),
     Rule("activations.quick_gelu", quick_gelu_pattern, quick_gelu_replacement,

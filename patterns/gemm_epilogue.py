@@ -25,18 +25,8 @@ from __future__ import annotations
 
 from fusegraph.ops.fused_ops import DOMAIN, matmul_epilogue_name
 from fusegraph.pattern import Attr, optional, tagged
-from fusegraph.patterns.activations import (gelu_erf, gelu_tanh, matmul_rank, overridable, silu,
-                                            structural_constants_fit)
+from fusegraph.patterns.activations import ACTIVATION_PATTERNS, matmul_rank, overridable, structural_constants_fit
 from fusegraph.rule import Rule, reject
-
-ACTIVATION_PATTERNS = {
-    "Relu": lambda op, x: op.Relu(x),
-    "Sigmoid": lambda op, x: op.Sigmoid(x),
-    "Tanh": lambda op, x: op.Tanh(x),
-    "Silu": silu,
-    "Gelu": gelu_erf,
-    "GeluTanh": gelu_tanh,
-}
 
 
 def constant_source(v):
