@@ -21,7 +21,8 @@ PACKAGES = {"rewriter": "fusegraph", "patterns": "fusegraph.patterns", "plugins"
             "kernels": "fusegraph.kernels"}
 
 CORE = {f"fusegraph.{m}" for m in ("errors", "external_data", "ir", "pattern", "matcher", "rule", "dispatch",
-                                   "typecheck", "rewrite", "canonicalize", "model_io")}
+                                   "typecheck", "rewrite", "subgraph_functions", "canonicalize",
+                                   "model_io")}
 #: Modules of the TensorRT side that run the whole pipeline (`rewrite build --rewrite`), so
 #: they sit with the command line on top.
 TENSORRT_TOOLS = {"fusegraph.plugins.engine", "fusegraph.plugins.engine_cli"}
