@@ -80,7 +80,7 @@ class SubgraphFunctions:
         for node in created:
             if node.domain in RUNTIME_DOMAINS or node.domain == fused_domain:
                 continue
-            fn = _body(graph, node, ids, results, replaced, matched, bound, patterns, captures)
+            fn = _body(graph, node, ids, results, replaced, matched, bound, patterns, captures, self.calls)
             if fn is None:
                 continue
             key = fn.SerializeToString()
@@ -104,6 +104,15 @@ class SubgraphFunctions:
                 continue
             proto.overload = ov
             used.add((proto.domain, proto.op_type, ov))
+        # A user op fused again by a later rule lives on inside the new op's body only.
+        functions = {(d, op, ov): fn for (d, op), versions in self.bodies.items() for _, ov, fn in versions}
+        todo = list(used)
+        while todo:
+            for n in functions[todo.pop()].node:
+                inner = (n.domain, n.op_type, n.overload)
+                if inner in functions and inner not in used and (n.domain, n.op_type) not in have:
+                    used.add(inner)
+                    todo.append(inner)
         for (domain, op), versions in sorted(self.bodies.items()):
             for _, ov, fn in versions:
                 if (domain, op, ov) in used:
@@ -114,7 +123,7 @@ class SubgraphFunctions:
 
 def _body(graph: Graph, node: Node, created: set[int], results: tuple[Value, ...], replaced: list[Value],
           matched: list[Node], bound: dict[int, Node], patterns: dict[int, NodePattern],
-          captures: dict[str, Any]) -> onnx.FunctionProto | None:
+          captures: dict[str, Any], calls: dict[Node, str]) -> onnx.FunctionProto | None:
     """`node`'s function: the matched subgraph in the names of `node`'s signature, or None where
     that would not be what the replacement means (see the module's docstring)."""
     inside = {id(n) for n in matched}
@@ -154,6 +163,8 @@ def _body(graph: Graph, node: Node, created: set[int], results: tuple[Value, ...
     for n in sorted(matched, key=lambda n: n.order):
         proto = helper.make_node(n.op_type, [names[v.name] if v is not None else "" for v in n.inputs],
                                  [names[v.name] for v in n.outputs], domain=n.domain)
+        if calls.get(n):
+            proto.overload = calls[n]  # an earlier user op, by the body it calls
         referenced = _referenced_attributes(n, pattern_of.get(id(n)), node, captures)
         for a in n.attrs.values():
             if a.name not in referenced:

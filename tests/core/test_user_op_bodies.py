@@ -140,3 +140,19 @@ def test_a_model_s_own_function_stays():
     model.opset_import.append(helper.make_opsetid("test", 1))
     out = rewrite(model, [rule])
     assert [f.SerializeToString() for f in out.functions] == [theirs.SerializeToString()]
+
+
+def test_a_user_op_fused_again_keeps_its_body_inside_the_new_one():
+    """A later rule that takes a user op into its own match: the inner op's function stays, as
+    the outer body calls it."""
+    inner = Rule("inner", lambda op, x: op.Neg(op.Relu(x)), lambda op, x: op.NegRelu(x, _domain="test"), priority=2)
+    outer = Rule("outer", lambda op, x: op.Exp(op.NegRelu(x, _domain="test")),
+                 lambda op, x: op.ExpNegRelu(x, _domain="test"), priority=1)
+    model = make_model([node("Relu", ["x"], ["r"]), node("Neg", ["r"], ["n"]), node("Exp", ["n"], ["y"])],
+                       {"x": (F, [2, 3])}, {"y": (F, [2, 3])})
+    out = rewrite(model, [inner, outer])
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node] == ["ExpNegRelu"]
+    assert sorted(f.name for f in out.functions) == ["ExpNegRelu", "NegRelu"]
+    feeds = make_inputs(model)
+    np.testing.assert_allclose(run(out, feeds)["y"], run(model, feeds)["y"], rtol=1e-6)
