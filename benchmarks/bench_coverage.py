@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fusegraph.testing import manifest_feeds
+from fusegraph.verify.testing import manifest_feeds
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "tests" / "data" / "models" / "MANIFEST.json"

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fusegraph import tensorrt_shim
-from fusegraph.engine import build_engine
+from fusegraph.plugins import tensorrt_shim
+from fusegraph.plugins.engine import build_engine
 from fusegraph.errors import InputError
-from fusegraph.testing import manifest_profile
+from fusegraph.verify.testing import manifest_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -213,7 +213,7 @@ def onnxscript_variant(src: Path, arch: Arch) -> onnx.ModelProto:
 def fusegraph_targets() -> list[str]:
     """The lowering targets this fusegraph offers beyond the portable default."""
     try:
-        from fusegraph.lowering import TARGETS
+        from fusegraph.ops.lowering import TARGETS
     except ImportError:
         return []
     return [t for t in TARGETS if t != "portable"]
@@ -374,7 +374,7 @@ def engine_ranges(arch: Arch, shapes: list[tuple[int, int]]) -> dict[str, dict[s
 def engine_row(name: str, src: Path, arch: Arch, shapes) -> dict[str, dict]:
     """Engine layers of the export, its rewrite and the rewrite with plugins (built on the CPU)."""
     import tempfile
-    from fusegraph.engine import build_engine
+    from fusegraph.plugins.engine import build_engine
     from fusegraph.errors import InputError
     out = {}
     with tempfile.TemporaryDirectory() as work:
@@ -397,7 +397,7 @@ def engine_row(name: str, src: Path, arch: Arch, shapes) -> dict[str, dict]:
 
 
 def render_engines(rows: list[tuple[str, dict]]) -> str:
-    from fusegraph import tensorrt_shim
+    from fusegraph.plugins import tensorrt_shim
     b = tensorrt_shim.backend()
     lines = ["## TensorRT-RTX engines of the same exports", "",
              f"{b['flavour']} {b['version']}, built on the CPU (no GPU), one profile over the measured shapes. "

@@ -15,7 +15,7 @@ ONNX Runtime's CPU provider (1 thread, default graph optimizations) as
 
 Each cell is the median of `--runs` runs, the forms taking turns run by run; x is the median
 over those rounds of original / form (above 1 is faster), steadier on a shared machine than a
-ratio of medians. Every form's output is checked against the original's. `fusegraph.lowering`
+ratio of medians. Every form's output is checked against the original's. `fusegraph.ops.lowering`
 lowers an op for a target only where that form is measured faster here.
 
     python benchmarks/bench_lowering.py [--seq 1 128 512] [--runs 80] [--only RMSNorm "QKV projections"]
@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from fusegraph.api import rewrite_with_report
-from fusegraph.testing import make_model
+from fusegraph.verify.testing import make_model
 
 node = helper.make_node
 HIDDEN, HEADS, HEAD_DIM, FFN = 512, 8, 64, 1376

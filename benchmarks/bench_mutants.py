@@ -3,7 +3,7 @@
 Why: a rule's own instances prove that it fires where it should; its near misses (a constant
 an ulp or 0.1% off, a finite mask fill, an attribute the pattern does not pin, a narrowing
 Cast, a broadcast-growing constant, an initializer that is also a graph input, another opset
-or dtype; `fusegraph.mutate`) prove that it refuses what it must, or that what it makes of them
+or dtype; `fusegraph.verify.mutate`) prove that it refuses what it must, or that what it makes of them
 is still right. For every library rule this runs `verify_rule`'s mutation phase and prints,
 per rule, the instances found (one per branch path), the mutants checked, how many the rule
 refused, how many it rewrote into a valid model equal to the original on every adversarial
@@ -21,7 +21,7 @@ import sys
 import time
 
 from fusegraph.patterns import all_rules
-from fusegraph.selfcheck import RuleCheckFailure, default_repro_dir, verify_rule
+from fusegraph.verify.selfcheck import RuleCheckFailure, default_repro_dir, verify_rule
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ TensorRT adapter delegates to, the way TensorRT would: output shapes and dtypes 
 format support queried per position, then `enqueue` with raw device pointers (CuPy
 allocations) and a CUDA stream. The kernels launch through `fusegraph.kernels.launch`
 (cuda-python, no torch). Each result is compared with onnxruntime running the fused op's
-local function from `fusegraph.fused_ops` where the rewriter defines it, else with the numpy
+local function from `fusegraph.ops.fused_ops` where the rewriter defines it, else with the numpy
 reference in `fusegraph.kernels.reference`.
 
     python benchmarks/check_plugins_gpu.py [--json out.json]
@@ -50,7 +50,8 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 import fusegraph  # noqa: E402
-from fusegraph.fused_ops import REGISTRY  # noqa: E402
+from fusegraph.ops.activation_ops import GATED  # noqa: E402
+from fusegraph.ops.fused_ops import REGISTRY  # noqa: E402
 from fusegraph.kernels import reference  # noqa: E402
 from fusegraph.plugins.core import CORES  # noqa: E402
 
@@ -91,12 +92,12 @@ def ort_reference(op: str, attrs: dict, arrays: list[np.ndarray], n_out: int) ->
 
 def numpy_reference(op: str, attrs: dict, a: list[np.ndarray]) -> list[np.ndarray]:
     f64 = np.float64
-    if op.startswith("MatMul"):
-        act = op.removeprefix("MatMulBias").removeprefix("MatMul") or "none"
-        return [reference.matmul_bias_act(a[0], a[1], a[2] if len(a) > 2 else None, act, compute_dtype=f64)]
-    if op in ("SwiGLU", "GeGLU", "GeGLUTanh"):
-        act = {"SwiGLU": "Silu", "GeGLU": "Gelu", "GeGLUTanh": "GeluTanh"}[op]
-        return [reference.swiglu(a[0], a[1], a[2], act=act, compute_dtype=f64)]
+    spec = CORES[op].spec
+    if spec.reference == "matmul_bias_act":
+        return [reference.matmul_bias_act(a[0], a[1], a[2] if len(a) > 2 else None, spec.activation or "none",
+                                          compute_dtype=f64)]
+    if spec.reference == "swiglu":
+        return [reference.swiglu(a[0], a[1], a[2], act=spec.activation, compute_dtype=f64)]
     if op in ("Attention", "MaskedAttention"):
         return [reference.attention(a[0], a[1], a[2], a[3] if len(a) > 3 else None, attrs.get("scale") or None,
                                     bool(attrs.get("is_causal")), compute_dtype=f64)]
@@ -125,7 +126,7 @@ def cases(rng: np.random.Generator):
     mask = np.where(rng.random((33, 40)) < 0.2, -1e4, 0.0)
     yield "MaskedAttention [Sq,Sk] mask scale=0.1", "MaskedAttention", {"scale": 0.1, "is_causal": 0}, [q, k, v, mask]
     wu = rng.standard_normal((64, 96)) / 8
-    for op in ("SwiGLU", "GeGLU", "GeGLUTanh"):
+    for op in GATED:
         yield op, op, {}, [x, w, wu]
     h, r = rng.standard_normal((4, 17, 128)), rng.standard_normal((4, 17, 128))
     g, beta = 1 + rng.standard_normal(128) / 4, rng.standard_normal(128) / 4

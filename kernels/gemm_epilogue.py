@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("none", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu")
+from .reference import ACTIVATIONS
 
 
 @triton.jit

@@ -12,7 +12,10 @@ import math
 
 import numpy as np
 
-ACTIVATIONS = ("none", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu")
+from fusegraph.ops import fused_ops
+
+#: The fused ops' activations (`fusegraph.ops.fused_ops.ACTIVATIONS`), identity named "none".
+ACTIVATIONS = tuple(act or "none" for act in fused_ops.ACTIVATIONS)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -37,6 +40,12 @@ def activation(x: np.ndarray, act: str) -> np.ndarray:
     if act == "Silu":
         return x / (1 + np.exp(-x))
     raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def quick_gelu(x, alpha=1.702, compute_dtype=None):
+    """``QuickGelu``: Y = X * Sigmoid(alpha X)."""
+    xf = x.astype(compute_dtype or np.float64)
+    return _out(xf / (1 + np.exp(-alpha * xf)), x, compute_dtype)
 
 
 def _out(y: np.ndarray, like: np.ndarray, compute_dtype) -> np.ndarray:

@@ -13,25 +13,26 @@ is captured so `constants_keep_shape` can check what the fused op absorbs: a con
 broadcasts x to a bigger shape ([2, 1, 1, 1] over [1, ...]) or that a caller may feed (an
 initializer that is also a graph input) is part of what the graph computes, not of GELU.
 
-Priorities: gated MLPs (act(X @ Wg) * (X @ Wu), Llama's SwiGLU, T5's GeGLU) go first, before
-the GEMM epilogues would take the gate's MatMul alone; then the GEMM epilogues (100+), which
-take an activation right after a MatMul (+ bias) - the patterns here are theirs too; then the
-standalone activations below 100.
+Priorities (`priorities`): gated MLPs (act(X @ Wg) * (X @ Wu), Llama's SwiGLU, T5's GeGLU) go
+first, before the GEMM epilogues would take the gate's MatMul alone; then the GEMM epilogues,
+which take an activation right after a MatMul (+ bias) - the patterns here are theirs too; then
+the standalone activations.
 """
 
 from __future__ import annotations
 
 import math
 
-from fusegraph import activation_ops  # noqa: F401  (registers the fused ops)
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops.activation_ops import GATED
+from fusegraph.ops.fused_ops import ACTIVATIONS, DOMAIN
 from fusegraph.pattern import Const, Pattern, PatternOps
 from fusegraph.rule import Rule, reject
 
+from .conditions import opset, overridable
+from .priorities import ACTIVATION, GATED_MLP
+
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-GATED_PRIORITY = 130
-ACTIVATION_PRIORITY = 90
 
 
 #: Names under which the activation patterns capture their structural constants (one name per
@@ -82,13 +83,20 @@ def silu(op: PatternOps, x: Pattern) -> Pattern:
     return op.Mul(x, op.Sigmoid(x)) | op.Silu(x, _domain=DOMAIN)
 
 
+#: Every form of each activation of the fused ops' enum (`fused_ops.ACTIVATIONS`, the identity
+#: aside), in the order a tagged alternative tries them.
+ACTIVATION_PATTERNS = {
+    "Relu": lambda op, x: op.Relu(x),
+    "Sigmoid": lambda op, x: op.Sigmoid(x),
+    "Tanh": lambda op, x: op.Tanh(x),
+    "Silu": silu,
+    "Gelu": gelu_erf,
+    "GeluTanh": gelu_tanh,
+}
+assert set(ACTIVATION_PATTERNS) == set(ACTIVATIONS) - {""}, "an activation of the enum without its patterns"
+
+
 # -- conditions shared with the GEMM epilogues -------------------------------------------------
-def overridable(v) -> bool:
-    """An initializer that is also a graph input is a default the caller may feed (ONNX IR), not
-    a constant: a fused op that absorbed it would ignore the value fed."""
-    return v in v.graph.inputs
-
-
 def unabsorbable(c, rank: int | None) -> str | None:
     """Why the constant `c`, applied elementwise to a value of rank `rank`, can't be absorbed by
     a fused op (which keeps that value's shape and reads no such input), or None."""
@@ -133,11 +141,11 @@ def _gelu_rule(name: str, decomposed, approximate: str, fused: str) -> Rule:
         return decomposed(op, x)
 
     def replacement(op, x):
-        if x.graph.opset.get("", 1) >= 20:
+        if opset(x) >= 20:
             return op.Gelu(x, approximate=approximate)
         return getattr(op, fused)(x, _domain=DOMAIN)
     replacement.__doc__ = f"decomposed GELU ({approximate}) -> Gelu (opset 20) or fusegraph.{fused}"
-    return Rule(name, pattern, replacement, constants_keep_shape, priority=ACTIVATION_PRIORITY)
+    return Rule(name, pattern, replacement, constants_keep_shape, priority=ACTIVATION)
 
 
 def silu_pattern(op, x):
@@ -169,11 +177,8 @@ def alpha_is_quick_gelu(alpha) -> bool:
 
 
 # -- gated MLPs -----------------------------------------------------------------------------
-GATE_ACTIVATIONS = {"SwiGLU": silu, "GeGLU": gelu_erf, "GeGLUTanh": gelu_tanh}
-
-
 def _gated_rule(op_name: str) -> Rule:
-    act = GATE_ACTIVATIONS[op_name]
+    act = ACTIVATION_PATTERNS[GATED[op_name]]
 
     def pattern(op, x, wg, wu):
         return op.Mul(act(op, op.MatMul(x, wg)), op.MatMul(x, wu))
@@ -182,7 +187,7 @@ def _gated_rule(op_name: str) -> Rule:
         return getattr(op, op_name)(x, wg, wu, _domain=DOMAIN)
     replacement.__doc__ = f"act(X @ Wg) * (X @ Wu) -> fusegraph.{op_name}"
     return Rule(f"activations.{op_name}", pattern, replacement, [weights_are_matrices, gate_constants_keep_shape],
-                GATED_PRIORITY)
+                GATED_MLP)
 
 
 def weights_are_matrices(wg, wu) -> bool:
@@ -192,10 +197,10 @@ def weights_are_matrices(wg, wu) -> bool:
     return wg.shape == wu.shape or reject(f"weight shapes {wg.shape} and {wu.shape} differ")
 
 
-RULES = [_gated_rule(name) for name in GATE_ACTIVATIONS] + [
+RULES = [_gated_rule(name) for name in GATED] + [
     _gelu_rule("activations.gelu_erf", gelu_erf_decomposed, "none", "Gelu"),
     _gelu_rule("activations.gelu_tanh", gelu_tanh_decomposed, "tanh", "GeluTanh"),
     Rule("activations.quick_gelu", quick_gelu_pattern, quick_gelu_replacement,
-         [alpha_is_quick_gelu, constants_keep_shape], ACTIVATION_PRIORITY),
-    Rule("activations.silu", silu_pattern, silu_replacement, priority=ACTIVATION_PRIORITY - 1),
+         [alpha_is_quick_gelu, constants_keep_shape], ACTIVATION),
+    Rule("activations.silu", silu_pattern, silu_replacement, priority=ACTIVATION - 1),
 ]

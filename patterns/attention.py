@@ -42,12 +42,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops.attention_op import MIN_OPSET, TYPED_BODY_OPSET
+from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps, Var, optional
 from fusegraph.rule import Rule, reject
 
 from . import attention_masks
-from .attention_op import MIN_OPSET, TYPED_BODY_OPSET
+from .conditions import computes_in_float32, opset
+from .priorities import ATTENTION, ATTENTION_ONNX
 
 ONNX_ATTENTION_OPSET = 23
 #: Captures holding scale constants: a product of the `_mul`s over a product of the `_div`s.
@@ -425,11 +427,7 @@ def nan_rows_reproducible(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=Non
 def math_fits_float32(q) -> bool:
     """Both targets compute the scores and softmax in float32 (`attention_op`, ONNX Attention's
     float32 inputs); a float64 attention would lose float64's precision."""
-    return q.dtype != onnx.TensorProto.DOUBLE or reject("float64 Q: the fused attention would be computed in float32")
-
-
-def opset(v) -> int:
-    return v.graph.opset.get("", 1)
+    return computes_in_float32(q, "Q", "attention")
 
 
 def opset_at_least(n: int):
@@ -591,7 +589,7 @@ CONDITIONS = [scales_are_scalars, scales_keep_range, softmax_on_last_axis, heads
 RULES = [
     Rule("attention.onnx", attention, to_onnx,
          [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
-         priority=210, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
+         priority=ATTENTION_ONNX, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
     Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
-         priority=200, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
+         priority=ATTENTION, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
 ]

@@ -23,20 +23,13 @@ optional C), so the library's dispatch sees one rule per shape of chain.
 
 from __future__ import annotations
 
-from fusegraph.fused_ops import DOMAIN, matmul_epilogue_name
+from fusegraph.ops.fused_ops import DOMAIN, matmul_epilogue_name
 from fusegraph.pattern import Attr, optional, tagged
-from fusegraph.patterns.activations import (gelu_erf, gelu_tanh, matmul_rank, overridable, silu,
-                                            structural_constants_fit)
+from fusegraph.patterns.activations import ACTIVATION_PATTERNS, matmul_rank, structural_constants_fit
 from fusegraph.rule import Rule, reject
 
-ACTIVATION_PATTERNS = {
-    "Relu": lambda op, x: op.Relu(x),
-    "Sigmoid": lambda op, x: op.Sigmoid(x),
-    "Tanh": lambda op, x: op.Tanh(x),
-    "Silu": silu,
-    "Gelu": gelu_erf,
-    "GeluTanh": gelu_tanh,
-}
+from .conditions import overridable
+from .priorities import GEMM_ACTIVATION, GEMM_BIAS
 
 
 def constant_source(v):
@@ -149,9 +142,9 @@ gemm_act_replacement.__doc__ = (f"Gemm (+ bias) (+ Reshape) + {ACTIVATION_NAMES}
 # Chains with an activation first, so MatMul+Add+Relu is never split into MatMul+Add, Relu.
 RULES = [
     Rule("gemm_epilogue.matmul_act", matmul_act_pattern, matmul_act_replacement,
-         [weight_is_matrix, bias_fits_matmul, matmul_constants_keep_shape], 115),
+         [weight_is_matrix, bias_fits_matmul, matmul_constants_keep_shape], GEMM_ACTIVATION),
     Rule("gemm_epilogue.gemm_act", gemm_act_pattern, gemm_act_replacement,
-         [weight_is_matrix, bias_fits_gemm, gemm_constants_keep_shape], 115),
+         [weight_is_matrix, bias_fits_gemm, gemm_constants_keep_shape], GEMM_ACTIVATION),
     Rule("gemm_epilogue.matmul_bias", matmul_bias_pattern, matmul_bias_replacement,
-         [weight_is_matrix, bias_is_vector], 105),
+         [weight_is_matrix, bias_is_vector], GEMM_BIAS),
 ]

@@ -18,7 +18,7 @@ epsilon becomes an attribute, so it must be a constant nobody can feed that keep
 
 A transformer block adds its output to the residual stream and normalizes the sum, and the
 next block adds to that same sum: `fusegraph.SkipLayerNorm`/`SkipRMSNorm` compute both, S = X + R
-and Y = norm(S), in one pass (`fusegraph.norm_ops`). They run after the norm rules, so they see
+and Y = norm(S), in one pass (`fusegraph.ops.norm_ops`). They run after the norm rules, so they see
 the norm ops whether exported or fused here (`fusegraph.LayerNorm` below opset 17 included:
 SkipLayerNorm's body is written out there too).
 """
@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import onnx
 
-from fusegraph import norm_ops  # noqa: F401  (registers the fused ops)
-from fusegraph.fused_ops import DOMAIN, opset_refusal
-from fusegraph.instantiate import Leaf
+from fusegraph.ops import norm_ops  # noqa: F401  (registers the fused ops)
+from fusegraph.ops.fused_ops import DOMAIN, opset_refusal
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps
-from fusegraph.patterns.activations import overridable, structural_constants_fit, unabsorbable
-from fusegraph.rule import Rule, reject
+from fusegraph.patterns.activations import structural_constants_fit, unabsorbable
+from fusegraph.rule import Leaf, Rule, reject
 
-NORM_PRIORITY = 60
-SKIP_PRIORITY = 50
+from .conditions import computes_in_float32, opset, overridable
+from .priorities import NORM, SKIP_NORM
 
 
 def mean_last(op: PatternOps, x: Pattern, axes: str) -> Pattern:
@@ -98,10 +97,6 @@ def rms_norm_replacement(op, x, gamma, eps):
 
 def epsilon(eps) -> float:
     return float(eps.const_value.reshape(-1)[0])
-
-
-def opset(v) -> int:
-    return v.graph.opset.get("", 1)
 
 
 # -- conditions ------------------------------------------------------------------------------
@@ -178,8 +173,7 @@ def stats_fit_float32(x) -> bool:
     """The fused ops compute the statistics in float32 (stash_type 1, `norm_ops`' bodies); a
     float64 decomposition computes them in float64, and the results would differ by float32
     rounding (~1e-8), far beyond float64's."""
-    return x.dtype != onnx.TensorProto.DOUBLE or reject(
-        "float64 input: the fused norm would be computed in float32")
+    return computes_in_float32(x, "input", "norm")
 
 
 FUSED_NORM_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
@@ -273,14 +267,14 @@ CASTS_TO_X_TYPE = {"stats_type": None, "out_type": None}
 RULES = [
     Rule("norms.layer_norm", layer_norm_pattern, layer_norm_replacement,
          [has_layer_normalization, means_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar,
-          constants_keep_shape, affine_is_vector], NORM_PRIORITY,
+          constants_keep_shape, affine_is_vector], NORM,
          examples=[{"gamma": Leaf(True, 1), "beta": Leaf(True, 1)} | CASTS_TO_X_TYPE]),
     Rule("norms.rms_norm", rms_norm_pattern, rms_norm_replacement,
          [mean_over_last_axis, stats_fit_float32, float32_statistics, eps_is_scalar, constants_keep_shape,
           affine_is_vector],
-         NORM_PRIORITY, examples=[CASTS_TO_X_TYPE]),
+         NORM, examples=[CASTS_TO_X_TYPE]),
     Rule("norms.skip_layer_norm", skip_layer_norm_pattern, skip_layer_norm_replacement,
-         [is_residual, norm_over_last_axis], SKIP_PRIORITY),
+         [is_residual, norm_over_last_axis], SKIP_NORM),
     Rule("norms.skip_rms_norm", skip_rms_norm_pattern, skip_rms_norm_replacement,
-         [is_residual, norm_over_last_axis, stats_fit_float32], SKIP_PRIORITY),
+         [is_residual, norm_over_last_axis, stats_fit_float32], SKIP_NORM),
 ]

@@ -25,22 +25,21 @@ graph input is a default a caller may feed, so it is never concatenated into a n
 `qkv.projections` a trio of bare MatMuls (also the MatMuls of a trio where only some have a
 bias: the bias Adds then stay, on the Split's outputs).
 
-Priority: after attention (which starts at the projected Q, K, V and never looks at the
-MatMuls) and the gated MLPs, before the GEMM epilogues, which would otherwise take each
-MatMul + bias alone.
+Priority (`priorities.QKV`): after attention (which starts at the projected Q, K, V and never
+looks at the MatMuls) and the gated MLPs, before the GEMM epilogues, which would otherwise take
+each MatMul + bias alone.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.rule import Rule, reject
 
-from .activations import overridable
+from .conditions import opset, overridable
 from .gemm_epilogue import constant_source
-
-PRIORITY = 120
+from .priorities import QKV
 SPLIT_INPUT_OPSET = 13  # Split takes its sizes as an input from opset 13
 
 
@@ -110,7 +109,7 @@ def biases_are_vectors(wq, wk, wv, bq, bk, bv) -> bool:
 
 
 def opset_has_split_input(x) -> bool:
-    return x.graph.opset.get("", 1) >= SPLIT_INPUT_OPSET or reject("Split sizes as an input need opset 13")
+    return opset(x) >= SPLIT_INPUT_OPSET or reject("Split sizes as an input need opset 13")
 
 
 def _example(bias: bool) -> dict:
@@ -125,7 +124,7 @@ def _example(bias: bool) -> dict:
 CONDITIONS = [x_feeds_three_matmuls, weights_are_constant_matrices, opset_has_split_input]
 RULES = [
     # All three biased first: a bare trio match would leave the bias Adds behind.
-    Rule("qkv.projections_bias", biased, fused_biased, CONDITIONS + [biases_are_vectors], PRIORITY + 1,
+    Rule("qkv.projections_bias", biased, fused_biased, CONDITIONS + [biases_are_vectors], QKV + 1,
          examples=[_example(True)]),
-    Rule("qkv.projections", bare, fused_bare, CONDITIONS, PRIORITY, examples=[_example(False)]),
+    Rule("qkv.projections", bare, fused_bare, CONDITIONS, QKV, examples=[_example(False)]),
 ]

@@ -29,13 +29,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from fusegraph import rope_ops  # noqa: F401  (registers the fused op)
 from fusegraph.canonicalize import evaluate
-from fusegraph.fused_ops import DOMAIN
+from fusegraph.ops import rope_ops  # noqa: F401  (registers the fused op)
+from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, Pattern, PatternOps, Var
 from fusegraph.rule import Rule, reject
 
-PRIORITY = 80
+from .conditions import computes_in_float32, overridable
+from .priorities import ROPE
 ROTATED_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT)
 
 
@@ -272,9 +273,8 @@ def rotates_leading_channels(interleaved: bool):
 def math_fits_float32(x) -> bool:
     """The fused op rotates in float32 (`rope_ops`): x must be float16, bfloat16 or float32 (a
     float64 rotation would lose precision; an integer one would be rounded through float32)."""
-    if x.dtype == onnx.TensorProto.DOUBLE:
-        return reject("float64 input: the fused RoPE would be computed in float32")
-    return x.dtype in ROTATED_TYPES or reject(f"x's element type {x.dtype} is not float16, bfloat16 or float32")
+    return computes_in_float32(x, "input", "RoPE") and (
+        x.dtype in ROTATED_TYPES or reject(f"x's element type {x.dtype} is not float16, bfloat16 or float32"))
 
 
 # -- self-check examples --------------------------------------------------------------------
@@ -308,7 +308,7 @@ RULES = [
          (partial_pattern if partial else full_pattern)(rotate),
          replacement_for(kind == "interleaved"),
          [(rotates_leading_channels if partial else rotates_whole_head)(kind == "interleaved"), math_fits_float32],
-         PRIORITY + partial, examples=[example(kind == "interleaved", partial)])
+         ROPE + partial, examples=[example(kind == "interleaved", partial)])
     for partial in (True, False)
     for kind, rotate in (("rotate_half", rotate_half), ("interleaved", rotate_interleaved))
 ]

@@ -18,6 +18,8 @@ import numpy as np
 from fusegraph.pattern import Attr
 from fusegraph.rule import Rule, reject
 
+from .priorities import ROPE_CACHE
+
 
 def pattern(op, x, cos, sin):
     return op.RotaryEmbedding(x, cos, sin, interleaved=Attr("interleaved"), num_heads=Attr("num_heads"),
@@ -49,4 +51,4 @@ def example() -> dict:
 
 
 RULES = [Rule("rope_cache.broadcast_batch", pattern, replacement, cache_batch_is_one_but_input_batch_is_not,
-              priority=85, examples=[example()])]
+              priority=ROPE_CACHE, examples=[example()])]

@@ -13,7 +13,7 @@
   gathers rank-major into the workspace and then places each rank's block with one strided
   `cuMemcpy2DAsync`; a ReduceScatter along an inner axis packs rank-major first, the same way.
 - **Adapters** (`register_all`): IPluginV3 classes for TensorRT / TensorRT-RTX (through
-  `fusegraph.tensorrt_shim`), registered in namespace `fusegraph` beside the fused-op plugins.
+  `fusegraph.plugins.tensorrt_shim`), registered in namespace `fusegraph` beside the fused-op plugins.
 
 Cost per call: one NCCL collective (plus `world_size` 2-D copies for an inner-axis gather or
 scatter); the Python call into nccl4py is the launch overhead the benchmark reports.
@@ -178,7 +178,7 @@ def core_from_fields(op: str, fields: dict) -> CollectiveCore:
 
 @lru_cache(maxsize=None)
 def plugin_classes() -> tuple[type, type]:
-    from fusegraph import tensorrt_shim
+    from fusegraph.plugins import tensorrt_shim
     from .tensorrt_plugin import dtype_name
     import numpy as np
     trt = tensorrt_shim.load()
@@ -284,7 +284,7 @@ _registered: dict[str, Any] = {}
 
 def register_all() -> list[dict[str, str]]:
     """Register the three collective creators (idempotent); what is registered."""
-    from fusegraph import tensorrt_shim
+    from fusegraph.plugins import tensorrt_shim
     _, creator_cls = plugin_classes()
     registry = tensorrt_shim.plugin_registry()
     for op in ("AllReduce", "AllGather", "ReduceScatter"):

@@ -11,13 +11,20 @@ asks for output shapes as expressions of the input dimensions before any size is
 every fused op's outputs are made of input dimensions only, so no arithmetic is needed.
 Tensors are dense row-major (TensorRT's LINEAR format). Dtype names are numpy's:
 "float32", "float16", "bfloat16" (the names `fusegraph.kernels.launch` takes).
+
+A plugin's signature (inputs, outputs, attributes with their defaults, the activation it
+applies) is its fused op's, read from the catalogue (`fusegraph.ops.fused_ops.REGISTRY`): a
+core class names its op and adds only what TensorRT asks beyond it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
+
+from fusegraph.ops import fused_ops
+from fusegraph.ops.activation_ops import GATED
+from fusegraph.ops.fused_ops import Attribute, FusedOp
 
 FLOATS = ("float32", "float16", "bfloat16")
 NAMESPACE = "fusegraph"  # engine.py routes fusegraph-domain nodes here (plugin_namespace attribute)
@@ -41,27 +48,26 @@ def broadcast_strides(what: str, shape: tuple[int, ...], full: tuple[int, ...], 
     return tuple(strides)
 
 
-@dataclass(frozen=True)
-class Field:
-    """One attribute: its name, "float" or "int", and its value when the node omits it."""
-
-    name: str
-    kind: str
-    default: float | int | None
-
-
 def _volume(dims: Sequence[int]) -> int:
     return math.prod(dims)
 
 
 class PluginCore:
-    """Base class: subclasses set the class attributes and the four op-specific methods."""
+    """Base class: subclasses set `op` and the op-specific methods; the signature comes from
+    the op's catalogue entry when the class is defined."""
 
     op: ClassVar[str]
+    spec: ClassVar[FusedOp]
     inputs: ClassVar[tuple[str, ...]]  # names; a trailing "?" marks an optional input
     outputs: ClassVar[tuple[str, ...]]
-    fields: ClassVar[tuple[Field, ...]] = ()
+    fields: ClassVar[tuple[Attribute, ...]] = ()
     dtypes: ClassVar[tuple[str, ...]] = FLOATS
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "op" in cls.__dict__:
+            cls.spec = fused_ops.REGISTRY[cls.op]
+            cls.inputs, cls.outputs, cls.fields = cls.spec.inputs, cls.spec.outputs, cls.spec.attrs
 
     def __init__(self, **attributes: Any) -> None:
         known = {f.name: f for f in self.fields}
@@ -71,8 +77,6 @@ class PluginCore:
         self.attributes: dict[str, float | int] = {}
         for f in self.fields:
             value = attributes.get(f.name, f.default)
-            if value is None:
-                raise ValueError(f"{self.op} needs attribute {f.name}")
             self.attributes[f.name] = float(value) if f.kind == "float" else int(value)
 
     @property
@@ -114,17 +118,8 @@ class PluginCore:
         raise NotImplementedError
 
 
-def _activation(op: str) -> str:
-    for prefix in ("MatMulBias", "MatMul"):
-        if op.startswith(prefix):
-            return op[len(prefix):] or "none"
-    raise ValueError(op)
-
-
 class MatMulAct(PluginCore):
     """`MatMul{Bias}{Act}`: Y [..., N] = act(X [..., K] @ W [K, N] (+ B [N]))."""
-
-    outputs = ("Y",)
 
     def output_dims(self, ranks):
         return [[(0, d) for d in range(ranks[0] - 1)] + [(1, 1)]]
@@ -143,7 +138,7 @@ class MatMulAct(PluginCore):
         x, w = shapes[0], shapes[1]
         bias = inputs[2] if len(inputs) > 2 else 0
         launch_matmul_bias_act(inputs[0], inputs[1], bias, outputs[0], _volume(x[:-1]), w[1], w[0],
-                               _activation(self.op), dtypes[0], stream)
+                               self.spec.activation or "none", dtypes[0], stream)
 
 
 class Attention(PluginCore):
@@ -151,9 +146,6 @@ class Attention(PluginCore):
     scale 0 means 1/sqrt(D) (the rewriter always states it)."""
 
     op = "Attention"
-    inputs = ("Q", "K", "V")
-    outputs = ("Y",)
-    fields = (Field("scale", "float", 0.0), Field("is_causal", "int", 0))
 
     def output_dims(self, ranks):
         return [[(0, 0), (0, 1), (0, 2), (0, 3)]]
@@ -190,7 +182,6 @@ class MaskedAttention(Attention):
     broadcastable to [B, Hq, Sq, Sk] (a separate op because function bodies cannot branch)."""
 
     op = "MaskedAttention"
-    inputs = ("Q", "K", "V", "Mask")
 
     def supports(self, pos, dtypes, n_inputs):
         if pos == 3:
@@ -199,11 +190,7 @@ class MaskedAttention(Attention):
 
 
 class GatedMatMul(PluginCore):
-    """`SwiGLU` / `GeGLU` / `GeGLUTanh`: Y [..., N] = act(X @ Wg) * (X @ Wu), X [..., K], W* [K, N]."""
-
-    outputs = ("Y",)
-    inputs = ("X", "Wg", "Wu")
-    activation: ClassVar[str]
+    """The gated MLPs (`GATED`): Y [..., N] = act(X @ Wg) * (X @ Wu), X [..., K], W* [K, N]."""
 
     def output_dims(self, ranks):
         return [[(0, d) for d in range(ranks[0] - 1)] + [(1, 1)]]
@@ -219,19 +206,7 @@ class GatedMatMul(PluginCore):
 
         x, w = shapes[0], shapes[1]
         launch_swiglu(inputs[0], inputs[1], inputs[2], 0, 0, outputs[0], _volume(x[:-1]), w[1], w[0],
-                      self.activation, dtypes[0], stream)
-
-
-class SwiGLU(GatedMatMul):
-    op, activation = "SwiGLU", "Silu"
-
-
-class GeGLU(GatedMatMul):
-    op, activation = "GeGLU", "Gelu"
-
-
-class GeGLUTanh(GatedMatMul):
-    op, activation = "GeGLUTanh", "GeluTanh"
+                      self.spec.activation, dtypes[0], stream)
 
 
 class _Norm(PluginCore):
@@ -254,9 +229,6 @@ class _Norm(PluginCore):
 
 class RMSNorm(_Norm):
     op = "RMSNorm"
-    inputs = ("X", "gamma")
-    outputs = ("Y",)
-    fields = (Field("epsilon", "float", 1e-6),)
 
     def enqueue(self, shapes, dtypes, inputs, outputs, stream):
         from fusegraph.kernels.launch import launch_rms_norm
@@ -267,9 +239,6 @@ class RMSNorm(_Norm):
 
 class SkipRMSNorm(_Norm):
     op = "SkipRMSNorm"
-    inputs = ("X", "R", "gamma")
-    outputs = ("Y", "S")
-    fields = (Field("epsilon", "float", 1e-6),)
 
     def enqueue(self, shapes, dtypes, inputs, outputs, stream):
         from fusegraph.kernels.launch import launch_skip_rms_norm
@@ -281,9 +250,6 @@ class SkipRMSNorm(_Norm):
 
 class SkipLayerNorm(_Norm):
     op = "SkipLayerNorm"
-    inputs = ("X", "R", "gamma", "beta")
-    outputs = ("Y", "S")
-    fields = (Field("epsilon", "float", 1e-5),)
 
     def enqueue(self, shapes, dtypes, inputs, outputs, stream):
         from fusegraph.kernels.launch import launch_skip_layer_norm
@@ -298,9 +264,6 @@ class RotaryEmbedding(PluginCore):
     with rd = rotary_dim (0 = D); the channels past rd pass through."""
 
     op = "RotaryEmbedding"
-    inputs = ("X", "cos", "sin")
-    outputs = ("Y",)
-    fields = (Field("interleaved", "int", 0), Field("rotary_dim", "int", 0))
 
     def output_dims(self, ranks):
         return [[(0, d) for d in range(ranks[0])]]
@@ -331,17 +294,11 @@ class RotaryEmbedding(PluginCore):
                                 dtypes[0], stream, cs_strides=self.cs_strides(shapes))
 
 
-def _matmul_cores() -> list[type[PluginCore]]:
-    cores = []
-    for bias in (False, True):
-        for act in ("", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu"):
-            if bias or act:
-                name = f"MatMul{'Bias' if bias else ''}{act}"
-                inputs = ("X", "W", "B") if bias else ("X", "W")
-                cores.append(type(name, (MatMulAct,), {"op": name, "inputs": inputs, "__doc__": MatMulAct.__doc__}))
-    return cores
+def _per_op(base: type[PluginCore], names) -> list[type[PluginCore]]:
+    """One core class per op of a family the catalogue lists (the GEMM epilogues, the gated MLPs)."""
+    return [type(name, (base,), {"op": name, "__doc__": base.__doc__}) for name in names]
 
 
 CORES: dict[str, type[PluginCore]] = {
-    c.op: c for c in (*_matmul_cores(), Attention, MaskedAttention, SwiGLU, GeGLU, GeGLUTanh, RMSNorm, SkipRMSNorm,
-                      SkipLayerNorm, RotaryEmbedding)}
+    c.op: c for c in (*_per_op(MatMulAct, fused_ops.MATMUL_EPILOGUES), Attention, MaskedAttention,
+                      *_per_op(GatedMatMul, GATED), RMSNorm, SkipRMSNorm, SkipLayerNorm, RotaryEmbedding)}

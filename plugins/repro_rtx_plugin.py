@@ -1,7 +1,7 @@
 """Reproducer: TensorRT-RTX's ONNX parser aborts the process when it adds a Python IPluginV3.
 
     python plugins/repro_rtx_plugin.py            # plain `import tensorrt_rtx_bindings`: aborts
-    python plugins/repro_rtx_plugin.py --shim     # through fusegraph.tensorrt_shim: builds
+    python plugins/repro_rtx_plugin.py --shim     # through fusegraph.plugins.tensorrt_shim: builds
 
 What happens (tensorrt-rtx-cu13-bindings/-libs 1.7.1.116, Linux x86-64, with or without a GPU):
 the parser finds the registered creator and creates the plugin ("Successfully created plugin"),
@@ -45,10 +45,10 @@ def make_model(path: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shim", action="store_true", help="import TensorRT through fusegraph.tensorrt_shim")
+    ap.add_argument("--shim", action="store_true", help="import TensorRT through fusegraph.plugins.tensorrt_shim")
     args = ap.parse_args()
     if args.shim:
-        from fusegraph import tensorrt_shim
+        from fusegraph.plugins import tensorrt_shim
 
         trt = tensorrt_shim.load()
     else:

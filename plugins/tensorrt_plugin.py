@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fusegraph import tensorrt_shim
+from fusegraph.plugins import tensorrt_shim
 
 from .core import CORES, NAMESPACE, VERSION, PluginCore
 

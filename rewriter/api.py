@@ -15,7 +15,7 @@ from .canonicalize import canonicalize as canonicalize_graph
 from .errors import InputError
 from .interop import to_proto
 from .ir import Graph
-from .lowering import lowering_rules
+from .ops.lowering import lowering_rules
 from .model_io import check_output, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
 from .rule import Rule, RuleSet
@@ -53,7 +53,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
 
     `base_dir` is where external data lives (for reading small constants); `copy=False` edits
     `model` in place, for callers that own it; `canonicalize` runs `fusegraph.canonicalize`
-    first; `target` lowers the fused ops for one runtime (`fusegraph.lowering`); `explain`
+    first; `target` lowers the fused ops for one runtime (`fusegraph.ops.lowering`); `explain`
     names the rules whose refusals are collected, `trace` keeps each fusion's nodes (both for
     `fusegraph.report`). `report.stages` holds the seconds of each stage.
     """

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import shard_cli
             code = shard_cli.main(argv[0], argv[1:])
         elif argv and argv[0] in ("build", "inspect"):
-            from . import engine_cli
+            from fusegraph.plugins import engine_cli
             code = getattr(engine_cli, f"{argv[0]}_main")(argv[1:])
         else:
             code = _rewrite_main(argv)

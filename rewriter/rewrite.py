@@ -38,13 +38,14 @@ from typing import Any, Collection, Iterable, Iterator
 import numpy as np
 import onnx
 
-from . import fused_ops
+from .ops import fused_ops
 from .dispatch import Dispatch
 from .errors import InputError
 from .ir import Graph, Node, Value, nested_nodes
 from .matcher import EMPTY, Bindings, Failure, Matcher, pattern_depth, raised, root_op_types
 from .pattern import Pattern
 from .rule import Rule, RuleRaised, RuleSet, call_with_captures
+from .subgraph_functions import SubgraphFunctions, node_patterns
 from .typecheck import ReplacementTypes
 
 FUSIONS_KEY = "fusegraph.fusions"
@@ -101,6 +102,9 @@ class RewriteReport:
     #: Seconds per stage of the whole run ("load", "canonicalize", "match", "write"), filled by
     #: `fusegraph.api` around the driver; `seconds` is the driver's own part ("match").
     stages: dict[str, float] = field(default_factory=dict)
+    #: Bodies for the user ops the replacements created: the subgraphs they replaced
+    #: (`fusegraph.subgraph_functions`), attached by `finalize`.
+    functions: SubgraphFunctions = field(default_factory=SubgraphFunctions, repr=False)
 
     def fault(self, rule: str, message: str) -> str:
         """Count a candidate `rule` refused because its code failed; returns the reason."""
@@ -195,6 +199,8 @@ class Rewriter:
         self.trace = trace
         self.progress = progress
         self.reach = max((r.depth for r in self.rules), default=1)
+        #: Each rule's pattern nodes by id, for the bodies of a user's ops (`SubgraphFunctions`).
+        self._node_patterns: dict[int, dict[int, Any]] = {}
 
     def run(self, graph: Graph) -> RewriteReport:
         """Rewrite `graph` to a fixpoint, then the bodies of its If/Loop/Scan nodes (nested ones
@@ -296,7 +302,7 @@ class Rewriter:
                     except RuleRaised as e:
                         reason = report.fault(rule.name, str(e))
                 if reason is None:
-                    done = self._apply(graph, types, rule, captures, matched, outputs, report)
+                    done = self._apply(graph, types, rule, env, captures, matched, outputs, report)
                     if not isinstance(done, str):
                         return done
                     reason = done
@@ -329,7 +335,7 @@ class Rewriter:
             for e in matcher.match(outs[i], cand, env):
                 yield from self._match_rest(matcher, outs, i + 1, e, values + [cand])
 
-    def _apply(self, graph: Graph, types: ReplacementTypes, rule: Rule, captures: dict[str, Any],
+    def _apply(self, graph: Graph, types: ReplacementTypes, rule: Rule, env: Bindings, captures: dict[str, Any],
                matched: list[Node], outputs: list[Value],
                report: RewriteReport) -> tuple[Fusion, list[Node]] | str:
         """Replace the match, or leave the graph as it was and say why not."""
@@ -350,6 +356,10 @@ class Rewriter:
             ops.rollback()
             return reason
         traced = _trace_nodes(matched) if self.trace else None
+        if id(rule) not in self._node_patterns:
+            self._node_patterns[id(rule)] = node_patterns(rule.outputs)
+        report.functions.capture(graph, ops.created, results, outputs, matched, env.nodes,
+                                 self._node_patterns[id(rule)], captures, fused_ops.DOMAIN)
         created = set(map(id, ops.created))
         lo = min(n.order for n in matched)
         hi = max(n.order for n in matched)
@@ -515,8 +525,8 @@ def _progress_bar(graph: Graph, levels: list[Dispatch]):
 
 
 def finalize(graph: Graph, report: RewriteReport, target: str = "portable") -> onnx.ModelProto:
-    """Write the graph back: local functions for fused ops (bodies for `target`), opset import,
-    fusion record."""
+    """Write the graph back: local functions for fused ops (bodies for `target`) and for a user's
+    ops (the subgraphs they replaced), opset import, fusion record."""
     model = graph.to_model()
     body_nodes = [n for body in graph.body_protos() for n in nested_nodes(body)]
     # Every domain a replacement introduced needs an opset import (fusegraph's at its version,
@@ -528,6 +538,7 @@ def finalize(graph: Graph, report: RewriteReport, target: str = "portable") -> o
         graph.opset[domain] = version
     fused_ops.attach_functions(model, lambda n: graph.value(n.input[0]).dtype or graph.value(n.output[0]).dtype,
                                target)
+    report.functions.attach(model)
     if report.fusions:
         record = [{"rule": f.rule, "matched": f.matched, "created": f.created} for f in report.fusions]
         props = {p.key: p for p in model.metadata_props}

@@ -43,6 +43,26 @@ class RuleRaised(Exception):
     """A rule's condition raised (not `reject`): the message says which and what."""
 
 
+@dataclass(frozen=True)
+class Leaf:
+    """How the self-check realises a captured `Var` named in a rule's `examples=`: a graph input
+    or a constant, of some rank and kind. Declared here, with the rule, so that a rule library
+    states its examples without importing the verifier that reads them.
+
+    `kind` is "float" (the instance's float type), "positive" (the same, in [0.5, 1.5): a
+    variance, a divisor), "int64" or "bool"; every dim is the instance's size `n`, except
+    those listed in `ones` (1, for broadcasting).
+    """
+
+    const: bool = False
+    rank: int = 2
+    kind: str = "float"
+    ones: tuple[int, ...] = ()
+
+    def shape(self, n: int) -> tuple[int, ...]:
+        return tuple(1 if i in self.ones else n for i in range(self.rank))
+
+
 @dataclass
 class Rule:
     name: str
@@ -55,7 +75,7 @@ class Rule:
     description: str = ""
     #: Concrete captures the self-check (`fusegraph.verify.verify_rule`) builds graphs from,
     #: where a generic search can't guess them: name -> np.ndarray (a constant of that value),
-    #: (shape, dtype) (a graph input), a `fusegraph.instantiate.Leaf` (an input or constant
+    #: (shape, dtype) (a graph input), a `Leaf` (an input or constant
     #: sized by the instance), or a Python value (a captured attribute). Float arrays and
     #: inputs take the instance's float type, which the random phase varies.
     examples: Sequence[dict[str, Any]] = ()

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 from onnx.checker import ValidationError
 from onnx.shape_inference import InferenceError, infer_function_output_types, infer_node_outputs
 
-from . import fused_ops
+from .ops import fused_ops
 from .ir import Graph, Node, Value
 
 #: Constant inputs up to this many elements are handed to inference (shapes, sizes, axes).
@@ -123,7 +123,7 @@ class ReplacementTypes:
 
 
 #: Ops ONNX Runtime registers in the default domain although ONNX does not define them; only
-#: `--target onnxruntime` emits them (`fusegraph.lowering`), and only their types go unchecked.
+#: `--target onnxruntime` emits them (`fusegraph.ops.lowering`), and only their types go unchecked.
 RUNTIME_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 

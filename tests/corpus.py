@@ -28,7 +28,7 @@ NAMES = sorted(n for n in MANIFEST if (MODELS / n).exists())
 _TABLE = json.loads((DATA / "known_misses.json").read_text())
 KNOWN_MISSES, RESIDUE = _TABLE["misses"], _TABLE["residue"]
 
-#: fused ops per category, as `fusegraph.testing.op_counts` names them
+#: fused ops per category, as `fusegraph.verify.testing.op_counts` names them
 FUSED_OPS = {
     "attention": ("Attention", "fusegraph.Attention", "fusegraph.MaskedAttention"),
     "norm": ("LayerNormalization", "RMSNormalization", "fusegraph.LayerNorm", "fusegraph.RMSNorm",

@@ -16,8 +16,8 @@ import onnx
 from onnx import helper
 
 import fusegraph
-from fusegraph.activation_ops import GATED
-from fusegraph.fused_ops import ACTIVATIONS, DOMAIN, REGISTRY, attach_functions, matmul_epilogue_name
+from fusegraph.ops.activation_ops import GATED
+from fusegraph.ops.fused_ops import ACTIVATIONS, DOMAIN, REGISTRY, attach_functions, matmul_epilogue_name
 from fusegraph.kernels import reference as ref
 
 fusegraph.default_rules()  # registers the fused ops of every rule module (attention's among them)
@@ -119,7 +119,7 @@ CASES += [
 def opsets(case: Case) -> list[int]:
     """The opsets a rule may emit the op into: from its body's oldest (the attention rules'
     floor, `attention_op.MIN_OPSET`, where it is newer) to 23."""
-    from fusegraph.patterns import attention_op
+    from fusegraph.ops import attention_op
 
     floor = REGISTRY[case.op].min_opset
     if case.op in (attention_op.ATTENTION.name, attention_op.MASKED_ATTENTION.name):

@@ -18,7 +18,7 @@ from fusegraph.api import rewrite_with_report
 from fusegraph.canonicalize import MAX_FOLD_ELEMENTS, canonicalize
 from fusegraph.cli import main
 from fusegraph.ir import Graph
-from fusegraph.testing import make_model, manifest_feeds, node, op_counts
+from fusegraph.verify.testing import make_model, manifest_feeds, node, op_counts
 from fusegraph.verify import make_inputs, run
 
 F = np.float32

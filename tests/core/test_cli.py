@@ -14,7 +14,7 @@ import pytest
 
 from fusegraph.cli import main
 from fusegraph.errors import InputError
-from fusegraph.testing import make_model, node
+from fusegraph.verify.testing import make_model, node
 
 F = np.float32
 
@@ -315,7 +315,7 @@ def test_explain_goes_into_the_json(tmp_path, capsys):
 def test_failed_verify_writes_nothing_and_keeps_an_older_output(tmp_path, monkeypatch, capsys):
     """--verify runs on the complete model under its temporary name: a mismatch (exit 1) or a
     model ONNX Runtime refuses (exit 2) leaves -o as it was."""
-    from fusegraph import verify
+    from fusegraph.verify import differential as verify
     src = write(tmp_path / "in.onnx", mlp_model())
     out = tmp_path / "out.onnx"
     out.write_bytes(b"older output")

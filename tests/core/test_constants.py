@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from fusegraph import Const, Rule, rewrite, rewrite_with_report
 from fusegraph.api import default_rules
 from fusegraph.ir import Graph
-from fusegraph.testing import assert_rewrites, assert_unchanged, make_model, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, assert_unchanged, make_model, node, op_counts
 from fusegraph.verify import compare, make_inputs, run
 
 F = np.float32

@@ -17,11 +17,11 @@ from fusegraph import Rule
 from fusegraph.api import default_rules
 from fusegraph.cli import main
 from fusegraph.dispatch import Dispatch
-from fusegraph.fuzz import graphs
+from fusegraph.verify.fuzz import graphs
 from fusegraph.ir import Graph
 from fusegraph.model_io import load_model
 from fusegraph.rewrite import Rewriter, finalize
-from fusegraph.testing import make_model, node
+from fusegraph.verify.testing import make_model, node
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from synthetic_rules import RULES as CHAINS  # noqa: E402

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from fusegraph import InputError, Rule, rewrite, rewrite_with_report
 from fusegraph.api import default_rules
-from fusegraph.testing import assert_rewrites, make_model, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, make_model, node, op_counts
 
 F = np.float32
 EPILOGUES = default_rules().select(["gemm_epilogue.*"])

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from fusegraph import rewrite_file
-from fusegraph.testing import make_model, node, op_counts
+from fusegraph.verify.testing import make_model, node, op_counts
 from fusegraph.verify import verify_models
 
 F = np.float32

@@ -27,7 +27,7 @@ import onnx
 import pytest
 
 from fusegraph.model_io import TEMP_PREFIX
-from fusegraph.testing import make_model, node
+from fusegraph.verify.testing import make_model, node
 from fusegraph.verify import verify_models
 
 F = np.float32

@@ -14,7 +14,7 @@ import pytest
 
 import fusegraph
 from fusegraph.errors import InputError
-from fusegraph.testing import make_model, node, op_counts
+from fusegraph.verify.testing import make_model, node, op_counts
 
 X = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
 

@@ -8,16 +8,16 @@ import onnx
 import pytest
 from onnx import helper
 
-from fusegraph import fused_ops
+from fusegraph.ops import fused_ops
 from fusegraph.api import rewrite_with_report
 from fusegraph.cli import main
 from fusegraph.errors import InputError
-from fusegraph.lowering import TARGETS, lowering_rules
-from fusegraph.testing import make_model, op_counts
+from fusegraph.ops.lowering import TARGETS, lowering_rules
+from fusegraph.verify.testing import make_model, op_counts
 from fusegraph.verify import compare, make_inputs, run
 
-import fusegraph.activation_ops  # noqa: F401  (registers the fused ops used below)
-import fusegraph.norm_ops  # noqa: F401
+import fusegraph.ops.activation_ops  # noqa: F401  (registers the fused ops used below)
+import fusegraph.ops.norm_ops  # noqa: F401
 
 node = helper.make_node
 
@@ -176,7 +176,7 @@ def test_tensorrt_attention_body_guards_the_probabilities_and_computes_the_same(
     TensorRT fuses into its attention) instead of over Y's rows: valid, and equal in ONNX
     Runtime to the portable body and the reference, fully masked rows included."""
     from fusegraph.kernels.reference import attention
-    import fusegraph.patterns.attention_op  # noqa: F401
+    import fusegraph.ops.attention_op  # noqa: F401
     portable, trt = masked_attention(opset, "portable"), masked_attention(opset, "tensorrt")
     onnx.checker.check_model(trt, full_check=True)
     assert sorted(softmax_readers(trt.functions[0])) == ["IsNaN", "Where"]
@@ -192,7 +192,7 @@ def test_tensorrt_attention_body_guards_the_probabilities_and_computes_the_same(
 
 
 def test_rewrite_for_tensorrt_writes_the_tensorrt_bodies():
-    import fusegraph.patterns.attention_op  # noqa: F401
+    import fusegraph.ops.attention_op  # noqa: F401
     nodes = [node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["q", "kt"], ["qk"]),
              node("Mul", ["qk", "scale"], ["s"]), node("Add", ["s", "mask"], ["sm"]),
              node("Softmax", ["sm"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"])]
@@ -212,7 +212,7 @@ def test_rewriting_a_rewritten_model_writes_this_targets_bodies_afresh():
     """A model rewritten before (for another target, or by an older fusegraph) carries fusegraph
     functions; rewriting it again replaces them with the bodies for the target asked now, in both
     directions, and a function of another domain stays."""
-    import fusegraph.patterns.attention_op  # noqa: F401
+    import fusegraph.ops.attention_op  # noqa: F401
     want = {t: fused_ops.REGISTRY["MaskedAttention"].function(17, target=t) for t in ("portable", "tensorrt")}
     assert want["portable"] != want["tensorrt"]
     model = masked_attention(17, "portable")

@@ -9,7 +9,7 @@ import pytest
 
 from fusegraph import rewrite_file
 from fusegraph.model_io import MAX_IR_VERSION
-from fusegraph.testing import make_model, node
+from fusegraph.verify.testing import make_model, node
 from fusegraph.verify import verify_models
 
 F = np.float32

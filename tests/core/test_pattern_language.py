@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from fusegraph import Attr, Const, Rule, optional, reject
 from fusegraph.pattern import is_op, wildcard
-from fusegraph.testing import assert_rewrites, make_model, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, make_model, node, op_counts
 from fusegraph import rewrite
 
 F = np.float32

@@ -9,7 +9,7 @@ import pytest
 
 from fusegraph import Attr, Const, InputError, Rule, rewrite, rewrite_with_report
 from fusegraph.cli import main
-from fusegraph.testing import assert_rewrites, make_model, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, make_model, node, op_counts
 from fusegraph.verify import compare, make_inputs, run
 
 F = np.float32

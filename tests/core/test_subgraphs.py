@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from fusegraph import Rule, rewrite, rewrite_with_report
 from fusegraph.api import default_rules
-from fusegraph.testing import assert_rewrites, make_model, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, make_model, node, op_counts
 
 F = np.float32
 FLOAT = onnx.TensorProto.FLOAT

@@ -5,11 +5,11 @@ replacements, explained when they refuse, and covered branch by branch by the se
 import numpy as np
 import pytest
 
-from fusegraph import activation_ops  # noqa: F401  (registers fusegraph.Silu)
+from fusegraph.ops import activation_ops  # noqa: F401  (registers fusegraph.Silu)
 from fusegraph import InputError, Rule, reject, rewrite, rewrite_with_report
-from fusegraph.instantiate import branch_paths
+from fusegraph.verify.instantiate import branch_paths
 from fusegraph.pattern import PatternOps, Tagged, any_of, tagged, wildcard
-from fusegraph.testing import assert_rewrites, make_model, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, make_model, node, op_counts
 from fusegraph.verify import verify_rule
 
 F = np.float32

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fusegraph import tensorrt_shim
+from fusegraph.plugins import tensorrt_shim
 
 # onnxruntime 1.31 reads IR <= 13 and onnx 1.23 writes 14 by default.
 IR_VERSION = 10
@@ -68,7 +68,7 @@ def onnx_attention_model(path, dtype=TensorProto.FLOAT, heads=4, head_dim=16, ca
 
 def fused_matmul_model(path, n_in=64, n_out=32, op="MatMulBiasRelu", opset=17) -> str:
     """A `fusegraph`-domain MatMulBias{Act} node carrying the rewriter's own local function."""
-    from fusegraph.fused_ops import REGISTRY
+    from fusegraph.ops.fused_ops import REGISTRY
 
     rng = np.random.default_rng(1)
     w = numpy_helper.from_array(rng.standard_normal((n_in, n_out)).astype(np.float32), "W")
@@ -146,7 +146,7 @@ def fused_rms_norm_model(path, hidden=32, epsilon=1e-5) -> str:
 def fused_rotary_model(path, heads=4, seq=8, head_dim=16, opset=18) -> str:
     """The rewriter's `fusegraph` RotaryEmbedding, whose name ONNX-23 also uses for another op."""
     import fusegraph
-    from fusegraph.fused_ops import REGISTRY
+    from fusegraph.ops.fused_ops import REGISTRY
 
     fusegraph.default_rules()  # registers the rule modules' fused ops
     ang = np.outer(np.arange(seq), np.linspace(0.1, 1.0, head_dim // 2)).astype(np.float32)

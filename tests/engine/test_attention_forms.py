@@ -13,9 +13,9 @@ import pytest
 
 from engine_models import requires_tensorrt, save
 from fusegraph.api import rewrite_with_report
-from fusegraph.engine import build_engine
+from fusegraph.plugins.engine import build_engine
 from fusegraph.patterns import attention
-from fusegraph.testing import make_model, node, op_counts
+from fusegraph.verify.testing import make_model, node, op_counts
 from fusegraph.verify import make_inputs, run
 
 pytestmark = [pytest.mark.tensorrt, requires_tensorrt]

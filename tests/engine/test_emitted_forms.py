@@ -19,8 +19,8 @@ from onnx import helper
 
 from engine_models import requires_tensorrt
 from fused_op_cases import CASES, DTYPES, opsets
-from fusegraph.engine import build_engine
-from fusegraph.fused_ops import DOMAIN, POLYMORPHIC_OPSET, attach_functions
+from fusegraph.plugins.engine import build_engine
+from fusegraph.ops.fused_ops import DOMAIN, POLYMORPHIC_OPSET, attach_functions
 
 pytestmark = [pytest.mark.tensorrt, requires_tensorrt]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from engine_models import requires_tensorrt
-from fusegraph import tensorrt_shim
-from fusegraph.engine import ParseError, build_engine
-from fusegraph.testing import manifest_profile
+from fusegraph.plugins import tensorrt_shim
+from fusegraph.plugins.engine import ParseError, build_engine
+from fusegraph.verify.testing import manifest_profile
 
 from corpus import corpus_params
 

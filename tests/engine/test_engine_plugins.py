@@ -18,13 +18,13 @@ import pytest
 
 from engine_models import (fused_and_onnx_attention_model, fused_matmul_model, fused_rms_norm_model, fused_rotary_model,
                            requires_tensorrt)
-from fusegraph import tensorrt_shim
-from fusegraph.engine import build_engine
+from fusegraph.plugins import tensorrt_shim
+from fusegraph.plugins.engine import build_engine
 
 pytestmark = [pytest.mark.tensorrt, requires_tensorrt]
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = "import sys; from fusegraph.engine_cli import build_main; sys.exit(build_main(sys.argv[1:]))"
+BUILD = "import sys; from fusegraph.plugins.engine_cli import build_main; sys.exit(build_main(sys.argv[1:]))"
 
 
 def run_build(*argv: str) -> tuple[int, dict, str]:
@@ -89,8 +89,8 @@ def test_fused_op_named_like_an_onnx_op_keeps_its_own_semantics(tmp_path):
 
 ATTRIBUTES = """
 import sys, onnx
-from fusegraph import tensorrt_shim as shim
-from fusegraph.engine import _route_to_plugins
+from fusegraph.plugins import tensorrt_shim as shim
+from fusegraph.plugins.engine import _route_to_plugins
 from fusegraph.plugins import register_all
 trt = shim.load()
 register_all()

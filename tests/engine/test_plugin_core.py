@@ -10,12 +10,12 @@ import pytest
 
 import fusegraph
 
-from fusegraph.fused_ops import REGISTRY
+from fusegraph.ops.fused_ops import REGISTRY
 from fusegraph.plugins.core import CORES, NAMESPACE, Attention, MaskedAttention, RMSNorm, RotaryEmbedding, SkipLayerNorm
 
 
 def test_plugins_match_the_fused_ops_the_rewriter_emits():
-    """Same op names, inputs, outputs and attributes as `fusegraph.fused_ops`, so the parser's
+    """Same op names, inputs, outputs and attributes as `fusegraph.ops.fused_ops`, so the parser's
     plugin lookup (by op type) finds them and the attributes arrive as the plugin's fields."""
     fusegraph.default_rules()  # importing the rules registers their fused ops
     expected = {f"MatMul{b}{a}" for b in ("", "Bias") for a in ("", "Relu", "Gelu", "GeluTanh", "Sigmoid", "Tanh", "Silu")}

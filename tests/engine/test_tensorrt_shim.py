@@ -15,7 +15,7 @@ MISSING_TENSORRT = textwrap.dedent("""
             if name.split(".")[0] in ("tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx_libs"):
                 raise ImportError(f"blocked {name}")
     sys.meta_path.insert(0, Block())
-    from fusegraph.engine_cli import build_main
+    from fusegraph.plugins.engine_cli import build_main
     sys.exit(build_main(sys.argv[1:]))
 """)
 

@@ -1,12 +1,12 @@
 """A small builder for the decomposed subgraphs the rule tests draw: ops by name, constants as
-initializers or Constant nodes, one model out (through fusegraph.testing.make_model)."""
+initializers or Constant nodes, one model out (through fusegraph.verify.testing.make_model)."""
 
 from __future__ import annotations
 
 import numpy as np
 from onnx import helper, numpy_helper
 
-from fusegraph.testing import make_model, node
+from fusegraph.verify.testing import make_model, node
 
 
 class Builder:

@@ -23,7 +23,7 @@ import pytest
 
 from fusegraph.api import rewrite_with_report
 from fusegraph.patterns import attention
-from fusegraph.testing import make_model, node, op_counts
+from fusegraph.verify.testing import make_model, node, op_counts
 from fusegraph.verify import run
 
 RULES = attention.RULES

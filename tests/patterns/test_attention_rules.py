@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fusegraph.api import rewrite_with_report
 from fusegraph.patterns import attention
-from fusegraph.testing import assert_rewrites, make_model, manifest_feeds, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, make_model, manifest_feeds, node, op_counts
 from fusegraph.verify import compare, run
 
 from corpus import (MANIFEST, MODELS, assert_original_does_not_run,

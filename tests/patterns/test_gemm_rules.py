@@ -7,10 +7,10 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from fusegraph.api import rewrite_with_report
-from fusegraph.fused_ops import matmul_epilogue_name
+from fusegraph.ops.fused_ops import matmul_epilogue_name
 from fusegraph.patterns import all_rules, gemm_epilogue
 from fusegraph.rule import RuleSet
-from fusegraph.testing import assert_rewrites, assert_unchanged, op_counts
+from fusegraph.verify.testing import assert_rewrites, assert_unchanged, op_counts
 from graph_builder import Builder
 from test_activation_rules import gelu_tanh
 

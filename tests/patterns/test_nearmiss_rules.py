@@ -29,7 +29,7 @@ from onnx import helper
 
 from fusegraph.api import rewrite_with_report
 from fusegraph.patterns import all_rules
-from fusegraph.testing import op_counts
+from fusegraph.verify.testing import op_counts
 from fusegraph.verify import compare, run
 from graph_builder import Builder
 

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from fusegraph.api import rewrite_with_report
 from fusegraph.patterns import all_rules, qkv
 from fusegraph.rule import RuleSet
-from fusegraph.testing import assert_rewrites, assert_unchanged, op_counts
+from fusegraph.verify.testing import assert_rewrites, assert_unchanged, op_counts
 from fusegraph.verify import compare, make_inputs, run
 from graph_builder import Builder
 

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from fusegraph.api import rewrite_with_report
-from fusegraph.testing import manifest_feeds, op_counts
+from fusegraph.verify.testing import manifest_feeds, op_counts
 from fusegraph.verify import compare, run
 
 from corpus import (MANIFEST, MODELS, assert_no_residue, assert_original_does_not_run,

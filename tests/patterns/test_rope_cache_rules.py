@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fusegraph import rewrite, rewrite_with_report
-from fusegraph.testing import assert_rewrites, make_model, manifest_feeds, node, op_counts
+from fusegraph.verify.testing import assert_rewrites, make_model, manifest_feeds, node, op_counts
 from fusegraph.verify import run
 
 F = np.float32

@@ -15,7 +15,7 @@ from onnx import TensorProto
 
 from fusegraph.patterns import rope
 from fusegraph.rule import RuleSet
-from fusegraph.testing import assert_rewrites, op_counts, rewrite_with_report
+from fusegraph.verify.testing import assert_rewrites, op_counts, rewrite_with_report
 from graph_builder import Builder
 
 RULES = RuleSet(rope.RULES)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from fusegraph.patterns import rope
 from fusegraph.rule import RuleSet
-from fusegraph.testing import assert_rewrites, assert_unchanged, op_counts, rewrite_with_report
+from fusegraph.verify.testing import assert_rewrites, assert_unchanged, op_counts, rewrite_with_report
 from graph_builder import Builder
 
 RULES = RuleSet(rope.RULES)

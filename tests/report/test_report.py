@@ -19,7 +19,7 @@ import pytest
 from fusegraph import cli
 from fusegraph.api import default_rules, rewrite_with_report
 from fusegraph.report import MAX_REFUSALS, render_html, report_data
-from fusegraph.testing import make_model, node
+from fusegraph.verify.testing import make_model, node
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -13,7 +13,7 @@ import onnx
 from hypothesis import strategies as st
 from onnx import helper
 
-from fusegraph.testing import make_model
+from fusegraph.verify.testing import make_model
 
 
 @dataclass(frozen=True)

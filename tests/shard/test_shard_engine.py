@@ -16,14 +16,15 @@ import onnx
 import pytest
 
 import fusegraph
-from fusegraph import collectives, tensorrt_shim
+from fusegraph import collectives
+from fusegraph.plugins import tensorrt_shim
 from llama_like import Config, build
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(
     not tensorrt_shim.available(),
     reason="needs tensorrt or tensorrt_rtx_bindings (pip install tensorrt-rtx-cu13-bindings tensorrt-rtx-cu13-libs)")]
 
-BUILD = "import sys; from fusegraph.engine_cli import build_main; sys.exit(build_main(sys.argv[1:]))"
+BUILD = "import sys; from fusegraph.plugins.engine_cli import build_main; sys.exit(build_main(sys.argv[1:]))"
 
 
 def run_build(*argv: str) -> tuple[int, dict, str]:
@@ -53,7 +54,7 @@ def test_rank_models_build_with_collective_plugins(tmp_path, fused):
 def test_collective_plugin_fields_round_trip():
     """What the engine stores (group size, reduction, axis) recreates the same core (the
     field arrays outlive the call: TensorRT reads them after it returns)."""
-    code = ("from fusegraph.plugins.collectives import plugin_classes, CollectiveCore; from fusegraph import tensorrt_shim;"
+    code = ("from fusegraph.plugins.collectives import plugin_classes, CollectiveCore; from fusegraph.plugins import tensorrt_shim;"
             "tensorrt_shim.load(); P, C = plugin_classes(); c = C('AllGather');"
             "import gc; fields = P(CollectiveCore('AllGather', 4, 'max', 2)).get_fields_to_serialize(); gc.collect();"
             "p = c.create_plugin('x', fields, None);"

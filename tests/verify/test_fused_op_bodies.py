@@ -7,7 +7,7 @@ outputs through the body), and ONNX Runtime's CPU provider runs it equal to the 
 Where that provider has no kernel for a body op at the type, and for bf16 (ONNX Runtime's
 Python API exchanges no bf16 arrays; the session must still load), `onnx.reference` runs it
 instead; any other ONNX Runtime error fails. Below opset 15 the body is specialised to the
-element type (`overload`, see `fusegraph.fused_ops`).
+element type (`overload`, see `fusegraph.ops.fused_ops`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from fused_op_cases import CASES, DTYPES, dtypes, opsets
-from fusegraph.fused_ops import DOMAIN, POLYMORPHIC_OPSET, attach_functions, overload
-from fusegraph.testing import assert_rewrites, make_model, node
+from fusegraph.ops.fused_ops import DOMAIN, POLYMORPHIC_OPSET, attach_functions, overload
+from fusegraph.verify.testing import assert_rewrites, make_model, node
 
 TOLERANCE = {"float32": (1e-5, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (6e-2, 6e-2)}
 

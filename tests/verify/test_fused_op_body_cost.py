@@ -19,12 +19,12 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from fusegraph import fused_ops
+from fusegraph.ops import fused_ops
 from fusegraph.kernels import reference
-from fusegraph.testing import make_model
+from fusegraph.verify.testing import make_model
 
-import fusegraph.patterns.attention_op  # noqa: F401  (registers the fused ops used below)
-import fusegraph.rope_ops  # noqa: F401
+import fusegraph.ops.attention_op  # noqa: F401  (registers the fused ops used below)
+import fusegraph.ops.rope_ops  # noqa: F401
 
 
 def optimized(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
@@ -110,7 +110,7 @@ def test_skip_layer_norm_body_stays_apart_from_ort_skip_layer_normalization(tmp_
     (taking a bias Add before it too), 2-7x slower than the ops it replaces on the measured CPU,
     where the exports keep them apart (benchmarks/RESULTS.md §7.3): the body's residual sum is a
     Sum, which that fusion does not take; outputs are the reference's."""
-    import fusegraph.norm_ops  # noqa: F401
+    import fusegraph.ops.norm_ops  # noqa: F401
     shape = ["b", "s", 64]
     m = make_model([helper.make_node("SkipLayerNorm", ["x", "r", "gamma", "beta"], ["y", "s"],
                                      domain=fused_ops.DOMAIN, epsilon=1e-5)],

@@ -1,4 +1,4 @@
-"""Properties of the rewriter on random graphs (fusegraph.fuzz): validity, numerical equality,
+"""Properties of the rewriter on random graphs (fusegraph.verify.fuzz): validity, numerical equality,
 idempotence, determinism, planted patterns fuse and decoys don't, and rule-order independence
 (a stateful test).
 
@@ -21,7 +21,7 @@ from hypothesis import event, given, note, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from fusegraph import rewrite_with_report
-from fusegraph.fuzz import build_graph, graphs, planted
+from fusegraph.verify.fuzz import build_graph, graphs, planted
 from fusegraph.patterns import all_rules
 from fusegraph.verify import compare, make_inputs, run
 

@@ -12,11 +12,11 @@ from onnx import helper, numpy_helper
 
 from fusegraph import Rule, reject, rewrite_with_report
 from fusegraph.cli import main
-from fusegraph.instantiate import Leaf
-from fusegraph.mutate import adversarial_feeds, mutants
+from fusegraph.verify.instantiate import Leaf
+from fusegraph.verify.mutate import adversarial_feeds, mutants
 from fusegraph.patterns import all_rules
-from fusegraph.selfcheck import RuleCheckFailure
-from fusegraph.testing import make_model
+from fusegraph.verify.selfcheck import RuleCheckFailure
+from fusegraph.verify.testing import make_model
 from fusegraph.verify import verify_rule
 
 RULES = list(all_rules())

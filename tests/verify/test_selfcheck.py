@@ -9,9 +9,9 @@ import pytest
 
 from fusegraph import Const, Rule
 from fusegraph.cli import main
-from fusegraph.instantiate import branch_paths
+from fusegraph.verify.instantiate import branch_paths
 from fusegraph.patterns import all_rules
-from fusegraph.selfcheck import RuleCheckFailure
+from fusegraph.verify.selfcheck import RuleCheckFailure
 from fusegraph.verify import verify_rule
 
 RULES = list(all_rules())

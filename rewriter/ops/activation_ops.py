@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx
 
-from .fused_ops import ACTIVATIONS, ACTIVATIONS_OPSET, Body, FusedOp, register
+from .fused_ops import ACTIVATIONS, ACTIVATIONS_OPSET, Attribute, Body, FusedOp, register
 
 
 def _elementwise(act: str):
@@ -36,12 +36,14 @@ def _gated(act: str):
 for _name, _act, _doc in (("Gelu", "Gelu", "Y = 0.5 X (1 + erf(X / sqrt 2))"),
                           ("GeluTanh", "GeluTanh", "Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3)))"),
                           ("Silu", "Silu", "Y = X * Sigmoid(X)")):
-    register(FusedOp(_name, ("X",), ("Y",), (), _elementwise(_act), _doc, ACTIVATIONS_OPSET))
+    register(FusedOp(_name, ("X",), ("Y",), _elementwise(_act), _doc, min_opset=ACTIVATIONS_OPSET,
+                     activation=_act, reference="activation"))
 
-register(FusedOp("QuickGelu", ("X",), ("Y",), ("alpha",), _quick_gelu, "Y = X * Sigmoid(alpha X)"))
+register(FusedOp("QuickGelu", ("X",), ("Y",), _quick_gelu, "Y = X * Sigmoid(alpha X)",
+                 (Attribute("alpha", "float", 1.702),), reference="quick_gelu"))
 
-#: gated op name -> the activation applied to the gate
+#: gated op name -> the activation applied to the gate (the rules' and the plugins' map)
 GATED = {"SwiGLU": "Silu", "GeGLU": "Gelu", "GeGLUTanh": "GeluTanh"}
 for _name, _act in GATED.items():
-    register(FusedOp(_name, ("X", "Wg", "Wu"), ("Y",), (), _gated(_act), f"Y = {_act}(X @ Wg) * (X @ Wu)",
-                     ACTIVATIONS_OPSET))
+    register(FusedOp(_name, ("X", "Wg", "Wu"), ("Y",), _gated(_act), f"Y = {_act}(X @ Wg) * (X @ Wu)",
+                     min_opset=ACTIVATIONS_OPSET, activation=_act, reference="swiglu"))

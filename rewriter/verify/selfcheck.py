@@ -2,7 +2,7 @@
 
 `verify_rule(rule)` needs nothing but the rule. For every branch path of its pattern (each
 option of every `Alt`/`optional()` and both operand orders of every commutative op, see
-`fusegraph.instantiate`) it searches for a concrete instance the rule fires on (captures as
+`fusegraph.verify.instantiate`) it searches for a concrete instance the rule fires on (captures as
 inputs or constants of various ranks, or the concrete captures of `Rule.examples`), then
 checks each instance:
 
@@ -10,7 +10,7 @@ checks each instance:
 2. the rewritten model passes `onnx.checker.check_model(full_check=True)` and strict shape
    inference;
 3. ONNX Runtime gives the same outputs as for the original, within `verify.TOLERANCES` for the
-   output dtype, or bit for bit when the graph is linear (`fusegraph.exact`);
+   output dtype, or bit for bit when the graph is linear (`fusegraph.verify.exact`);
 4. so does `onnx.reference.ReferenceEvaluator` (when it can run the original at all).
 
 Then hypothesis varies the instances (dim size, float dtype, opset, constants as initializers
@@ -26,7 +26,7 @@ of 1), for callers that turn it off.
 Inputs are floats in [-1, 1) and small non-negative ints; an instance whose *original* output
 is not finite, or that ONNX Runtime refuses to run, is not the rule's fault and is discarded.
 
-Last, the near misses (`fusegraph.mutate`): every covered instance is mutated one edit at a time
+Last, the near misses (`fusegraph.verify.mutate`): every covered instance is mutated one edit at a time
 (constants by an ulp, 0.1%, 1%, sign and broadcast-growing shapes, mask fills, initializers that
 are also graph inputs, attributes set or left at their default, Cast targets, input dims, the
 float type and the opset 13..23) and each mutant must be refused by the rule or rewritten into
@@ -50,13 +50,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .api import rewrite_with_report
+from fusegraph.api import rewrite_with_report
+from fusegraph.rule import Rule
+
+from .differential import DEFAULT_DIM, TOLERANCES, OutputDiff, compare, make_inputs, run
 from .exact import compare_exact, exact_inputs, is_exact
 from .instantiate import (FLOAT_DTYPES, Instance, Picker, Uninstantiable, branch_paths, build,
                           describe_path, fitted_leaves, leaf_assignments, mentioned_numbers)
 from .mutate import LARGE_FEEDS, Mutant, adversarial_feeds, mutants, retype
-from .rule import Rule
-from .verify import DEFAULT_DIM, TOLERANCES, OutputDiff, compare, make_inputs, run
 
 #: Opsets instances are built at: the first that the pattern's ops exist in is used first.
 OPSETS = (18, 23, 17, 21)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .fused_ops import Body, FusedOp, register
+from .fused_ops import Attribute, Body, FusedOp, register
 
 FLOAT, INT64, BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 #: From this opset Reshape's shape inference keeps the rank of a computed shape.
@@ -107,6 +107,8 @@ def _body(b: Body, opset: int) -> None:
 
 
 ROTARY_EMBEDDING = register(FusedOp(
-    "RotaryEmbedding", ("X", "cos", "sin"), ("Y",), ("interleaved", "rotary_dim"), _body,
+    "RotaryEmbedding", ("X", "cos", "sin"), ("Y",), _body,
     "Y[..., :rd] = X[..., :rd] * cos + rotate(X[..., :rd]) * sin, Y[..., rd:] = X[..., rd:]; "
-    "rd = rotary_dim = cos.shape[-1]"))
+    "rd = rotary_dim = cos.shape[-1]",
+    # rotary_dim 0: every channel (a plugin reads the attribute; the body reads cos)
+    (Attribute("interleaved", "int", 0), Attribute("rotary_dim", "int", 0)), reference="rotary_embedding"))

@@ -1,5 +1,14 @@
 """fusegraph's fused operators and their reference decompositions (ONNX local functions).
 
+The catalogue. Every fused op is declared once, by one `register(FusedOp(...))` in the module of
+its family (`activation_ops`, `norm_ops`, `rope_ops`, `attention_op`, and the GEMM epilogues
+here): its name, inputs, outputs, attributes (kind and the value a plugin assumes where a node
+omits one), the activation it applies (one of `ACTIVATIONS`), its ONNX body per opset and
+target, and the name of its numpy reference in `fusegraph.kernels.reference`. What else knows
+the op reads it from `REGISTRY`: the rewriter's type checks and `attach_functions`, the
+TensorRT plugins' signatures (`fusegraph.plugins.core`), the kernels' activation names, the
+rules' gated-MLP map (`GATED` in `activation_ops`).
+
 A fused op is a node in the `fusegraph` domain. The rewritten model carries, for every such op
 it uses, an ONNX local function with the op's reference decomposition in standard ops, so ONNX
 Runtime, `onnx.reference` and TensorRT's ONNX parser (which inlines local functions) run it
@@ -23,7 +32,7 @@ where the polymorphic one writes `CastLike`. Measured with ONNX Runtime 1.32 and
 1.7: both run overloaded functions and ONNX Runtime picks the overload each node names, but
 TensorRT's parser (like `onnx.reference`) looks local functions up by name alone, so one model
 that uses the same op at two element types below opset 15 parses only through `rewrite build`,
-which gives each overload a name of its own first (`fusegraph.engine`). The numpy references in
+which gives each overload a name of its own first (`fusegraph.plugins.engine`). The numpy references in
 `fusegraph.kernels.reference` implement the same semantics for the GPU kernels.
 """
 
@@ -48,15 +57,36 @@ OVERLOAD_IR_VERSION = 10
 
 
 @dataclass(frozen=True)
+class Attribute:
+    """One attribute of a fused op: its name, "float" or "int", and the value a consumer that
+    reads the node (a TensorRT plugin) assumes where the node omits it; the rules always write
+    every attribute."""
+
+    name: str
+    kind: str
+    default: float | int
+
+
+@dataclass(frozen=True)
 class FusedOp:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    attributes: tuple[str, ...]
     body: Callable[["Body", int], None]
     doc: str
+    attrs: tuple[Attribute, ...] = ()
     #: The oldest opset this op's body is valid in.
     min_opset: int = MIN_OPSET
+    #: The activation the op applies (a key of `ACTIVATIONS`, "" for none), None where the op
+    #: is not an activation, a GEMM epilogue or a gated MLP.
+    activation: str | None = None
+    #: The function of `fusegraph.kernels.reference` that states the op's semantics in numpy.
+    reference: str = ""
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """The attributes' names, in the order the local function declares them."""
+        return tuple(a.name for a in self.attrs)
 
     def function(self, opset: int, dtype: int | None = None, target: str = "portable") -> onnx.FunctionProto:
         """The local function for a model of default-domain `opset`, called by a node whose first
@@ -90,7 +120,7 @@ class Body:
 
     `dtype` is the element type the body is specialised to, None for a polymorphic body;
     `cast_like(v, like)` and `const_like` hide the difference (`like` must have X's type).
-    `target` is the runtime the model is rewritten for (`fusegraph.lowering.TARGETS`): every
+    `target` is the runtime the model is rewritten for (`fusegraph.ops.lowering.TARGETS`): every
     runtime inlines the body, and where two forms of the same semantics run fast in different
     runtimes a body picks by it (the attention's dead-row guard: `attention_op`). Any ONNX
     runtime runs either form.
@@ -217,7 +247,8 @@ def matmul_epilogue_name(bias: bool, activation: str) -> str:
     return f"MatMul{'Bias' if bias else ''}{activation}"
 
 
-def _register_matmul_epilogues() -> None:
+def _register_matmul_epilogues() -> tuple[str, ...]:
+    names = []
     for bias in (False, True):
         for act in ACTIVATIONS:
             if not bias and not act:
@@ -229,12 +260,15 @@ def _register_matmul_epilogues() -> None:
                     y = b.op("Add", y, "B")
                 ACTIVATIONS[act](b, y, "Y")
 
-            register(FusedOp(
-                matmul_epilogue_name(bias, act), ("X", "W", "B") if bias else ("X", "W"), ("Y",), (),
-                body, f"Y = {act or 'identity'}(X @ W{' + B' if bias else ''})", ACTIVATIONS_OPSET))
+            names.append(register(FusedOp(
+                matmul_epilogue_name(bias, act), ("X", "W", "B") if bias else ("X", "W"), ("Y",), body,
+                f"Y = {act or 'identity'}(X @ W{' + B' if bias else ''})", min_opset=ACTIVATIONS_OPSET,
+                activation=act, reference="matmul_bias_act")).name)
+    return tuple(names)
 
 
-_register_matmul_epilogues()
+#: The GEMM epilogues: MatMul{Bias}{Act} for every activation (`matmul_epilogue_name`).
+MATMUL_EPILOGUES = _register_matmul_epilogues()
 
 
 def attach_functions(model: onnx.ModelProto, element_type: Callable[[onnx.NodeProto], int | None] | None = None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .fused_ops import Body, FusedOp, register
+from .fused_ops import Attribute, Body, FusedOp, register
 
 FLOAT = onnx.TensorProto.FLOAT
 #: The opset that has `LayerNormalization`.
@@ -77,16 +77,21 @@ def _skip_layer_norm_body(b: Body, opset: int) -> None:
     b.nodes.append(node)
 
 
+#: LayerNormalization's default; RMS norms default to the value Llama's exports carry.
+LAYER_EPSILON, RMS_EPSILON = Attribute("epsilon", "float", 1e-5), Attribute("epsilon", "float", 1e-6)
+
 LAYER_NORM = register(FusedOp(
-    "LayerNorm", ("X", "gamma", "beta"), ("Y",), ("epsilon",), _layer_norm_body,
+    "LayerNorm", ("X", "gamma", "beta"), ("Y",), _layer_norm_body,
     "Y = (X - mean) / sqrt(var + epsilon) * gamma + beta over the last axis, computed in float32 "
-    "(LayerNormalization with stash_type 1, for opsets below 17)"))
+    "(LayerNormalization with stash_type 1, for opsets below 17)", (LAYER_EPSILON,), reference="layer_norm"))
 RMS_NORM = register(FusedOp(
-    "RMSNorm", ("X", "gamma"), ("Y",), ("epsilon",), _rms_norm_body,
-    "Y = X / sqrt(mean(X^2, last axis) + epsilon) * gamma, computed in float32"))
+    "RMSNorm", ("X", "gamma"), ("Y",), _rms_norm_body,
+    "Y = X / sqrt(mean(X^2, last axis) + epsilon) * gamma, computed in float32", (RMS_EPSILON,),
+    reference="rms_norm"))
 SKIP_RMS_NORM = register(FusedOp(
-    "SkipRMSNorm", ("X", "R", "gamma"), ("Y", "S"), ("epsilon",), _skip_rms_norm_body,
-    "S = X + R; Y = RMSNorm(S, gamma, epsilon)"))
+    "SkipRMSNorm", ("X", "R", "gamma"), ("Y", "S"), _skip_rms_norm_body,
+    "S = X + R; Y = RMSNorm(S, gamma, epsilon)", (RMS_EPSILON,), reference="skip_rms_norm"))
 SKIP_LAYER_NORM = register(FusedOp(
-    "SkipLayerNorm", ("X", "R", "gamma", "beta"), ("Y", "S"), ("epsilon",), _skip_layer_norm_body,
-    "S = X + R; Y = LayerNorm(S, gamma, beta, epsilon) over the last axis, statistics in float32"))
+    "SkipLayerNorm", ("X", "R", "gamma", "beta"), ("Y", "S"), _skip_layer_norm_body,
+    "S = X + R; Y = LayerNorm(S, gamma, beta, epsilon) over the last axis, statistics in float32",
+    (LAYER_EPSILON,), reference="skip_layer_norm"))

@@ -18,9 +18,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .api import rewrite_with_report
-from .rule import Rule, RuleSet
-from .verify import compare, make_inputs, run
+from fusegraph.api import rewrite_with_report
+from fusegraph.rule import Rule, RuleSet
+
+from .differential import compare, make_inputs, run
 
 node = helper.make_node
 

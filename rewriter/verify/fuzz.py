@@ -45,7 +45,7 @@ DTYPES = (np.float32, np.float16)
 #: a one-row graph); float16 rounds to ~1e-3, so the fused float32 norm would differ from the
 #: decomposition by more than float16's tolerance (1e-2) for eps = 1e-2 already.
 NORM_EPS = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 0.1}
-PLANTED_KEY = "fusegraph.fuzz.planted"
+PLANTED_KEY = "fusegraph.verify.fuzz.planted"
 
 
 class _GraphBuilder:

@@ -29,8 +29,10 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from fusegraph.api import rewrite_file
+from fusegraph.errors import InputError
+
 from . import tensorrt_shim as shim
-from .errors import InputError
 
 DOMAIN = "fusegraph"
 PLUGIN_NAMESPACE = "fusegraph"  # never "", so the override cannot capture standard ONNX ops
@@ -157,7 +159,7 @@ def _name_overloads(model: onnx.ModelProto) -> dict[str, str]:
     """Give each overload of a fused op that has several a name of its own, callers included.
 
     Below opset 15 fused ops' bodies are per element type, told apart by `overload`
-    (`fusegraph.fused_ops`); TensorRT's parser looks local functions up by name alone (measured
+    (`fusegraph.ops.fused_ops`); TensorRT's parser looks local functions up by name alone (measured
     with TensorRT-RTX 1.7: every caller gets the same body, and the other type fails to parse).
     "Gelu" overload "float16" becomes "Gelu_float16". Nodes routed to a plugin keep their name.
     Returns {"Gelu/float16": "Gelu_float16"}.
@@ -312,17 +314,11 @@ def report_path(engine_path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(engine_path)}.json")
 
 
-def _rewrite(model_path: Path, workdir: str) -> tuple[Path, dict[str, Any] | None]:
-    try:
-        from fusegraph import rewrite_file  # owned by the rewriter; absent in older installs
-    except ImportError:
-        raise InputError("--rewrite needs fusegraph.rewrite_file, which this fusegraph does not have") from None
+def _rewrite(model_path: Path, workdir: str) -> tuple[Path, dict[str, Any]]:
     out = Path(workdir) / f"{model_path.stem}.rewritten.onnx"
     result = rewrite_file(str(model_path), str(out), target="tensorrt")
-    summary = None
-    if hasattr(result, "per_rule"):  # fusegraph's RewriteReport
-        summary = {"nodes_before": result.nodes_before, "nodes_after": result.nodes_after,
-                   "fusions": dict(result.per_rule)}
+    summary = {"nodes_before": result.nodes_before, "nodes_after": result.nodes_after,
+               "fusions": dict(result.per_rule)}
     return out, summary
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import InputError
+from fusegraph.errors import InputError
 
 #: (atol, rtol) per output dtype: an element passes if |a - b| <= atol + rtol * |b|.
 TOLERANCES = {
@@ -141,14 +141,6 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
             ok = bool(np.all((err == 0) | (err <= a_tol + r_tol * np.abs(r)))) and bool(np.isfinite(max_abs))
         diffs.append(OutputDiff(name, max_abs, max_rel, a_tol, r_tol, ok))
     return diffs
-
-
-def verify_rule(rule, **options):
-    """Self-check a rule on graphs built from its own pattern (see `fusegraph.selfcheck`):
-    raises `selfcheck.RuleCheckFailure` (an AssertionError naming a saved repro) on a
-    violation, returns a `selfcheck.RuleCheck` of what it covered."""
-    from .selfcheck import verify_rule as check
-    return check(rule, **options)
 
 
 def verify_models(original: onnx.ModelProto | str, rewritten: onnx.ModelProto | str,

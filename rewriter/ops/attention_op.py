@@ -45,7 +45,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from fusegraph.fused_ops import Body, FusedOp, register
+from .fused_ops import Attribute, Body, FusedOp, register
 
 MIN_OPSET = 13
 #: CastLike, which lets one body serve float32, float16 and bfloat16, exists from this opset.
@@ -131,12 +131,15 @@ def _body(b: Body, opset: int, masked: bool) -> None:
     b.cast_like(b.op("Where", dead, b.op("Constant", value_float=0.0), y), "Q", out="Y")
 
 
+#: scale 0 stands for 1/sqrt(D) where a node omits it (the rules always state it).
+ATTRIBUTES = (Attribute("scale", "float", 0.0), Attribute("is_causal", "int", 0))
+
 ATTENTION = register(FusedOp(
-    "Attention", ("Q", "K", "V"), ("Y",), ("scale", "is_causal"),
-    lambda b, opset: _body(b, opset, masked=False),
-    "Y = softmax(Q K^T * scale [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET))
+    "Attention", ("Q", "K", "V"), ("Y",), lambda b, opset: _body(b, opset, masked=False),
+    "Y = softmax(Q K^T * scale [causal]) V; fp32 softmax, grouped KV heads", ATTRIBUTES, MIN_OPSET,
+    reference="attention"))
 
 MASKED_ATTENTION = register(FusedOp(
-    "MaskedAttention", ("Q", "K", "V", "Mask"), ("Y",), ("scale", "is_causal"),
-    lambda b, opset: _body(b, opset, masked=True),
-    "Y = softmax(Q K^T * scale + Mask [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET))
+    "MaskedAttention", ("Q", "K", "V", "Mask"), ("Y",), lambda b, opset: _body(b, opset, masked=True),
+    "Y = softmax(Q K^T * scale + Mask [causal]) V; fp32 softmax, grouped KV heads", ATTRIBUTES, MIN_OPSET,
+    reference="attention"))

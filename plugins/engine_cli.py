@@ -1,4 +1,4 @@
-"""`rewrite build` and `rewrite inspect`: the command-line face of `fusegraph.engine`.
+"""`rewrite build` and `rewrite inspect`: the command-line face of `fusegraph.plugins.engine`.
 
 Both return an exit code: 0 on success, 2 for bad input (the InputError contract of the
 `rewrite` CLI: one `rewrite: error: ...` line, then, for parse errors, one line per node).
@@ -11,9 +11,10 @@ import json
 import sys
 from typing import Any
 
+from fusegraph.errors import ArgumentParser, InputError
+from fusegraph.model_io import check_output
+
 from .engine import ParseError, build_engine, inspect_engine, parse_dims
-from .errors import ArgumentParser, InputError
-from .model_io import check_output
 from .tensorrt_shim import PRECISIONS
 
 

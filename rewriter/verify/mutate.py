@@ -8,13 +8,13 @@ Conv's pads), a Cast to a narrower type, a constant whose broadcast grows the ou
 initializer that is also a graph input (an overridable default, not a constant). `mutants`
 makes those graphs from an instance, one edit each; `adversarial_feeds` makes the inputs on
 which a wrong fusion shows (large magnitudes, zero-variance rows, -inf / -1e9 / finfo.min
-masks and fully masked rows). The self-check (`fusegraph.selfcheck`) requires of every mutant
+masks and fully masked rows). The self-check (`fusegraph.verify.selfcheck`) requires of every mutant
 that the rule refuses it or rewrites it into a valid model equal to it on every such input.
 
 Everything here is derived from the instance's ModelProto and the ONNX op schemas, so it
 applies to any rule, the library's or a user's. Mutants that are not valid ONNX are produced
 freely (an axis out of range, pads on a rank-2 Conv): the caller discards them. Opset and
-float-type variants are rebuilt from the pattern by the caller (`fusegraph.selfcheck`).
+float-type variants are rebuilt from the pattern by the caller (`fusegraph.verify.selfcheck`).
 
 Cost: O(nodes x attributes + constants) mutants per instance, each a copy of a small model.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .verify import make_inputs
+from .differential import make_inputs
 
 A = onnx.AttributeProto
 T = onnx.TensorProto

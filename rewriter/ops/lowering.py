@@ -35,10 +35,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from fusegraph.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, PatternOps
+from fusegraph.rule import Rule, reject
 
-from .rule import Rule, reject
+from .fused_ops import DOMAIN
 
 TARGETS = ("portable", "onnxruntime", "tensorrt")
 MS_DOMAIN = "com.microsoft"
@@ -162,6 +162,6 @@ def _lowerings_onnxruntime() -> list[Rule]:
 def lowering_rules(target: str) -> list[Rule]:
     """The rules that lower fused ops for `target` (none for the portable form)."""
     if target not in TARGETS:
-        from .errors import InputError
+        from fusegraph.errors import InputError
         raise InputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     return _lowerings_onnxruntime() if target == "onnxruntime" else []

@@ -30,30 +30,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import fused_ops
+from fusegraph.ops import fused_ops
+from fusegraph.pattern import Alt, Attr, Const, Constrained, Named, NodeOutput, NodePattern, Pattern, Tagged, Var
+from fusegraph.rule import Leaf
+
+from .differential import make_inputs, run
 from .exact import integer_array
-from .pattern import Alt, Attr, Const, Constrained, Named, NodeOutput, NodePattern, Pattern, Tagged, Var
-from .verify import make_inputs, run
 
 FLOAT_DTYPES = (np.float32, np.float16, np.float64)
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """How a captured `Var` is realised: a graph input or a constant, of some rank and kind.
-
-    `kind` is "float" (the instance's float type), "positive" (the same, in [0.5, 1.5): a
-    variance, a divisor), "int64" or "bool"; every dim is the instance's size `n`, except
-    those listed in `ones` (1, for broadcasting).
-    """
-
-    const: bool = False
-    rank: int = 2
-    kind: str = "float"
-    ones: tuple[int, ...] = ()
-
-    def shape(self, n: int) -> tuple[int, ...]:
-        return tuple(1 if i in self.ones else n for i in range(self.rank))
 
 
 #: Leaf realisations in the order the search tries them: plain activations first, then weights
@@ -80,7 +64,7 @@ class Instance:
     example: Mapping[str, Any] = field(default_factory=dict)
     const_as_node: bool = False
     seed: int = 0
-    #: Integer-valued constants, for exact mode (`fusegraph.exact`).
+    #: Integer-valued constants, for exact mode (`fusegraph.verify.exact`).
     integer: bool = False
     #: The value choices (see `Picker`) that realised this instance.
     picks: tuple[int, ...] = ()

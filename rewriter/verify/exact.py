@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .verify import DEFAULT_DIM, OutputDiff, compare, graph_inputs, make_inputs
+from .differential import DEFAULT_DIM, OutputDiff, compare, graph_inputs, make_inputs
 
 #: Ops that map integer-valued tensors to integer-valued tensors exactly.
 EXACT_OPS = frozenset({

@@ -33,7 +33,7 @@ import tempfile
 from functools import lru_cache
 from typing import Any
 
-from .errors import InputError
+from fusegraph.errors import InputError
 
 INSTALL_HINT = (
     "install TensorRT: `pip install tensorrt` (full TensorRT, with NVIDIA's libraries and a "
