@@ -9,7 +9,7 @@ unique id shared through a file) and calls `CollectiveCore.enqueue` — the code
 plugin's `enqueue` runs — on raw device pointers and the current stream.
 
 1. Correctness: AllReduce (sum, max), AllGather and ReduceScatter along axis 0 and an inner axis,
-   float32 / float16 / int32, against `fusegraph.collectives.reference` over every rank's input.
+   float32 / float16 / int32, against `fusegraph.ops.collectives.reference` over every rank's input.
 2. Bandwidth: out-of-place all-reduce of float32 buffers from 1 MB to 1 GB, the plugin core and
    `torch.distributed.all_reduce` alternated in 3 trials (median), CUDA events around a loop of
    calls; bus bandwidth = bytes / time * 2 (n - 1) / n (nccl-tests' definition).

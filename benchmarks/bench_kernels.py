@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fusegraph.kernels import attention, decode_attention, gemm_epilogue, launch, norms, rope
+from fusegraph.kernels import attention, decode_attention, entry, gemm_epilogue, launch, norms, rope
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -253,7 +253,7 @@ def bench_decode(ceil, quick):
         pad[0, ..., sk // 3:] = float("-inf")
         for causal, m in ((False, None), (False, pad), (True, None)):
             o = poison(torch.empty_like(q))
-            attention.attention(q, k, v, m, is_causal=causal, out=o)
+            entry.attention(q, k, v, m, is_causal=causal, out=o)
             check(f"decode B{b} {hq}:{hkv} Sk{sk} D{dd} causal={causal} mask={m is not None}", o,
                   ref_attention(q, k, v, m, causal), BF16)
     # sweep (tiles, warps, stages, split programs per SM) on four caches
@@ -293,24 +293,24 @@ def bench_decode(ceil, quick):
             o = poison(torch.empty_like(q))
             shape = f"B{b} {hq}:{hkv} Sk{sk}"
             nbytes = 2 * k.numel() * k.element_size()
-            attention.attention(q, k, v, out=o)
+            entry.attention(q, k, v, out=o)
             want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             check(f"decode {shape} vs torch sdpa", o, want.float(), BF16)
             fused = row("decode", shape, "fused triton split-KV (torch entry, cached launcher)",
-                        bench(lambda: attention.attention(q, k, v, out=o)), nbytes=nbytes, ceil=ceil)
+                        bench(lambda: entry.attention(q, k, v, out=o)), nbytes=nbytes, ceil=ceil)
             if best_cfg is not None:
                 row("decode", shape, "fused triton split-KV (JIT launch, best of sweep)",
                     bench(lambda: decode_attention.decode_attention(q, k, v, config=best_cfg, out=o)),
                     nbytes=nbytes, ceil=ceil)
             if sk <= 16384 and SWEEP:
                 row("decode", shape, "fused triton prefill kernel (Sq=1)",
-                    bench(lambda: attention.attention(q, k, v, out=o, config=attention.attention_config(
+                    bench(lambda: entry.attention(q, k, v, out=o, config=attention.attention_config(
                         d, 1, False))), nbytes=nbytes, ceil=ceil)
             torch_best = sdpa_decode_rows("decode", shape, q, k, v, nbytes, ceil)
             # device time alone: CUDA graphs of calls over rotating K/V copies (L2-cold)
             copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
             kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
-            g_fused = graph_ms([lambda kk=kk, vv=vv: attention.attention(q, kk, vv, out=o)
+            g_fused = graph_ms([lambda kk=kk, vv=vv: entry.attention(q, kk, vv, out=o)
                                 for kk, vv in kvs])
             g_torch = graph_ms([lambda kk=kk, vv=vv: F.scaled_dot_product_attention(
                 q, kk, vv, enable_gqa=True) for kk, vv in kvs])
@@ -563,35 +563,35 @@ def bench_norms(ceil, quick):
         shape = f"{rows}x{cols}"
         # correctness (poisoned outputs), torch entries and the launcher
         poison(y)
-        norms.rms_norm(x, g, eps, out=y)
+        entry.rms_norm(x, g, eps, out=y)
         check(f"rms_norm {shape}", y, F.rms_norm(x.float(), (cols,), g.float(), eps), BF16)
         poison(y)
         launch.launch_rms_norm(p(x), p(g), p(y), rows, cols, eps, "bfloat16", st)
         check(f"launch rms_norm {shape}", y, F.rms_norm(x.float(), (cols,), g.float(), eps), BF16)
         poison(y), poison(s)
-        norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s)
+        entry.rms_norm(x, g, eps, residual=r, out=y, residual_out=s)
         check(f"skip_rms_norm {shape} Y", y,
               F.rms_norm((x + r).float(), (cols,), g.float(), eps), BF16)
         check(f"skip_rms_norm {shape} S", s, (x.float() + r.float()), BF16)
         poison(y), poison(s)
-        norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s)
+        entry.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s)
         check(f"skip_layer_norm {shape} Y", y,
               F.layer_norm((x + r).float(), (cols,), g.float(), b.float(), eps), BF16)
         row("copy", shape, "torch y.copy_(x) (same bytes as a plain norm)",
             bench(lambda: y.copy_(x)), nbytes=plain, ceil=ceil)
         for op, nb, fused, jit, ref_name, ref in (
-            ("rms_norm", plain, lambda: norms.rms_norm(x, g, eps, out=y),
+            ("rms_norm", plain, lambda: entry.rms_norm(x, g, eps, out=y),
              lambda: jit_norm(x, None, g, None, y, y, eps, True),
              "torch F.rms_norm", lambda: F.rms_norm(x, (cols,), g, eps)),
             ("skip_rms_norm", skip,
-             lambda: norms.rms_norm(x, g, eps, residual=r, out=y, residual_out=s),
+             lambda: entry.rms_norm(x, g, eps, residual=r, out=y, residual_out=s),
              lambda: jit_norm(x, r, g, None, y, s, eps, True),
              "torch add + F.rms_norm", lambda: F.rms_norm(x + r, (cols,), g, eps)),
-            ("layer_norm", plain, lambda: norms.layer_norm(x, g, b, eps, out=y),
+            ("layer_norm", plain, lambda: entry.layer_norm(x, g, b, eps, out=y),
              lambda: jit_norm(x, None, g, b, y, y, eps, False),
              "torch F.layer_norm", lambda: F.layer_norm(x, (cols,), g, b, eps)),
             ("skip_layer_norm", skip,
-             lambda: norms.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s),
+             lambda: entry.layer_norm(x, g, b, eps, residual=r, out=y, residual_out=s),
              lambda: jit_norm(x, r, g, b, y, s, eps, False),
              "torch add + F.layer_norm", lambda: F.layer_norm(x + r, (cols,), g, b, eps)),
         ):
@@ -786,7 +786,7 @@ def launch_overhead(st):
         "launch_attention Sq=1 (decode: split + combine, 2 launches)":
             lambda: launch.launch_attention(p(q), p(kk), p(vv), p(o), 1, 32, 8, 1, 4096, 128,
                                             None, False, "bfloat16", st),
-        "norms.rms_norm torch entry (cached launcher)": lambda: norms.rms_norm(x, g, 1e-6, out=y),
+        "entry.rms_norm torch entry (cached launcher)": lambda: entry.rms_norm(x, g, 1e-6, out=y),
         "Triton JIT launch of the same kernel": lambda: jit_norm(x, None, g, None, y, y, 1e-6, True),
         "torch F.rms_norm": lambda: F.rms_norm(x, (cols,), g, 1e-6),
     }

@@ -174,7 +174,8 @@ def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=Non
     """Torch entry: Q [B, Hq, 1, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
     [B, Hq, 1, Sk]; returns O [B, Hq, 1, D] in Q's dtype (into ``out`` if given).
     ``config`` (any of BLOCK_N, num_warps, num_stages, programs_per_sm) overrides the
-    defaults; the split is derived from the problem and the device's SM count."""
+    defaults; the split is derived from the problem and the device's SM count. Triton's JIT
+    launches it; ``entry.decode_attention`` takes the cached launcher where it can."""
     import torch
 
     bsz, hq, sq, d = q.shape
@@ -185,18 +186,6 @@ def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=Non
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = q.new_empty(q.shape) if out is None else out
-    from . import launch  # here: launch imports this module
-
-    if config is None and launch.takes_tensors(q, k, v, o) and (
-            mask is None or launch.dtype_name(mask) in launch.DTYPES):
-        # the cached launcher: a fraction of the JIT's host cost, its own workspace
-        strides = (0, 0, 0, 0) if mask is None else mask.expand(bsz, hq, 1, sk).stride()
-        launch.launch_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), bsz, hq,
-                                hkv, 1, sk, d, scale, bool(is_causal), launch.dtype_name(q),
-                                launch.current_stream(q), mask_ptr=0 if mask is None
-                                else mask.data_ptr(), mask_strides=strides,
-                                mask_dtype=None if mask is None else launch.dtype_name(mask))
-        return o
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     sk_seen = min(sk, 1) if is_causal else sk  # upper-left causal: the query sees key 0
     group = hq // hkv

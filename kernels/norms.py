@@ -72,9 +72,9 @@ def norm_grid(rows: int, cfg: dict) -> tuple:
 
 
 def _launch(x, residual, gamma, beta, eps, rms, out, residual_out):
-    """Torch entry (tests, benchmark): returns Y, or (Y, S) when a residual is given.
-    On the current CUDA device dense tensors go through the cached launcher (``launch.py``),
-    whose host cost per call is a fraction of the Triton JIT launcher's (issue 14)."""
+    """Torch entry through Triton's JIT launcher (tests, benchmark): returns Y, or (Y, S)
+    when a residual is given. ``entry.py`` takes the cached launcher (``launch.py``) instead
+    where it can: its host cost per call is a fraction of the JIT's (issue 14)."""
     cols = x.shape[-1]
     x2 = x.reshape(-1, cols)
     if x2.stride(-1) != 1:
@@ -85,15 +85,6 @@ def _launch(x, residual, gamma, beta, eps, rms, out, residual_out):
     if residual is not None:
         r2 = residual.reshape(-1, cols).contiguous()
         s = x.new_empty(x2.shape) if residual_out is None else residual_out.view(x2.shape)
-    from . import launch  # here: launch imports this module
-
-    if rows and launch.takes_tensors(x2, r2, gamma, beta, y, s):
-        launch.launch_norm(x2.data_ptr(), r2.data_ptr() if residual is not None else 0,
-                           gamma.data_ptr(), 0 if beta is None else beta.data_ptr(),
-                           y.data_ptr(), s.data_ptr() if residual is not None else 0, rows, cols,
-                           float(eps), launch.dtype_name(x), rms, launch.current_stream(x))
-        y = y.reshape(x.shape)
-        return y if residual is None else (y, s.reshape(x.shape))
     cfg = norm_config(rows, cols, x.element_size())
     norm_kernel[norm_grid(rows, cfg)](
         x2, r2, gamma.contiguous(), gamma if beta is None else beta.contiguous(), y, s,

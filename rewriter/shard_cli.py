@@ -7,7 +7,7 @@
 large or asked for) and DIR/shard.json, and prints what it sharded, the collectives per rank, the
 weight bytes per rank against 1/N of the sharded weights plus the replicated ones, and every
 projection left whole with the reason. `verify-shards` runs the rank models in lock step on the
-CPU (`fusegraph.lockstep`) and compares each rank's outputs with the original's: exit 0 equal,
+CPU (`fusegraph.verify.lockstep`) and compares each rank's outputs with the original's: exit 0 equal,
 1 a mismatch, 2 bad input, as `rewrite verify`.
 """
 
@@ -53,7 +53,7 @@ def verify_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from .lockstep import rank_files, verify_shards
+    from .verify.lockstep import rank_files, verify_shards
     from .model_io import load_model
     from .verify import parse_shapes
     load_model(args.original)  # a missing or broken file is one error line

@@ -47,7 +47,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import collectives, external_data, model_io
+from . import external_data, model_io
+from .ops import collectives
 from .errors import InputError
 
 #: Rank weights above this many bytes go to an external data file beside the rank model.

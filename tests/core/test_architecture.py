@@ -26,6 +26,10 @@ CORE = {f"fusegraph.{m}" for m in ("errors", "external_data", "ir", "pattern", "
 #: Modules of the TensorRT side that run the whole pipeline (`rewrite build --rewrite`), so
 #: they sit with the command line on top.
 TENSORRT_TOOLS = {"fusegraph.plugins.engine", "fusegraph.plugins.engine_cli"}
+#: Graph transforms beside the rule library: over the core and the fused ops, below the API.
+TRANSFORMS = {"fusegraph.sharding"}
+#: What the command line drives over the API: the HTML report and the shard commands.
+TOOLS = {"fusegraph.cli", "fusegraph.report", "fusegraph.shard_cli"}
 
 
 def layer(module: str) -> tuple[int, str]:
@@ -44,11 +48,13 @@ def layer(module: str) -> tuple[int, str]:
         return 5, "tools"
     if module == "fusegraph.plugins" or module.startswith("fusegraph.plugins."):
         return 2, "plugins"
-    if module in ("fusegraph", "fusegraph.api"):
+    if module in TRANSFORMS:
+        return 2, "rules"
+    if module in ("fusegraph", "fusegraph.api", "fusegraph.interop"):
         return 3, "api"
     if module == "fusegraph.verify" or module.startswith("fusegraph.verify."):
         return 4, "verify"
-    if module == "fusegraph.cli":
+    if module in TOOLS:
         return 5, "tools"
     raise AssertionError(f"{module}: no layer; place it in test_architecture.layer")
 

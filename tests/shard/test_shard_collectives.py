@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from fusegraph import collectives
+from fusegraph.ops import collectives
 from fusegraph.plugins import collectives as plugin
 
 

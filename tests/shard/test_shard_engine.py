@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 import fusegraph
-from fusegraph import collectives
+from fusegraph.ops import collectives
 from fusegraph.plugins import tensorrt_shim
 from llama_like import Config, build
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusegraph
-from fusegraph import collectives
+from fusegraph.ops import collectives
 from fusegraph.errors import InputError
-from fusegraph.lockstep import LockstepRunner, verify_shards
+from fusegraph.verify.lockstep import LockstepRunner, verify_shards
 from fusegraph.sharding import Sharder, _weight_bytes
 from llama_like import Config, build, configs
 

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import collectives
-from .errors import InputError
-from .verify import _dim_attempts, compare, make_inputs, outputs, session
+from ..errors import InputError
+from ..ops import collectives
+from .differential import _dim_attempts, compare, make_inputs, outputs, session
 
 
 class LockstepRunner:
@@ -106,7 +106,7 @@ def _stages(model: onnx.ModelProto) -> list[tuple[onnx.ModelProto | None, list[o
 
 
 def _outer(g: onnx.GraphProto) -> set:
-    from .sharding import _outer_names
+    from ..sharding import _outer_names
     return _outer_names(g)
 
 
