@@ -16,9 +16,9 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
   that a fully masked row stays uniform as in the original); any other fill is refused;
 - Casts around the Softmax, each to a type the fused op's float32 math covers losslessly (the
   scores widened to float32, the probabilities back to Q's type), and SDPA's NaN guard
-  Where(IsNaN(p), 0, p) after it. The fused op reads a row masked entirely by -inf as zeros,
-  the guarded graph's answer; without the guard the original gives NaN there, which the
-  replacement reproduces (NaN where the mask's row maximum is -inf);
+  Where(IsNaN(p), 0, p) after it. The guard is the fused op's `zero_nan_rows=1`: a row whose
+  softmax is NaN (masked by -inf throughout, or given NaN or inf by Q or K) reads as zeros;
+  without it `zero_nan_rows=0` leaves the NaN, as the eager original does;
 - K^T as Transpose(K, [0,1,3,2]) or folded into the head split, Transpose(K_bshd, [0,2,3,1]);
 - grouped/multi-query KV repeated as Reshape(Expand(Unsqueeze(kv, 2))) (HF's repeat_kv): the
   fused op takes the un-repeated KV when the shapes prove the Reshape only merges the heads
@@ -27,9 +27,10 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 The target is chosen per match: `attention.onnx` emits the standard opset-23 `Attention` (which
 TensorRT maps to its native attention layer) in models of opset 23 or newer, where that op
 provably computes the same: float32, the same heads and batch in Q, K and V, and no mask input
-(no mask, or a proven causal one). ONNX Runtime 1.32 refuses masks that broadcast over the
-query or key axis and grouped KV at run time, and returns 0 for a row masked with
-finfo.min where the original is uniform, and TensorRT refuses `softmax_precision`; so every
+(no mask, or a proven causal one), and no NaN guard (it leaves a NaN row NaN). ONNX Runtime
+1.32 refuses masks that broadcast over the query or key axis and grouped KV at run time, and
+returns 0 for a row masked with finfo.min where the original is uniform, and TensorRT
+refuses `softmax_precision`; so every
 other attention becomes `fusegraph.Attention`/`MaskedAttention` (`attention_op`, opset 13 and
 newer; below 15 float32 only) through `attention.fusegraph`. Select `attention.fusegraph`
 alone to keep the fusegraph op (for its plugin) on opset-23 models too. A mask that is a
@@ -217,28 +218,6 @@ def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None
                                               key_len(k, k_kv, k_bshd))
 
 
-def may_mask_rows_with_neg_inf(mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
-    """Whether some row of the scores may be -inf throughout (NaN after Softmax): a run-time
-    mask may, unless its values are known to be finite (Where(keep, 0, min)); a constant one
-    is looked at."""
-    if fill is not None and not np.isneginf(fill.const_value.astype(np.float64)).all():
-        return False  # the lowest finite value: never -inf
-    if mask is None and keep is None and drop is None:
-        return False
-    a = constant_mask(mask, bias, keep, drop, fill)
-    if a is not None:
-        return attention_masks.has_row_of_neg_inf(a)
-    if keep is not None or drop is not None:
-        return True
-    values = [attention_masks.value_set(m) for m in (mask, bias) if m is not None]
-    return any(v is None or np.isneginf(v).any() for v in values)
-
-
-def _mask_rank(mask=None, bias=None, keep=None, drop=None):
-    ranks = [m.rank for m in (mask, bias, keep, drop) if m is not None]
-    return None if None in ranks else max(ranks, default=None)
-
-
 # -- conditions ------------------------------------------------------------------------------
 def scales_are_scalars(**captures) -> bool:
     """Only a single factor folds into the op's `scale`: a per-head tensor is no attention, and
@@ -409,19 +388,6 @@ def bias_joins_mask_exactly(mask, bias) -> bool:
                                        "adding it to the bias first rounds differently")
 
 
-def nan_rows_reproducible(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None,
-                          fill=None, nan_fill=None, **captures) -> bool:
-    """Where a row may be masked by -inf throughout and no NaN guard follows the Softmax, the
-    original gives NaN there; the replacement reproduces it from the mask's row maximum, which
-    needs the mask's rank (its key axis) and Q's type."""
-    if nan_fill is not None or not may_mask_rows_with_neg_inf(mask, bias, keep, drop, fill):
-        return True
-    if _mask_rank(mask, bias, keep, drop) is None:
-        return reject("a row may be masked by -inf (NaN, no guard) and the mask's rank is unknown")
-    return q_type(q, k, k_kv, k_bshd, **captures) is not None or reject(
-        "a row may be masked by -inf (NaN, no guard) and Q's type is unknown")
-
-
 def math_fits_float32(q) -> bool:
     """Both targets compute the scores and softmax in float32 (`attention_op`, ONNX Attention's
     float32 inputs); a float64 attention would lose float64's precision."""
@@ -451,7 +417,7 @@ def body_fits_opset(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
 
 
 def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None,
-                            keep=None, drop=None, fill=None, **captures) -> bool:
+                            keep=None, drop=None, fill=None, nan_fill=None, **captures) -> bool:
     """Opset-23 `Attention` is emitted only where it runs in ONNX Runtime and TensorRT and
     computes what the graph did: float32 (its softmax then is float32 with no
     `softmax_precision`, which TensorRT's parser refuses), Q's heads in K and V (ONNX Runtime
@@ -459,6 +425,9 @@ def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None
     batch, and no mask input (ONNX Runtime refuses masks
     broadcast over the query or key axis and answers 0 for a row masked with finfo.min, where
     Softmax gives the mean of V). A proven causal triangle needs no mask input."""
+    if nan_fill is not None:
+        return reject("SDPA's NaN guard zeroes a row whose softmax is NaN (NaN or inf from Q or K included); "
+                      "ONNX Attention leaves it NaN")
     if q.dtype != FLOAT:
         return reject(f"ONNX Attention without softmax_precision runs softmax in Q's type, "
                       f"{_type_name(q.dtype) if q.dtype else 'unknown'}")
@@ -506,36 +475,16 @@ def additive_mask(op, mask, bias, keep, drop, fill):
     return mask
 
 
-def nan_on_rows_of_neg_inf(op, y, mask, mask_rank: int, y_type: int):
-    """y plus NaN on the rows the mask sets to -inf throughout and 0 elsewhere: 0 times the
-    row's maximum is NaN exactly when that maximum is -inf."""
-    m = op.Cast(mask, to=FLOAT)
-    if mask_rank == 0:
-        m = op.Unsqueeze(m, np.array([0], np.int64))
-    if opset(y) >= 18:
-        row_max = op.ReduceMax(m, np.array([-1], np.int64), keepdims=1)
-    else:
-        row_max = op.ReduceMax(m, axes=[-1], keepdims=1)
-    nan_or_zero = op.Mul(row_max, np.zeros((), np.float32))
-    if y_type != FLOAT:
-        nan_or_zero = op.Cast(nan_or_zero, to=y_type)
-    return op.Add(y, nan_or_zero)
-
-
 def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
                  fill=None, nan_fill=None, **captures):
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
     key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
-    attrs = dict(scale=total_scale(captures), is_causal=int(causal), _domain=DOMAIN)
+    attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=0.0,
+                 zero_nan_rows=int(nan_fill is not None), _domain=DOMAIN)
     if causal or (mask is None and keep is None and drop is None):
         return op.Attention(q, key, value, **attrs)
-    additive = additive_mask(op, mask, bias, keep, drop, fill)
-    y = op.MaskedAttention(q, key, value, additive, **attrs)
-    if nan_fill is None and may_mask_rows_with_neg_inf(mask, bias, keep, drop, fill):
-        y = nan_on_rows_of_neg_inf(op, y, additive, _mask_rank(mask, bias, keep, drop),
-                                   q_type(q, k, k_kv, k_bshd, **captures))
-    return y
+    return op.MaskedAttention(q, key, value, additive_mask(op, mask, bias, keep, drop, fill), **attrs)
 
 
 def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
@@ -586,7 +535,7 @@ CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.floa
                   "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
 
 CONDITIONS = [scales_are_scalars, scales_keep_range, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
-              mask_fits, bias_joins_mask_exactly, math_fits_float32, nan_rows_reproducible]
+              mask_fits, bias_joins_mask_exactly, math_fits_float32]
 
 RULES = [
     Rule("attention.onnx", attention, to_onnx,

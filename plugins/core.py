@@ -148,12 +148,14 @@ class MatMulAct(PluginCore):
 
 class Attention(PluginCore):
     """`Attention(Q, K, V)`: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], Hq a multiple of Hkv;
-    scale 0 means 1/sqrt(D) (the rewriter always states it)."""
+    scale 0 means 1/sqrt(D) (the rewriter always states it), softcap 0 none; a row whose
+    softmax is NaN reads as zeros unless zero_nan_rows is 0 (`patterns.attention_op`)."""
 
     op = "Attention"
     inputs = ("Q", "K", "V")
     outputs = ("Y",)
-    fields = (Field("scale", "float", 0.0), Field("is_causal", "int", 0))
+    fields = (Field("scale", "float", 0.0), Field("is_causal", "int", 0), Field("softcap", "float", 0.0),
+              Field("zero_nan_rows", "int", 1))
 
     def output_dims(self, ranks):
         return [[(0, 0), (0, 1), (0, 2), (0, 3)]]
@@ -182,7 +184,8 @@ class Attention(PluginCore):
                          self.attributes["scale"] or None, bool(self.attributes["is_causal"]), dtypes[0],
                          stream, mask_ptr=inputs[3] if has_mask else 0,
                          mask_strides=self.mask_strides(shapes) if has_mask else (0, 0, 0, 0),
-                         mask_dtype=dtypes[3] if has_mask else None)
+                         mask_dtype=dtypes[3] if has_mask else None, softcap=self.attributes["softcap"],
+                         zero_nan_rows=bool(self.attributes["zero_nan_rows"]))
 
 
 class MaskedAttention(Attention):
