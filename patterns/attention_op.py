@@ -154,13 +154,16 @@ def _zero_nan_rows(b: Body, probs: str, y: str) -> str:
 
 
 ATTRIBUTES = ("scale", "is_causal", "softcap", "zero_nan_rows")
+#: A node written before `softcap` and `zero_nan_rows` existed computed no cap and zeroed NaN rows.
+DEFAULTS = (("softcap", 0.0), ("zero_nan_rows", 1))
 
 ATTENTION = register(FusedOp(
     "Attention", ("Q", "K", "V"), ("Y",), ATTRIBUTES,
     lambda b, opset: _body(b, opset, masked=False),
-    "Y = softmax(softcap(Q K^T * scale) [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET))
+    "Y = softmax(softcap(Q K^T * scale) [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET, DEFAULTS))
 
 MASKED_ATTENTION = register(FusedOp(
     "MaskedAttention", ("Q", "K", "V", "Mask"), ("Y",), ATTRIBUTES,
     lambda b, opset: _body(b, opset, masked=True),
-    "Y = softmax(softcap(Q K^T * scale) + Mask [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET))
+    "Y = softmax(softcap(Q K^T * scale) + Mask [causal]) V; fp32 softmax, grouped KV heads", MIN_OPSET,
+    DEFAULTS))

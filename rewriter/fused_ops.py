@@ -57,6 +57,9 @@ class FusedOp:
     doc: str
     #: The oldest opset this op's body is valid in.
     min_opset: int = MIN_OPSET
+    #: Values of attributes a node may omit (the function's attribute_proto), for attributes
+    #: added after nodes without them were written.
+    defaults: tuple[tuple[str, float | int], ...] = ()
 
     def function(self, opset: int, dtype: int | None = None, target: str = "portable") -> onnx.FunctionProto:
         """The local function for a model of default-domain `opset`, called by a node whose first
@@ -74,7 +77,9 @@ class FusedOp:
         self.body(b, opset)
         f = helper.make_function(
             DOMAIN, self.name, list(self.inputs), list(self.outputs), b.nodes,
-            [helper.make_opsetid("", opset)], attributes=list(self.attributes), doc_string=self.doc)
+            [helper.make_opsetid("", opset)], doc_string=self.doc,
+            attributes=[a for a in self.attributes if a not in dict(self.defaults)],
+            attribute_protos=[helper.make_attribute(a, v) for a, v in self.defaults])
         if dtype is not None:
             f.overload = overload(dtype)
         return f
