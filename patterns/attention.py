@@ -19,6 +19,7 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
   Where(IsNaN(p), 0, p) after it. The guard is the fused op's `zero_nan_rows=1`: a row whose
   softmax is NaN (masked by -inf throughout, or given NaN or inf by Q or K) reads as zeros;
   without it `zero_nan_rows=0` leaves the NaN, as the eager original does;
+- soft-capped scores, cap * tanh(scores / cap) after the scale (Gemma 2): the op's `softcap`;
 - K^T as Transpose(K, [0,1,3,2]) or folded into the head split, Transpose(K_bshd, [0,2,3,1]);
 - grouped/multi-query KV repeated as Reshape(Expand(Unsqueeze(kv, 2))) (HF's repeat_kv): the
   fused op takes the un-repeated KV when the shapes prove the Reshape only merges the heads
@@ -27,7 +28,8 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 The target is chosen per match: `attention.onnx` emits the standard opset-23 `Attention` (which
 TensorRT maps to its native attention layer) in models of opset 23 or newer, where that op
 provably computes the same: float32, the same heads and batch in Q, K and V, and no mask input
-(no mask, or a proven causal one), and no NaN guard (it leaves a NaN row NaN). ONNX Runtime
+(no mask, or a proven causal one); its pattern has no NaN guard (`eager_attention`: ONNX
+`Attention` leaves a NaN row NaN, the guard zeroes it). ONNX Runtime
 1.32 refuses masks that broadcast over the query or key axis and grouped KV at run time, and
 returns 0 for a row masked with finfo.min where the original is uniform, and TensorRT
 refuses `softmax_precision`; so every
@@ -144,15 +146,32 @@ def _is_scalar_zero(a: np.ndarray) -> bool:
     return a.size == 1 and a.ndim <= 4 and a.item() == 0
 
 
-def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
+def soft_capped(op: PatternOps, scores: Pattern) -> Pattern:
+    """Gemma 2's logit soft-capping, cap * tanh(scores / cap), or the scores themselves; the
+    two constants are captured as `cap_div` / `cap_mul` (`caps_agree` holds them equal)."""
+    return op.Mul(op.Tanh(op.Div(scores, Const(name="cap_div"))), Const(name="cap_mul")) | scores
+
+
+def eager_attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
+    """softmax(...) @ V with no NaN guard: a NaN row stays NaN (as in ONNX `Attention`)."""
     scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd)), "s")
-    scores = optional(op.Cast(scores, to=Attr("cast_scores")))
+    scores = optional(op.Cast(soft_capped(op, scores), to=Attr("cast_scores")))
     masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, scores, Const(name="fill"))
               | op.Where(drop, Const(name="fill"), scores) | scores)
     softmax = op.Softmax(optional(op.Cast(masked, to=Attr("cast_masked"))), axis=Attr("axis"))
-    probs = optional(op.Cast(optional(op.Cast(softmax, to=Attr("cast_softmax"))), to=Attr("cast_probs")))
+    return op.MatMul(_probabilities(op, softmax), repeated_kv(op, v_kv, "v") | v)
+
+
+def _probabilities(op: PatternOps, softmax: Pattern) -> Pattern:
+    return optional(op.Cast(optional(op.Cast(softmax, to=Attr("cast_softmax"))), to=Attr("cast_probs")))
+
+
+def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
+    """The eager form, or SDPA's with the NaN guard after the Softmax (captured as `nan_fill`)."""
+    eager = eager_attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop)
+    probs, value = eager.node.inputs
     guarded = op.Where(op.IsNaN(probs), Const(name="nan_fill", where=_is_scalar_zero, why="0"), probs) | probs
-    return op.MatMul(guarded, repeated_kv(op, v_kv, "v") | v)
+    return op.MatMul(guarded, value)
 
 
 # -- what the captures say -------------------------------------------------------------------
@@ -388,6 +407,29 @@ def bias_joins_mask_exactly(mask, bias) -> bool:
                                        "adding it to the bias first rounds differently")
 
 
+def caps_agree(cap_div=None, cap_mul=None) -> bool:
+    """cap * tanh(s / cap) is the soft cap only with one cap, a finite non-zero scalar constant
+    on both sides: tanh(s / 50) * 30 or * -50 is another function. (Both negative is the same
+    cap: tanh is odd.)"""
+    if cap_div is None:
+        return True
+    values = []
+    for c in (cap_div, cap_mul):
+        if not attention_masks.is_fixed(c):
+            return reject(f"soft cap {c.name!r} is also a graph input: a default, not a constant")
+        a = c.const_value
+        if a is None or a.size != 1 or a.ndim > 4 or not np.isfinite(a.astype(np.float64)).all() or not a.any():
+            return reject(f"soft cap {c.name!r} is not a finite non-zero scalar constant")
+        values.append(float(a.astype(np.float64).reshape(-1)[0]))
+    return values[0] == values[1] or reject(f"soft cap divides by {values[0]:g} and multiplies by {values[1]:g}")
+
+
+def softcap(captures: dict) -> float:
+    """The soft cap the pattern matched (`caps_agree`), 0.0 for none."""
+    c = captures.get("cap_div")
+    return 0.0 if c is None else abs(float(c.const_value.astype(np.float64).reshape(-1)[0]))
+
+
 def math_fits_float32(q) -> bool:
     """Both targets compute the scores and softmax in float32 (`attention_op`, ONNX Attention's
     float32 inputs); a float64 attention would lose float64's precision."""
@@ -417,7 +459,7 @@ def body_fits_opset(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
 
 
 def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None,
-                            keep=None, drop=None, fill=None, nan_fill=None, **captures) -> bool:
+                            keep=None, drop=None, fill=None, **captures) -> bool:
     """Opset-23 `Attention` is emitted only where it runs in ONNX Runtime and TensorRT and
     computes what the graph did: float32 (its softmax then is float32 with no
     `softmax_precision`, which TensorRT's parser refuses), Q's heads in K and V (ONNX Runtime
@@ -425,9 +467,6 @@ def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None
     batch, and no mask input (ONNX Runtime refuses masks
     broadcast over the query or key axis and answers 0 for a row masked with finfo.min, where
     Softmax gives the mean of V). A proven causal triangle needs no mask input."""
-    if nan_fill is not None:
-        return reject("SDPA's NaN guard zeroes a row whose softmax is NaN (NaN or inf from Q or K included); "
-                      "ONNX Attention leaves it NaN")
     if q.dtype != FLOAT:
         return reject(f"ONNX Attention without softmax_precision runs softmax in Q's type, "
                       f"{_type_name(q.dtype) if q.dtype else 'unknown'}")
@@ -480,7 +519,7 @@ def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
     key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
-    attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=0.0,
+    attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=softcap(captures),
                  zero_nan_rows=int(nan_fill is not None), _domain=DOMAIN)
     if causal or (mask is None and keep is None and drop is None):
         return op.Attention(q, key, value, **attrs)
@@ -504,7 +543,9 @@ def to_onnx(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None,
         key = repeated_for_onnx(op, k_kv, k_grown, k_merged, kt_shape)
         value = repeated_for_onnx(op, v_kv, v_grown, v_merged)
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
-    return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
+    cap = softcap(captures)
+    return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal),
+                        **({"softcap": cap} if cap else {}))
 
 
 def _ints(*v: int) -> np.ndarray:
@@ -514,9 +555,9 @@ def _ints(*v: int) -> np.ndarray:
 #: For the self-check: Q, K, V [B, H, S, D] = [1, 2, 3, 4], K/V repeated from one kv head, K as
 #: [B, S, H, D] for the merged transpose, masks over [.., Sq, Sk]; the Reshape and Expand
 #: targets and the Slice bounds (to the end of Shape(K)) the conditions accept, a hard Where
-#: fill, the NaN guard's 0 and Casts to the instance's own type, which the generic search
-#: can't guess. The masks are inputs in one example and the causal triangle in the other
-#: (the only mask the ONNX target takes).
+#: fill, the NaN guard's 0, one soft cap on both sides and Casts to the instance's own type,
+#: which the generic search can't guess. The masks are inputs in one example and the causal
+#: triangle in the other (the only mask the ONNX target takes).
 EXAMPLE = {
     "q": ((1, 2, 3, 4), np.float32), "k": ((1, 2, 3, 4), np.float32), "v": ((1, 2, 3, 4), np.float32),
     "k_kv": ((1, 1, 3, 4), np.float32), "v_kv": ((1, 1, 3, 4), np.float32),
@@ -529,16 +570,17 @@ EXAMPLE = {
     "keep": ((1, 1, 3, 3), np.bool_), "drop": ((1, 1, 3, 3), np.bool_),
     "fill": np.array(-np.inf, np.float32), "nan_fill": np.array(0.0, np.float32),
     "cast_scores": None, "cast_masked": None, "cast_softmax": None, "cast_probs": None,
+    "cap_div": np.array(5.0, np.float32), "cap_mul": np.array(5.0, np.float32),
 }
 _ABOVE = np.triu(np.ones((1, 1, 3, 3), bool), k=1)
 CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.float32),
                   "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
 
-CONDITIONS = [scales_are_scalars, scales_keep_range, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
-              mask_fits, bias_joins_mask_exactly, math_fits_float32]
+CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last_axis, heads_layout,
+              casts_widen_losslessly, fills_mask_hard, mask_fits, bias_joins_mask_exactly, math_fits_float32]
 
 RULES = [
-    Rule("attention.onnx", attention, to_onnx,
+    Rule("attention.onnx", eager_attention, to_onnx,
          [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
          priority=210, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
     Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
