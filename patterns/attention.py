@@ -9,7 +9,8 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
   scale than 1/sqrt(D) is still an attention); no scale is scale 1;
 - the mask as an Add (additive float mask, or a position bias then a mask whose values the
   bias adds to exactly, as T5's 0 / finfo.min), as Where(keep, scores, fill)
-  (boolean mask) or Where(drop, fill, scores) (`masked_fill`), or absent. A Where replaces the
+  (boolean mask) or Where(drop, fill, scores) (`masked_fill`), either of them over scores
+  plus a bias (ALiBi's), or absent. A Where replaces the
   masked scores by `fill`, which equals adding a mask only when the fill zeroes the weight
   whatever the score (-inf, or the lowest value of its type; `attention_masks`): those become
   the float32 mask Where(keep, 0, fill) outside the fused op (the lowest value as float32's, so
@@ -156,8 +157,9 @@ def eager_attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
     """softmax(...) @ V with no NaN guard: a NaN row stays NaN (as in ONNX `Attention`)."""
     scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd)), "s")
     scores = optional(op.Cast(soft_capped(op, scores), to=Attr("cast_scores")))
-    masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, scores, Const(name="fill"))
-              | op.Where(drop, Const(name="fill"), scores) | scores)
+    biased = op.Add(scores, bias) | scores  # ALiBi's, before a Where mask
+    masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, biased, Const(name="fill"))
+              | op.Where(drop, Const(name="fill"), biased) | scores)
     softmax = op.Softmax(optional(op.Cast(masked, to=Attr("cast_masked"))), axis=Attr("axis"))
     return op.MatMul(_probabilities(op, softmax), repeated_kv(op, v_kv, "v") | v)
 
@@ -210,10 +212,11 @@ def constant_mask(mask=None, bias=None, keep=None, drop=None, fill=None) -> np.n
     """The additive mask the fused op takes, when constants decide it (else None)."""
     if keep is not None or drop is not None:
         chosen = attention_masks.constant_value(keep if keep is not None else drop)
-        if chosen is None:
+        kept = np.float32(0) if bias is None else attention_masks.constant_value(bias)
+        if chosen is None or kept is None:
             return None
         masked = ~chosen.astype(bool) if keep is not None else chosen.astype(bool)
-        return np.where(masked, _hard_fill(fill), np.float32(0))
+        return np.where(masked, _hard_fill(fill), kept.astype(np.float32))
     if mask is None:
         return None
     m = attention_masks.constant_value(mask)
@@ -395,8 +398,9 @@ def bias_joins_mask_exactly(mask, bias) -> bool:
     """The fused op adds one mask, so (scores + bias) + mask becomes scores + (bias + mask):
     the same numbers only where the mask's values leave the sum unrounded, 0 and values that
     absorb any addend (-inf, or finfo(float32).min: T5's Where(keep, 0, min)). A mask that can
-    hold -1e9 (rounded to multiples of 64 either way, in a different order) is refused."""
-    if bias is None:
+    hold -1e9 (rounded to multiples of 64 either way, in a different order) is refused. A bias
+    under a Where mask needs no such care (`additive_mask`)."""
+    if bias is None or mask is None:
         return True
     values = attention_masks.value_set(mask)
     if values is None:
@@ -504,14 +508,14 @@ def kv_operands(op, k, k_kv, k_bshd, v, v_kv):
 
 def additive_mask(op, mask, bias, keep, drop, fill):
     """The additive mask the fused op takes (or None): a position bias joins the mask; a hard
-    Where fill becomes a float32 mask (`_hard_fill`)."""
-    if bias is not None:
-        return op.Add(bias, mask)
+    Where fill becomes a float32 mask (`_hard_fill`) that holds the bias where it keeps the
+    score, so a masked score is the fill alone, as in the original, whatever the bias."""
+    if keep is None and drop is None:
+        return mask if bias is None else op.Add(bias, mask)
+    kept = np.zeros((), np.float32) if bias is None else bias if bias.dtype == FLOAT else op.Cast(bias, to=FLOAT)
     if keep is not None:
-        return op.Where(keep, np.zeros((), np.float32), _hard_fill(fill))
-    if drop is not None:
-        return op.Where(drop, _hard_fill(fill), np.zeros((), np.float32))
-    return mask
+        return op.Where(keep, kept, _hard_fill(fill))
+    return op.Where(drop, _hard_fill(fill), kept)
 
 
 def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
