@@ -116,31 +116,50 @@ def _repeats_and_transposes(v) -> bool:
     return _grows_only_axis_2(expand) and _swaps_last_two(flat, v, expand)
 
 
-def key_transposed_batched(op: PatternOps, k: Pattern, k_kv: Pattern) -> Pattern:
+def key_transposed_batched(op: PatternOps, k: Pattern, k_kv: Pattern, k_bh: Pattern) -> Pattern:
     """k.transpose(-2, -1) as dynamo's SDPA decomposition writes it: flattened to 3-D, transposed,
     reshaped back; the reshapes' targets are constants (proved by the shapes) or Shape(k)'s dims.
-    A static export may fold repeat_kv's Reshape into the flattening one."""
+    A static export may fold repeat_kv's Reshape into the flattening one, or start from K
+    already flattened (`k_bh`)."""
     def swapped(x: Pattern) -> Pattern:
         return op.Reshape(op.Transpose(op.Reshape(x, Var("kt_flat")), perm=[0, 2, 1]), Var("kt_shape"))
     static = swapped(k).where(_transposes_last_two, "transposes K's last two dims")
     folded = swapped(op.Expand(_unsqueezed_heads(op, k_kv), Var("k_grown"))).where(
         _repeats_and_transposes, "repeats the kv heads and transposes K's last two dims")
+    merged = op.Reshape(op.Transpose(k_bh, perm=[0, 2, 1]), Var("kt_shape")).where(
+        _splits_merged_heads, "splits the batch of K^T [B*H, D, S] into [B, H, D, S]")
     dims = op.Shape(k, start=0)
     last = op.Slice(dims, Const(-1), Const(name="kt_end", where=lambda a: a.size == 1 and a.item() >= 2**62, why="end"))
     second = op.Slice(dims, Const(-2), Const(-1))
     lead = op.Slice(dims, Const(name="kt_start", where=lambda a: a.size == 1 and a.item() <= -(2**62), why="start"), Const(-2))
     flat = op.Reshape(k, op.Concat(Const(-1, name="kt_rows"), second, last, axis=0))
     dynamic = op.Reshape(op.Transpose(flat, perm=[0, 2, 1]), op.Concat(lead, last, second, axis=0))
-    return folded | static | dynamic
+    return folded | static | merged | dynamic
 
 
-def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern) -> Pattern:
-    """K^T [B, H, D, S]: from K [B, H, S, D] (`k`, or `k_kv` repeated to the query heads), or
-    straight from the head split's [B, S, H, D] (`k_bshd`)."""
+def _merged_heads_target(v) -> np.ndarray | None:
+    """The constant [B, H, D, S] a Reshape splits K^T [B*H, D, S] into, where its dims are
+    positive and agree with the 3-D K's [B*H, S, D]."""
+    target = v.producer.inputs[1].const_value
+    k_bh = v.producer.inputs[0].producer.inputs[0]
+    if target is None or target.shape != (4,) or (target <= 0).any() or k_bh.rank != 3:
+        return None
+    b, h, d, s = (int(x) for x in target)
+    return target if tuple(k_bh.shape) == (b * h, s, d) else None
+
+
+def _splits_merged_heads(v) -> bool:
+    return _merged_heads_target(v) is not None
+
+
+def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern, k_bh: Pattern) -> Pattern:
+    """K^T [B, H, D, S]: from K [B, H, S, D] (`k`, or `k_kv` repeated to the query heads),
+    straight from the head split's [B, S, H, D] (`k_bshd`), or from K with the heads merged
+    into the batch, [B*H, S, D] (`k_bh`: nn.MultiheadAttention's, split back by a Reshape)."""
     k = repeated_kv(op, k_kv, "k") | k
     plain = op.Transpose(scaled(op, k, "k_pre"), perm=[0, 1, 3, 2])
     merged = op.Transpose(scaled(op, k_bshd, "k_pre"), perm=[0, 2, 3, 1])
-    return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv), "k_post")
+    return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv, k_bh), "k_post")
 
 
 def _is_scalar_zero(a: np.ndarray) -> bool:
@@ -153,9 +172,9 @@ def soft_capped(op: PatternOps, scores: Pattern) -> Pattern:
     return op.Mul(op.Tanh(op.Div(scores, Const(name="cap_div"))), Const(name="cap_mul")) | scores
 
 
-def eager_attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
+def eager_attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
     """softmax(...) @ V with no NaN guard: a NaN row stays NaN (as in ONNX `Attention`)."""
-    scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd)), "s")
+    scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd, k_bh)), "s")
     scores = optional(op.Cast(soft_capped(op, scores), to=Attr("cast_scores")))
     biased = op.Add(scores, bias) | scores  # ALiBi's, before a Where mask
     masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, biased, Const(name="fill"))
@@ -168,9 +187,9 @@ def _probabilities(op: PatternOps, softmax: Pattern) -> Pattern:
     return optional(op.Cast(optional(op.Cast(softmax, to=Attr("cast_softmax"))), to=Attr("cast_probs")))
 
 
-def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
+def attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
     """The eager form, or SDPA's with the NaN guard after the Softmax (captured as `nan_fill`)."""
-    eager = eager_attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop)
+    eager = eager_attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop)
     probs, value = eager.node.inputs
     guarded = op.Where(op.IsNaN(probs), Const(name="nan_fill", where=_is_scalar_zero, why="0"), probs) | probs
     return op.MatMul(guarded, value)
@@ -199,12 +218,17 @@ def _dim(x, axis: int):
     return x.shape[axis] if x is not None and x.rank == 4 else None
 
 
-def key_len(k=None, k_kv=None, k_bshd=None):
-    """Sk where the shapes say it: axis 2 of [B, H, S, D] K, axis 1 of [B, S, H, D]."""
+def key_len(k=None, k_kv=None, k_bshd=None, k_bh=None):
+    """Sk where the shapes say it: axis 2 of [B, H, S, D] K, axis 1 of [B, S, H, D] or of
+    [B*H, S, D]."""
+    if k_bh is not None:
+        return k_bh.shape[1] if k_bh.rank == 3 else None
     return _dim(k_kv or k, 2) if k_bshd is None else _dim(k_bshd, 1)
 
 
-def key_heads(k=None, k_kv=None, k_bshd=None):
+def key_heads(k=None, k_kv=None, k_bshd=None, k_bh=None, kt_shape=None):
+    if k_bh is not None:  # the Reshape's constant [B, H, D, S] (`_merged_heads_target`)
+        return int(kt_shape.const_value[1])
     return _dim(k_kv or k, 1) if k_bshd is None else _dim(k_bshd, 2)
 
 
@@ -234,10 +258,11 @@ def _hard_fill(fill) -> np.ndarray:
     return np.array(np.finfo(np.float32).min, np.float32)
 
 
-def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
+def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None,
+              k_bh=None) -> bool:
     """Whether the mask is a proven causal triangle (`attention_masks.is_causal_triangle`)."""
     return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), _dim(q, 2),
-                                              key_len(k, k_kv, k_bshd))
+                                              key_len(k, k_kv, k_bshd, k_bh))
 
 
 # -- conditions ------------------------------------------------------------------------------
@@ -305,19 +330,22 @@ def repeated_heads(kv, grown, merged):
     return None
 
 
-def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_grown=None, v_merged=None) -> bool:
+def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_grown=None, v_merged=None,
+                 k_bh=None, kt_shape=None) -> bool:
     """The op takes 4-D [B, H, S, D]: K^T's 4-D perm proves K's rank; Q's and V's must be 4
     where known (TorchScript exports carry no shapes; their Q and V are the head split's).
     Query head h reads kv head h // (Hq / Hkv), so the query heads must be a multiple of K's
     and V's: Q with one head broadcast against K with four is another computation. Symbolic
     head counts (TorchScript's unk__ dims) are taken as the exporter's head split wrote them."""
-    for name, x in (("q", q), ("k", k or k_kv or k_bshd), ("v", v or v_kv)):
-        if x.rank not in (None, 4):
+    if k_bh is not None and k_bh.rank != 3:
+        return reject(f"k has rank {k_bh.rank}, not [B*H, S, D]")
+    for name, x in (("q", q), ("k", k or k_kv or k_bshd or k_bh), ("v", v or v_kv)):
+        if x is not k_bh and x.rank not in (None, 4):
             return reject(f"{name} has rank {x.rank}, not [B, H, S, D]")
     if (k_kv is None) != (v_kv is None):
         return reject("only one of K and V is a repeated kv")
     hq = _dim(q, 1)
-    hk, hv = key_heads(k, k_kv, k_bshd), _dim(v_kv or v, 1)
+    hk, hv = key_heads(k, k_kv, k_bshd, k_bh, kt_shape), _dim(v_kv or v, 1)
     if isinstance(hk, int) and isinstance(hv, int) and hk != hv:
         return reject(f"K has {hk} heads and V {hv}: the op reads one kv head for both")
     for name, h in (("K", hk), ("V", hv)):
@@ -380,9 +408,9 @@ def fills_mask_hard(fill, nan_fill) -> bool:
         f"the Where fill {a.item()} is a score, not a mask (only -inf or the lowest {a.dtype} masks exactly)")
 
 
-def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop) -> bool:
+def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop, k_bh=None) -> bool:
     """The mask broadcasts into the scores [B, Hq, Sq, Sk] without growing them (where known)."""
-    scores = (*(q.shape[:3] if q.rank == 4 else (None,) * 3), key_len(k, k_kv, k_bshd))
+    scores = (*(q.shape[:3] if q.rank == 4 else (None,) * 3), key_len(k, k_kv, k_bshd, k_bh))
     for m in (mask, bias, keep, drop):
         if m is None or m.shape is None:
             continue
@@ -463,7 +491,7 @@ def body_fits_opset(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
 
 
 def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None,
-                            keep=None, drop=None, fill=None, **captures) -> bool:
+                            keep=None, drop=None, fill=None, k_bh=None, kt_shape=None, **captures) -> bool:
     """Opset-23 `Attention` is emitted only where it runs in ONNX Runtime and TensorRT and
     computes what the graph did: float32 (its softmax then is float32 with no
     `softmax_precision`, which TensorRT's parser refuses), Q's heads in K and V (ONNX Runtime
@@ -476,12 +504,14 @@ def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None
                       f"{_type_name(q.dtype) if q.dtype else 'unknown'}")
     key = k_kv or k
     for axis in ((0,) if k_kv is not None else (0, 1)):  # a proven repeat gives Q's heads
-        dims = {_dim(q, axis), _dim(v_kv or v, axis), _dim(key, axis) if k_bshd is None else _dim(k_bshd, 2 * axis)}
+        key_dim = (_dim(key, axis) if k_bshd is None and k_bh is None else _dim(k_bshd, 2 * axis) if k_bh is None
+                   else int(kt_shape.const_value[axis]))
+        dims = {_dim(q, axis), _dim(v_kv or v, axis), key_dim}
         if len(dims) != 1 or None in dims:
             return reject(f"Q, K and V are not known to agree on axis {axis}")
     if mask is None and keep is None and drop is None:
         return True
-    return is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill) or reject(
+    return is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh) or reject(
         "a mask input: ONNX Runtime's Attention reads masked rows and broadcast masks differently")
 
 
@@ -501,8 +531,10 @@ def total_scale(captures: dict) -> float:
     return s
 
 
-def kv_operands(op, k, k_kv, k_bshd, v, v_kv):
+def kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh=None, kt_shape=None):
     """K and V as [B, Hkv, S, D], the un-repeated ones where the pattern proved the repeat."""
+    if k_bh is not None:  # [B*H, S, D] split as K^T's Reshape split it (`_merged_heads_target`)
+        return op.Reshape(k_bh, kt_shape.const_value[[0, 1, 3, 2]]), v
     return k_kv or k or op.Transpose(k_bshd, perm=[0, 2, 1, 3]), v_kv or v
 
 
@@ -519,10 +551,10 @@ def additive_mask(op, mask, bias, keep, drop, fill):
 
 
 def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-                 fill=None, nan_fill=None, **captures):
+                 fill=None, nan_fill=None, k_bh=None, kt_shape=None, **captures):
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
-    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
-    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
+    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh, kt_shape)
+    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
     attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=softcap(captures),
                  zero_nan_rows=int(nan_fill is not None), _domain=DOMAIN)
     if causal or (mask is None and keep is None and drop is None):
@@ -540,13 +572,14 @@ def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
 
 
 def to_onnx(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-            fill=None, k_grown=None, k_merged=None, v_grown=None, v_merged=None, kt_shape=None, **captures):
+            fill=None, k_grown=None, k_merged=None, v_grown=None, v_merged=None, kt_shape=None, k_bh=None,
+            **captures):
     """BMM-Softmax-BMM -> ONNX Attention (opset 23)"""
-    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
+    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh, kt_shape)
     if k_kv is not None:
         key = repeated_for_onnx(op, k_kv, k_grown, k_merged, kt_shape)
         value = repeated_for_onnx(op, v_kv, v_grown, v_merged)
-    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
+    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
     cap = softcap(captures)
     return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal),
                         **({"softcap": cap} if cap else {}))
@@ -565,7 +598,7 @@ def _ints(*v: int) -> np.ndarray:
 EXAMPLE = {
     "q": ((1, 2, 3, 4), np.float32), "k": ((1, 2, 3, 4), np.float32), "v": ((1, 2, 3, 4), np.float32),
     "k_kv": ((1, 1, 3, 4), np.float32), "v_kv": ((1, 1, 3, 4), np.float32),
-    "k_bshd": ((1, 3, 2, 4), np.float32),
+    "k_bshd": ((1, 3, 2, 4), np.float32), "k_bh": ((2, 3, 4), np.float32),
     "k_grown": _ints(1, 1, 2, 3, 4), "v_grown": _ints(1, 1, 2, 3, 4),
     "k_merged": _ints(1, 2, 3, 4), "v_merged": _ints(1, 2, 3, 4),
     "kt_flat": _ints(-1, 3, 4), "kt_shape": _ints(1, 2, 4, 3), "kt_start": _ints(-2**63), "kt_end": _ints(2**63 - 1),
