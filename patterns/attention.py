@@ -20,7 +20,8 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
   Where(IsNaN(p), 0, p) after it. The guard is the fused op's `zero_nan_rows=1`: a row whose
   softmax is NaN (masked by -inf throughout, or given NaN or inf by Q or K) reads as zeros;
   without it `zero_nan_rows=0` leaves the NaN, as the eager original does;
-- soft-capped scores, cap * tanh(scores / cap) after the scale (Gemma 2): the op's `softcap`;
+- soft-capped scores, cap * tanh(scores / cap) after the scale (Gemma 2): `fusegraph`'s
+  `softcap` (TensorRT's parser refuses ONNX `Attention`'s);
 - K^T as Transpose(K, [0,1,3,2]) or folded into the head split, Transpose(K_bshd, [0,2,3,1]);
 - grouped/multi-query KV repeated as Reshape(Expand(Unsqueeze(kv, 2))) (HF's repeat_kv): the
   fused op takes the un-repeated KV when the shapes prove the Reshape only merges the heads
@@ -29,8 +30,9 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 The target is chosen per match: `attention.onnx` emits the standard opset-23 `Attention` (which
 TensorRT maps to its native attention layer) in models of opset 23 or newer, where that op
 provably computes the same: float32, the same heads and batch in Q, K and V, and no mask input
-(no mask, or a proven causal one); its pattern has no NaN guard (`eager_attention`: ONNX
-`Attention` leaves a NaN row NaN, the guard zeroes it). ONNX Runtime
+(no mask, or a proven causal one); its pattern has no NaN guard and no soft cap
+(`onnx_attention`: ONNX `Attention` leaves a NaN row NaN where the guard zeroes it, and
+TensorRT-RTX 1.7's parser refuses `softcap`). ONNX Runtime
 1.32 refuses masks that broadcast over the query or key axis and grouped KV at run time, and
 returns 0 for a row masked with finfo.min where the original is uniform, and TensorRT
 refuses `softmax_precision`; so every
@@ -172,10 +174,9 @@ def soft_capped(op: PatternOps, scores: Pattern) -> Pattern:
     return op.Mul(op.Tanh(op.Div(scores, Const(name="cap_div"))), Const(name="cap_mul")) | scores
 
 
-def eager_attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
-    """softmax(...) @ V with no NaN guard: a NaN row stays NaN (as in ONNX `Attention`)."""
+def _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped: bool):
     scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd, k_bh)), "s")
-    scores = optional(op.Cast(soft_capped(op, scores), to=Attr("cast_scores")))
+    scores = optional(op.Cast(soft_capped(op, scores) if capped else scores, to=Attr("cast_scores")))
     biased = op.Add(scores, bias) | scores  # ALiBi's, before a Where mask
     masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, biased, Const(name="fill"))
               | op.Where(drop, Const(name="fill"), biased) | scores)
@@ -187,9 +188,16 @@ def _probabilities(op: PatternOps, softmax: Pattern) -> Pattern:
     return optional(op.Cast(optional(op.Cast(softmax, to=Attr("cast_softmax"))), to=Attr("cast_probs")))
 
 
+def onnx_attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
+    """What opset-23 `Attention` computes in both runtimes: no NaN guard (it leaves a NaN row
+    NaN) and no soft cap (TensorRT's parser refuses `softcap`)."""
+    return _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=False)
+
+
 def attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
-    """The eager form, or SDPA's with the NaN guard after the Softmax (captured as `nan_fill`)."""
-    eager = eager_attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop)
+    """The eager form, or SDPA's with the NaN guard after the Softmax (captured as `nan_fill`),
+    the scores soft-capped or not."""
+    eager = _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=True)
     probs, value = eager.node.inputs
     guarded = op.Where(op.IsNaN(probs), Const(name="nan_fill", where=_is_scalar_zero, why="0"), probs) | probs
     return op.MatMul(guarded, value)
@@ -580,9 +588,7 @@ def to_onnx(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None,
         key = repeated_for_onnx(op, k_kv, k_grown, k_merged, kt_shape)
         value = repeated_for_onnx(op, v_kv, v_grown, v_merged)
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
-    cap = softcap(captures)
-    return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal),
-                        **({"softcap": cap} if cap else {}))
+    return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
 
 
 def _ints(*v: int) -> np.ndarray:
@@ -617,7 +623,7 @@ CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last
               casts_widen_losslessly, fills_mask_hard, mask_fits, bias_joins_mask_exactly, math_fits_float32]
 
 RULES = [
-    Rule("attention.onnx", eager_attention, to_onnx,
+    Rule("attention.onnx", onnx_attention, to_onnx,
          [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
          priority=210, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
     Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
