@@ -142,8 +142,8 @@ def key_transposed_batched(op: PatternOps, k: Pattern, k_kv: Pattern, k_bh: Patt
 def _merged_heads_target(v) -> np.ndarray | None:
     """The constant [B, H, D, S] a Reshape splits K^T [B*H, D, S] into, where its dims are
     positive and agree with the 3-D K's [B*H, S, D]."""
-    target = v.producer.inputs[1].const_value
-    k_bh = v.producer.inputs[0].producer.inputs[0]
+    split, k_bh = v.producer.inputs[1], v.producer.inputs[0].producer.inputs[0]
+    target = split.const_value if attention_masks.is_fixed(split) else None
     if target is None or target.shape != (4,) or (target <= 0).any() or k_bh.rank != 3:
         return None
     b, h, d, s = (int(x) for x in target)
@@ -345,10 +345,10 @@ def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_gro
     Query head h reads kv head h // (Hq / Hkv), so the query heads must be a multiple of K's
     and V's: Q with one head broadcast against K with four is another computation. Symbolic
     head counts (TorchScript's unk__ dims) are taken as the exporter's head split wrote them."""
-    if k_bh is not None and k_bh.rank != 3:
-        return reject(f"k has rank {k_bh.rank}, not [B*H, S, D]")
-    for name, x in (("q", q), ("k", k or k_kv or k_bshd or k_bh), ("v", v or v_kv)):
-        if x is not k_bh and x.rank not in (None, 4):
+    if k_bh is not None and _dim(q, 0) not in (None, int(kt_shape.const_value[0])):
+        return reject(f"K^T is split into batch {int(kt_shape.const_value[0])}, Q has batch {_dim(q, 0)}")
+    for name, x in (("q", q), ("k", k or k_kv or k_bshd), ("v", v or v_kv)):
+        if x is not None and x.rank not in (None, 4):
             return reject(f"{name} has rank {x.rank}, not [B, H, S, D]")
     if (k_kv is None) != (v_kv is None):
         return reject("only one of K and V is a repeated kv")
