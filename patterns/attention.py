@@ -157,11 +157,15 @@ def _splits_merged_heads(v) -> bool:
 def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern, k_bh: Pattern) -> Pattern:
     """K^T [B, H, D, S]: from K [B, H, S, D] (`k`, or `k_kv` repeated to the query heads),
     straight from the head split's [B, S, H, D] (`k_bshd`), or from K with the heads merged
-    into the batch, [B*H, S, D] (`k_bh`: nn.MultiheadAttention's, split back by a Reshape)."""
+    into the batch, [B*H, S, D] (`k_bh`: nn.MultiheadAttention's, split back by a Reshape; or
+    a 3-D attention throughout, Q and V [B*H, S, D] too, as diffusion UNets and ALiBi models
+    export it: `heads_in_batch`)."""
     k = repeated_kv(op, k_kv, "k") | k
     plain = op.Transpose(scaled(op, k, "k_pre"), perm=[0, 1, 3, 2])
     merged = op.Transpose(scaled(op, k_bshd, "k_pre"), perm=[0, 2, 3, 1])
-    return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv, k_bh), "k_post")
+    in_batch = op.Transpose(scaled(op, k_bh, "k_pre"), perm=[0, 2, 1])  # all of Q, K, V [B*H, S, D]
+    return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv, k_bh) | in_batch,
+                  "k_post")
 
 
 def _is_scalar_zero(a: np.ndarray) -> bool:
@@ -234,7 +238,15 @@ def key_len(k=None, k_kv=None, k_bshd=None, k_bh=None):
     return _dim(k_kv or k, 2) if k_bshd is None else _dim(k_bshd, 1)
 
 
+def heads_in_batch(k_bh=None, kt_shape=None) -> bool:
+    """Q, K and V all [B*H, S, D]: 3-D K^T, no Reshape back to heads. The fused op sees one
+    batch of B*H heads (`to_four_dims`)."""
+    return k_bh is not None and kt_shape is None
+
+
 def key_heads(k=None, k_kv=None, k_bshd=None, k_bh=None, kt_shape=None):
+    if heads_in_batch(k_bh, kt_shape):
+        return k_bh.shape[0] if k_bh.rank == 3 else None
     if k_bh is not None:  # the Reshape's constant [B, H, D, S] (`_merged_heads_target`)
         return int(kt_shape.const_value[1])
     return _dim(k_kv or k, 1) if k_bshd is None else _dim(k_bshd, 2)
@@ -269,7 +281,8 @@ def _hard_fill(fill) -> np.ndarray:
 def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None,
               k_bh=None) -> bool:
     """Whether the mask is a proven causal triangle (`attention_masks.is_causal_triangle`)."""
-    return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), _dim(q, 2),
+    q_len = q.shape[-2] if q.rank in (3, 4) else None
+    return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), q_len,
                                               key_len(k, k_kv, k_bshd, k_bh))
 
 
@@ -345,6 +358,8 @@ def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_gro
     Query head h reads kv head h // (Hq / Hkv), so the query heads must be a multiple of K's
     and V's: Q with one head broadcast against K with four is another computation. Symbolic
     head counts (TorchScript's unk__ dims) are taken as the exporter's head split wrote them."""
+    if heads_in_batch(k_bh, kt_shape):
+        return _three_dims_agree(q, k_bh, v)
     if k_bh is not None and _dim(q, 0) not in (None, int(kt_shape.const_value[0])):
         return reject(f"K^T is split into batch {int(kt_shape.const_value[0])}, Q has batch {_dim(q, 0)}")
     for name, x in (("q", q), ("k", k or k_kv or k_bshd), ("v", v or v_kv)):
@@ -369,6 +384,19 @@ def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_gro
             return reject(f"{name} is repeated to {h} heads and Q has {hq}")
         if hq == 1 and h != 1:
             return reject(f"{name} is repeated to {h or 'an unknown number of'} heads and Q has 1")
+    return True
+
+
+def _three_dims_agree(q, k_bh, v) -> bool:
+    """Q, K and V [B*H, S, D] with the same B*H and D (where known): a broadcast batch or a
+    4-D Q against the 3-D K^T would be another computation."""
+    for name, x in (("q", q), ("k", k_bh), ("v", v)):
+        if x is None or x.rank != 3:
+            return reject(f"{name} is not [B*H, S, D] (rank {x.rank if x is not None else None})")
+    for axis, what in ((0, "B*H"), (2, "D")):
+        dims = {x.shape[axis] for x in (q, k_bh)} | ({v.shape[0]} if axis == 0 else set())
+        if len(dims) != 1:
+            return reject(f"Q, K and V differ in {what}: {sorted(map(str, dims))}")
     return True
 
 
@@ -416,14 +444,20 @@ def fills_mask_hard(fill, nan_fill) -> bool:
         f"the Where fill {a.item()} is a score, not a mask (only -inf or the lowest {a.dtype} masks exactly)")
 
 
-def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop, k_bh=None) -> bool:
-    """The mask broadcasts into the scores [B, Hq, Sq, Sk] without growing them (where known)."""
-    scores = (*(q.shape[:3] if q.rank == 4 else (None,) * 3), key_len(k, k_kv, k_bshd, k_bh))
+def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop, k_bh=None, kt_shape=None) -> bool:
+    """The mask broadcasts into the scores [B, Hq, Sq, Sk] ([B*H, Sq, Sk] with the heads in the
+    batch) without growing them (where known)."""
+    rank = 3 if heads_in_batch(k_bh, kt_shape) else 4
+    scores = (*(q.shape[:-1] if q.rank == rank else (None,) * (rank - 1)), key_len(k, k_kv, k_bshd, k_bh))
     for m in (mask, bias, keep, drop):
-        if m is None or m.shape is None:
+        if m is None:
             continue
-        if len(m.shape) > 4:
-            return reject(f"mask has rank {len(m.shape)} > 4")
+        if rank == 3 and m.rank is None:
+            return reject("the mask's rank is unknown: it may grow the 3-D scores")
+        if m.shape is None:
+            continue
+        if len(m.shape) > rank:
+            return reject(f"mask has rank {len(m.shape)} > {rank}")
         for md, sd in zip(reversed(m.shape), reversed(scores)):
             if sd == 1 and md not in (1, None):
                 return reject(f"mask dim {md} would grow the scores' dim 1")
@@ -511,11 +545,14 @@ def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None
         return reject(f"ONNX Attention without softmax_precision runs softmax in Q's type, "
                       f"{_type_name(q.dtype) if q.dtype else 'unknown'}")
     key = k_kv or k
-    for axis in ((0,) if k_kv is not None else (0, 1)):  # a proven repeat gives Q's heads
-        key_dim = (_dim(key, axis) if k_bshd is None and k_bh is None else _dim(k_bshd, 2 * axis) if k_bh is None
-                   else int(kt_shape.const_value[axis]))
-        dims = {_dim(q, axis), _dim(v_kv or v, axis), key_dim}
-        if len(dims) != 1 or None in dims:
+    for axis in ((0,) if k_kv is not None or heads_in_batch(k_bh, kt_shape) else (0, 1)):  # repeats give Q's heads
+        if heads_in_batch(k_bh, kt_shape):  # `heads_layout` has held them 3-D
+            dims = {q.shape[0], v.shape[0], k_bh.shape[0]}
+        else:
+            key_dim = (_dim(key, axis) if k_bshd is None and k_bh is None else _dim(k_bshd, 2 * axis)
+                       if k_bh is None else int(kt_shape.const_value[axis]))
+            dims = {_dim(q, axis), _dim(v_kv or v, axis), key_dim}
+        if len(dims) != 1 or not all(isinstance(d, int) for d in dims):
             return reject(f"Q, K and V are not known to agree on axis {axis}")
     if mask is None and keep is None and drop is None:
         return True
@@ -541,6 +578,8 @@ def total_scale(captures: dict) -> float:
 
 def kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh=None, kt_shape=None):
     """K and V as [B, Hkv, S, D], the un-repeated ones where the pattern proved the repeat."""
+    if heads_in_batch(k_bh, kt_shape):
+        return k_bh, v
     if k_bh is not None:  # [B*H, S, D] split as K^T's Reshape split it (`_merged_heads_target`)
         return op.Reshape(k_bh, kt_shape.const_value[[0, 1, 3, 2]]), v
     return k_kv or k or op.Transpose(k_bshd, perm=[0, 2, 1, 3]), v_kv or v
@@ -558,6 +597,17 @@ def additive_mask(op, mask, bias, keep, drop, fill):
     return op.Where(drop, _hard_fill(fill), kept)
 
 
+def to_four_dims(op, x, rank: int):
+    """A [B*H, ...] tensor of the 3-D form as one batch of B*H heads: [1, B*H, ...] (a mask of
+    rank 2 or less broadcasts as it is)."""
+    return op.Unsqueeze(x, np.array([0], np.int64)) if rank == 3 else x
+
+
+def _mask_rank(mask=None, bias=None, keep=None, drop=None) -> int:
+    """The additive mask's rank (`mask_fits` has held every rank known in the 3-D form)."""
+    return max(m.rank for m in (mask, bias, keep, drop) if m is not None)
+
+
 def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
                  fill=None, nan_fill=None, k_bh=None, kt_shape=None, **captures):
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
@@ -565,9 +615,16 @@ def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
     attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=softcap(captures),
                  zero_nan_rows=int(nan_fill is not None), _domain=DOMAIN)
+    three = heads_in_batch(k_bh, kt_shape)
+    qkv = [to_four_dims(op, x, 3) for x in (q, key, value)] if three else [q, key, value]
     if causal or (mask is None and keep is None and drop is None):
-        return op.Attention(q, key, value, **attrs)
-    return op.MaskedAttention(q, key, value, additive_mask(op, mask, bias, keep, drop, fill), **attrs)
+        y = op.Attention(*qkv, **attrs)
+    else:
+        additive = additive_mask(op, mask, bias, keep, drop, fill)
+        if three:
+            additive = to_four_dims(op, additive, _mask_rank(mask, bias, keep, drop))
+        y = op.MaskedAttention(*qkv, additive, **attrs)
+    return op.Squeeze(y, np.array([0], np.int64)) if three else y
 
 
 def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
@@ -588,7 +645,11 @@ def to_onnx(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None,
         key = repeated_for_onnx(op, k_kv, k_grown, k_merged, kt_shape)
         value = repeated_for_onnx(op, v_kv, v_grown, v_merged)
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
-    return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
+    if not heads_in_batch(k_bh, kt_shape):
+        return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
+    y = op.Attention(*(to_four_dims(op, x, 3) for x in (q, key, value)), scale=total_scale(captures),
+                     is_causal=int(causal))
+    return op.Squeeze(y, np.array([0], np.int64))
 
 
 def _ints(*v: int) -> np.ndarray:
@@ -615,9 +676,17 @@ EXAMPLE = {
     "cast_scores": None, "cast_masked": None, "cast_softmax": None, "cast_probs": None,
     "cap_div": np.array(5.0, np.float32), "cap_mul": np.array(5.0, np.float32),
 }
+#: The same with Q, K and V [B*H, S, D] (`heads_in_batch`), masks over [B*H, Sq, Sk]; a branch
+#: that builds V by repeat_kv builds it 3-D (which no repeat_kv is, so V is taken whole).
+IN_BATCH_EXAMPLE = {**EXAMPLE, "q": ((2, 3, 4), np.float32), "v": ((2, 3, 4), np.float32),
+                    "v_merged": _ints(2, 3, 4),
+                    "mask": ((2, 3, 3), np.float32), "bias": ((2, 1, 3), np.float32),
+                    "keep": ((1, 3, 3), np.bool_), "drop": ((2, 3, 3), np.bool_)}
 _ABOVE = np.triu(np.ones((1, 1, 3, 3), bool), k=1)
 CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.float32),
                   "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
+IN_BATCH_CAUSAL_EXAMPLE = {**IN_BATCH_EXAMPLE, "mask": CAUSAL_EXAMPLE["mask"][0],
+                           "bias": np.zeros((2, 3, 3), np.float32), "keep": ~_ABOVE[0], "drop": _ABOVE[0]}
 
 CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last_axis, heads_layout,
               casts_widen_losslessly, fills_mask_hard, mask_fits, bias_joins_mask_exactly, math_fits_float32]
@@ -625,7 +694,7 @@ CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last
 RULES = [
     Rule("attention.onnx", onnx_attention, to_onnx,
          [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
-         priority=210, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
+         priority=210, examples=[EXAMPLE, CAUSAL_EXAMPLE, IN_BATCH_EXAMPLE, IN_BATCH_CAUSAL_EXAMPLE]),
     Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
-         priority=200, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
+         priority=200, examples=[EXAMPLE, CAUSAL_EXAMPLE, IN_BATCH_EXAMPLE, IN_BATCH_CAUSAL_EXAMPLE]),
 ]

@@ -74,7 +74,7 @@ def _feeds(model, seed=0, nan_q=False):
         else:
             feeds[i.name] = (rng.standard_normal(shape) * 3).astype(np.float32)
     if nan_q:
-        feeds["q"][0, 0, -1, 0] = np.nan
+        feeds["q"][(0,) * (feeds["q"].ndim - 2) + (-1, 0)] = np.nan
     return feeds
 
 
@@ -230,3 +230,57 @@ def test_key_with_heads_in_the_batch_fuses_as_onnx_attention_at_opset_23():
 ], ids=["perm", "batch-broadcast", "split-is-input"])
 def test_key_with_heads_in_the_batch_near_misses_are_refused(kw):
     assert_unchanged(merged_heads(**kw), RULES)
+
+
+# -- Q, K and V with the heads in the batch (3-D) ------------------------------------------------
+def three_d(mask=None, sk=S, v_rank=3, perm=(0, 2, 1), scale=D ** -0.5, guard=False):
+    """softmax(Q K^T * scale (+ mask)) V on [B*H, S, D], as diffusion UNets export it (self- and
+    cross-attention, baddbmm's zeros as the mask) and ALiBi models before their Reshape."""
+    g = Graph()
+    g.inputs.update(q=(np.float32, [B * H, S, D]), k=(np.float32, [B * H, sk, D]),
+                    v=(np.float32, [B * H, sk, D] if v_rank == 3 else [1, B * H, sk, D]))
+    scores = g.op("Mul", g.op("MatMul", "q", g.op("Transpose", "k", perm=list(perm))), g.const(scale))
+    if mask == "zeros":
+        scores = g.op("Add", scores, g.const(np.zeros((B * H, S, sk))))
+    elif mask == "alibi":  # [B*H, 1, Sk] bias, then a boolean mask with the lowest fill
+        scores = g.op("Add", scores, g.const(np.linspace(-3, 0, B * H * sk).reshape(B * H, 1, sk)))
+        g.inputs["sel"] = (np.bool_, [B * H, S, sk])
+        scores = g.op("Where", "sel", g.const(F32_LOW), scores)
+    elif mask is not None:
+        g.inputs["mask"] = (np.float32, list(mask))
+        scores = g.op("Add", scores, "mask")
+    probs = g.op("Softmax", scores, axis=-1)
+    if guard:
+        probs = g.op("Where", g.op("IsNaN", probs), g.const(0.0), probs)
+    out_shape = [B * H, S, D] if v_rank == 3 else [1, B * H, S, D]
+    return g.model(g.op("MatMul", probs, "v"), out_shape)
+
+
+@pytest.mark.parametrize("mask, sk, op", [
+    (None, S, "fusegraph.Attention"), ("zeros", 9, "fusegraph.MaskedAttention"),
+    ("alibi", S, "fusegraph.MaskedAttention"), ((B * H, 1, 9), 9, "fusegraph.MaskedAttention"),
+    ((S, S), S, "fusegraph.MaskedAttention"),
+], ids=["plain", "unet-cross-zeros", "alibi-where", "mask-bh1s", "mask-ss"])
+def test_heads_in_the_batch_fuse_as_one_batch_of_heads(mask, sk, op):
+    """[B*H, S, D] attention is the op on [1, B*H, S, D]: Q, K, V (and a 3-D mask) unsqueezed,
+    Y squeezed; equal in ONNX Runtime, a fully masked row and NaN in Q included."""
+    model = three_d(mask, sk)
+    _fused(model, op)
+    out, _ = rewrite_with_report(model, RULES)
+    for seed in range(2):
+        _same_outputs(model, out, _feeds(model, seed, nan_q=seed == 1))
+
+
+def test_heads_in_the_batch_become_onnx_attention_at_opset_23():
+    model = three_d()
+    model.opset_import[0].version = 23
+    assert _fused(model, "Attention").domain == ""
+
+
+@pytest.mark.parametrize("kw", [
+    {"v_rank": 4},                       # V [1, B*H, S, D]: the output grows a dim
+    {"mask": (2, B * H, S, S)},          # a 4-D mask grows the 3-D scores
+    {"perm": (1, 0, 2)},                 # [S, B*H, D]: not K^T
+], ids=["v-4d", "mask-4d", "perm"])
+def test_heads_in_the_batch_near_misses_are_refused(kw):
+    assert_unchanged(three_d(**kw), RULES)
