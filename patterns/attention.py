@@ -613,7 +613,8 @@ def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
     key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh, kt_shape)
     causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
-    attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=softcap(captures),
+    cap = softcap(captures)
+    attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=cap, softcapped=int(cap != 0),
                  zero_nan_rows=int(nan_fill is not None), _domain=DOMAIN)
     three = heads_in_batch(k_bh, kt_shape)
     qkv = [to_four_dims(op, x, 3) for x in (q, key, value)] if three else [q, key, value]

@@ -9,8 +9,10 @@ scores in its own type (the scores rounded to it first), as the graphs it replac
 float16 mask of -65504 saturates in float16 as it did there, and a float32 mask of
 finfo(float32).min absorbs any score (a fully masked row stays uniform, as in the original).
 `is_causal` (0/1) masks keys after the query, upper-left aligned (query i sees keys j <= i), as
-ONNX opset-23 `Attention` without past keys. `softcap` (float, 0 = none) caps the scaled
-scores as cap * tanh(s / cap) before the mask (Gemma 2; opset-23 `Attention`'s `softcap`).
+ONNX opset-23 `Attention` without past keys. `softcap` (float) caps the scaled scores as
+cap * tanh(s / cap) before the mask where `softcapped` (0/1) is 1 (Gemma 2; opset-23
+`Attention`'s `softcap`). The flag is an int because the body branches on it (`Body.if_attr`:
+TensorRT folds an If on an int attribute, not on a float one).
 Softmax runs in float32; Y has Q's type.
 
 `zero_nan_rows` (0/1) says what a row whose softmax is NaN reads as (a row with every score at
@@ -38,7 +40,7 @@ another pass over the [B, Hq, Sq, Sk] scores (ONNX Runtime's Where costs about 8
   opset 14); with the function inlined the condition is a constant, so ONNX Runtime's constant
   folding and TensorRT's parser keep only the chosen branch. The bias is added, as exporters'
   causal masks are: a NaN or +inf score at a masked key makes its row NaN (see `zero_nan_rows`);
-* `softcap` and `zero_nan_rows`: Ifs on the attributes, as `is_causal`. A NaN row: Softmax
+* `softcapped` and `zero_nan_rows`: Ifs on the attributes, as `is_causal`. A NaN row: Softmax
   leaves it NaN throughout, so its first probability tells, and a Where over Y's row zeroes
   it. So a dead row is zeros even where V holds inf or NaN (0 * inf in the MatMul would be
   NaN); a live row's NaN from V stays NaN. For `--target tensorrt` (`Body.target`) the body
@@ -115,7 +117,7 @@ def _body(b: Body, opset: int, masked: bool) -> None:
         k, v = _repeat_heads(b, k, hq), _repeat_heads(b, v, hq)
     scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])),
                   b.attr_const("scale", onnx.AttributeProto.FLOAT))
-    scores = b.if_attr("softcap", lambda: _softcapped(b, scores), lambda: scores, onnx.AttributeProto.FLOAT)
+    scores = b.if_attr("softcapped", lambda: _softcapped(b, scores), lambda: scores)
     if grouped:
         scores = b.op("Reshape", scores, by_q_head)
     if masked and typed:  # the sum in the Mask's type, as the replaced graph computed it
@@ -153,9 +155,9 @@ def _zero_nan_rows(b: Body, probs: str, y: str) -> str:
     return b.op("Where", dead, b.op("Constant", value_float=0.0), y)
 
 
-ATTRIBUTES = ("scale", "is_causal", "softcap", "zero_nan_rows")
+ATTRIBUTES = ("scale", "is_causal", "softcap", "softcapped", "zero_nan_rows")
 #: A node written before `softcap` and `zero_nan_rows` existed computed no cap and zeroed NaN rows.
-DEFAULTS = (("softcap", 0.0), ("zero_nan_rows", 1))
+DEFAULTS = (("softcap", 0.0), ("softcapped", 0), ("zero_nan_rows", 1))
 
 ATTENTION = register(FusedOp(
     "Attention", ("Q", "K", "V"), ("Y",), ATTRIBUTES,

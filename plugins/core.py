@@ -148,14 +148,14 @@ class MatMulAct(PluginCore):
 
 class Attention(PluginCore):
     """`Attention(Q, K, V)`: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], Hq a multiple of Hkv;
-    scale 0 means 1/sqrt(D) (the rewriter always states it), softcap 0 none; a row whose
+    scale 0 means 1/sqrt(D) (the rewriter always states it), softcap where softcapped; a row whose
     softmax is NaN reads as zeros unless zero_nan_rows is 0 (`patterns.attention_op`)."""
 
     op = "Attention"
     inputs = ("Q", "K", "V")
     outputs = ("Y",)
     fields = (Field("scale", "float", 0.0), Field("is_causal", "int", 0), Field("softcap", "float", 0.0),
-              Field("zero_nan_rows", "int", 1))
+              Field("softcapped", "int", 0), Field("zero_nan_rows", "int", 1))
 
     def output_dims(self, ranks):
         return [[(0, 0), (0, 1), (0, 2), (0, 3)]]
@@ -184,7 +184,7 @@ class Attention(PluginCore):
                          self.attributes["scale"] or None, bool(self.attributes["is_causal"]), dtypes[0],
                          stream, mask_ptr=inputs[3] if has_mask else 0,
                          mask_strides=self.mask_strides(shapes) if has_mask else (0, 0, 0, 0),
-                         mask_dtype=dtypes[3] if has_mask else None, softcap=self.attributes["softcap"],
+                         mask_dtype=dtypes[3] if has_mask else None, softcap=self.attributes["softcap"] if self.attributes["softcapped"] else 0.0,
                          zero_nan_rows=bool(self.attributes["zero_nan_rows"]))
 
 

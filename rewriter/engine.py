@@ -167,7 +167,7 @@ def _unlike_onnx(node: onnx.NodeProto) -> bool:
     """A `SAME_AS_ONNX` node whose attributes the native importer would refuse: a soft-capped
     `Attention` (TensorRT-RTX 1.7: "Setting softcap is not supported"). It is called through a
     renamed twin of its function, which the parser inlines."""
-    return any(a.name == "softcap" and a.f != 0 for a in node.attribute)
+    return any(a.name == "softcapped" and a.i for a in node.attribute)
 
 
 def _name_overloads(model: onnx.ModelProto) -> dict[str, str]:

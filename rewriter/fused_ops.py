@@ -142,14 +142,15 @@ class Body:
         self.nodes.append(node)
         return self.cast_like(node.output[0], like) if like else node.output[0]
 
-    def if_attr(self, attr: str, then: Callable[[], str], otherwise: Callable[[], str],
-                attr_type: int = onnx.AttributeProto.INT) -> str:
-        """The value `then()` builds where the function's attribute `attr` (int, or float with
-        `attr_type`) is nonzero, else `otherwise()`'s: an If on the attribute, each callback
-        building its branch with this builder. Once the function is inlined the condition is a
-        constant, so ONNX Runtime (constant folding) and TensorRT's parser keep only the chosen
-        branch: a body whose structure depends on an attribute pays nothing for it at run time."""
-        flag = self.op("Cast", self.attr_const(attr, attr_type), to=onnx.TensorProto.BOOL)
+    def if_attr(self, attr: str, then: Callable[[], str], otherwise: Callable[[], str]) -> str:
+        """The value `then()` builds where the function's int attribute `attr` is nonzero, else
+        `otherwise()`'s: an If on the attribute, each callback building its branch with this
+        builder. Once the function is inlined the condition is a constant, so ONNX Runtime
+        (constant folding) and TensorRT's parser keep only the chosen branch: a body whose
+        structure depends on an attribute pays nothing for it at run time. (An int: TensorRT-RTX
+        1.7 folds Cast(int -> bool) of the attribute, but no op on a float one, and a model with
+        a live If fails in its Myelin builder.)"""
+        flag = self.op("Cast", self.attr_const(attr, onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
         branches = []
         for label, build in (("then", then), ("else", otherwise)):
             start = len(self.nodes)
