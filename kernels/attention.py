@@ -15,8 +15,12 @@ Details that matter for speed and for the op's semantics:
   repeated in memory (the programs of one group hit the same KV lines in L2).
 - Causal programs are launched heaviest first (largest query block first), which
   balances the triangular work across the chip.
-- A row whose scores are all -inf (fully masked by an additive -inf mask) outputs 0,
-  as ``reference.attention`` defines; the guards cost only when HAS_MASK.
+- Soft-capping (SOFTCAP): cap * tanh(s / cap) on the scaled scores, with the scale over cap
+  folded into ``qk_scale`` and cap * log2(e) into ``cap_log2``.
+- A row whose softmax is NaN (every score -inf, or a NaN or +inf score from Q or K) leaves
+  the online softmax with l == 0 or l NaN; it outputs 0 under ZERO_NAN_ROWS (SDPA's guard)
+  and NaN otherwise (eager softmax), as ``reference.attention`` defines. A row whose first
+  blocks are all -inf subtracts 0 there and keeps m = -inf, so later finite scores count.
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_block(
     acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs, start_n, offs_m, offs_n, row_ok, d_ok,
-    SK, qk_scale,
+    SK, qk_scale, cap_log2,
     EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    PAD_D: tl.constexpr,
+    PAD_D: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One BLOCK_N step of the online softmax; EDGE blocks mask keys past Sk and the diagonal."""
     cols = start_n + offs_n
@@ -50,6 +54,10 @@ def _attend_block(
     else:
         k = tl.load(k_ptrs)
     qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if SOFTCAP:  # cap * tanh(x) in the log2 domain; tanh from exp2 of -2|x| (no overflow)
+        e = tl.math.exp2(-2.0 * 1.4426950408889634 * tl.abs(qk))
+        t = (1.0 - e) / (1.0 + e)
+        qk = cap_log2 * tl.where(qk < 0, -t, t)
     if HAS_MASK:
         if EDGE:
             bias = tl.load(mask_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -62,10 +70,10 @@ def _attend_block(
             keep = keep & (cols[None, :] <= offs_m[:, None])
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if HAS_MASK:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    # Rows still all -inf subtract 0 (not -inf - -inf = NaN) and keep m = -inf for the next block.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     if EDGE or PAD_D:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -79,9 +87,9 @@ def _attend_block(
 def attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn, sob, soh, som,
-    HQ, GROUP, SQ, SK, qk_scale,
+    HQ, GROUP, SQ, SK, qk_scale, cap_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, ZERO_NAN_ROWS: tl.constexpr,
 ):
     """O[b, h, rows] for BLOCK_M query rows; grid (cdiv(SQ, BLOCK_M), B * HQ). Unit stride on D."""
     if IS_CAUSAL:
@@ -118,15 +126,19 @@ def attention_kernel(
     for start_n in range(0, full, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn,
-            mask_ptrs + start_n * smn, start_n, offs_m, offs_n, row_ok, d_ok, SK, qk_scale,
-            False, IS_CAUSAL, HAS_MASK, BLOCK_D != HEAD_DIM)
+            mask_ptrs + start_n * smn, start_n, offs_m, offs_n, row_ok, d_ok, SK, qk_scale, cap_log2,
+            False, IS_CAUSAL, HAS_MASK, BLOCK_D != HEAD_DIM, SOFTCAP)
     for start_n in range(full, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn,
-            mask_ptrs + start_n * smn, start_n, offs_m, offs_n, row_ok, d_ok, SK, qk_scale,
-            True, IS_CAUSAL, HAS_MASK, BLOCK_D != HEAD_DIM)
+            mask_ptrs + start_n * smn, start_n, offs_m, offs_n, row_ok, d_ok, SK, qk_scale, cap_log2,
+            True, IS_CAUSAL, HAS_MASK, BLOCK_D != HEAD_DIM, SOFTCAP)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    nan_row = (l_i == 0.0) | (l_i != l_i)
+    if ZERO_NAN_ROWS:
+        out = tl.where(nan_row[:, None], 0.0, acc / tl.where(nan_row, 1.0, l_i)[:, None])
+    else:
+        out = tl.where(nan_row[:, None], float("nan"), acc / l_i[:, None])
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -168,12 +180,21 @@ def attention_grid(batch: int, heads_q: int, seq_q: int, cfg: dict) -> tuple:
     return (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads_q, 1)
 
 
-def attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None):
+def scales(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap_log2): the kernel's factor on Q·Kᵀ and, with a soft cap, on its tanh."""
+    if softcap:
+        return float(scale) / softcap, float(softcap) * LOG2E
+    return float(scale) * LOG2E, 0.0
+
+
+def attention(q, k, v, mask=None, scale=None, is_causal=False, softcap=0.0, zero_nan_rows=True, config=None,
+              out=None):
     """Torch entry: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
     [B, Hq, Sq, Sk]; returns O [B, Hq, Sq, D] in Q's dtype (written into ``out`` if given).
-    One query token without a ``config`` for this kernel goes to the split-KV decode kernels."""
+    ``softcap`` and ``zero_nan_rows`` as in ``reference.attention``. One query token without a
+    ``config`` for this kernel, a soft cap or NaN rows goes to the split-KV decode kernels."""
     bsz, hq, sq, d = q.shape
-    if sq == 1 and config is None:
+    if sq == 1 and config is None and not softcap and zero_nan_rows:
         return decode_attention.decode_attention(q, k, v, mask, scale, is_causal, out=out)
     hkv, sk = k.shape[1], k.shape[2]
     if hq % hkv:
@@ -189,7 +210,8 @@ def attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=
         q, k, v, q if mask is None else mask, o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mstr, o.stride(0), o.stride(1), o.stride(2),
-        hq, hq // hkv, sq, sk, float(scale) * LOG2E,
-        HEAD_DIM=d, IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, **cfg, **meta,
+        hq, hq // hkv, sq, sk, *scales(scale, softcap),
+        HEAD_DIM=d, IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, SOFTCAP=bool(softcap),
+        ZERO_NAN_ROWS=bool(zero_nan_rows), **cfg, **meta,
     )
     return o

@@ -64,9 +64,11 @@ def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=Non
     return o
 
 
-def attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None):
-    """`attention.attention`, with one query token (and no `config`) sent to
+def attention(q, k, v, mask=None, scale=None, is_causal=False, softcap=0.0, zero_nan_rows=True, config=None,
+              out=None):
+    """`attention.attention`, with one query token (no `config`, soft cap or NaN rows) sent to
     `decode_attention` above, so a decode step takes the cached launcher too."""
-    if q.shape[2] == 1 and config is None:
+    if q.shape[2] == 1 and config is None and not softcap and zero_nan_rows:
         return decode_attention(q, k, v, mask, scale, is_causal, out=out)
-    return _attention.attention(q, k, v, mask, scale, is_causal, config, out)
+    return _attention.attention(q, k, v, mask, scale, is_causal, softcap=softcap, zero_nan_rows=zero_nan_rows,
+                                config=config, out=out)

@@ -418,8 +418,9 @@ def launch_swiglu(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, M, N, K, act, dt
 
 def attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
                      head_dim, scale, is_causal, dtype, mask_ptr=0, mask_strides=(0, 0, 0, 0),
-                     mask_dtype=None) -> KernelLaunch:
-    """Contiguous Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], O like Q; mask strides in elements."""
+                     mask_dtype=None, softcap=0.0, zero_nan_rows=True) -> KernelLaunch:
+    """Contiguous Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], O like Q; mask strides in elements;
+    ``softcap`` and ``zero_nan_rows`` as in ``reference.attention``."""
     if heads_q % heads_kv:
         raise ValueError(f"query heads {heads_q} must be a multiple of kv heads {heads_kv}")
     cfg = attention.attention_config(head_dim, seq_q, bool(is_causal), _itemsize(dtype))
@@ -434,10 +435,10 @@ def attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
                    smn=mask_strides[3],
                    sob=heads_q * seq_q * D, soh=seq_q * D, som=D,
                    HQ=heads_q, GROUP=heads_q // heads_kv, SQ=seq_q, SK=seq_k),
-            ("qk_scale", "fp32", float(scale) * attention.LOG2E)]
+            *zip(("qk_scale", "cap_log2"), ("fp32", "fp32"), attention.scales(scale, softcap))]
     const = (("HEAD_DIM", D), ("BLOCK_D", cfg["BLOCK_D"]), ("BLOCK_M", cfg["BLOCK_M"]),
              ("BLOCK_N", cfg["BLOCK_N"]), ("IS_CAUSAL", bool(is_causal)),
-             ("HAS_MASK", bool(mask_ptr)))
+             ("HAS_MASK", bool(mask_ptr)), ("SOFTCAP", bool(softcap)), ("ZERO_NAN_ROWS", bool(zero_nan_rows)))
     return KernelLaunch(attention.attention_kernel, tuple(args), const,
                         attention.attention_grid(batch, heads_q, seq_q, cfg),
                         cfg["num_warps"], cfg["num_stages"])
@@ -445,21 +446,24 @@ def attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
 
 def launch_attention(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
                      head_dim, scale, is_causal, dtype, stream, mask_ptr=0,
-                     mask_strides=(0, 0, 0, 0), mask_dtype=None) -> None:
+                     mask_strides=(0, 0, 0, 0), mask_dtype=None, softcap=0.0, zero_nan_rows=True) -> None:
     """``Attention``; ``scale`` None = 1/sqrt(D).  An additive mask broadcastable to
     [B, Hq, Sq, Sk] is passed as ``mask_ptr`` with its (b, h, q, k) element strides, 0 on
     broadcast axes (e.g. a contiguous [Sq, Sk] mask: (0, 0, Sk, 1)).  One query token
-    (Sq = 1, a decode step) goes to the split-KV decode kernels."""
-    if seq_q == 1:
+    (Sq = 1, a decode step) goes to the split-KV decode kernels, which compute neither a soft
+    cap nor NaN rows (``zero_nan_rows`` 0: an eager graph's row stays NaN)."""
+    if seq_q == 1 and not softcap and zero_nan_rows:
         _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
                 is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype)
         return
     pointers = (q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr)
     enqueue_cached(("attention", batch, heads_q, heads_kv, seq_q, seq_k, head_dim, scale,
-                    is_causal, dtype, tuple(mask_strides), mask_dtype), pointers, stream,
+                    is_causal, dtype, tuple(mask_strides), mask_dtype, float(softcap),
+                    bool(zero_nan_rows)), pointers, stream,
                    lambda: attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv,
                                             seq_q, seq_k, head_dim, scale, is_causal, dtype,
-                                            mask_ptr, mask_strides, mask_dtype))
+                                            mask_ptr, mask_strides, mask_dtype, softcap,
+                                            zero_nan_rows))
 
 
 @functools.lru_cache(maxsize=1024)

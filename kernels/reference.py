@@ -68,12 +68,15 @@ def swiglu(x, wg, wu, bg=None, bu=None, act="Silu", compute_dtype=None):
     return _out(gate * up, x, compute_dtype)
 
 
-def attention(q, k, v, mask=None, scale=None, is_causal=False, compute_dtype=None):
-    """``Attention``: softmax(Q K^T * scale + mask [+ causal]) V with grouped KV heads.
+def attention(q, k, v, mask=None, scale=None, is_causal=False, softcap=0.0, zero_nan_rows=True,
+              compute_dtype=None):
+    """``Attention``: softmax(softcap(Q K^T * scale) + mask [+ causal]) V with grouped KV heads.
 
     Q [B, Hq, Sq, D]; K, V [B, Hkv, Sk, D]; query head h reads kv head h // (Hq // Hkv).
+    ``softcap`` > 0 caps the scaled scores as softcap * tanh(s / softcap) before the mask.
     ``mask`` is additive and broadcastable to [B, Hq, Sq, Sk].  Causal is upper-left
-    aligned (query i sees keys j <= i).  A row whose scores are all -inf yields 0.
+    aligned (query i sees keys j <= i).  A row whose softmax is NaN (every score -inf, or a
+    NaN or +inf score) yields 0 with ``zero_nan_rows`` (SDPA's guard), else NaN (eager).
     """
     cd = compute_dtype or np.float64
     b, hq, sq, d = q.shape
@@ -83,17 +86,20 @@ def attention(q, k, v, mask=None, scale=None, is_causal=False, compute_dtype=Non
     group = hq // hkv
     kk = np.repeat(k.astype(cd), group, axis=1)
     vv = np.repeat(v.astype(cd), group, axis=1)
-    s = np.einsum("bhqd,bhkd->bhqk", q.astype(cd), kk) * scale
-    if mask is not None:
-        s = s + np.broadcast_to(mask.astype(cd), s.shape)
-    if is_causal:
-        allowed = np.arange(sk)[None, :] <= np.arange(sq)[:, None]
-        s = np.where(allowed, s, -np.inf)
-    row_max = s.max(axis=-1, keepdims=True)
-    dead = np.isneginf(row_max)
-    p = np.exp(s - np.where(dead, 0, row_max))
-    denom = p.sum(axis=-1, keepdims=True)
-    o = np.einsum("bhqk,bhkd->bhqd", p / np.where(dead, 1, denom), vv)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.einsum("bhqd,bhkd->bhqk", q.astype(cd), kk) * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        if mask is not None:
+            s = s + np.broadcast_to(mask.astype(cd), s.shape)
+        if is_causal:
+            allowed = np.arange(sk)[None, :] <= np.arange(sq)[:, None]
+            s = np.where(allowed, s, -np.inf)
+        row_max = s.max(axis=-1, keepdims=True)  # NaN where a score is NaN
+        nan_row = np.isneginf(row_max) | np.isnan(row_max) | np.isposinf(row_max)
+        p = np.exp(s - np.where(nan_row, 0, row_max))
+        p = np.where(nan_row, 0 if zero_nan_rows else np.nan, p / p.sum(axis=-1, keepdims=True))
+        o = np.einsum("bhqk,bhkd->bhqd", p, vv)
     return _out(o, q, compute_dtype)
 
 

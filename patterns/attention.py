@@ -9,16 +9,19 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
   scale than 1/sqrt(D) is still an attention); no scale is scale 1;
 - the mask as an Add (additive float mask, or a position bias then a mask whose values the
   bias adds to exactly, as T5's 0 / finfo.min), as Where(keep, scores, fill)
-  (boolean mask) or Where(drop, fill, scores) (`masked_fill`), or absent. A Where replaces the
+  (boolean mask) or Where(drop, fill, scores) (`masked_fill`), either of them over scores
+  plus a bias (ALiBi's), or absent. A Where replaces the
   masked scores by `fill`, which equals adding a mask only when the fill zeroes the weight
   whatever the score (-inf, or the lowest value of its type; `attention_masks`): those become
   the float32 mask Where(keep, 0, fill) outside the fused op (the lowest value as float32's, so
   that a fully masked row stays uniform as in the original); any other fill is refused;
 - Casts around the Softmax, each to a type the fused op's float32 math covers losslessly (the
   scores widened to float32, the probabilities back to Q's type), and SDPA's NaN guard
-  Where(IsNaN(p), 0, p) after it. The fused op reads a row masked entirely by -inf as zeros,
-  the guarded graph's answer; without the guard the original gives NaN there, which the
-  replacement reproduces (NaN where the mask's row maximum is -inf);
+  Where(IsNaN(p), 0, p) after it. The guard is the fused op's `zero_nan_rows=1`: a row whose
+  softmax is NaN (masked by -inf throughout, or given NaN or inf by Q or K) reads as zeros;
+  without it `zero_nan_rows=0` leaves the NaN, as the eager original does;
+- soft-capped scores, cap * tanh(scores / cap) after the scale (Gemma 2): `fusegraph`'s
+  `softcap` (TensorRT's parser refuses ONNX `Attention`'s);
 - K^T as Transpose(K, [0,1,3,2]) or folded into the head split, Transpose(K_bshd, [0,2,3,1]);
 - grouped/multi-query KV repeated as Reshape(Expand(Unsqueeze(kv, 2))) (HF's repeat_kv): the
   fused op takes the un-repeated KV when the shapes prove the Reshape only merges the heads
@@ -27,9 +30,12 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 The target is chosen per match: `attention.onnx` emits the standard opset-23 `Attention` (which
 TensorRT maps to its native attention layer) in models of opset 23 or newer, where that op
 provably computes the same: float32, the same heads and batch in Q, K and V, and no mask input
-(no mask, or a proven causal one). ONNX Runtime 1.32 refuses masks that broadcast over the
-query or key axis and grouped KV at run time, and returns 0 for a row masked with
-finfo.min where the original is uniform, and TensorRT refuses `softmax_precision`; so every
+(no mask, or a proven causal one); its pattern has no NaN guard and no soft cap
+(`onnx_attention`: ONNX `Attention` leaves a NaN row NaN where the guard zeroes it, and
+TensorRT-RTX 1.7's parser refuses `softcap`). ONNX Runtime
+1.32 refuses masks that broadcast over the query or key axis and grouped KV at run time, and
+returns 0 for a row masked with finfo.min where the original is uniform, and TensorRT
+refuses `softmax_precision`; so every
 other attention becomes `fusegraph.Attention`/`MaskedAttention` (`attention_op`, opset 13 and
 newer; below 15 float32 only) through `attention.fusegraph`. Select `attention.fusegraph`
 alone to keep the fusegraph op (for its plugin) on opset-23 models too. A mask that is a
@@ -114,46 +120,93 @@ def _repeats_and_transposes(v) -> bool:
     return _grows_only_axis_2(expand) and _swaps_last_two(flat, v, expand)
 
 
-def key_transposed_batched(op: PatternOps, k: Pattern, k_kv: Pattern) -> Pattern:
+def key_transposed_batched(op: PatternOps, k: Pattern, k_kv: Pattern, k_bh: Pattern) -> Pattern:
     """k.transpose(-2, -1) as dynamo's SDPA decomposition writes it: flattened to 3-D, transposed,
     reshaped back; the reshapes' targets are constants (proved by the shapes) or Shape(k)'s dims.
-    A static export may fold repeat_kv's Reshape into the flattening one."""
+    A static export may fold repeat_kv's Reshape into the flattening one, or start from K
+    already flattened (`k_bh`)."""
     def swapped(x: Pattern) -> Pattern:
         return op.Reshape(op.Transpose(op.Reshape(x, Var("kt_flat")), perm=[0, 2, 1]), Var("kt_shape"))
     static = swapped(k).where(_transposes_last_two, "transposes K's last two dims")
     folded = swapped(op.Expand(_unsqueezed_heads(op, k_kv), Var("k_grown"))).where(
         _repeats_and_transposes, "repeats the kv heads and transposes K's last two dims")
+    merged = op.Reshape(op.Transpose(k_bh, perm=[0, 2, 1]), Var("kt_shape")).where(
+        _splits_merged_heads, "splits the batch of K^T [B*H, D, S] into [B, H, D, S]")
     dims = op.Shape(k, start=0)
     last = op.Slice(dims, Const(-1), Const(name="kt_end", where=lambda a: a.size == 1 and a.item() >= 2**62, why="end"))
     second = op.Slice(dims, Const(-2), Const(-1))
     lead = op.Slice(dims, Const(name="kt_start", where=lambda a: a.size == 1 and a.item() <= -(2**62), why="start"), Const(-2))
     flat = op.Reshape(k, op.Concat(Const(-1, name="kt_rows"), second, last, axis=0))
     dynamic = op.Reshape(op.Transpose(flat, perm=[0, 2, 1]), op.Concat(lead, last, second, axis=0))
-    return folded | static | dynamic
+    return folded | static | merged | dynamic
 
 
-def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern) -> Pattern:
-    """K^T [B, H, D, S]: from K [B, H, S, D] (`k`, or `k_kv` repeated to the query heads), or
-    straight from the head split's [B, S, H, D] (`k_bshd`)."""
+def _merged_heads_target(v) -> np.ndarray | None:
+    """The constant [B, H, D, S] a Reshape splits K^T [B*H, D, S] into, where its dims are
+    positive and agree with the 3-D K's [B*H, S, D]."""
+    split, k_bh = v.producer.inputs[1], v.producer.inputs[0].producer.inputs[0]
+    target = split.const_value if attention_masks.is_fixed(split) else None
+    if target is None or target.shape != (4,) or (target <= 0).any() or k_bh.rank != 3:
+        return None
+    b, h, d, s = (int(x) for x in target)
+    return target if tuple(k_bh.shape) == (b * h, s, d) else None
+
+
+def _splits_merged_heads(v) -> bool:
+    return _merged_heads_target(v) is not None
+
+
+def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern, k_bh: Pattern) -> Pattern:
+    """K^T [B, H, D, S]: from K [B, H, S, D] (`k`, or `k_kv` repeated to the query heads),
+    straight from the head split's [B, S, H, D] (`k_bshd`), or from K with the heads merged
+    into the batch, [B*H, S, D] (`k_bh`: nn.MultiheadAttention's, split back by a Reshape; or
+    a 3-D attention throughout, Q and V [B*H, S, D] too, as diffusion UNets and ALiBi models
+    export it: `heads_in_batch`)."""
     k = repeated_kv(op, k_kv, "k") | k
     plain = op.Transpose(scaled(op, k, "k_pre"), perm=[0, 1, 3, 2])
     merged = op.Transpose(scaled(op, k_bshd, "k_pre"), perm=[0, 2, 3, 1])
-    return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv), "k_post")
+    in_batch = op.Transpose(scaled(op, k_bh, "k_pre"), perm=[0, 2, 1])  # all of Q, K, V [B*H, S, D]
+    return scaled(op, plain | merged | key_transposed_batched(op, scaled(op, k, "k_pre"), k_kv, k_bh) | in_batch,
+                  "k_post")
 
 
 def _is_scalar_zero(a: np.ndarray) -> bool:
     return a.size == 1 and a.ndim <= 4 and a.item() == 0
 
 
-def attention(op, q, k, k_kv, k_bshd, v, v_kv, mask, bias, keep, drop):
-    scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd)), "s")
-    scores = optional(op.Cast(scores, to=Attr("cast_scores")))
-    masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, scores, Const(name="fill"))
-              | op.Where(drop, Const(name="fill"), scores) | scores)
+def soft_capped(op: PatternOps, scores: Pattern) -> Pattern:
+    """Gemma 2's logit soft-capping, cap * tanh(scores / cap), or the scores themselves; the
+    two constants are captured as `cap_div` / `cap_mul` (`caps_agree` holds them equal)."""
+    return op.Mul(op.Tanh(op.Div(scores, Const(name="cap_div"))), Const(name="cap_mul")) | scores
+
+
+def _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped: bool):
+    scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd, k_bh)), "s")
+    scores = optional(op.Cast(soft_capped(op, scores) if capped else scores, to=Attr("cast_scores")))
+    biased = op.Add(scores, bias) | scores  # ALiBi's, before a Where mask
+    masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, biased, Const(name="fill"))
+              | op.Where(drop, Const(name="fill"), biased) | scores)
     softmax = op.Softmax(optional(op.Cast(masked, to=Attr("cast_masked"))), axis=Attr("axis"))
-    probs = optional(op.Cast(optional(op.Cast(softmax, to=Attr("cast_softmax"))), to=Attr("cast_probs")))
+    return op.MatMul(_probabilities(op, softmax), repeated_kv(op, v_kv, "v") | v)
+
+
+def _probabilities(op: PatternOps, softmax: Pattern) -> Pattern:
+    return optional(op.Cast(optional(op.Cast(softmax, to=Attr("cast_softmax"))), to=Attr("cast_probs")))
+
+
+def onnx_attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
+    """What opset-23 `Attention` computes in both runtimes: no NaN guard (it leaves a NaN row
+    NaN) and no soft cap (TensorRT's parser refuses `softcap`)."""
+    return _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=False)
+
+
+def attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
+    """The eager form, or SDPA's with the NaN guard after the Softmax (captured as `nan_fill`),
+    the scores soft-capped or not."""
+    eager = _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=True)
+    probs, value = eager.node.inputs
     guarded = op.Where(op.IsNaN(probs), Const(name="nan_fill", where=_is_scalar_zero, why="0"), probs) | probs
-    return op.MatMul(guarded, repeated_kv(op, v_kv, "v") | v)
+    return op.MatMul(guarded, value)
 
 
 # -- what the captures say -------------------------------------------------------------------
@@ -179,12 +232,25 @@ def _dim(x, axis: int):
     return x.shape[axis] if x is not None and x.rank == 4 else None
 
 
-def key_len(k=None, k_kv=None, k_bshd=None):
-    """Sk where the shapes say it: axis 2 of [B, H, S, D] K, axis 1 of [B, S, H, D]."""
+def key_len(k=None, k_kv=None, k_bshd=None, k_bh=None):
+    """Sk where the shapes say it: axis 2 of [B, H, S, D] K, axis 1 of [B, S, H, D] or of
+    [B*H, S, D]."""
+    if k_bh is not None:
+        return k_bh.shape[1] if k_bh.rank == 3 else None
     return _dim(k_kv or k, 2) if k_bshd is None else _dim(k_bshd, 1)
 
 
-def key_heads(k=None, k_kv=None, k_bshd=None):
+def heads_in_batch(k_bh=None, kt_shape=None) -> bool:
+    """Q, K and V all [B*H, S, D]: 3-D K^T, no Reshape back to heads. The fused op sees one
+    batch of B*H heads (`to_four_dims`)."""
+    return k_bh is not None and kt_shape is None
+
+
+def key_heads(k=None, k_kv=None, k_bshd=None, k_bh=None, kt_shape=None):
+    if heads_in_batch(k_bh, kt_shape):
+        return k_bh.shape[0] if k_bh.rank == 3 else None
+    if k_bh is not None:  # the Reshape's constant [B, H, D, S] (`_merged_heads_target`)
+        return int(kt_shape.const_value[1])
     return _dim(k_kv or k, 1) if k_bshd is None else _dim(k_bshd, 2)
 
 
@@ -192,10 +258,11 @@ def constant_mask(mask=None, bias=None, keep=None, drop=None, fill=None) -> np.n
     """The additive mask the fused op takes, when constants decide it (else None)."""
     if keep is not None or drop is not None:
         chosen = attention_masks.constant_value(keep if keep is not None else drop)
-        if chosen is None:
+        kept = np.float32(0) if bias is None else attention_masks.constant_value(bias)
+        if chosen is None or kept is None:
             return None
         masked = ~chosen.astype(bool) if keep is not None else chosen.astype(bool)
-        return np.where(masked, _hard_fill(fill), np.float32(0))
+        return np.where(masked, _hard_fill(fill), kept.astype(np.float32))
     if mask is None:
         return None
     m = attention_masks.constant_value(mask)
@@ -213,32 +280,12 @@ def _hard_fill(fill) -> np.ndarray:
     return np.array(np.finfo(np.float32).min, np.float32)
 
 
-def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
+def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None,
+              k_bh=None) -> bool:
     """Whether the mask is a proven causal triangle (`attention_masks.is_causal_triangle`)."""
-    return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), _dim(q, 2),
-                                              key_len(k, k_kv, k_bshd))
-
-
-def may_mask_rows_with_neg_inf(mask=None, bias=None, keep=None, drop=None, fill=None) -> bool:
-    """Whether some row of the scores may be -inf throughout (NaN after Softmax): a run-time
-    mask may, unless its values are known to be finite (Where(keep, 0, min)); a constant one
-    is looked at."""
-    if fill is not None and not np.isneginf(fill.const_value.astype(np.float64)).all():
-        return False  # the lowest finite value: never -inf
-    if mask is None and keep is None and drop is None:
-        return False
-    a = constant_mask(mask, bias, keep, drop, fill)
-    if a is not None:
-        return attention_masks.has_row_of_neg_inf(a)
-    if keep is not None or drop is not None:
-        return True
-    values = [attention_masks.value_set(m) for m in (mask, bias) if m is not None]
-    return any(v is None or np.isneginf(v).any() for v in values)
-
-
-def _mask_rank(mask=None, bias=None, keep=None, drop=None):
-    ranks = [m.rank for m in (mask, bias, keep, drop) if m is not None]
-    return None if None in ranks else max(ranks, default=None)
+    q_len = q.shape[-2] if q.rank in (3, 4) else None
+    return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), q_len,
+                                              key_len(k, k_kv, k_bshd, k_bh))
 
 
 # -- conditions ------------------------------------------------------------------------------
@@ -306,19 +353,24 @@ def repeated_heads(kv, grown, merged):
     return None
 
 
-def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_grown=None, v_merged=None) -> bool:
+def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_grown=None, v_merged=None,
+                 k_bh=None, kt_shape=None) -> bool:
     """The op takes 4-D [B, H, S, D]: K^T's 4-D perm proves K's rank; Q's and V's must be 4
     where known (TorchScript exports carry no shapes; their Q and V are the head split's).
     Query head h reads kv head h // (Hq / Hkv), so the query heads must be a multiple of K's
     and V's: Q with one head broadcast against K with four is another computation. Symbolic
     head counts (TorchScript's unk__ dims) are taken as the exporter's head split wrote them."""
+    if heads_in_batch(k_bh, kt_shape):
+        return _three_dims_agree(q, k_bh, v)
+    if k_bh is not None and _dim(q, 0) not in (None, int(kt_shape.const_value[0])):
+        return reject(f"K^T is split into batch {int(kt_shape.const_value[0])}, Q has batch {_dim(q, 0)}")
     for name, x in (("q", q), ("k", k or k_kv or k_bshd), ("v", v or v_kv)):
-        if x.rank not in (None, 4):
+        if x is not None and x.rank not in (None, 4):
             return reject(f"{name} has rank {x.rank}, not [B, H, S, D]")
     if (k_kv is None) != (v_kv is None):
         return reject("only one of K and V is a repeated kv")
     hq = _dim(q, 1)
-    hk, hv = key_heads(k, k_kv, k_bshd), _dim(v_kv or v, 1)
+    hk, hv = key_heads(k, k_kv, k_bshd, k_bh, kt_shape), _dim(v_kv or v, 1)
     if isinstance(hk, int) and isinstance(hv, int) and hk != hv:
         return reject(f"K has {hk} heads and V {hv}: the op reads one kv head for both")
     for name, h in (("K", hk), ("V", hv)):
@@ -334,6 +386,19 @@ def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_gro
             return reject(f"{name} is repeated to {h} heads and Q has {hq}")
         if hq == 1 and h != 1:
             return reject(f"{name} is repeated to {h or 'an unknown number of'} heads and Q has 1")
+    return True
+
+
+def _three_dims_agree(q, k_bh, v) -> bool:
+    """Q, K and V [B*H, S, D] with the same B*H and D (where known): a broadcast batch or a
+    4-D Q against the 3-D K^T would be another computation."""
+    for name, x in (("q", q), ("k", k_bh), ("v", v)):
+        if x is None or x.rank != 3:
+            return reject(f"{name} is not [B*H, S, D] (rank {x.rank if x is not None else None})")
+    for axis, what in ((0, "B*H"), (2, "D")):
+        dims = {x.shape[axis] for x in (q, k_bh)} | ({v.shape[0]} if axis == 0 else set())
+        if len(dims) != 1:
+            return reject(f"Q, K and V differ in {what}: {sorted(map(str, dims))}")
     return True
 
 
@@ -381,14 +446,20 @@ def fills_mask_hard(fill, nan_fill) -> bool:
         f"the Where fill {a.item()} is a score, not a mask (only -inf or the lowest {a.dtype} masks exactly)")
 
 
-def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop) -> bool:
-    """The mask broadcasts into the scores [B, Hq, Sq, Sk] without growing them (where known)."""
-    scores = (*(q.shape[:3] if q.rank == 4 else (None,) * 3), key_len(k, k_kv, k_bshd))
+def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop, k_bh=None, kt_shape=None) -> bool:
+    """The mask broadcasts into the scores [B, Hq, Sq, Sk] ([B*H, Sq, Sk] with the heads in the
+    batch) without growing them (where known)."""
+    rank = 3 if heads_in_batch(k_bh, kt_shape) else 4
+    scores = (*(q.shape[:-1] if q.rank == rank else (None,) * (rank - 1)), key_len(k, k_kv, k_bshd, k_bh))
     for m in (mask, bias, keep, drop):
-        if m is None or m.shape is None:
+        if m is None:
             continue
-        if len(m.shape) > 4:
-            return reject(f"mask has rank {len(m.shape)} > 4")
+        if rank == 3 and m.rank is None:
+            return reject("the mask's rank is unknown: it may grow the 3-D scores")
+        if m.shape is None:
+            continue
+        if len(m.shape) > rank:
+            return reject(f"mask has rank {len(m.shape)} > {rank}")
         for md, sd in zip(reversed(m.shape), reversed(scores)):
             if sd == 1 and md not in (1, None):
                 return reject(f"mask dim {md} would grow the scores' dim 1")
@@ -399,8 +470,9 @@ def bias_joins_mask_exactly(mask, bias) -> bool:
     """The fused op adds one mask, so (scores + bias) + mask becomes scores + (bias + mask):
     the same numbers only where the mask's values leave the sum unrounded, 0 and values that
     absorb any addend (-inf, or finfo(float32).min: T5's Where(keep, 0, min)). A mask that can
-    hold -1e9 (rounded to multiples of 64 either way, in a different order) is refused."""
-    if bias is None:
+    hold -1e9 (rounded to multiples of 64 either way, in a different order) is refused. A bias
+    under a Where mask needs no such care (`additive_mask`)."""
+    if bias is None or mask is None:
         return True
     values = attention_masks.value_set(mask)
     if values is None:
@@ -411,17 +483,27 @@ def bias_joins_mask_exactly(mask, bias) -> bool:
                                        "adding it to the bias first rounds differently")
 
 
-def nan_rows_reproducible(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None,
-                          fill=None, nan_fill=None, **captures) -> bool:
-    """Where a row may be masked by -inf throughout and no NaN guard follows the Softmax, the
-    original gives NaN there; the replacement reproduces it from the mask's row maximum, which
-    needs the mask's rank (its key axis) and Q's type."""
-    if nan_fill is not None or not may_mask_rows_with_neg_inf(mask, bias, keep, drop, fill):
+def caps_agree(cap_div=None, cap_mul=None) -> bool:
+    """cap * tanh(s / cap) is the soft cap only with one cap, a finite non-zero scalar constant
+    on both sides: tanh(s / 50) * 30 or * -50 is another function. (Both negative is the same
+    cap: tanh is odd.)"""
+    if cap_div is None:
         return True
-    if _mask_rank(mask, bias, keep, drop) is None:
-        return reject("a row may be masked by -inf (NaN, no guard) and the mask's rank is unknown")
-    return q_type(q, k, k_kv, k_bshd, **captures) is not None or reject(
-        "a row may be masked by -inf (NaN, no guard) and Q's type is unknown")
+    values = []
+    for c in (cap_div, cap_mul):
+        if not attention_masks.is_fixed(c):
+            return reject(f"soft cap {c.name!r} is also a graph input: a default, not a constant")
+        a = c.const_value
+        if a is None or a.size != 1 or a.ndim > 4 or not np.isfinite(a.astype(np.float64)).all() or not a.any():
+            return reject(f"soft cap {c.name!r} is not a finite non-zero scalar constant")
+        values.append(float(a.astype(np.float64).reshape(-1)[0]))
+    return values[0] == values[1] or reject(f"soft cap divides by {values[0]:g} and multiplies by {values[1]:g}")
+
+
+def softcap(captures: dict) -> float:
+    """The soft cap the pattern matched (`caps_agree`), 0.0 for none."""
+    c = captures.get("cap_div")
+    return 0.0 if c is None else abs(float(c.const_value.astype(np.float64).reshape(-1)[0]))
 
 
 def math_fits_float32(q) -> bool:
@@ -449,7 +531,7 @@ def body_fits_opset(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
 
 
 def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None,
-                            keep=None, drop=None, fill=None, **captures) -> bool:
+                            keep=None, drop=None, fill=None, k_bh=None, kt_shape=None, **captures) -> bool:
     """Opset-23 `Attention` is emitted only where it runs in ONNX Runtime and TensorRT and
     computes what the graph did: float32 (its softmax then is float32 with no
     `softmax_precision`, which TensorRT's parser refuses), Q's heads in K and V (ONNX Runtime
@@ -461,13 +543,18 @@ def onnx_attention_is_exact(q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None
         return reject(f"ONNX Attention without softmax_precision runs softmax in Q's type, "
                       f"{_type_name(q.dtype) if q.dtype else 'unknown'}")
     key = k_kv or k
-    for axis in ((0,) if k_kv is not None else (0, 1)):  # a proven repeat gives Q's heads
-        dims = {_dim(q, axis), _dim(v_kv or v, axis), _dim(key, axis) if k_bshd is None else _dim(k_bshd, 2 * axis)}
-        if len(dims) != 1 or None in dims:
+    for axis in ((0,) if k_kv is not None or heads_in_batch(k_bh, kt_shape) else (0, 1)):  # repeats give Q's heads
+        if heads_in_batch(k_bh, kt_shape):  # `heads_layout` has held them 3-D
+            dims = {q.shape[0], v.shape[0], k_bh.shape[0]}
+        else:
+            key_dim = (_dim(key, axis) if k_bshd is None and k_bh is None else _dim(k_bshd, 2 * axis)
+                       if k_bh is None else int(kt_shape.const_value[axis]))
+            dims = {_dim(q, axis), _dim(v_kv or v, axis), key_dim}
+        if len(dims) != 1 or not all(isinstance(d, int) for d in dims):
             return reject(f"Q, K and V are not known to agree on axis {axis}")
     if mask is None and keep is None and drop is None:
         return True
-    return is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill) or reject(
+    return is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh) or reject(
         "a mask input: ONNX Runtime's Attention reads masked rows and broadcast masks differently")
 
 
@@ -487,53 +574,56 @@ def total_scale(captures: dict) -> float:
     return s
 
 
-def kv_operands(op, k, k_kv, k_bshd, v, v_kv):
+def kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh=None, kt_shape=None):
     """K and V as [B, Hkv, S, D], the un-repeated ones where the pattern proved the repeat."""
+    if heads_in_batch(k_bh, kt_shape):
+        return k_bh, v
+    if k_bh is not None:  # [B*H, S, D] split as K^T's Reshape split it (`_merged_heads_target`)
+        return op.Reshape(k_bh, kt_shape.const_value[[0, 1, 3, 2]]), v
     return k_kv or k or op.Transpose(k_bshd, perm=[0, 2, 1, 3]), v_kv or v
 
 
 def additive_mask(op, mask, bias, keep, drop, fill):
     """The additive mask the fused op takes (or None): a position bias joins the mask; a hard
-    Where fill becomes a float32 mask (`_hard_fill`)."""
-    if bias is not None:
-        return op.Add(bias, mask)
+    Where fill becomes a float32 mask (`_hard_fill`) that holds the bias where it keeps the
+    score, so a masked score is the fill alone, as in the original, whatever the bias."""
+    if keep is None and drop is None:
+        return mask if bias is None else op.Add(bias, mask)
+    kept = np.zeros((), np.float32) if bias is None else bias if bias.dtype == FLOAT else op.Cast(bias, to=FLOAT)
     if keep is not None:
-        return op.Where(keep, np.zeros((), np.float32), _hard_fill(fill))
-    if drop is not None:
-        return op.Where(drop, _hard_fill(fill), np.zeros((), np.float32))
-    return mask
+        return op.Where(keep, kept, _hard_fill(fill))
+    return op.Where(drop, _hard_fill(fill), kept)
 
 
-def nan_on_rows_of_neg_inf(op, y, mask, mask_rank: int, y_type: int):
-    """y plus NaN on the rows the mask sets to -inf throughout and 0 elsewhere: 0 times the
-    row's maximum is NaN exactly when that maximum is -inf."""
-    m = op.Cast(mask, to=FLOAT)
-    if mask_rank == 0:
-        m = op.Unsqueeze(m, np.array([0], np.int64))
-    if opset(y) >= 18:
-        row_max = op.ReduceMax(m, np.array([-1], np.int64), keepdims=1)
-    else:
-        row_max = op.ReduceMax(m, axes=[-1], keepdims=1)
-    nan_or_zero = op.Mul(row_max, np.zeros((), np.float32))
-    if y_type != FLOAT:
-        nan_or_zero = op.Cast(nan_or_zero, to=y_type)
-    return op.Add(y, nan_or_zero)
+def to_four_dims(op, x, rank: int):
+    """A [B*H, ...] tensor of the 3-D form as one batch of B*H heads: [1, B*H, ...] (a mask of
+    rank 2 or less broadcasts as it is)."""
+    return op.Unsqueeze(x, np.array([0], np.int64)) if rank == 3 else x
+
+
+def _mask_rank(mask=None, bias=None, keep=None, drop=None) -> int:
+    """The additive mask's rank (`mask_fits` has held every rank known in the 3-D form)."""
+    return max(m.rank for m in (mask, bias, keep, drop) if m is not None)
 
 
 def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-                 fill=None, nan_fill=None, **captures):
+                 fill=None, nan_fill=None, k_bh=None, kt_shape=None, **captures):
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
-    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
-    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
-    attrs = dict(scale=total_scale(captures), is_causal=int(causal), _domain=DOMAIN)
+    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh, kt_shape)
+    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
+    cap = softcap(captures)
+    attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=cap, softcapped=int(cap != 0),
+                 zero_nan_rows=int(nan_fill is not None), _domain=DOMAIN)
+    three = heads_in_batch(k_bh, kt_shape)
+    qkv = [to_four_dims(op, x, 3) for x in (q, key, value)] if three else [q, key, value]
     if causal or (mask is None and keep is None and drop is None):
-        return op.Attention(q, key, value, **attrs)
-    additive = additive_mask(op, mask, bias, keep, drop, fill)
-    y = op.MaskedAttention(q, key, value, additive, **attrs)
-    if nan_fill is None and may_mask_rows_with_neg_inf(mask, bias, keep, drop, fill):
-        y = nan_on_rows_of_neg_inf(op, y, additive, _mask_rank(mask, bias, keep, drop),
-                                   q_type(q, k, k_kv, k_bshd, **captures))
-    return y
+        y = op.Attention(*qkv, **attrs)
+    else:
+        additive = additive_mask(op, mask, bias, keep, drop, fill)
+        if three:
+            additive = to_four_dims(op, additive, _mask_rank(mask, bias, keep, drop))
+        y = op.MaskedAttention(*qkv, additive, **attrs)
+    return op.Squeeze(y, np.array([0], np.int64)) if three else y
 
 
 def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
@@ -546,14 +636,19 @@ def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
 
 
 def to_onnx(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-            fill=None, k_grown=None, k_merged=None, v_grown=None, v_merged=None, kt_shape=None, **captures):
+            fill=None, k_grown=None, k_merged=None, v_grown=None, v_merged=None, kt_shape=None, k_bh=None,
+            **captures):
     """BMM-Softmax-BMM -> ONNX Attention (opset 23)"""
-    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv)
+    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh, kt_shape)
     if k_kv is not None:
         key = repeated_for_onnx(op, k_kv, k_grown, k_merged, kt_shape)
         value = repeated_for_onnx(op, v_kv, v_grown, v_merged)
-    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill)
-    return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
+    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
+    if not heads_in_batch(k_bh, kt_shape):
+        return op.Attention(q, key, value, scale=total_scale(captures), is_causal=int(causal))
+    y = op.Attention(*(to_four_dims(op, x, 3) for x in (q, key, value)), scale=total_scale(captures),
+                     is_causal=int(causal))
+    return op.Squeeze(y, np.array([0], np.int64))
 
 
 def _ints(*v: int) -> np.ndarray:
@@ -563,13 +658,13 @@ def _ints(*v: int) -> np.ndarray:
 #: For the self-check: Q, K, V [B, H, S, D] = [1, 2, 3, 4], K/V repeated from one kv head, K as
 #: [B, S, H, D] for the merged transpose, masks over [.., Sq, Sk]; the Reshape and Expand
 #: targets and the Slice bounds (to the end of Shape(K)) the conditions accept, a hard Where
-#: fill, the NaN guard's 0 and Casts to the instance's own type, which the generic search
-#: can't guess. The masks are inputs in one example and the causal triangle in the other
-#: (the only mask the ONNX target takes).
+#: fill, the NaN guard's 0, one soft cap on both sides and Casts to the instance's own type,
+#: which the generic search can't guess. The masks are inputs in one example and the causal
+#: triangle in the other (the only mask the ONNX target takes).
 EXAMPLE = {
     "q": ((1, 2, 3, 4), np.float32), "k": ((1, 2, 3, 4), np.float32), "v": ((1, 2, 3, 4), np.float32),
     "k_kv": ((1, 1, 3, 4), np.float32), "v_kv": ((1, 1, 3, 4), np.float32),
-    "k_bshd": ((1, 3, 2, 4), np.float32),
+    "k_bshd": ((1, 3, 2, 4), np.float32), "k_bh": ((2, 3, 4), np.float32),
     "k_grown": _ints(1, 1, 2, 3, 4), "v_grown": _ints(1, 1, 2, 3, 4),
     "k_merged": _ints(1, 2, 3, 4), "v_merged": _ints(1, 2, 3, 4),
     "kt_flat": _ints(-1, 3, 4), "kt_shape": _ints(1, 2, 4, 3), "kt_start": _ints(-2**63), "kt_end": _ints(2**63 - 1),
@@ -578,18 +673,27 @@ EXAMPLE = {
     "keep": ((1, 1, 3, 3), np.bool_), "drop": ((1, 1, 3, 3), np.bool_),
     "fill": np.array(-np.inf, np.float32), "nan_fill": np.array(0.0, np.float32),
     "cast_scores": None, "cast_masked": None, "cast_softmax": None, "cast_probs": None,
+    "cap_div": np.array(5.0, np.float32), "cap_mul": np.array(5.0, np.float32),
 }
+#: The same with Q, K and V [B*H, S, D] (`heads_in_batch`), masks over [B*H, Sq, Sk]; a branch
+#: that builds V by repeat_kv builds it 3-D (which no repeat_kv is, so V is taken whole).
+IN_BATCH_EXAMPLE = {**EXAMPLE, "q": ((2, 3, 4), np.float32), "v": ((2, 3, 4), np.float32),
+                    "v_merged": _ints(2, 3, 4),
+                    "mask": ((2, 3, 3), np.float32), "bias": ((2, 1, 3), np.float32),
+                    "keep": ((1, 3, 3), np.bool_), "drop": ((2, 3, 3), np.bool_)}
 _ABOVE = np.triu(np.ones((1, 1, 3, 3), bool), k=1)
 CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.float32),
                   "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
+IN_BATCH_CAUSAL_EXAMPLE = {**IN_BATCH_EXAMPLE, "mask": CAUSAL_EXAMPLE["mask"][0],
+                           "bias": np.zeros((2, 3, 3), np.float32), "keep": ~_ABOVE[0], "drop": _ABOVE[0]}
 
-CONDITIONS = [scales_are_scalars, scales_keep_range, softmax_on_last_axis, heads_layout, casts_widen_losslessly, fills_mask_hard,
-              mask_fits, bias_joins_mask_exactly, math_fits_float32, nan_rows_reproducible]
+CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last_axis, heads_layout,
+              casts_widen_losslessly, fills_mask_hard, mask_fits, bias_joins_mask_exactly, math_fits_float32]
 
 RULES = [
-    Rule("attention.onnx", attention, to_onnx,
+    Rule("attention.onnx", onnx_attention, to_onnx,
          [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
-         priority=ATTENTION_ONNX, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
+         priority=ATTENTION_ONNX, examples=[EXAMPLE, CAUSAL_EXAMPLE, IN_BATCH_EXAMPLE, IN_BATCH_CAUSAL_EXAMPLE]),
     Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
-         priority=ATTENTION, examples=[EXAMPLE, CAUSAL_EXAMPLE]),
+         priority=ATTENTION, examples=[EXAMPLE, CAUSAL_EXAMPLE, IN_BATCH_EXAMPLE, IN_BATCH_CAUSAL_EXAMPLE]),
 ]

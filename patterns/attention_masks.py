@@ -62,11 +62,6 @@ def is_causal_triangle(a: np.ndarray | None, q_len, k_len) -> bool:
     return bool((a[0][~above] == 0).all() and masks_hard(a[0][above]).all())
 
 
-def has_row_of_neg_inf(a: np.ndarray) -> bool:
-    """A row (along the key axis) whose every value is -inf: Softmax gives NaN there."""
-    return bool(a.ndim == 0 and np.isneginf(a)) or bool(a.ndim and np.isneginf(a.astype(np.float64)).all(axis=-1).any())
-
-
 #: Ops that move or copy their first input's elements without changing their values.
 _VALUE_PRESERVING = frozenset({"Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Identity", "Flatten", "Tile"})
 

@@ -143,7 +143,8 @@ class MatMulAct(PluginCore):
 
 class Attention(PluginCore):
     """`Attention(Q, K, V)`: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], Hq a multiple of Hkv;
-    scale 0 means 1/sqrt(D) (the rewriter always states it)."""
+    scale 0 means 1/sqrt(D) (the rewriter always states it), softcap where softcapped; a row whose
+    softmax is NaN reads as zeros unless zero_nan_rows is 0 (`fusegraph.ops.attention_op`)."""
 
     op = "Attention"
 
@@ -174,7 +175,9 @@ class Attention(PluginCore):
                          self.attributes["scale"] or None, bool(self.attributes["is_causal"]), dtypes[0],
                          stream, mask_ptr=inputs[3] if has_mask else 0,
                          mask_strides=self.mask_strides(shapes) if has_mask else (0, 0, 0, 0),
-                         mask_dtype=dtypes[3] if has_mask else None)
+                         mask_dtype=dtypes[3] if has_mask else None,
+                         softcap=self.attributes["softcap"] if self.attributes["softcapped"] else 0.0,
+                         zero_nan_rows=bool(self.attributes["zero_nan_rows"]))
 
 
 class MaskedAttention(Attention):

@@ -134,7 +134,8 @@ SAME_AS_ONNX = {"Attention", "Gelu"}
 
 
 def _unshadow(model: onnx.ModelProto, parser: Any) -> dict[str, str]:
-    """Rename fused ops that a native importer would otherwise take with the wrong semantics.
+    """Rename fused ops that a native importer would otherwise take with the wrong semantics (or
+    refuse: `_unlike_onnx`).
 
     fusegraph's RotaryEmbedding (cos/sin broadcastable to [B, H, S, rotary_dim]) shares its name
     with ONNX-23 RotaryEmbedding (cos/sin caches [S, rotary_dim/2]); TensorRT imports it natively
@@ -147,12 +148,28 @@ def _unshadow(model: onnx.ModelProto, parser: Any) -> dict[str, str]:
     for f in model.functions:
         if f.domain == DOMAIN and f.name in renamed:
             f.name = renamed[f.name]
+    unlike = set()
     for nodes in (model.graph.node, *(f.node for f in model.functions)):
         for node in nodes:
             routed = any(a.name == "plugin_namespace" for a in node.attribute)
             if node.domain == DOMAIN and node.op_type in renamed and not routed:
                 node.op_type = renamed[node.op_type]
-    return renamed
+            elif node.domain == DOMAIN and node.op_type in SAME_AS_ONNX and not routed and _unlike_onnx(node):
+                unlike.add(node.op_type)
+                node.op_type = f"{node.op_type}_{DOMAIN}"
+    for f in [f for f in model.functions if f.domain == DOMAIN and f.name in unlike]:
+        twin = onnx.FunctionProto()
+        twin.CopyFrom(f)
+        twin.name = f"{f.name}_{DOMAIN}"
+        model.functions.append(twin)
+    return {**renamed, **{name: f"{name}_{DOMAIN}" for name in unlike}}
+
+
+def _unlike_onnx(node: onnx.NodeProto) -> bool:
+    """A `SAME_AS_ONNX` node whose attributes the native importer would refuse: a soft-capped
+    `Attention` (TensorRT-RTX 1.7: "Setting softcap is not supported"). It is called through a
+    renamed twin of its function, which the parser inlines."""
+    return any(a.name == "softcapped" and a.i for a in node.attribute)
 
 
 def _name_overloads(model: onnx.ModelProto) -> dict[str, str]:

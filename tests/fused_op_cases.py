@@ -96,9 +96,16 @@ for _name, _act in GATED.items():
 _QKV = {"Q": (1, 4, 3, 8), "K": (1, 2, 5, 8), "V": (1, 2, 5, 8)}
 CASES += [
     Case("Attention", "causal", _QKV, lambda a: [ref.attention(a["Q"], a["K"], a["V"], None, 0.35, True)],
-         {"scale": 0.35, "is_causal": 1}),
+         {"scale": 0.35, "is_causal": 1, "softcap": 0.0, "softcapped": 0, "zero_nan_rows": 1}),
     Case("MaskedAttention", "", {**_QKV, "Mask": (1, 1, 3, 5)},
-         lambda a: [ref.attention(a["Q"], a["K"], a["V"], a["Mask"], 0.35, False)], {"scale": 0.35, "is_causal": 0}),
+         lambda a: [ref.attention(a["Q"], a["K"], a["V"], a["Mask"], 0.35, False)],
+         {"scale": 0.35, "is_causal": 0, "softcap": 0.0, "softcapped": 0, "zero_nan_rows": 1}),
+    Case("Attention", "softcap", _QKV,
+         lambda a: [ref.attention(a["Q"], a["K"], a["V"], None, 3.0, False, softcap=0.5)],
+         {"scale": 3.0, "is_causal": 0, "softcap": 0.5, "softcapped": 1, "zero_nan_rows": 1}),
+    Case("MaskedAttention", "eager", {**_QKV, "Mask": (1, 1, 3, 5)},
+         lambda a: [ref.attention(a["Q"], a["K"], a["V"], a["Mask"], 0.35, True, zero_nan_rows=False)],
+         {"scale": 0.35, "is_causal": 1, "softcap": 0.0, "softcapped": 0, "zero_nan_rows": 0}),
     Case("RMSNorm", "", {"X": X, "gamma": (8,)}, lambda a: [ref.rms_norm(a["X"], a["gamma"], 1e-5, np.float64)],
          {"epsilon": 1e-5}),
     Case("SkipRMSNorm", "", {"X": X, "R": X, "gamma": (8,)},

@@ -60,11 +60,14 @@ OVERLOAD_IR_VERSION = 10
 class Attribute:
     """One attribute of a fused op: its name, "float" or "int", and the value a consumer that
     reads the node (a TensorRT plugin) assumes where the node omits it; the rules always write
-    every attribute."""
+    every attribute. `optional` attributes, added after nodes without them were written, get
+    that default in the local function too (its attribute_proto), so those older nodes still
+    run in ONNX Runtime and pass the checker."""
 
     name: str
     kind: str
     default: float | int
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,9 @@ class FusedOp:
         self.body(b, opset)
         f = helper.make_function(
             DOMAIN, self.name, list(self.inputs), list(self.outputs), b.nodes,
-            [helper.make_opsetid("", opset)], attributes=list(self.attributes), doc_string=self.doc)
+            [helper.make_opsetid("", opset)], doc_string=self.doc,
+            attributes=[a.name for a in self.attrs if not a.optional],
+            attribute_protos=[helper.make_attribute(a.name, a.default) for a in self.attrs if a.optional])
         if dtype is not None:
             f.overload = overload(dtype)
         return f
@@ -172,7 +177,9 @@ class Body:
         `otherwise()`'s: an If on the attribute, each callback building its branch with this
         builder. Once the function is inlined the condition is a constant, so ONNX Runtime
         (constant folding) and TensorRT's parser keep only the chosen branch: a body whose
-        structure depends on an attribute pays nothing for it at run time."""
+        structure depends on an attribute pays nothing for it at run time. (An int: TensorRT-RTX
+        1.7 folds Cast(int -> bool) of the attribute, but no op on a float one, and a model with
+        a live If fails in its Myelin builder.)"""
         flag = self.op("Cast", self.attr_const(attr, onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
         branches = []
         for label, build in (("then", then), ("else", otherwise)):

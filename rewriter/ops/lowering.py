@@ -18,7 +18,7 @@ fusion, a *target* lowers each fused op into the operators that runtime executes
   and to fusegraph's plugins with `rewrite build --plugins` (which rewrites for this target).
   No op is replaced, but bodies are written for TensorRT (`fused_ops.Body.target`): where
   ONNX Runtime and TensorRT want different forms of the same semantics, the attention's
-  dead-row guard (`patterns.attention_op`), each target gets its own.
+  dead-row guard (`fusegraph.ops.attention_op`), each target gets its own.
 
 Each lowering is a `Rule` whose pattern is a fused op (or a fusion's output), run by the same
 driver after the fusion rules, so it is matched, checked and recorded like any fusion, and each

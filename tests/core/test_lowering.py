@@ -161,13 +161,12 @@ def masked_attention(opset: int, target: str) -> onnx.ModelProto:
 
 
 def softmax_readers(function: onnx.FunctionProto) -> list[str]:
-    """The ops that read the attention body's probabilities (besides Shape), through a Reshape."""
+    """The ops that read the attention body's probabilities (besides Shape), through a Reshape,
+    in the branch an If on `zero_nan_rows=1` takes."""
     probs = {n.output[0] for n in function.node if n.op_type == "Softmax"}
-    readers = []
-    for n in function.node:
-        if set(n.input) & probs and n.op_type != "Shape":
-            readers.append(n.op_type)
-    return readers
+    nodes = [b for n in function.node
+             for b in (next(a.g for a in n.attribute if a.name == "then_branch").node if n.op_type == "If" else [n])]
+    return [n.op_type for n in nodes if set(n.input) & probs and n.op_type != "Shape"]
 
 
 @pytest.mark.parametrize("opset", [13, 14, 15, 17, 23])

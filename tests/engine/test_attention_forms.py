@@ -1,8 +1,8 @@
 """Every form the attention rules emit parses and builds in TensorRT(-RTX), and runs in ONNX
 Runtime: `fusegraph.Attention` / `MaskedAttention` (float32, float16, causal, every mask shape
-the rules pass on, float16 Q with a float32 mask, the NaN-row term of unguarded graphs, the
-opset-13 body) and opset-23 `Attention` (no `softmax_precision`, head dims with and without a
-dedicated kernel, causal, KV repeated for it).
+the rules pass on, float16 Q with a float32 mask, guarded and eager NaN rows (`zero_nan_rows`),
+soft-capped scores, the opset-13 body) and opset-23 `Attention` (no `softmax_precision`, head
+dims with and without a dedicated kernel, causal, KV repeated for it, `softcap`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ B, S, D = 2, 8, 16
 
 
 def attention_graph(*, dtype=np.float32, heads=4, kv_heads=4, d=D, mask=None, guard=False, softmax_fp32=False,
-                    opset=18):
+                    opset=18, softcap=None):
     """softmax(Q K^T / sqrt(d) (+ mask)) V as exporters write it; `mask` is None, ("add", shape,
-    dtype) for an input, ("causal", fill) for a constant triangle, or ("keep", fill)."""
+    dtype) for an input, ("causal", fill) for a constant triangle, or ("keep", fill); `softcap`
+    caps the scores as Gemma 2 does, cap * tanh(s / cap)."""
     nodes, inits, inputs = [], {}, {}
 
     def op(op_type, *ins, **attrs):
@@ -48,6 +49,8 @@ def attention_graph(*, dtype=np.float32, heads=4, kv_heads=4, d=D, mask=None, gu
                                  const([B, kv_heads, group, S, d], np.int64)), const([B, heads, S, d], np.int64))
                 for x in (k, v))
     scores = op("Mul", op("MatMul", "q", op("Transpose", k, perm=[0, 1, 3, 2])), const(d ** -0.5, dtype))
+    if softcap:
+        scores = op("Mul", op("Tanh", op("Div", scores, const(softcap, dtype))), const(softcap, dtype))
     sdt = np.float32 if softmax_fp32 else dtype
     if softmax_fp32:
         scores = op("Cast", scores, to=TP.FLOAT)
@@ -71,42 +74,50 @@ def attention_graph(*, dtype=np.float32, heads=4, kv_heads=4, d=D, mask=None, gu
 
 F32_LOW = float(np.finfo(np.float32).min)
 FORMS = {
-    # name: (graph, the op emitted, whether the NaN-row term follows it)
-    "fusegraph-fp32": (dict(), "fusegraph.Attention", False),
-    "fusegraph-fp16": (dict(dtype=np.float16, softmax_fp32=True), "fusegraph.Attention", False),
-    "fusegraph-causal": (dict(mask=("causal", -np.inf)), "fusegraph.Attention", False),
-    "fusegraph-gqa": (dict(kv_heads=2), "fusegraph.Attention", False),
-    "fusegraph-opset13": (dict(opset=13, mask=("add", (B, 1, S, S), np.float32)), "fusegraph.MaskedAttention", True),
-    "fusegraph-opset13-causal": (dict(opset=13, mask=("causal", -np.inf)), "fusegraph.Attention", False),
-    "masked-b11s": (dict(mask=("add", (B, 1, 1, S), np.float32)), "fusegraph.MaskedAttention", True),
-    "masked-s": (dict(mask=("add", (S,), np.float32), guard=True), "fusegraph.MaskedAttention", False),
-    "masked-s1": (dict(mask=("add", (S, 1), np.float32), guard=True), "fusegraph.MaskedAttention", False),
-    "masked-b1ss-opset23": (dict(mask=("add", (B, 1, S, S), np.float32), opset=23), "fusegraph.MaskedAttention", True),
-    "masked-finite-triangle": (dict(mask=("causal", -1e4)), "fusegraph.MaskedAttention", False),
+    # name: (graph, the op emitted)
+    "fusegraph-fp32": (dict(), "fusegraph.Attention"),
+    "fusegraph-fp16": (dict(dtype=np.float16, softmax_fp32=True), "fusegraph.Attention"),
+    "fusegraph-causal": (dict(mask=("causal", -np.inf)), "fusegraph.Attention"),
+    "fusegraph-gqa": (dict(kv_heads=2), "fusegraph.Attention"),
+    "fusegraph-guarded": (dict(guard=True), "fusegraph.Attention"),
+    "fusegraph-opset13": (dict(opset=13, mask=("add", (B, 1, S, S), np.float32)), "fusegraph.MaskedAttention"),
+    "fusegraph-opset13-causal": (dict(opset=13, mask=("causal", -np.inf)), "fusegraph.Attention"),
+    "masked-b11s": (dict(mask=("add", (B, 1, 1, S), np.float32)), "fusegraph.MaskedAttention"),
+    "masked-s": (dict(mask=("add", (S,), np.float32), guard=True), "fusegraph.MaskedAttention"),
+    "masked-s1": (dict(mask=("add", (S, 1), np.float32), guard=True), "fusegraph.MaskedAttention"),
+    "masked-b1ss-opset23": (dict(mask=("add", (B, 1, S, S), np.float32), opset=23), "fusegraph.MaskedAttention"),
+    "masked-finite-triangle": (dict(mask=("causal", -1e4)), "fusegraph.MaskedAttention"),
     "masked-fp16-fp32-mask": (dict(dtype=np.float16, softmax_fp32=True, mask=("add", (B, 1, S, S), np.float32)),
-                              "fusegraph.MaskedAttention", True),
+                              "fusegraph.MaskedAttention"),
     "masked-fp16-fp16-mask": (dict(dtype=np.float16, mask=("add", (B, 1, S, S), np.float16)),
-                              "fusegraph.MaskedAttention", True),
+                              "fusegraph.MaskedAttention"),
     "masked-keep-lowest-fp16": (dict(dtype=np.float16, mask=("keep", float(np.finfo(np.float16).min))),
-                                "fusegraph.MaskedAttention", False),
-    "masked-keep-neg-inf": (dict(mask=("keep", -np.inf)), "fusegraph.MaskedAttention", True),
-    "onnx-d16": (dict(opset=23), "Attention", False),
-    "onnx-d64": (dict(opset=23, d=64), "Attention", False),
-    "onnx-causal": (dict(opset=23, mask=("causal", F32_LOW)), "Attention", False),
-    "onnx-gqa": (dict(opset=23, kv_heads=2), "Attention", False),
+                                "fusegraph.MaskedAttention"),
+    "masked-keep-neg-inf": (dict(mask=("keep", -np.inf)), "fusegraph.MaskedAttention"),
+    "masked-softcap": (dict(softcap=5.0, mask=("add", (B, 1, S, S), np.float32)), "fusegraph.MaskedAttention"),
+    "fusegraph-softcap-guarded": (dict(softcap=5.0, guard=True, opset=23), "fusegraph.Attention"),
+    "onnx-d16": (dict(opset=23), "Attention"),
+    "onnx-d64": (dict(opset=23, d=64), "Attention"),
+    "onnx-causal": (dict(opset=23, mask=("causal", F32_LOW)), "Attention"),
+    "onnx-gqa": (dict(opset=23, kv_heads=2), "Attention"),
+    "fusegraph-softcap-opset23": (dict(opset=23, softcap=5.0), "fusegraph.Attention"),
 }
 
 
+@pytest.mark.parametrize("target", ["portable", "tensorrt"])
 @pytest.mark.parametrize("name", sorted(FORMS))
-def test_emitted_form_runs_and_builds(tmp_path, name):
-    spec, emitted, nan_rows = FORMS[name]
+def test_emitted_form_runs_and_builds(tmp_path, name, target):
+    spec, emitted = FORMS[name]
     model = attention_graph(**spec)
-    out, report = rewrite_with_report(model, attention.RULES)
+    out, report = rewrite_with_report(model, attention.RULES, target=target)
     counts = op_counts(out)
     assert counts[emitted] == 1 and counts["Softmax"] == 0, dict(counts)
-    assert (counts["ReduceMax"] == 1) == nan_rows, dict(counts)
     fused = next(n for n in out.graph.node if n.op_type.endswith("Attention"))
-    assert not any(a.name == "softmax_precision" for a in fused.attribute)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in fused.attribute}
+    assert "softmax_precision" not in attrs
+    assert attrs.get("softcap", 0.0) == spec.get("softcap", 0.0)
+    if fused.domain:  # the guard's answer for a NaN row travels on the op
+        assert attrs["zero_nan_rows"] == int(spec.get("guard", False))
     feeds = make_inputs(model)
     want, got = run(model, feeds), run(out, feeds)  # ONNX Runtime loads and runs it
     assert all(np.allclose(w, g, atol=2e-2, rtol=2e-2, equal_nan=True) for w, g in zip(want.values(), got.values()))

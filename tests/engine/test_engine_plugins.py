@@ -112,7 +112,8 @@ def test_node_attributes_reach_the_plugin(tmp_path):
     model = fused_and_onnx_attention_model(tmp_path / "attn.onnx", scale=0.25)
     proc = subprocess.run([sys.executable, "-c", ATTRIBUTES, model], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "fg_attn Attention {'scale': 0.25, 'is_causal': 1}"
+    assert proc.stdout.strip() == ("fg_attn Attention {'scale': 0.25, 'is_causal': 1, 'softcap': 0.0, 'softcapped': 0, "
+                                   "'zero_nan_rows': 1}")
 
 
 def test_plugin_fields_round_trip():

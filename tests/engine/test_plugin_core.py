@@ -81,8 +81,10 @@ def test_masked_attention_mask_may_have_its_own_float_type():
 
 
 def test_attributes_defaults_and_validation():
-    assert Attention().attributes == {"scale": 0.0, "is_causal": 0}
-    assert Attention(scale=0.125, is_causal=True).attributes == {"scale": 0.125, "is_causal": 1}
+    assert Attention().attributes == {"scale": 0.0, "is_causal": 0, "softcap": 0.0, "softcapped": 0,
+                                      "zero_nan_rows": 1}
+    assert Attention(scale=0.125, is_causal=True, zero_nan_rows=0).attributes == {
+        "scale": 0.125, "is_causal": 1, "softcap": 0.0, "softcapped": 0, "zero_nan_rows": 0}
     assert RMSNorm().attributes == {"epsilon": 1e-6} and SkipLayerNorm().attributes == {"epsilon": 1e-5}
     with pytest.raises(ValueError, match="no attribute"):
         RMSNorm(eps=1e-5)

@@ -52,6 +52,58 @@ def test_fully_masked_rows_are_zero_and_others_exact(device, check):
     check(out, reference.attention(q, k, v, m, compute_dtype=np.float64), "float32")
 
 
+@pytest.mark.parametrize("zero_nan_rows", [True, False])
+def test_nan_rows_follow_zero_nan_rows(device, check, zero_nan_rows):
+    """A row whose softmax is NaN (fully masked; a NaN in Q; an inf score from K in a later
+    key block) is zeros with zero_nan_rows (SDPA's guard), NaN without (eager); every other
+    row is the reference's. A row masked only over its first key block still counts its
+    later keys (m stays -inf there, with or without a mask)."""
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, 2, 33, 16)).astype(np.float32) for _ in range(3))
+    m = np.zeros((1, 1, 33, 33), np.float32)
+    m[..., 4, :] = -np.inf
+    m[..., 9, :16] = -np.inf
+    q[0, 0, 12, 3] = np.nan
+    q[0, 1, 20, 0] = 1.0
+    k[0, 1, 30, 0] = np.inf  # q·k is +inf at key 30 where q[..., 0] > 0 (row 20), -inf where < 0
+    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    o = attention.attention(t(q), t(k), t(v), t(m), zero_nan_rows=zero_nan_rows, config=SMALL).cpu().numpy()
+    want = reference.attention(q, k, v, m, zero_nan_rows=zero_nan_rows, compute_dtype=np.float64)
+    dead = np.isnan(want) if not zero_nan_rows else np.zeros(want.shape, bool)
+    assert dead[0, :, 4].all() if not zero_nan_rows else (o[0, :, 4] == 0).all()
+    assert (np.isnan(o) == np.isnan(want)).all()
+    check(t(np.where(dead, 0, o)), np.where(dead, 0, want), "float32")  # on the device: its tf32 bound
+    for row in ((0, 12), (1, 20)):
+        assert (o[(0, *row)] == 0).all() if zero_nan_rows else np.isnan(o[(0, *row)]).all()
+    no_mask = attention.attention(t(q), t(k), t(v), zero_nan_rows=zero_nan_rows, config=SMALL).cpu().numpy()
+    want = reference.attention(q, k, v, zero_nan_rows=zero_nan_rows, compute_dtype=np.float64)
+    assert (np.isnan(no_mask) == np.isnan(want)).all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(cap=st.sampled_from([0.5, 5.0, 50.0]), causal=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)),
+       seed=st.integers(0, 2**16))
+def test_softcap_matches_reference(device, check, cap, causal, dtype, seed):
+    """cap * tanh(s / cap) on the scaled scores, before the mask (Gemma 2)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, 2, 24, 16)).astype(dtype) * 3 for _ in range(3))
+    m = rng.standard_normal((1, 1, 24, 24)).astype(dtype)
+    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    o = attention.attention(t(q), t(k), t(v), t(m), 0.25, causal, softcap=cap, config=SMALL)
+    check(o, reference.attention(q, k, v, m, 0.25, causal, softcap=cap, compute_dtype=np.float64), dtype)
+
+
+def test_reference_softcap_and_nan_rows():
+    """The reference's soft cap bounds the scores before the mask; its NaN rows follow the flag."""
+    q = np.full((1, 1, 2, 4), 10.0)
+    k, v = np.ones((1, 1, 3, 4)), np.arange(12.0).reshape(1, 1, 3, 4)
+    mask = np.array([[0.0, -np.inf, -np.inf], [-np.inf, -np.inf, -np.inf]])
+    capped = reference.attention(q, k, v, mask[:1], 1.0, softcap=2.0)
+    np.testing.assert_allclose(capped, v[:, :, :1].repeat(2, axis=2))
+    assert (reference.attention(q, k, v, mask, 1.0)[0, 0, 1] == 0).all()
+    assert np.isnan(reference.attention(q, k, v, mask, 1.0, zero_nan_rows=False)[0, 0, 1]).all()
+
+
 def test_default_config_head_dim_128_causal(device, check):
     """The tiles the torch-free launcher uses (clipped to a short sequence), GQA 4:1."""
     rng = np.random.default_rng(7)

@@ -176,8 +176,11 @@ def test_variant_fuses_and_matches(p, seed):
     assert counts["Softmax"] == 0 and counts["MatMul"] == 0
     fused = next(n for n in out.graph.node if n.op_type.endswith("Attention"))
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in fused.attribute}
-    onnx_target = p["opset"] >= 23 and p["dtype"] == np.float32 and (p["mask"] == "none" or causal)
+    onnx_target = (p["opset"] >= 23 and p["dtype"] == np.float32 and (p["mask"] == "none" or causal)
+                   and not p["nan_guard"])
     assert fused.domain == ("" if onnx_target else "fusegraph")
+    if not onnx_target:  # the guard's semantics travel on the op
+        assert attrs["zero_nan_rows"] == int(p["nan_guard"]) and attrs["softcap"] == 0
     assert math.isclose(attrs["scale"], p["scale"], rel_tol=1e-3)
     assert attrs["is_causal"] == int(causal)
     has_mask = p["mask"] != "none" and not causal
