@@ -192,10 +192,11 @@ def attention(q, k, v, mask=None, scale=None, is_causal=False, softcap=0.0, zero
     """Torch entry: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
     [B, Hq, Sq, Sk]; returns O [B, Hq, Sq, D] in Q's dtype (written into ``out`` if given).
     ``softcap`` and ``zero_nan_rows`` as in ``reference.attention``. One query token without a
-    ``config`` for this kernel, a soft cap or NaN rows goes to the split-KV decode kernels."""
+    ``config`` for this kernel or a soft cap goes to the split-KV decode kernels."""
     bsz, hq, sq, d = q.shape
-    if sq == 1 and config is None and not softcap and zero_nan_rows:
-        return decode_attention.decode_attention(q, k, v, mask, scale, is_causal, out=out)
+    if sq == 1 and config is None and not softcap:
+        return decode_attention.decode_attention(q, k, v, mask, scale, is_causal, out=out,
+                                                 zero_nan_rows=zero_nan_rows)
     hkv, sk = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")

@@ -18,7 +18,8 @@ once (2 * B * Hkv * Sk * D elements); everything here serves that:
 
 Semantics are ``reference.attention`` with Sq = 1: additive mask broadcastable to
 [B, Hq, 1, Sk], causal upper-left aligned (the one query sees key 0 only), a row whose
-scores are all -inf outputs 0.
+scores are all -inf (or holds a NaN or +inf score) outputs 0 with ``zero_nan_rows`` (SDPA's
+guard) and NaN without (eager softmax).
 """
 
 from __future__ import annotations
@@ -36,13 +37,24 @@ SMEM_BUDGET = 200 * 1024  # as in attention.py: below the 227 KB opt-in limit of
 
 
 @triton.jit
+def _finish(acc, l, ZERO_NAN_ROWS: tl.constexpr):
+    """acc / l (l broadcast over acc's rows); a row whose softmax is NaN (every score -inf:
+    l == 0; a NaN or +inf score: l NaN) outputs 0 under ZERO_NAN_ROWS (SDPA's guard), NaN
+    otherwise (eager), as ``reference.attention`` and the prefill kernel define."""
+    nan_row = (l == 0.0) | (l != l)
+    if ZERO_NAN_ROWS:
+        return tl.where(nan_row, 0.0, acc / tl.where(nan_row, 1.0, l))
+    return tl.where(nan_row, float("nan"), acc / l)
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, ml_ptr, o_ptr,
     sqb, sqh, skb, skh, skn, svb, svh, svn, smb, smh, smn, sob, soh,
     HKV, SK, SPLIT_LEN, SPLITS, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, ZERO_NAN_ROWS: tl.constexpr,
 ):
     """Keys [split * SPLIT_LEN, +SPLIT_LEN) for the GROUP query heads of one kv head;
     grid (SPLITS, B * HKV).  DIRECT (one split): write O; else the split's partials."""
@@ -90,7 +102,7 @@ def decode_split_kernel(
         m_i = m_new
 
     if DIRECT:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out = _finish(acc, l_i[:, None], ZERO_NAN_ROWS)
         tl.store(o_ptr + b * sob + h[:, None] * soh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     else:
@@ -105,7 +117,7 @@ def decode_split_kernel(
 @triton.jit
 def decode_combine_kernel(
     part_ptr, ml_ptr, o_ptr, sob, soh, HQ, SPLITS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ZERO_NAN_ROWS: tl.constexpr,
 ):
     """O[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; grid (B * HQ,)."""
     bh = tl.program_id(0)
@@ -123,7 +135,7 @@ def decode_combine_kernel(
     denom = tl.sum(l_s * weight, 0)
     part = tl.load(part_ptr + prow[:, None] * HEAD_DIM + offs_d[None, :],
                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(part * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    out = _finish(tl.sum(part * weight[:, None], 0), denom, ZERO_NAN_ROWS)
     tl.store(o_ptr + b * sob + h * soh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -170,7 +182,7 @@ def workspace_elems(batch: int, heads_q: int, cfg: dict, head_dim: int) -> tuple
     return rows * head_dim, rows * 2
 
 
-def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None):
+def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None, zero_nan_rows=True):
     """Torch entry: Q [B, Hq, 1, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
     [B, Hq, 1, Sk]; returns O [B, Hq, 1, D] in Q's dtype (into ``out`` if given).
     ``config`` (any of BLOCK_N, num_warps, num_stages, programs_per_sm) overrides the
@@ -206,12 +218,14 @@ def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=Non
         hkv, sk_seen, cfg["SPLIT_LEN"], cfg["SPLITS"], float(scale) * LOG2E,
         GROUP=group, BLOCK_G=cfg["BLOCK_G"], HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"],
         BLOCK_N=cfg["BLOCK_N"], HAS_MASK=mask is not None, DIRECT=cfg["SPLITS"] == 1,
+        ZERO_NAN_ROWS=bool(zero_nan_rows),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if cfg["SPLITS"] > 1:
         decode_combine_kernel[(bsz * hq,)](
             part, ml, o, o.stride(0), o.stride(1), hq, cfg["SPLITS"],
             HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=triton.next_power_of_2(cfg["SPLITS"]),
+            ZERO_NAN_ROWS=bool(zero_nan_rows),
             num_warps=combine_warps(cfg["BLOCK_D"]),
         )
     return o

@@ -45,7 +45,7 @@ def layer_norm(x, gamma, beta=None, eps=1e-5, residual=None, out=None, residual_
     return _norm(x, residual, gamma, beta, eps, False, out, residual_out)
 
 
-def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None):
+def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None, zero_nan_rows=True):
     """`decode_attention.decode_attention` through the cached launcher (its own workspace)
     where it takes the call; a `config` sweep always goes to the JIT entry."""
     bsz, hq, sq, d = q.shape
@@ -55,20 +55,21 @@ def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=Non
     if not (config is None and sq == 1 and dense and hq % hkv == 0
             and launch.takes_tensors(q, k, v, o)
             and (mask is None or launch.dtype_name(mask) in launch.DTYPES)):
-        return _decode.decode_attention(q, k, v, mask, scale, is_causal, config, out)
+        return _decode.decode_attention(q, k, v, mask, scale, is_causal, config, out, zero_nan_rows)
     strides = (0, 0, 0, 0) if mask is None else mask.expand(bsz, hq, 1, sk).stride()
     launch.launch_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), bsz, hq, hkv, 1, sk,
                             d, scale, bool(is_causal), launch.dtype_name(q), launch.current_stream(q),
                             mask_ptr=0 if mask is None else mask.data_ptr(), mask_strides=strides,
-                            mask_dtype=None if mask is None else launch.dtype_name(mask))
+                            mask_dtype=None if mask is None else launch.dtype_name(mask),
+                            zero_nan_rows=zero_nan_rows)
     return o
 
 
 def attention(q, k, v, mask=None, scale=None, is_causal=False, softcap=0.0, zero_nan_rows=True, config=None,
               out=None):
-    """`attention.attention`, with one query token (no `config`, soft cap or NaN rows) sent to
+    """`attention.attention`, with one query token (no `config` or soft cap) sent to
     `decode_attention` above, so a decode step takes the cached launcher too."""
-    if q.shape[2] == 1 and config is None and not softcap and zero_nan_rows:
-        return decode_attention(q, k, v, mask, scale, is_causal, out=out)
+    if q.shape[2] == 1 and config is None and not softcap:
+        return decode_attention(q, k, v, mask, scale, is_causal, out=out, zero_nan_rows=zero_nan_rows)
     return _attention.attention(q, k, v, mask, scale, is_causal, softcap=softcap, zero_nan_rows=zero_nan_rows,
                                 config=config, out=out)

@@ -450,11 +450,10 @@ def launch_attention(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
     """``Attention``; ``scale`` None = 1/sqrt(D).  An additive mask broadcastable to
     [B, Hq, Sq, Sk] is passed as ``mask_ptr`` with its (b, h, q, k) element strides, 0 on
     broadcast axes (e.g. a contiguous [Sq, Sk] mask: (0, 0, Sk, 1)).  One query token
-    (Sq = 1, a decode step) goes to the split-KV decode kernels, which compute neither a soft
-    cap nor NaN rows (``zero_nan_rows`` 0: an eager graph's row stays NaN)."""
-    if seq_q == 1 and not softcap and zero_nan_rows:
+    (Sq = 1, a decode step) without a soft cap goes to the split-KV decode kernels."""
+    if seq_q == 1 and not softcap:
         _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
-                is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype)
+                is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype, zero_nan_rows)
         return
     pointers = (q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr)
     enqueue_cached(("attention", batch, heads_q, heads_kv, seq_q, seq_k, head_dim, scale,
@@ -484,7 +483,7 @@ def decode_plan(ctx: int, batch: int, heads_kv: int, group: int, seq_k: int, hea
 
 def decode_launches(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, batch, heads_q, heads_kv, seq_k,
                     head_dim, scale, dtype, cfg, seen, mask_ptr=0, mask_strides=(0, 0, 0, 0),
-                    mask_dtype=None) -> list:
+                    mask_dtype=None, zero_nan_rows=True) -> list:
     """The split kernel's launch and, with more than one split, the combine kernel's, for
     contiguous Q/O [B, Hq, 1, D], K/V [B, Hkv, Sk, D]; with more than one split, fp32
     workspaces for the partial outputs (``part_ptr``) and the (max, denominator) pairs
@@ -505,7 +504,7 @@ def decode_launches(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, batch, heads_q
             ("qk_scale", "fp32", float(scale) * decode_attention.LOG2E)]
     const = (("GROUP", group), ("BLOCK_G", cfg["BLOCK_G"]), ("HEAD_DIM", D),
              ("BLOCK_D", cfg["BLOCK_D"]), ("BLOCK_N", cfg["BLOCK_N"]),
-             ("HAS_MASK", bool(mask_ptr)), ("DIRECT", splits == 1))
+             ("HAS_MASK", bool(mask_ptr)), ("DIRECT", splits == 1), ("ZERO_NAN_ROWS", bool(zero_nan_rows)))
     launches = [KernelLaunch(decode_attention.decode_split_kernel, tuple(args), const,
                              (splits, batch * heads_kv, 1), cfg["num_warps"], cfg["num_stages"])]
     if splits > 1:
@@ -513,7 +512,7 @@ def decode_launches(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, batch, heads_q
                 _ptr("o_ptr", dtype, o_ptr),
                 *_ints(sob=heads_q * D, soh=D, HQ=heads_q, SPLITS=splits)]
         const = (("HEAD_DIM", D), ("BLOCK_D", cfg["BLOCK_D"]),
-                 ("BLOCK_S", triton.next_power_of_2(splits)))
+                 ("BLOCK_S", triton.next_power_of_2(splits)), ("ZERO_NAN_ROWS", bool(zero_nan_rows)))
         launches.append(KernelLaunch(decode_attention.decode_combine_kernel, tuple(args), const,
                                      (batch * heads_q, 1, 1),
                                      decode_attention.combine_warps(cfg["BLOCK_D"]), 1))
@@ -544,7 +543,7 @@ def _workspace(ctx: int, stream, nbytes: int) -> int:
 
 
 def _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
-            is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype) -> None:
+            is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype, zero_nan_rows=True) -> None:
     if heads_q % heads_kv:
         raise ValueError(f"query heads {heads_q} must be a multiple of kv heads {heads_kv}")
     ctx = _context_handle()
@@ -554,10 +553,10 @@ def _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_di
     ml_ptr = part_ptr + 4 * n_part if n_part else 0
     pointers = (q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, mask_ptr)
     key = ("decode", batch, heads_q, heads_kv, seq_k, head_dim, scale, is_causal, dtype,
-           tuple(mask_strides), mask_dtype)
+           tuple(mask_strides), mask_dtype, bool(zero_nan_rows))
     describe = functools.partial(decode_launches, q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
                                  batch, heads_q, heads_kv, seq_k, head_dim, scale, dtype, cfg,
-                                 seen, mask_ptr, mask_strides, mask_dtype)
+                                 seen, mask_ptr, mask_strides, mask_dtype, zero_nan_rows)
     enqueue_cached(key + (0,), pointers, stream, lambda: describe()[0])
     if cfg["SPLITS"] > 1:
         enqueue_cached(key + (1,), pointers, stream, lambda: describe()[1])

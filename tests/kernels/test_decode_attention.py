@@ -108,3 +108,25 @@ def test_fp32_tiles_fit_shared_memory():
             cfg = decode_attention.decode_config(8, d, item)
             assert decode_attention.decode_smem_bytes(cfg, item) <= decode_attention.SMEM_BUDGET
     assert decode_attention.decode_config(8, 128, 2)["num_stages"] == 3  # bf16 unchanged
+
+
+@pytest.mark.parametrize("zero_nan_rows", [True, False])
+@pytest.mark.parametrize("programs_per_sm", [0, 4])  # one split (the direct store), several (combine)
+def test_nan_rows_follow_zero_nan_rows(device, check, zero_nan_rows, programs_per_sm):
+    """A NaN in Q, a +inf in K and a fully masked head give NaN softmax rows: zeros under the
+    guard, NaN for an eager graph, exactly as the reference; the other heads are untouched."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 8, 1, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 4, 40, 16)).astype(np.float32) for _ in range(2))
+    m = np.zeros((1, 8, 1, 40), np.float32)
+    q[0, 1, 0, 3] = np.nan      # head 1: NaN score row
+    k[0, 2, 7, 2] = np.inf      # kv head 2 (query heads 4, 5): +inf / NaN scores
+    m[0, 7] = -np.inf           # head 7: every key masked
+    t = _t(device)
+    cfg = dict(SMALL, programs_per_sm=programs_per_sm)
+    o = decode_attention.decode_attention(t(q), t(k), t(v), t(m), config=cfg, zero_nan_rows=zero_nan_rows)
+    want = reference.attention(q, k, v, m, zero_nan_rows=zero_nan_rows, compute_dtype=np.float64)
+    got = o.cpu().numpy()
+    assert (np.isnan(got) == np.isnan(want)).all()
+    assert np.isnan(want).any() != zero_nan_rows
+    check(o.nan_to_num(), np.nan_to_num(want), "float32")
