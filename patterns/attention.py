@@ -303,36 +303,36 @@ def scales_are_scalars(**captures) -> bool:
     return True
 
 
-#: The widest factor (or its inverse) a scale site may apply: beyond it the original, which
-#: applies each factor in turn, can overflow (or flush to zero) where one folded scale does not.
-SCALE_RANGE = 1e10
+#: The widest factor (or its inverse) a scale site may apply in float32: the original rounds
+#: each scaled intermediate in turn (K/1e-5 is rounded at 1e9 times K's scale), so a factor far
+#: from 1 moves the scores by more than the one folded scale rounds them, and on inputs with
+#: tied scores picks another key (a mutation run: K/1e-5 then ×1e-5 at ±1e4 inputs); far enough
+#: it overflows or flushes to zero where one folded scale does not. Exported scales (1/sqrt(D),
+#: its square root on both Q and K, 1/(sqrt(D)·layer index), a pre-attention scalar) sit well inside.
+FLOAT_FACTOR_RANGE = (1e-4, 1e4)
 #: In float16/bfloat16 a factor beyond 16 risks overflowing Q, K or Q·Kᵀ (float16 tops out at
 #: 65504), and one below 1/256 pushes typical values into subnormals, where they lose their
-#: precision: the fused op, in float32, would not. Exported scales (1/sqrt(D), its square root on
-#: both Q and K, Div by sqrt(D)) sit well inside.
+#: precision: the fused op, in float32, would not.
 HALF_FACTOR_RANGE = (1 / 256, 16)
 HALF_TYPES = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 
 
 def scales_keep_range(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
     """The fused op multiplies Q·Kᵀ by the product of the factors once, in float32; the original
-    applies each factor in its own type, so a huge factor overflows to inf (or a tiny one
-    flushes to zero) before the others bring the scores back: q·1e-5 · (k/1e-5) is inf in
-    float16. Each factor stays within 1e-10..1e10, and in float16/bfloat16 within
-    `HALF_FACTOR_RANGE`."""
+    applies each factor in its own type, rounding (or overflowing) in between: q·1e-5 · (k/1e-5)
+    is inf in float16. Each factor stays within `FLOAT_FACTOR_RANGE`, and in float16/bfloat16
+    within `HALF_FACTOR_RANGE`."""
     half = q_type(q, k, k_kv, k_bshd, **captures) in HALF_TYPES
-    low, high = HALF_FACTOR_RANGE
+    low, high = HALF_FACTOR_RANGE if half else FLOAT_FACTOR_RANGE
     for kind, c in _factors(captures):  # `scales_are_scalars` has refused non-finite and / 0
         f = abs(float(c.const_value.astype(np.float64).reshape(-1)[0]))
         f = f if kind == "mul" else 1 / f
         if f == 0:  # zero scores either way (a zero factor is exact in any order)
             continue
-        if not 1 / SCALE_RANGE <= f <= SCALE_RANGE:
-            return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g}, beyond 1e-10..1e10: "
-                          "the original may overflow where one folded scale does not")
-        if half and not low <= f <= high:
-            return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g} in a 16-bit float type, "
-                          "where the original may overflow or lose precision")
+        if not low <= f <= high:
+            return reject(f"scale {kind} {c.name!r} multiplies by {f:.3g}, beyond {low:.3g}..{high:.3g} in "
+                          f"{'a 16-bit float type' if half else 'float32'}: the original rounds or overflows "
+                          "between its factors where one folded scale does not")
     return True
 
 

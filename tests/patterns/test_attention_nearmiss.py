@@ -480,3 +480,20 @@ def test_every_mutant_family_has_fusions_and_refusals():
     """The suite is not vacuous: a good share of the mutants fuse, a good share are refused."""
     fused = sum(check_exact_or_refused(build(s)) is not None for s in MUTANTS.values())
     assert 0.4 * len(MUTANTS) < fused < len(MUTANTS)
+
+
+@pytest.mark.parametrize("q_factor, fused", [(1e-5, False), (2e4, False), (1e-4, True), (1 / 64, True), (1.0, True)])
+def test_float32_scale_factors_far_from_one_are_refused(q_factor, fused):
+    """Q·c then the scores ·1/(c·sqrt(D)): one folded scale of 1/sqrt(D) either way, but the
+    original rounds Q·c and the scaled scores in turn; beyond 1e-4..1e4 that rounding moves tied
+    scores to another key on large inputs (a mutation run), so those factors are refused."""
+    d = 8
+    s = 1 / (q_factor * np.sqrt(d))
+    nodes = [node("Mul", ["q", "cq"], ["qs"]), node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             node("MatMul", ["qs", "kt"], ["qk"]), node("Mul", ["qk", "cs"], ["scores"]),
+             node("Softmax", ["scores"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"])]
+    shape = [1, 2, 4, d]
+    model = make_model(nodes, {n: (np.float32, shape) for n in "qkv"}, {"y": (np.float32, shape)},
+                       {"cq": np.array(q_factor, np.float32), "cs": np.array(s, np.float32)}, opset=18)
+    out, report = rewrite_with_report(model)
+    assert (op_counts(out).get("fusegraph.Attention", 0) == 1) == fused, report
