@@ -19,6 +19,7 @@ for that model; the run goes on.
 
     python benchmarks/bench_coverage.py [--out FILE]   # section 2 of benchmarks/RESULTS.md
     python benchmarks/bench_coverage.py --only llama gpt2   # filename substrings
+    python benchmarks/bench_coverage.py --no-peers          # fusegraph's column alone
 """
 
 from __future__ import annotations
@@ -249,11 +250,14 @@ def main(argv=None):
     parser.add_argument("--opt-level", type=int, default=0,
                         help="optimize_model opt_level (0: Python fusions only; >0 adds an ORT session pass)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="fusegraph's column alone (minutes, not the peers' hour): a rule change's effect")
     args = parser.parse_args(argv)
 
     logging.disable(logging.WARNING)  # the peers log every unmatched pattern
     manifest = json.loads(MANIFEST.read_text())
-    peers = [*PEERS, "fusegraph"]
+    measured = {} if args.no_peers else PEERS
+    peers = [*measured, "fusegraph"]
     rows, skipped = [], {}
     for name, entry in manifest["models"].items():
         if args.only and not any(s in name for s in args.only):
@@ -268,7 +272,7 @@ def main(argv=None):
             continue
         row = {"file": name, "nodes": len(original.graph.node), "expected": entry["expected"],
                "original": count_categories(original)}
-        for peer, fn in PEERS.items():
+        for peer, fn in measured.items():
             row[peer] = measure_peer(fn, path, entry, feeds, reference, args.opt_level)
         row["fusegraph"] = fusegraph_column(path)
         rows.append(row)
