@@ -300,15 +300,12 @@ def _run_verify(original: str, rewritten: str, shapes, **kw):
 
 
 def _verify_main(argv: list[str]) -> int:
+    from .verify import add_comparison_options
+
     p = ArgumentParser(prog="rewrite verify", description="Compare two models' outputs in ONNX Runtime.")
     p.add_argument("original")
     p.add_argument("rewritten")
-    p.add_argument("--shape", action="append", metavar="NAME:DIMS")
-    p.add_argument("--inputs", help=".npz file with the input arrays")
-    p.add_argument("--atol", type=float)
-    p.add_argument("--rtol", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    add_comparison_options(p)
     args = p.parse_args(argv)
     from .model_io import load_model
     from .verify import parse_shapes

@@ -42,16 +42,13 @@ def shard_main(argv: list[str]) -> int:
 
 
 def verify_main(argv: list[str]) -> int:
+    from .verify import add_comparison_options
+
     p = ArgumentParser(prog="rewrite verify-shards",
                        description="Run tensor-parallel rank models in lock step on the CPU and compare with the original.")
     p.add_argument("original")
     p.add_argument("folder", metavar="DIR")
-    p.add_argument("--shape", action="append", metavar="NAME:DIMS")
-    p.add_argument("--inputs", help=".npz file with the input arrays")
-    p.add_argument("--atol", type=float)
-    p.add_argument("--rtol", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    add_comparison_options(p)
     args = p.parse_args(argv)
     from .verify.lockstep import rank_files, verify_shards
     from .model_io import load_model

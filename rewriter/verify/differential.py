@@ -37,6 +37,17 @@ class OutputDiff:
     ok: bool
 
 
+def add_comparison_options(parser) -> None:
+    """The options of every command that compares outputs (`rewrite verify`, `verify-shards`):
+    input shapes or arrays, tolerances, the seed of the random inputs, JSON output."""
+    parser.add_argument("--shape", action="append", metavar="NAME:DIMS")
+    parser.add_argument("--inputs", help=".npz file with the input arrays")
+    parser.add_argument("--atol", type=float)
+    parser.add_argument("--rtol", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+
+
 def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     """`["input_ids:1x128", "mask:1x128"]` -> {"input_ids": (1, 128), ...}."""
     out: dict[str, tuple[int, ...]] = {}
