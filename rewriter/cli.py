@@ -300,7 +300,7 @@ def _run_verify(original: str, rewritten: str, shapes, **kw):
 
 
 def _verify_main(argv: list[str]) -> int:
-    from .verify import add_comparison_options
+    from .verify import add_comparison_options, diff_lines
 
     p = ArgumentParser(prog="rewrite verify", description="Compare two models' outputs in ONNX Runtime.")
     p.add_argument("original")
@@ -331,11 +331,7 @@ def _verify_main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps([d.__dict__ for d in diffs], indent=2))
     else:
-        if dims:
-            print("dims: " + ", ".join(f"{k}={v}" for k, v in dims.items()))
-        for d in diffs:
-            print(f"{d.name}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g} "
-                  f"(atol {d.atol:g}, rtol {d.rtol:g}) {'ok' if d.ok else 'MISMATCH'}")
+        print("\n".join(diff_lines(diffs, dims)))
     return 0 if all(d.ok for d in diffs) else 1
 
 

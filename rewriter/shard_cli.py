@@ -42,7 +42,7 @@ def shard_main(argv: list[str]) -> int:
 
 
 def verify_main(argv: list[str]) -> int:
-    from .verify import add_comparison_options
+    from .verify import add_comparison_options, diff_lines
 
     p = ArgumentParser(prog="rewrite verify-shards",
                        description="Run tensor-parallel rank models in lock step on the CPU and compare with the original.")
@@ -64,11 +64,7 @@ def verify_main(argv: list[str]) -> int:
         print(json.dumps({"ranks": len(ranks), "dims": dims, "outputs": [d.__dict__ for d in diffs]}, indent=2))
     else:
         print(f"ranks: {len(ranks)} (lock step, collectives in numpy)")
-        if dims:
-            print("dims: " + ", ".join(f"{k}={v}" for k, v in dims.items()))
-        for d in diffs:
-            print(f"{d.name}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g} "
-                  f"(atol {d.atol:g}, rtol {d.rtol:g}) {'ok' if d.ok else 'MISMATCH'}")
+        print("\n".join(diff_lines(diffs, dims)))
     return 0 if all(d.ok for d in diffs) else 1
 
 

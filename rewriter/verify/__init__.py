@@ -12,8 +12,8 @@ Nothing below this package imports it: the rules declare their examples in the c
 vocabulary (`fusegraph.rule.Leaf`), and the self-check reads them.
 """
 
-from .differential import (DEFAULT_DIM, TOLERANCES, OutputDiff, add_comparison_options, compare, graph_inputs,
-                           make_inputs, outputs, parse_shapes, run, session, verify_models)
+from .differential import (DEFAULT_DIM, TOLERANCES, OutputDiff, add_comparison_options, compare, diff_lines,
+                           graph_inputs, make_inputs, outputs, parse_shapes, run, session, verify_models)
 
 
 def verify_rule(rule, **options):
@@ -26,4 +26,5 @@ def verify_rule(rule, **options):
 
 
 __all__ = ["DEFAULT_DIM", "OutputDiff", "TOLERANCES", "compare", "graph_inputs", "make_inputs", "outputs",
-           "parse_shapes", "run", "session", "verify_models", "verify_rule", "add_comparison_options"]
+           "parse_shapes", "run", "session", "verify_models", "verify_rule", "add_comparison_options",
+           "diff_lines"]

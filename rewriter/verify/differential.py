@@ -48,6 +48,13 @@ def add_comparison_options(parser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
+def diff_lines(diffs: list[OutputDiff], dims: dict[str, int]) -> list[str]:
+    """What the comparing commands print: the symbolic dims they chose, then one line per output."""
+    lines = ["dims: " + ", ".join(f"{k}={v}" for k, v in dims.items())] if dims else []
+    return lines + [f"{d.name}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g} "
+                    f"(atol {d.atol:g}, rtol {d.rtol:g}) {'ok' if d.ok else 'MISMATCH'}" for d in diffs]
+
+
 def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     """`["input_ids:1x128", "mask:1x128"]` -> {"input_ids": (1, 128), ...}."""
     out: dict[str, tuple[int, ...]] = {}
