@@ -27,6 +27,8 @@ import time
 from functools import lru_cache
 from typing import Any, Sequence
 
+from .core import NAMESPACE, VERSION
+
 #: NCCL's ncclDataType_t and ncclRedOp_t values (nccl.h; stable across NCCL 2.x)
 NCCL_DTYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5, "float16": 6,
                "float32": 7, "float64": 8, "bfloat16": 9}
@@ -34,7 +36,6 @@ NCCL_OPS = {"sum": 0, "prod": 1, "max": 2, "min": 3}
 ITEMSIZE = {"int8": 1, "uint8": 1, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "float16": 2,
             "float32": 4, "float64": 8, "bfloat16": 2}
 REDUCTIONS = tuple(NCCL_OPS)
-NAMESPACE, VERSION = "fusegraph", "1"
 
 
 class NcclGroup:
@@ -179,7 +180,7 @@ def core_from_fields(op: str, fields: dict) -> CollectiveCore:
 @lru_cache(maxsize=None)
 def plugin_classes() -> tuple[type, type]:
     from fusegraph.plugins import tensorrt_shim
-    from .tensorrt_plugin import dtype_name
+    from .tensorrt_plugin import dtype_name, plugin_base
     import numpy as np
     trt = tensorrt_shim.load()
 
@@ -193,20 +194,10 @@ def plugin_classes() -> tuple[type, type]:
             trt.PluginField("reduction", keep[1], trt.PluginFieldType.CHAR),
             trt.PluginField("axis", keep[2], trt.PluginFieldType.INT32)])
 
-    class Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+    class Plugin(plugin_base()):
         def __init__(self, core: CollectiveCore) -> None:
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
-            self.core = core
-            self.num_outputs = 1
-            self.plugin_name, self.plugin_namespace, self.plugin_version = core.op, NAMESPACE, VERSION
-            self.timing_cache_id = ""
+            super().__init__(core, 1)
             self._field_arrays: list = []
-
-        def get_capability_interface(self, capability: Any) -> Any:
-            return self
 
         def clone(self) -> "Plugin":
             c = self.core
@@ -232,24 +223,12 @@ def plugin_classes() -> tuple[type, type]:
                 return dtype_name(desc.type) in ("float32", "float16", "bfloat16", "int32", "int64")
             return desc.type == in_out[0].desc.type
 
-        def configure_plugin(self, inputs: list[Any], outputs: list[Any]) -> None:
-            pass
-
         def on_shape_change(self, inputs: list[Any], outputs: list[Any]) -> None:
             self.core.output_shape(tuple(inputs[0].dims))  # refuses an axis that does not divide
 
         def get_workspace_size(self, inputs: list[Any], outputs: list[Any]) -> int:
             d = inputs[0].max
             return self.core.workspace_bytes(tuple(d), dtype_name(inputs[0].desc.type))
-
-        def get_valid_tactics(self) -> list[int]:
-            return []
-
-        def set_tactic(self, tactic: int) -> None:
-            pass
-
-        def attach_to_context(self, context: Any) -> "Plugin":
-            return self.clone()
 
         def get_fields_to_serialize(self) -> Any:
             return to_fields(self.core, self._field_arrays)

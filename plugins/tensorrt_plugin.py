@@ -67,18 +67,21 @@ def attributes_to_fields(core: PluginCore) -> Any:
 
 
 @lru_cache(maxsize=None)
-def plugin_classes() -> tuple[type, type]:
-    """(Plugin, Creator) classes, made once the TensorRT module is known."""
+def plugin_base() -> type:
+    """What every fusegraph IPluginV3 shares (the fused ops' plugins here, the collectives'):
+    the three capability interfaces on one object, a core that knows the op, nothing to
+    precompute at configure time, no tactics, a clone per execution context. Subclasses add
+    the op's shapes, types, workspace, fields and enqueue."""
     trt = tensorrt_shim.load()
 
-    class Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        def __init__(self, core: PluginCore) -> None:
+    class PluginBase(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        def __init__(self, core: Any, num_outputs: int) -> None:
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
             self.core = core
-            self.num_outputs = len(core.outputs)
+            self.num_outputs = num_outputs
             self.plugin_name = core.op
             self.plugin_namespace = NAMESPACE
             self.plugin_version = VERSION
@@ -86,6 +89,30 @@ def plugin_classes() -> tuple[type, type]:
 
         def get_capability_interface(self, capability: Any) -> Any:
             return self
+
+        def configure_plugin(self, inputs: list[Any], outputs: list[Any]) -> None:
+            pass  # shapes arrive with every enqueue; nothing to precompute
+
+        def get_valid_tactics(self) -> list[int]:
+            return []
+
+        def set_tactic(self, tactic: int) -> None:
+            pass
+
+        def attach_to_context(self, context: Any) -> Any:
+            return self.clone()
+
+    return PluginBase
+
+
+@lru_cache(maxsize=None)
+def plugin_classes() -> tuple[type, type]:
+    """(Plugin, Creator) classes, made once the TensorRT module is known."""
+    trt = tensorrt_shim.load()
+
+    class Plugin(plugin_base()):
+        def __init__(self, core: PluginCore) -> None:
+            super().__init__(core, len(core.outputs))
 
         def clone(self) -> "Plugin":
             return Plugin(type(self.core)(**self.core.attributes))
@@ -105,23 +132,11 @@ def plugin_classes() -> tuple[type, type]:
                 return False
             return self.core.supports(pos, [dtype_name(d.type) for d in descs], num_inputs)
 
-        def configure_plugin(self, inputs: list[Any], outputs: list[Any]) -> None:
-            pass  # shapes arrive with every enqueue; nothing to precompute
-
         def on_shape_change(self, inputs: list[Any], outputs: list[Any]) -> None:
             self.core.check_shapes([tuple(i.dims) for i in inputs])
 
         def get_workspace_size(self, inputs: list[Any], outputs: list[Any]) -> int:
             return 0
-
-        def get_valid_tactics(self) -> list[int]:
-            return []
-
-        def set_tactic(self, tactic: int) -> None:
-            pass
-
-        def attach_to_context(self, context: Any) -> "Plugin":
-            return self.clone()
 
         def get_fields_to_serialize(self) -> Any:
             return attributes_to_fields(self.core)
