@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Sequence
 
 from .core import NAMESPACE, VERSION
@@ -263,13 +263,7 @@ _registered: dict[str, Any] = {}
 
 def register_all() -> list[dict[str, str]]:
     """Register the three collective creators (idempotent); what is registered."""
-    from fusegraph.plugins import tensorrt_shim
+    from .tensorrt_plugin import register_creators
     _, creator_cls = plugin_classes()
-    registry = tensorrt_shim.plugin_registry()
-    for op in ("AllReduce", "AllGather", "ReduceScatter"):
-        if op not in _registered:
-            creator = creator_cls(op)
-            if not registry.register_creator(creator, NAMESPACE):
-                raise RuntimeError(f"TensorRT refused to register the {op} plugin creator")
-            _registered[op] = creator
-    return [{"name": op, "version": VERSION, "namespace": NAMESPACE} for op in _registered]
+    return register_creators(_registered, {op: partial(creator_cls, op) for op in ("AllReduce", "AllGather",
+                                                                                  "ReduceScatter")})

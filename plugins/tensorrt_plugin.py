@@ -14,8 +14,8 @@ attributes arrive as PluginFields.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, Callable
 
 import numpy as np
 
@@ -164,14 +164,20 @@ def plugin_classes() -> tuple[type, type]:
 _registered: dict[str, Any] = {}  # creators must outlive the registry's references to them
 
 
+def register_creators(registered: dict[str, Any], creators: dict[str, Callable[[], Any]]) -> list[dict[str, str]]:
+    """Register each op's creator once (idempotent); `registered` keeps the creators, which must
+    outlive the registry's references to them. Returns what `registered` holds."""
+    registry = tensorrt_shim.plugin_registry()
+    for op, make in creators.items():
+        if op not in registered:
+            creator = make()
+            if not registry.register_creator(creator, NAMESPACE):
+                raise RuntimeError(f"TensorRT refused to register the {op} plugin creator")
+            registered[op] = creator
+    return [{"name": op, "version": VERSION, "namespace": NAMESPACE} for op in registered]
+
+
 def register_all() -> list[dict[str, str]]:
     """Register a creator for every fused op with a kernel (idempotent); returns what is registered."""
     _, creator_cls = plugin_classes()
-    registry = tensorrt_shim.plugin_registry()
-    for op, core_cls in CORES.items():
-        if op not in _registered:
-            creator = creator_cls(core_cls)
-            if not registry.register_creator(creator, NAMESPACE):
-                raise RuntimeError(f"TensorRT refused to register the {op} plugin creator")
-            _registered[op] = creator
-    return [{"name": op, "version": VERSION, "namespace": NAMESPACE} for op in _registered]
+    return register_creators(_registered, {op: partial(creator_cls, core_cls) for op, core_cls in CORES.items()})
