@@ -194,7 +194,7 @@ def attention(q, k, v, mask=None, scale=None, is_causal=False, softcap=0.0, zero
     ``softcap`` and ``zero_nan_rows`` as in ``reference.attention``. One query token without a
     ``config`` for this kernel or a soft cap goes to the split-KV decode kernels."""
     bsz, hq, sq, d = q.shape
-    if sq == 1 and config is None and not softcap:
+    if config is None and decode_attention.takes(sq, softcap):
         return decode_attention.decode_attention(q, k, v, mask, scale, is_causal, out=out,
                                                  zero_nan_rows=zero_nan_rows)
     hkv, sk = k.shape[1], k.shape[2]

@@ -182,6 +182,12 @@ def workspace_elems(batch: int, heads_q: int, cfg: dict, head_dim: int) -> tuple
     return rows * head_dim, rows * 2
 
 
+def takes(seq_q: int, softcap: float) -> bool:
+    """Whether an attention call is these kernels': one query token, and no soft cap (they
+    compute none); the prefill kernel takes the rest."""
+    return seq_q == 1 and not softcap
+
+
 def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=None, out=None, zero_nan_rows=True):
     """Torch entry: Q [B, Hq, 1, D], K/V [B, Hkv, Sk, D], additive mask broadcastable to
     [B, Hq, 1, Sk]; returns O [B, Hq, 1, D] in Q's dtype (into ``out`` if given).

@@ -69,7 +69,7 @@ def attention(q, k, v, mask=None, scale=None, is_causal=False, softcap=0.0, zero
               out=None):
     """`attention.attention`, with one query token (no `config` or soft cap) sent to
     `decode_attention` above, so a decode step takes the cached launcher too."""
-    if q.shape[2] == 1 and config is None and not softcap:
+    if config is None and _decode.takes(q.shape[2], softcap):
         return decode_attention(q, k, v, mask, scale, is_causal, out=out, zero_nan_rows=zero_nan_rows)
     return _attention.attention(q, k, v, mask, scale, is_causal, softcap=softcap, zero_nan_rows=zero_nan_rows,
                                 config=config, out=out)

@@ -451,7 +451,7 @@ def launch_attention(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
     [B, Hq, Sq, Sk] is passed as ``mask_ptr`` with its (b, h, q, k) element strides, 0 on
     broadcast axes (e.g. a contiguous [Sq, Sk] mask: (0, 0, Sk, 1)).  One query token
     (Sq = 1, a decode step) without a soft cap goes to the split-KV decode kernels."""
-    if seq_q == 1 and not softcap:
+    if decode_attention.takes(seq_q, softcap):
         _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
                 is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype, zero_nan_rows)
         return
