@@ -23,13 +23,13 @@ def _elementwise(act: str):
 
 def _quick_gelu(b: Body, opset: int) -> None:
     alpha = b.attr_const("alpha", onnx.AttributeProto.FLOAT, like="X")
-    b.op("Mul", "X", b.op("Sigmoid", b.op("Mul", "X", alpha)), out="Y")
+    b.op("Mul", "X", b.op("Sigmoid", b.op("Mul", "X", alpha)), outputs="Y")
 
 
 def _gated(act: str):
     def body(b: Body, opset: int) -> None:
         gate = ACTIVATIONS[act](b, b.op("MatMul", "X", "Wg"), "gate")
-        b.op("Mul", gate, b.op("MatMul", "X", "Wu"), out="Y")
+        b.op("Mul", gate, b.op("MatMul", "X", "Wu"), outputs="Y")
     return body
 
 

@@ -54,7 +54,6 @@ another pass over the [B, Hq, Sq, Sk] scores (ONNX Runtime's Where costs about 8
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 from .fused_ops import Attribute, Body, FusedOp, register
 
@@ -66,13 +65,9 @@ GROUPED_BODY_OPSET = 14
 FLOAT = onnx.TensorProto.FLOAT
 
 
-def _ints(b: Body, *values: int) -> str:
-    return b.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.INT64, [len(values)], list(values)))
-
-
 def _dims(b: Body, x: str, start: int, end: int) -> str:
     """Shape(x)[start:end], valid from opset 13 (Shape's own start/end are opset 15)."""
-    return b.op("Slice", b.op("Shape", x), _ints(b, start), _ints(b, end))
+    return b.op("Slice", b.op("Shape", x), b.ints(start), b.ints(end))
 
 
 def _repeat_heads(b: Body, x: str, hq: str) -> str:
@@ -80,8 +75,8 @@ def _repeat_heads(b: Body, x: str, hq: str) -> str:
     of head h // (Hq / Hkv), whose output rank shape inference knows at every opset (a Reshape
     to a computed shape loses it before opset 14). Opset 13 only (`GROUPED_BODY_OPSET`)."""
     zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
-    group = b.op("Squeeze", b.op("Div", hq, _dims(b, x, 1, 2)), _ints(b, 0))
-    heads = b.op("Range", zero, b.op("Squeeze", hq, _ints(b, 0)), one)
+    group = b.op("Squeeze", b.op("Div", hq, _dims(b, x, 1, 2)), b.ints(0))
+    heads = b.op("Range", zero, b.op("Squeeze", hq, b.ints(0)), one)
     return b.op("Gather", x, b.op("Div", heads, group), axis=1)
 
 
@@ -94,8 +89,8 @@ def _causal_bias(b: Body, opset: int) -> str:
         full = b.op("Expand", ninf, b.op("Concat", sq, sk, axis=0))
         return b.op("Trilu", full, b.op("Constant", value_int=1), upper=1)
     zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
-    rows = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", sq, _ints(b, 0)), one), _ints(b, 1))
-    cols = b.op("Range", zero, b.op("Squeeze", sk, _ints(b, 0)), one)
+    rows = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", sq, b.ints(0)), one), b.ints(1))
+    cols = b.op("Range", zero, b.op("Squeeze", sk, b.ints(0)), one)
     return b.op("Where", b.op("LessOrEqual", cols, rows), b.op("Constant", value_float=0.0), ninf)
 
 
@@ -107,7 +102,7 @@ def _body(b: Body, opset: int, masked: bool) -> None:
         heads_rows = _dims(b, "Q", 1, 3)  # [Hq, Sq]
         hkv = _dims(b, "K", 1, 2)
         group_rows = b.op("Div", b.op("ReduceProd", heads_rows, keepdims=1), hkv)  # Hq * Sq / Hkv
-        zero = _ints(b, 0)
+        zero = b.ints(0)
         # Reshape's zeros copy the viewed tensor's own batch and last dims
         by_kv_head = b.op("Concat", zero, hkv, group_rows, zero, axis=0)  # [N, Hkv, G * Sq, last]
         by_q_head = b.op("Concat", zero, heads_rows, zero, axis=0)  # [N, Hq, Sq, last]
@@ -136,7 +131,7 @@ def _body(b: Body, opset: int, masked: bool) -> None:
         y = b.op("Reshape", y, by_q_head)
     if b.target != "tensorrt":
         y = b.if_attr("zero_nan_rows", lambda: _zero_nan_rows(b, probs, y), lambda: y)
-    b.cast_like(y, "Q", out="Y")
+    b.cast_like(y, "Q", outputs="Y")
 
 
 def _softcapped(b: Body, scores: str) -> str:
@@ -150,8 +145,8 @@ def _zero_nan_rows(b: Body, probs: str, y: str) -> str:
     NaN or +inf score, is NaN throughout after Softmax (one NaN makes the sum that normalises
     the row NaN), so its first probability tells. The ReduceSum over that one column keeps an
     empty key axis (no column) a live row."""
-    first = b.op("Slice", probs, _ints(b, 0), _ints(b, 1), _ints(b, -1))
-    dead = b.op("IsNaN", b.op("ReduceSum", first, _ints(b, -1), keepdims=1))
+    first = b.op("Slice", probs, b.ints(0), b.ints(1), b.ints(-1))
+    dead = b.op("IsNaN", b.op("ReduceSum", first, b.ints(-1), keepdims=1))
     return b.op("Where", dead, b.op("Constant", value_float=0.0), y)
 
 

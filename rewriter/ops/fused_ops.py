@@ -45,6 +45,8 @@ from typing import Callable, Iterator
 import onnx
 from onnx import helper
 
+from ..graph_builder import GraphBuilder
+
 DOMAIN = "fusegraph"
 VERSION = 1
 #: The oldest opset a body that reads the function's attributes is valid in (Constant's
@@ -120,8 +122,17 @@ def overload(dtype: int) -> str:
     return onnx.TensorProto.DataType.Name(dtype).lower()
 
 
-class Body:
-    """A tiny builder for function bodies: `b.op("Add", "a", "b")` returns the output name.
+def attribute_reference(attr: str, attr_type: int, name: str | None = None) -> onnx.AttributeProto:
+    """A node attribute `name` (default `attr`) whose value is the function's attribute `attr`."""
+    a = onnx.AttributeProto(name=name or attr, type=attr_type)
+    a.ref_attr_name = attr
+    return a
+
+
+class Body(GraphBuilder):
+    """The graph builder specialised for function bodies: `b.op("Add", "a", "b")` returns the
+    output name, `outputs="Y"` names it (the function's outputs), and constants are `Constant`
+    nodes (a function has no initializers), each naming its type.
 
     `dtype` is the element type the body is specialised to, None for a polymorphic body;
     `cast_like(v, like)` and `const_like` hide the difference (`like` must have X's type).
@@ -132,30 +143,19 @@ class Body:
     """
 
     def __init__(self, dtype: int | None = None, target: str = "portable") -> None:
-        self.dtype = dtype
+        super().__init__(dtype, const_nodes=True)
         self.target = target
-        self.nodes: list[onnx.NodeProto] = []
 
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
-        name = out or f"t{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
-        return name
-
-    def cast_like(self, value: str, like: str, out: str | None = None) -> str:
+    def cast_like(self, value: str, like: str, outputs: int | str = 1) -> str:
         """`value` in the element type of `like` (X's type)."""
         if self.dtype is None:
-            return self.op("CastLike", value, like, out=out)
-        return self.op("Cast", value, out=out, to=self.dtype)
+            return self.op("CastLike", value, like, outputs=outputs)
+        return self.op("Cast", value, outputs=outputs, to=self.dtype)
 
     def const_like(self, value: float, like: str) -> str:
         """A scalar constant of the same element type as `like`, rounded once from `value`: a
         float64 constant cast down (a float32 one would cost a float64 body 1e-8 at sqrt(2/pi))."""
-        return self.cast_like(self.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.DOUBLE, [], [value])),
-                              like)
-
-    def ints(self, *values: int) -> str:
-        """A 1-D int64 constant (axes, starts, shapes)."""
-        return self.op("Constant", value=helper.make_tensor("v", onnx.TensorProto.INT64, [len(values)], list(values)))
+        return self.cast_like(self.const(value, onnx.TensorProto.DOUBLE), like)
 
     def last_dim(self, x: str) -> str:
         """x.shape[-1] as a 1-D int64 tensor of one element (Shape's `start` needs opset 15)."""
@@ -163,39 +163,28 @@ class Body:
 
     def attr_const(self, attr: str, attr_type: int, like: str | None = None) -> str:
         """A scalar Constant whose value is the function's attribute `attr`."""
-        a = onnx.AttributeProto()
-        a.name = "value_float" if attr_type == onnx.AttributeProto.FLOAT else "value_int"
-        a.type = attr_type
-        a.ref_attr_name = attr
-        node = helper.make_node("Constant", [], [f"t{len(self.nodes)}"])
-        node.attribute.append(a)
-        self.nodes.append(node)
-        return self.cast_like(node.output[0], like) if like else node.output[0]
+        slot = "value_float" if attr_type == onnx.AttributeProto.FLOAT else "value_int"
+        (value,) = self.add("Constant", [], 1, {slot: attribute_reference(attr, attr_type, slot)})
+        return self.cast_like(value, like) if like else value
 
     def if_attr(self, attr: str, then: Callable[[], str], otherwise: Callable[[], str]) -> str:
         """The value `then()` builds where the function's int attribute `attr` is nonzero, else
         `otherwise()`'s: an If on the attribute, each callback building its branch with this
-        builder. Once the function is inlined the condition is a constant, so ONNX Runtime
+        builder (whose fresh names keep the branches' values apart from each other and from the
+        body's). Once the function is inlined the condition is a constant, so ONNX Runtime
         (constant folding) and TensorRT's parser keep only the chosen branch: a body whose
         structure depends on an attribute pays nothing for it at run time. (An int: TensorRT-RTX
         1.7 folds Cast(int -> bool) of the attribute, but no op on a float one, and a model with
         a live If fails in its Myelin builder.)"""
-        flag = self.op("Cast", self.attr_const(attr, onnx.AttributeProto.INT), to=onnx.TensorProto.BOOL)
+        flag = self.cast(self.attr_const(attr, onnx.AttributeProto.INT), onnx.TensorProto.BOOL)
         branches = []
         for label, build in (("then", then), ("else", otherwise)):
             start = len(self.nodes)
             out = build()
+            if len(self.nodes) == start:  # a branch must compute its output
+                out = self.op("Identity", out)
             nodes = self.nodes[start:]
             del self.nodes[start:]
-            if not nodes:  # a branch must compute its output
-                nodes, out = [helper.make_node("Identity", [out], [f"{out}_id"])], f"{out}_id"
-            # The branch's own names, set apart from those this builder hands out next.
-            local = {o for n in nodes for o in n.output}
-            prefix = f"{flag}_{label}_"
-            for n in nodes:
-                n.input[:] = [prefix + i if i in local else i for i in n.input]
-                n.output[:] = [prefix + o for o in n.output]
-            out = prefix + out if out in local else out
             branches.append(helper.make_graph(nodes, f"{attr}_{label}", [], [onnx.ValueInfoProto(name=out)]))
         return self.op("If", flag, then_branch=branches[0], else_branch=branches[1])
 
@@ -220,7 +209,7 @@ def opset_refusal(name: str, opset: int) -> str | None:
 def _gelu_erf(b: Body, x: str, out: str) -> str:
     half = b.op("Mul", x, b.const_like(0.5, x))
     erf = b.op("Erf", b.op("Div", x, b.const_like(math.sqrt(2.0), x)))
-    return b.op("Mul", half, b.op("Add", erf, b.const_like(1.0, x)), out=out)
+    return b.op("Mul", half, b.op("Add", erf, b.const_like(1.0, x)), outputs=out)
 
 
 def _gelu_tanh(b: Body, x: str, out: str) -> str:
@@ -234,19 +223,19 @@ def _gelu_tanh(b: Body, x: str, out: str) -> str:
     inner = b.op("Add", x, b.op("Mul", cube, b.const_like(0.044715, x)))
     t = b.op("Tanh", b.op("Mul", inner, b.const_like(math.sqrt(2.0 / math.pi), x)))
     half = b.op("Mul", x, b.const_like(0.5, x))
-    return b.op("Mul", half, b.op("Add", t, b.const_like(1.0, x)), out=out)
+    return b.op("Mul", half, b.op("Add", t, b.const_like(1.0, x)), outputs=out)
 
 
 #: The oldest opset of every op in `ACTIVATIONS`' bodies (Erf).
 ACTIVATIONS_OPSET = 9
 ACTIVATIONS: dict[str, Callable[[Body, str, str], str]] = {
-    "": lambda b, x, out: b.op("Identity", x, out=out),
-    "Relu": lambda b, x, out: b.op("Relu", x, out=out),
+    "": lambda b, x, out: b.op("Identity", x, outputs=out),
+    "Relu": lambda b, x, out: b.op("Relu", x, outputs=out),
     "Gelu": _gelu_erf,
     "GeluTanh": _gelu_tanh,
-    "Sigmoid": lambda b, x, out: b.op("Sigmoid", x, out=out),
-    "Tanh": lambda b, x, out: b.op("Tanh", x, out=out),
-    "Silu": lambda b, x, out: b.op("Mul", x, b.op("Sigmoid", x), out=out),
+    "Sigmoid": lambda b, x, out: b.op("Sigmoid", x, outputs=out),
+    "Tanh": lambda b, x, out: b.op("Tanh", x, outputs=out),
+    "Silu": lambda b, x, out: b.op("Mul", x, b.op("Sigmoid", x), outputs=out),
 }
 
 

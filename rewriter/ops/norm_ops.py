@@ -14,40 +14,32 @@ same float32 decomposition below.
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
-from .fused_ops import Attribute, Body, FusedOp, register
+from .fused_ops import Attribute, Body, FusedOp, attribute_reference, register
 
 FLOAT = onnx.TensorProto.FLOAT
 #: The opset that has `LayerNormalization`.
 LAYER_NORMALIZATION_OPSET = 17
 
 
-def reduce_mean_last(b: Body, x: str, opset: int) -> str:
-    """ReduceMean over the last axis, keepdims: axes moved from attribute to input at opset 18."""
-    if opset >= 18:
-        return b.op("ReduceMean", x, b.ints(-1), keepdims=1)
-    return b.op("ReduceMean", x, axes=[-1], keepdims=1)
-
-
 def _rms_norm(b: Body, x: str, opset: int) -> None:
     xf = b.op("Cast", x, to=FLOAT)
     # Pow(x, 2), not x * x: the form ONNX Runtime fuses into SimplifiedLayerNormalization when it
     # inlines the body (2.5x faster per op, benchmarks/bench_lowering.py); the same square
-    mean_sq = reduce_mean_last(b, b.op("Pow", xf, b.op("Constant", value_float=2.0)), opset)
+    mean_sq = b.reduce_mean(b.op("Pow", xf, b.op("Constant", value_float=2.0)), [-1], opset)
     rms = b.op("Sqrt", b.op("Add", mean_sq, b.attr_const("epsilon", onnx.AttributeProto.FLOAT)))
     y = b.op("Mul", b.op("Div", xf, rms), b.op("Cast", "gamma", to=FLOAT))
-    b.cast_like(y, x, out="Y")
+    b.cast_like(y, x, outputs="Y")
 
 
 def _layer_norm(b: Body, x: str, opset: int) -> None:
     """(X - mean) / sqrt(var + epsilon) * gamma + beta over the last axis, all in float32."""
     xf = b.op("Cast", x, to=FLOAT)
-    d = b.op("Sub", xf, reduce_mean_last(b, xf, opset))
-    var = reduce_mean_last(b, b.op("Mul", d, d), opset)
+    d = b.op("Sub", xf, b.reduce_mean(xf, [-1], opset))
+    var = b.reduce_mean(b.op("Mul", d, d), [-1], opset)
     std = b.op("Sqrt", b.op("Add", var, b.attr_const("epsilon", onnx.AttributeProto.FLOAT)))
     y = b.op("Mul", b.op("Div", d, std), b.op("Cast", "gamma", to=FLOAT))
-    b.cast_like(b.op("Add", y, b.op("Cast", "beta", to=FLOAT)), x, out="Y")
+    b.cast_like(b.op("Add", y, b.op("Cast", "beta", to=FLOAT)), x, outputs="Y")
 
 
 def _rms_norm_body(b: Body, opset: int) -> None:
@@ -55,7 +47,7 @@ def _rms_norm_body(b: Body, opset: int) -> None:
 
 
 def _skip_rms_norm_body(b: Body, opset: int) -> None:
-    _rms_norm(b, b.op("Add", "X", "R", out="S"), opset)
+    _rms_norm(b, b.op("Add", "X", "R", outputs="S"), opset)
 
 
 def _layer_norm_body(b: Body, opset: int) -> None:
@@ -66,15 +58,12 @@ def _skip_layer_norm_body(b: Body, opset: int) -> None:
     # Sum, not Add: ONNX Runtime fuses an inlined Add -> LayerNormalization (with the bias Add
     # before it) into its SkipLayerNormalization, 2-7x slower than the ops it replaces on the
     # measured CPU (benchmarks/RESULTS.md §7.3), where the exports keep them apart.
-    s = b.op("Sum", "X", "R", out="S")
+    s = b.op("Sum", "X", "R", outputs="S")
     if opset < LAYER_NORMALIZATION_OPSET:
         _layer_norm(b, s, opset)
         return
-    node = helper.make_node("LayerNormalization", [s, "gamma", "beta"], ["Y"], axis=-1, stash_type=1)
-    eps = onnx.AttributeProto()
-    eps.name, eps.type, eps.ref_attr_name = "epsilon", onnx.AttributeProto.FLOAT, "epsilon"
-    node.attribute.append(eps)
-    b.nodes.append(node)
+    b.add("LayerNormalization", [s, "gamma", "beta"], "Y",
+          {"axis": -1, "stash_type": 1, "epsilon": attribute_reference("epsilon", onnx.AttributeProto.FLOAT)})
 
 
 #: LayerNormalization's default; RMS norms default to the value Llama's exports carry.

@@ -23,7 +23,6 @@ not follow the Reshapes).
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 from .fused_ops import Attribute, Body, FusedOp, register
 
@@ -34,38 +33,30 @@ FAST_BODY_OPSET = 14
 IF_ANY_TYPE_OPSET = 16
 
 
-def _int(b: Body, value: int, shape=()) -> str:
-    return b.op("Constant", value=helper.make_tensor("c", INT64, list(shape), [value]))
-
-
-def _float(b: Body, value: float) -> str:
-    return b.op("Constant", value=helper.make_tensor("c", FLOAT, [], [value]))
-
-
 def _gather_body(b: Body, opset: int) -> None:
     """Below opset 14 (whose Reshape shape inference loses the rank of a computed shape): the
     rotation as one Gather by a permutation times a sign vector, both built from `interleaved`."""
     xf, cos, sin = (b.op("Cast", v, to=FLOAT) for v in ("X", "cos", "sin"))
     rd = b.last_dim("cos")
-    last = _int(b, -1, [1])
-    xr = b.op("Slice", xf, _int(b, 0, [1]), rd, last)
-    xp = b.op("Slice", xf, rd, _int(b, 2**62, [1]), last)
-    n = b.op("Squeeze", rd, _int(b, 0, [1])) if opset >= 13 else b.op("Squeeze", rd, axes=[0])
-    idx = b.op("Range", _int(b, 0), n, _int(b, 1))
-    half = b.op("Div", n, _int(b, 2))
+    last = b.ints(-1)
+    xr = b.op("Slice", xf, b.ints(0), rd, last)
+    xp = b.op("Slice", xf, rd, b.ints(2**62), last)
+    n = b.op("Squeeze", rd, b.ints(0)) if opset >= 13 else b.op("Squeeze", rd, axes=[0])
+    idx = b.op("Range", b.const(0, INT64), n, b.const(1, INT64))
+    half = b.op("Div", n, b.const(2, INT64))
     interleaved = b.op("Cast", b.attr_const("interleaved", onnx.AttributeProto.INT), to=BOOL)
-    odd = b.op("Mod", idx, _int(b, 2))
+    odd = b.op("Mod", idx, b.const(2, INT64))
     # interleaved: channel i reads i + 1 (even i, negated) or i - 1 (odd i)
-    perm_il = b.op("Sub", b.op("Add", idx, _int(b, 1)), b.op("Mul", odd, _int(b, 2)))
-    sign_il = b.op("Where", b.op("Equal", odd, _int(b, 0)), _float(b, -1.0), _float(b, 1.0))
+    perm_il = b.op("Sub", b.op("Add", idx, b.const(1, INT64)), b.op("Mul", odd, b.const(2, INT64)))
+    sign_il = b.op("Where", b.op("Equal", odd, b.const(0, INT64)), b.const(-1.0, FLOAT), b.const(1.0, FLOAT))
     # rotate-half: channel i reads i + half (first half, negated) or i - half
     perm_rh = b.op("Mod", b.op("Add", idx, half), n)
-    sign_rh = b.op("Where", b.op("Less", idx, half), _float(b, -1.0), _float(b, 1.0))
+    sign_rh = b.op("Where", b.op("Less", idx, half), b.const(-1.0, FLOAT), b.const(1.0, FLOAT))
     perm = b.op("Where", interleaved, perm_il, perm_rh)
     sign = b.op("Where", interleaved, sign_il, sign_rh)
     rotated = b.op("Mul", b.op("Gather", xr, perm, axis=-1), sign)
     y = b.op("Add", b.op("Mul", xr, cos), b.op("Mul", rotated, sin))
-    b.cast_like(b.op("Concat", y, xp, axis=-1), "X", out="Y")
+    b.cast_like(b.op("Concat", y, xp, axis=-1), "X", outputs="Y")
 
 
 def _body(b: Body, opset: int) -> None:
@@ -98,12 +89,12 @@ def _body(b: Body, opset: int) -> None:
     if opset < IF_ANY_TYPE_OPSET:  # an If of bfloat16 (the cast's type) is invalid here
         y = b.if_attr("interleaved", interleaved, halves)
         # X's shape again (a free view), which ONNX shape inference does not carry out of an If
-        b.cast_like(b.op("Reshape", y, b.op("Shape", "X")), "X", out="Y")
+        b.cast_like(b.op("Reshape", y, b.op("Shape", "X")), "X", outputs="Y")
         return
     # Each branch casts back to X's type: there the value's type is known when ONNX Runtime
     # inlines the body, so it drops the cast for float32 (after the If, a copy of Y it kept)
     y = b.if_attr("interleaved", lambda: b.cast_like(interleaved(), "X"), lambda: b.cast_like(halves(), "X"))
-    b.op("Reshape", y, b.op("Shape", "X"), out="Y")
+    b.op("Reshape", y, b.op("Shape", "X"), outputs="Y")
 
 
 ROTARY_EMBEDDING = register(FusedOp(

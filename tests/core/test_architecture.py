@@ -34,6 +34,8 @@ TOOLS = {"fusegraph.cli", "fusegraph.report", "fusegraph.shard_cli"}
 
 def layer(module: str) -> tuple[int, str]:
     """(rank, name) of a module's layer: a module may import its own layer and lower ones."""
+    if module == "fusegraph.graph_builder":
+        return -1, "builder"  # under everything: the fused-op bodies are built with it
     if module == "fusegraph.ops.lowering":
         return 2, "rules"  # rules over fused ops, run by the driver like the library's
     if module == "fusegraph.ops" or module.startswith("fusegraph.ops."):
