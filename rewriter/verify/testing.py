@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fusegraph.api import rewrite_with_report
+from fusegraph.graph_builder import GraphBuilder
 from fusegraph.rule import Rule, RuleSet
 
 from .differential import compare, make_inputs, run
@@ -30,17 +31,13 @@ def make_model(nodes: Iterable[onnx.NodeProto], inputs: Mapping[str, tuple[Any, 
                outputs: Mapping[str, tuple[Any, list | None]],
                initializers: Mapping[str, np.ndarray] | None = None, opset: int = 17,
                ir_version: int = 10) -> onnx.ModelProto:
-    """A model from nodes; inputs/outputs map names to (dtype, shape) with str dims symbolic."""
-    def vi(name: str, dtype: Any, shape: list | None) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
-    graph = helper.make_graph(
-        list(nodes), "test",
-        [vi(n, *spec) for n, spec in inputs.items()],
-        [vi(n, *spec) for n, spec in outputs.items()],
-        [numpy_helper.from_array(np.asarray(a), n) for n, a in (initializers or {}).items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = ir_version
-    return model
+    """A model from nodes; inputs/outputs map names to (dtype, shape) with str dims symbolic.
+    Only the default domain is imported: a test of a custom-domain node adds its opset import."""
+    b = GraphBuilder()
+    b.nodes.extend(nodes)
+    b.initializers.extend(numpy_helper.from_array(np.asarray(a), n) for n, a in (initializers or {}).items())
+    return b.model({n: tuple(s) for n, s in inputs.items()}, {n: tuple(s) for n, s in outputs.items()}, opset,
+                   ir_version=ir_version, name="test")
 
 
 def op_counts(model: onnx.ModelProto) -> Counter:
