@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from fusegraph.graph_builder import GraphBuilder
 
 OPSET = 18
 FEATURES = (4, 6, 8)
@@ -44,55 +46,42 @@ DTYPES = (np.float32, np.float16)
 #: 1/sqrt(eps) (a row of nearly equal values; x/sqrt(x^2 + eps) near 0 in the axis-0 decoy of
 #: a one-row graph); float16 rounds to ~1e-3, so the fused float32 norm would differ from the
 #: decomposition by more than float16's tolerance (1e-2) for eps = 1e-2 already.
-NORM_EPS = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 0.1}
+NORM_EPS = {onnx.TensorProto.FLOAT: 1e-5, onnx.TensorProto.FLOAT16: 0.1}
 PLANTED_KEY = "fusegraph.verify.fuzz.planted"
 
 
-class _GraphBuilder:
-    def __init__(self, rows: int, rng: np.random.Generator, dtype: np.dtype):
-        self.rows = rows
+class _GraphBuilder(GraphBuilder):
+    """The graph builder with what a draw adds: the shape of every value (so each draw is valid
+    ONNX), the generator its values come from, and the record of what it planted."""
+
+    def __init__(self, rng: np.random.Generator, dtype: np.dtype):
+        super().__init__(dtype)
         self.rng = rng
-        self.dtype = np.dtype(dtype)
-        self.elem = helper.np_dtype_to_tensor_dtype(self.dtype)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.count = 0
         self.planted: list[dict] = []
         #: Initializers also listed among the graph inputs (defaults a caller may override).
         self.overridable: list[str] = []
 
-    def name(self, hint: str) -> str:
-        self.count += 1
-        return f"{hint}{self.count}"
-
-    def const(self, array: np.ndarray) -> str:
-        n = self.name("c")
-        self.inits.append(numpy_helper.from_array(np.asarray(array), n))
-        return n
-
-    def fconst(self, array: Any) -> str:
-        """A float constant in the graph's dtype."""
-        return self.const(np.asarray(array, self.dtype))
+    def input(self, name: str, shape: tuple[int, ...], dtype: Any = None) -> str:
+        self.shapes[name] = tuple(shape)
+        return super().input(name, shape, dtype)
 
     def uniform(self, lo: float, hi: float, shape: tuple[int, ...]) -> str:
-        return self.fconst(self.rng.uniform(lo, hi, shape))
+        return self.const(self.rng.uniform(lo, hi, shape))
 
-    def ints(self, *v: int) -> str:
-        return self.const(np.array(v, np.int64))
+    def random_weight(self, shape: tuple[int, ...]) -> str:
+        """A weight scaled by 1/sqrt(fan-in), so products of several stay near 1."""
+        return self.weight(self.rng.uniform(-1, 1, shape) / math.sqrt(shape[0]))
 
-    def weight(self, shape: tuple[int, ...]) -> str:
-        return self.fconst(self.rng.uniform(-1, 1, shape) / math.sqrt(shape[0]))
-
-    def op(self, op_type: str, inputs: list[str], shape: tuple[int, ...], n_out: int = 1, **attrs: Any) -> list[str]:
-        outs = [self.name(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n"), **attrs))
-        for o in outs:
-            self.shapes[o] = shape
+    def shaped(self, op_type: str, inputs: list[str], shape: tuple[int, ...], outputs: int = 1,
+               **attrs: Any) -> list[str]:
+        """A named node whose outputs all have `shape`."""
+        outs = self.add(op_type, inputs, outputs, attrs, name=self.fresh("n"))
+        self.shapes.update(dict.fromkeys(outs, shape))
         return outs
 
     def one(self, op_type: str, inputs: list[str], shape: tuple[int, ...], **attrs: Any) -> str:
-        return self.op(op_type, inputs, shape, **attrs)[0]
+        return self.shaped(op_type, inputs, shape, **attrs)[0]
 
     def producer(self, value: str) -> str:
         return next(n.op_type for n in self.nodes if value in n.output)
@@ -140,12 +129,12 @@ def _norm(b: _GraphBuilder, kind: str, x: str, miss: str | None) -> tuple[str, s
     axis0 = _mean_last(b, x, 0) if miss == "axis" and layer else None
     d = b.one("Sub", [x, axis0 or _mean_last(b, x)], sx) if layer else x
     if miss == "pow":  # 0.1% off the square: NaN for negative d, which x*x is not
-        sq = b.one("Pow", [d, b.fconst(2.002)], sx)
+        sq = b.one("Pow", [d, b.const(2.002)], sx)
     else:
-        sq = b.one("Mul", [d, d], sx) if b.rng.integers(2) else b.one("Pow", [d, b.fconst(2.0)], sx)
+        sq = b.one("Mul", [d, d], sx) if b.rng.integers(2) else b.one("Pow", [d, b.const(2.0)], sx)
     var = _mean_last(b, sq, 0 if miss == "axis" and not layer else -1)
     axis0 = axis0 or (var if miss == "axis" else None)
-    root = b.one("Sqrt", [b.one("Add", [var, b.fconst(NORM_EPS[b.dtype])], b.shapes[var])], b.shapes[var])
+    root = b.one("Sqrt", [b.one("Add", [var, b.const(NORM_EPS[b.dtype])], b.shapes[var])], b.shapes[var])
     n = b.one("Div", [d, root], sx)
     gamma = b.uniform(0.5, 1.5, sx if miss == "const" else sx[-1:])
     y = b.one("Mul", [n, gamma], sx)
@@ -168,28 +157,28 @@ def _attention(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
     heads = (rows, h, s, d)
 
     def project(src: str) -> str:
-        mm = b.one("MatMul", [src, b.weight((b.shapes[src][-1], h * s * d))], (rows, h * s * d))
+        mm = b.one("MatMul", [src, b.random_weight((b.shapes[src][-1], h * s * d))], (rows, h * s * d))
         return b.one("Reshape", [mm, b.ints(*heads)], heads)
     q, k, v = project(x), project(y), project(x)
     start = len(b.nodes)
     kt = b.one("Transpose", [k], (rows, h, d, s), perm=[0, 1, 3, 2])
     scores = b.one("MatMul", [q, kt], (rows, h, s, s))
-    scale = b.uniform(0.2, 1.0, (1, h, 1, s)) if miss == "const" else b.fconst(1 / math.sqrt(d))
+    scale = b.uniform(0.2, 1.0, (1, h, 1, s)) if miss == "const" else b.const(1 / math.sqrt(d))
     scaled = b.one("Mul", [scores, scale], (rows, h, s, s))
     mask = int(b.rng.integers(3))  # none, causal triangle, random additive
     masked = scaled
     if miss == "fill":  # Where(causal, s, fill) with a fill that does not zero softmax
-        keep = b.const(np.tril(np.ones((s, s), np.bool_)).reshape(1, 1, s, s))
-        fill = b.fconst(float(b.rng.choice([0.0, -10.0, -1e4])))
+        keep = b.const(np.tril(np.ones((s, s), np.bool_)).reshape(1, 1, s, s), np.bool_)
+        fill = b.const(float(b.rng.choice([0.0, -10.0, -1e4])))
         masked = b.one("Where", [keep, scaled, fill], (rows, h, s, s))
     elif mask:
         m = (np.triu(np.full((s, s), -1e4), 1) if mask == 1 else b.rng.uniform(-1, 0, (s, s)))
-        masked = b.one("Add", [scaled, b.fconst(m.reshape(1, 1, s, s))], (rows, h, s, s))
+        masked = b.one("Add", [scaled, b.const(m.reshape(1, 1, s, s))], (rows, h, s, s))
     probs = b.one("Softmax", [masked], (rows, h, s, s), axis=2 if miss == "axis" else -1)
     weights = probs
     if miss == "cast":  # probabilities truncated to int32 and back: not a softmax any more
         weights = b.one("Cast", [b.one("Cast", [probs], (rows, h, s, s), to=onnx.TensorProto.INT32)],
-                        (rows, h, s, s), to=b.elem)
+                        (rows, h, s, s), to=b.dtype)
     out = b.one("MatMul", [weights, v], heads)
     if miss is None:
         b.plant(kind, start, [out])
@@ -212,7 +201,7 @@ def _qkv(b: _GraphBuilder, kind: str, x: str) -> list[str]:
     outs = []
     for _ in range(4 if kind.endswith("_decoy") else 3):
         m = int(b.rng.choice(FEATURES))
-        y = b.one("MatMul", [p, b.weight((f, m))], (rows, m))
+        y = b.one("MatMul", [p, b.random_weight((f, m))], (rows, m))
         outs.append(b.one("Add", [y, b.uniform(-1, 1, (m,))], (rows, m)) if bias else y)
     if kind.endswith("_decoy"):
         b.decoy(kind, outs[0], forbidden=["Split"])
@@ -234,7 +223,7 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
         return [b.one(op, [x, other], sx)]
     if kind == "matmul":
         m = int(b.rng.choice(FEATURES))
-        return [b.one("MatMul", [x, b.weight((f, m))], (rows, m))]
+        return [b.one("MatMul", [x, b.random_weight((f, m))], (rows, m))]
     if kind == "reshape":  # [r, f] -> [r, 2, f/2] -> Transpose -> back
         r3 = b.one("Reshape", [x, b.ints(rows, 2, f // 2)], (rows, 2, f // 2))
         t = b.one("Transpose", [r3], (rows, f // 2, 2), perm=[0, 2, 1])
@@ -247,17 +236,17 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
         return [b.one("Sub", [x, r], sx)]
     if kind == "concat_split":
         c = b.one("Concat", [x, y if b.shapes[y] == sx else x], (rows, 2 * f), axis=1)
-        return b.op("Split", [c], sx, n_out=2, axis=1, num_outputs=2)
+        return b.shaped("Split", [c], sx, outputs=2, axis=1, num_outputs=2)
     if kind == "cast":
         h = b.one("Cast", [x], sx, to=onnx.TensorProto.DOUBLE)
-        return [b.one("Cast", [h], sx, to=b.elem)]
+        return [b.one("Cast", [h], sx, to=b.dtype)]
     # planted patterns and their decoys
     if kind in ("mm_bias_relu", "mm_bias_decoy"):
         m = int(b.rng.choice(FEATURES))
         start = len(b.nodes)
-        mm = b.one("MatMul", [x, b.weight((f, m))], (rows, m))
+        mm = b.one("MatMul", [x, b.random_weight((f, m))], (rows, m))
         bias = (b.uniform(-1, 1, (m,)) if kind == "mm_bias_relu"
-                else b.one("Sigmoid", [b.one("MatMul", [y, b.weight((b.shapes[y][-1], m))], (rows, m))], (rows, m)))
+                else b.one("Sigmoid", [b.one("MatMul", [y, b.random_weight((b.shapes[y][-1], m))], (rows, m))], (rows, m)))
         add = b.one("Add", [mm, bias], (rows, m))
         out = b.one("Relu", [add], (rows, m))
         if kind == "mm_bias_relu":
@@ -276,12 +265,12 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
     if kind in ("gelu", "gelu_decoy", "gelu_near_decoy"):
         miss = "const" if kind == "gelu_decoy" else _variant(b, kind, ("near", "broadcast", "input"))
         start = len(b.nodes)
-        d = b.one("Div", [x, b.fconst(math.sqrt(2.0))], sx)
+        d = b.one("Div", [x, b.const(math.sqrt(2.0))], sx)
         erf = b.one("Erf", [d], sx)
-        e = b.one("Add", [erf, b.fconst(1.0)], sx)
+        e = b.one("Add", [erf, b.const(1.0)], sx)
         # 0.5 shaped [k, 1, 1] makes the output [k, rows, features]: not shape-neutral
         grown = (int(b.rng.integers(1, 3)),) if miss == "broadcast" else ()
-        half = b.fconst(np.full(grown + (1, 1) if grown else (), {"const": 0.6, "near": 0.5 * 1.001}.get(miss, 0.5)))
+        half = b.const(np.full(grown + (1, 1) if grown else (), {"const": 0.6, "near": 0.5 * 1.001}.get(miss, 0.5)))
         if miss == "input":
             b.overridable.append(half)
         out = b.one("Mul", [b.one("Mul", [x, half], grown + sx), e], grown + sx)
@@ -295,10 +284,10 @@ def _step(b: _GraphBuilder, kind: str, x: str, y: str) -> list[str]:
     if kind in ("gelu_tanh", "gelu_tanh_decoy"):
         miss = _variant(b, kind, ("const", "consumer"))
         start = len(b.nodes)
-        cube = b.one("Pow", [x, b.fconst(3.0)], sx)
-        inner = b.one("Add", [x, b.one("Mul", [cube, b.fconst(0.05 if miss == "const" else 0.044715)], sx)], sx)
-        t = b.one("Tanh", [b.one("Mul", [inner, b.fconst(math.sqrt(2 / math.pi))], sx)], sx)
-        out = b.one("Mul", [b.one("Mul", [x, b.fconst(0.5)], sx), b.one("Add", [t, b.fconst(1.0)], sx)], sx)
+        cube = b.one("Pow", [x, b.const(3.0)], sx)
+        inner = b.one("Add", [x, b.one("Mul", [cube, b.const(0.05 if miss == "const" else 0.044715)], sx)], sx)
+        t = b.one("Tanh", [b.one("Mul", [inner, b.const(math.sqrt(2 / math.pi))], sx)], sx)
+        out = b.one("Mul", [b.one("Mul", [x, b.const(0.5)], sx), b.one("Add", [t, b.const(1.0)], sx)], sx)
         if miss is None:
             b.plant(kind, start, [out])
         elif miss == "const":
@@ -339,14 +328,8 @@ def build_graph(rows: int, n_inputs: int, steps: list[tuple[str, int, int]], ext
                 seed: int, dtype: Any = np.float32) -> onnx.ModelProto:
     """The model a drawn recipe describes: `steps` are (kind, index of x, index of y) over the
     values so far; `extra_outputs` picks intermediates that are also graph outputs."""
-    b = _GraphBuilder(rows, np.random.default_rng(seed), dtype)
-    values = []
-    inputs = []
-    for i in range(n_inputs):
-        name = f"in{i}"
-        b.shapes[name] = (rows, FEATURES[i % len(FEATURES)])
-        inputs.append(helper.make_tensor_value_info(name, b.elem, [rows, b.shapes[name][1]]))
-        values.append(name)
+    b = _GraphBuilder(np.random.default_rng(seed), dtype)
+    values = [b.input(f"in{i}", (rows, FEATURES[i % len(FEATURES)])) for i in range(n_inputs)]
     for kind, i, j in steps:
         x, y = values[i % len(values)], values[j % len(values)]
         if kind in ("reshape",) and b.shapes[x][-1] % 2:
@@ -355,13 +338,8 @@ def build_graph(rows: int, n_inputs: int, steps: list[tuple[str, int, int]], ext
     consumed = {n for node in b.nodes for n in node.input}
     made = values[n_inputs:]
     outs = [v for v in made if v not in consumed] + [made[k % len(made)] for k in extra_outputs]
-    outs = list(dict.fromkeys(outs))
-    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-               for t in b.inits if t.name in b.overridable]
-    graph = helper.make_graph(
-        b.nodes, "fuzz", inputs,
-        [helper.make_tensor_value_info(o, b.elem, list(b.shapes[o])) for o in outs], b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    model = b.model({t.name: (t.data_type, list(t.dims)) for t in b.initializers if t.name in b.overridable},
+                    {o: (b.dtype, b.shapes[o]) for o in dict.fromkeys(outs)}, OPSET, ir_version=8, name="fuzz")
     helper.set_model_props(model, {PLANTED_KEY: json.dumps(b.planted)})
     return model
 
