@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from fusegraph.graph_builder import GraphBuilder
 from fusegraph.ops import fused_ops
 from fusegraph.pattern import Alt, Attr, Const, Constrained, Named, NodeOutput, NodePattern, Pattern, Tagged, Var
 from fusegraph.rule import Leaf
@@ -156,6 +157,10 @@ def build(outputs: Sequence[Pattern], path: Mapping[int, int], inst: Instance,
 
 
 class _Walker:
+    """Walks a pattern, building its instance with a `GraphBuilder`: one node per operator
+    pattern (memoised, so a shared sub-pattern is one node), a graph input or a constant per
+    capture."""
+
     def __init__(self, choose: Chooser, inst: Instance, pick: Picker, lenient: bool = False):
         #: Only the structure matters (enumerating branches): placeholders where no value fits.
         self.lenient = lenient
@@ -163,32 +168,19 @@ class _Walker:
         self.inst = inst
         self.pick = pick
         self.rng = np.random.default_rng(inst.seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        self.graph = GraphBuilder(inst.float_dtype, const_nodes=inst.const_as_node)
         self.memo: dict[int, list[str]] = {}
         self.vars: dict[str, str] = {}
         self.var_order: list[str] = []
-        self.domains: set[str] = set()
-        self.count = 0
-
-    def fresh(self, hint: str) -> str:
-        self.count += 1
-        return f"{hint}_{self.count}"
 
     def build(self, outputs: Sequence[Pattern]) -> onnx.ModelProto:
-        names = [self.value(p) for p in outputs]
-        outs = []
-        for name in names:
-            if name in {o.name for o in outs} or name in {i.name for i in self.inputs}:
-                ident = self.fresh("out")
-                self.nodes.append(helper.make_node("Identity", [name], [ident]))
-                name = ident
-            outs.append(onnx.ValueInfoProto(name=name))
-        graph = helper.make_graph(self.nodes, "instance", self.inputs, outs, self.inits)
-        opsets = [helper.make_opsetid("", self.inst.opset)]
-        opsets += [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
-        model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+        """The model whose outputs are the patterns' values; its outputs carry no type (the
+        pattern does not say it), and a value that is an input or another output is returned
+        through an Identity (a graph output is one value of its own)."""
+        outs: list[str] = []
+        for name in [self.value(p) for p in outputs]:
+            outs.append(self.graph.op("Identity", name) if name in outs or name in self.graph.inputs else name)
+        model = self.graph.model({}, dict.fromkeys(outs), self.inst.opset, ir_version=8, name="instance")
         fused_ops.attach_functions(model)
         return model
 
@@ -210,7 +202,7 @@ class _Walker:
     def var(self, name: str | None, types: frozenset[str] | None = None) -> str:
         if name is not None and name in self.vars:
             return self.vars[name]
-        key = name or self.fresh("any")
+        key = name or self.graph.fresh("any")
         given = self.inst.example.get(key)
         float_type = f"tensor({_type_name(np.dtype(self.inst.float_dtype))})"
         if given is None and types is not None and float_type not in types:
@@ -221,7 +213,7 @@ class _Walker:
         elif isinstance(given, tuple):
             shape, dtype = given
             dtype = np.dtype(dtype)
-            out = self.graph_input(key, tuple(shape), np.dtype(self.inst.float_dtype) if dtype.kind == "f" else dtype)
+            out = self.graph.input(key, shape, np.dtype(self.inst.float_dtype) if dtype.kind == "f" else dtype)
         else:
             leaf = given if isinstance(given, Leaf) else self.inst.leaves.get(key, Leaf())
             shape = leaf.shape(self.inst.n)
@@ -233,25 +225,15 @@ class _Walker:
                     array = (np.abs(array) + 0.5).astype(dtype)
                 out = self.constant(array, key)
             else:
-                out = self.graph_input(key, shape, dtype)
+                out = self.graph.input(key, shape, dtype)
         if name is not None:
             self.vars[name] = out
             self.var_order.append(name)
         return out
 
-    def graph_input(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
-        self.inputs.append(helper.make_tensor_value_info(
-            name, helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
-        return name
-
     def constant(self, array: np.ndarray, hint: str) -> str:
-        name = self.fresh(hint)
-        if self.inst.const_as_node:
-            self.nodes.append(helper.make_node("Constant", [], [name],
-                                               value=numpy_helper.from_array(array, name)))
-        else:
-            self.inits.append(numpy_helper.from_array(array, name))
-        return name
+        """`array` as it is, an initializer or a Constant node as the instance says."""
+        return self.graph.const(array, array.dtype, hint)
 
     def const(self, p: Const, types: frozenset[str] | None = None) -> str:
         if p.name is not None and p.name in self.vars:
@@ -304,17 +286,14 @@ class _Walker:
         if np_.commutative and self.choose(2, id(np_)):
             pats.reverse()
         ins = ["" if q is None else self.value(q, self.slot_types(np_, i)) for i, q in enumerate(pats)]
-        outs = [self.fresh(np_.op_type.lower()) for _ in range(np_.num_outputs)]
         attrs = self.required_attrs(np_.op_type, np_.num_outputs, len(ins))
         for name, want in np_.attrs.items():
             value = self.attr(np_.op_type, np_.domain, name, want)
             if value is not None:
                 attrs[name] = value
-        node = helper.make_node(np_.op_type, ins, outs, domain=np_.domain or None)
-        node.attribute.extend(self.attribute(np_.op_type, np_.domain, k, v) for k, v in attrs.items())
-        if np_.domain:
-            self.domains.add(np_.domain)
-        self.nodes.append(node)
+        outs = self.graph.add(np_.op_type, ins, np_.num_outputs,
+                              {k: self.attribute(np_.op_type, np_.domain, k, v) for k, v in attrs.items()},
+                              domain=np_.domain)
         self.memo[id(np_)] = outs
         return outs
 
