@@ -77,7 +77,7 @@ class GraphBuilder:
                 return name
 
     def op(self, op_type: str, *inputs: str, outputs: int | str | Sequence[str] = 1, domain: str = "",
-           name: str | None = None, **attrs: Any) -> Any:
+           name: str | None = None, **attrs: Any) -> str | list[str]:
         """A node of `op_type` reading `inputs` ("" for an omitted optional one); `outputs` is how
         many fresh outputs it writes, or their names. Returns the output's name where there is one
         (`outputs` 1 or a name), else the list. `attrs` as `helper.make_node` takes them (None
