@@ -448,22 +448,29 @@ def fills_mask_hard(fill, nan_fill) -> bool:
 
 def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop, k_bh=None, kt_shape=None) -> bool:
     """The mask broadcasts into the scores [B, Hq, Sq, Sk] ([B*H, Sq, Sk] with the heads in the
-    batch) without growing them (where known)."""
+    batch) without growing them. Where a scores' dim is 1 (a decode step's one query, a batch
+    of 1), the mask's dim there must be proven 1: an unknown or symbolic one may be 8 at run
+    time and broadcast the scores up, and so may a mask of unknown rank; elsewhere a dim the
+    scores hold is the mask's too or a broadcast error in the original, never a growth."""
     rank = 3 if heads_in_batch(k_bh, kt_shape) else 4
     scores = (*(q.shape[:-1] if q.rank == rank else (None,) * (rank - 1)), key_len(k, k_kv, k_bshd, k_bh))
     for m in (mask, bias, keep, drop):
         if m is None:
             continue
-        if rank == 3 and m.rank is None:
-            return reject("the mask's rank is unknown: it may grow the 3-D scores")
-        if m.shape is None:
+        if m.rank is None:
+            if rank == 3 or 1 in scores:
+                return reject(f"the mask's rank is unknown: it may grow the {rank}-D scores {_dims(scores)}")
             continue
-        if len(m.shape) > rank:
-            return reject(f"mask has rank {len(m.shape)} > {rank}")
+        if m.rank > rank:
+            return reject(f"mask has rank {m.rank} > {rank}")
         for md, sd in zip(reversed(m.shape), reversed(scores)):
-            if sd == 1 and md not in (1, None):
-                return reject(f"mask dim {md} would grow the scores' dim 1")
+            if sd == 1 and md != 1:
+                return reject(f"mask dim {md if md is not None else '?'} may grow the scores' dim 1")
     return True
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def bias_joins_mask_exactly(mask, bias) -> bool:
