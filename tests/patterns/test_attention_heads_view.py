@@ -1,0 +1,77 @@
+"""Attention with the heads in the batch whose mask and Softmax see a 4-D view of the scores
+(Bloom's ALiBi, `patterns/attention_views.py`):
+
+    Reshape(Q·Kᵀ·s + alibi [B*H, 1, S], [B, H, S, S]) + mask (or Where) -> Softmax
+      -> Reshape([B*H, S, S]) -> ·V      (or left 4-D, ·V [B, H, S, D])
+
+The instances fuse into one MaskedAttention and compute what they computed in ONNX Runtime
+(fully masked rows included); the near misses (a view that regroups the rows, a merge to
+another shape, a V of one batch broadcast over two, a mask that grows the view, a fill that is
+a score, an opset below the fused op's) stay as they are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusegraph.patterns import attention
+from fusegraph.verify.testing import assert_rewrites, assert_unchanged, make_inputs
+
+from graph_builder import Builder
+
+RULES = attention.RULES
+B, H, S, D = 2, 2, 4, 8
+LOWEST = np.finfo(np.float32).min
+
+
+def bloom(*, b=B, mask="add", view=(B, H, S, -1), merge=(B * H, S, -1), v_shape=None, fill=LOWEST,
+          mask_batch=None, opset=18):
+    """The attention as Bloom exports it; `merge=None` leaves the probabilities 4-D for a 4-D V."""
+    g = Builder()
+    n = b * H
+    kt = g.op("Transpose", "k", perm=[0, 2, 1])
+    scores = g.op("Mul", g.op("MatMul", "q", kt), g.const(D ** -0.5))
+    alibi = g.const(np.linspace(-1, 0, n * S).reshape(n, 1, S))
+    viewed = g.op("Reshape", g.op("Add", scores, alibi), g.const(view, np.int64))
+    sel_shape = [mask_batch or b, 1, S, S]
+    if mask == "add":  # the padding mask as Bloom adds it: 0 where kept, the lowest value where not
+        masked = g.op("Add", viewed, g.op("Where", "sel", g.const(0.0), g.const(fill)))
+    else:  # masked_fill
+        masked = g.op("Where", "sel", g.const(fill), viewed)
+    probs = g.op("Softmax", masked, axis=-1)
+    v_dims = v_shape or ([n, S, D] if merge is not None else [b, H, S, D])
+    if merge is not None:
+        probs = g.op("Reshape", probs, g.const(merge, np.int64))
+    out = g.op("MatMul", probs, "v")
+    inputs = {"q": [n, S, D], "k": [n, S, D], "v": v_dims, "sel": (np.bool_, sel_shape)}
+    out_shape = [v_dims[0] if merge is not None else b, *([] if merge is not None else [H]), S, D]
+    return g.model(inputs, {out: [None] * len(out_shape)}, opset)
+
+
+def _feeds(model, seed):
+    feeds = make_inputs(model, seed=seed)
+    feeds["sel"] = np.random.default_rng(seed).random(feeds["sel"].shape) < 0.3
+    feeds["sel"][0, 0, 1] = True  # a fully masked row: uniform in the original, as in the fused op
+    return feeds
+
+
+@pytest.mark.parametrize("kw", [{}, {"mask": "where"}, {"merge": None}, {"view": (B, H, S, S)},
+                                {"mask": "where", "merge": None}],
+                         ids=["add", "masked_fill", "v-4d", "static-view", "masked_fill-v-4d"])
+def test_a_mask_on_the_heads_view_fuses(kw):
+    model = bloom(**kw)
+    for seed in range(2):
+        assert_rewrites(model, RULES, expect={"fusegraph.MaskedAttention": 1, "Softmax": 0},
+                        feeds=_feeds(model, seed))
+
+
+@pytest.mark.parametrize("kw", [
+    {"view": (B, H, 2 * S, -1)},               # the rows regrouped: Softmax over half rows
+    {"merge": (B * H * 2, S // 2, -1), "v_shape": [B * H * 2, S, D]},  # merged to another shape
+    {"merge": None, "v_shape": [1, H, S, D]},  # V of one batch broadcast over the view's two
+    {"b": 1, "view": (1, H, S, -1), "mask_batch": 2},  # a mask that grows the view's batch of 1
+    {"fill": -1e4},                            # a fill that is a score, not a mask
+    {"opset": 12},                             # below the fused op's opset
+], ids=["rows-regrouped", "merged-elsewhere", "v-batch-broadcast", "mask-grows", "fill-score", "opset-12"])
+def test_near_misses_of_the_heads_view_are_refused(kw):
+    assert_unchanged(bloom(**kw), RULES)
