@@ -25,13 +25,15 @@ LOWEST = np.finfo(np.float32).min
 
 
 def bloom(*, b=B, mask="add", view=(B, H, S, -1), merge=(B * H, S, -1), v_shape=None, fill=LOWEST,
-          mask_batch=None, opset=18):
-    """The attention as Bloom exports it; `merge=None` leaves the probabilities 4-D for a 4-D V."""
+          mask_batch=None, bias="alibi", opset=18):
+    """The attention as Bloom exports it; `merge=None` leaves the probabilities 4-D for a 4-D V;
+    `bias="position"` adds a run-time [B*H, S, S] term instead of the ALiBi constant, as
+    DeBERTa adds its c2p + p2c position scores."""
     g = Builder()
     n = b * H
     kt = g.op("Transpose", "k", perm=[0, 2, 1])
     scores = g.op("Mul", g.op("MatMul", "q", kt), g.const(D ** -0.5))
-    alibi = g.const(np.linspace(-1, 0, n * S).reshape(n, 1, S))
+    alibi = g.const(np.linspace(-1, 0, n * S).reshape(n, 1, S)) if bias == "alibi" else "pos"
     viewed = g.op("Reshape", g.op("Add", scores, alibi), g.const(view, np.int64))
     sel_shape = [mask_batch or b, 1, S, S]
     if mask == "add":  # the padding mask as Bloom adds it: 0 where kept, the lowest value where not
@@ -43,7 +45,8 @@ def bloom(*, b=B, mask="add", view=(B, H, S, -1), merge=(B * H, S, -1), v_shape=
     if merge is not None:
         probs = g.op("Reshape", probs, g.const(merge, np.int64))
     out = g.op("MatMul", probs, "v")
-    inputs = {"q": [n, S, D], "k": [n, S, D], "v": v_dims, "sel": (np.bool_, sel_shape)}
+    inputs = {"q": [n, S, D], "k": [n, S, D], "v": v_dims, "sel": (np.bool_, sel_shape),
+              **({"pos": [n, S, S]} if bias == "position" else {})}
     out_shape = [v_dims[0] if merge is not None else b, *([] if merge is not None else [H]), S, D]
     return g.model(inputs, {out: [None] * len(out_shape)}, opset)
 
@@ -56,8 +59,8 @@ def _feeds(model, seed):
 
 
 @pytest.mark.parametrize("kw", [{}, {"mask": "where"}, {"merge": None}, {"view": (B, H, S, S)},
-                                {"mask": "where", "merge": None}],
-                         ids=["add", "masked_fill", "v-4d", "static-view", "masked_fill-v-4d"])
+                                {"mask": "where", "merge": None}, {"mask": "where", "bias": "position"}],
+                         ids=["add", "masked_fill", "v-4d", "static-view", "masked_fill-v-4d", "deberta-position"])
 def test_a_mask_on_the_heads_view_fuses(kw):
     model = bloom(**kw)
     for seed in range(2):
