@@ -25,7 +25,14 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 - K^T as Transpose(K, [0,1,3,2]) or folded into the head split, Transpose(K_bshd, [0,2,3,1]);
 - grouped/multi-query KV repeated as Reshape(Expand(Unsqueeze(kv, 2))) (HF's repeat_kv): the
   fused op takes the un-repeated KV when the shapes prove the Reshape only merges the heads
-  and the repeats, else the repeated KV (still correct, just not grouped).
+  and the repeats, else the repeated KV (still correct, just not grouped); a single KV head
+  broadcast by the MatMuls ([B, 1, S, D]) is taken as it is;
+- with the heads in the batch ([B*H, S, D] throughout), the mask and the Softmax applied to a
+  4-D view of the scores, Reshape(scores + bias, [B, H, S, -1]), merged back to [B*H, S, S] or
+  meeting a V [B, H, S, D] (Bloom's ALiBi, DeBERTa's position terms as the bias): the fused op
+  takes the mask seen through the graph's own view (`heads_split`, proven by `attention_views`).
+  A scale computed at run time from Q's shape (SDPA's sqrt(1/sqrt(D)) on Q and K^T) is a
+  constant once the canonicalizer folds it (D static); otherwise it is refused.
 
 The target is chosen per match: `attention.onnx` emits the standard opset-23 `Attention` (which
 TensorRT maps to its native attention layer) in models of opset 23 or newer, where that op
