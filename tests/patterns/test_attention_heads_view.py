@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusegraph.patterns import attention
+from fusegraph.patterns import attention, attention_views
 from fusegraph.verify.testing import assert_rewrites, assert_unchanged, make_inputs
 
 from graph_builder import Builder
@@ -78,3 +78,44 @@ def test_a_mask_on_the_heads_view_fuses(kw):
 ], ids=["rows-regrouped", "merged-elsewhere", "v-batch-broadcast", "mask-grows", "fill-score", "opset-12"])
 def test_near_misses_of_the_heads_view_are_refused(kw):
     assert_unchanged(bloom(**kw), RULES)
+
+
+def dynamic_bloom(*, q_batch=f"{H}*batch"):
+    """The dynamo export's form with dynamic axes: Q, K, V typed [2*batch, seq, 8], the view's
+    target [batch, 2, seq, -1] and the merge's [-1, seq, seq] read from Shape(input_ids)."""
+    g = Builder()
+    dims = g.op("Shape", "ids")
+    batch = g.op("Slice", dims, g.const([0], np.int64), g.const([1], np.int64))
+    seq = g.op("Slice", dims, g.const([1], np.int64), g.const([2], np.int64))
+    view = g.op("Concat", batch, g.const([H], np.int64), seq, g.const([-1], np.int64), axis=0)
+    merge = g.op("Concat", g.const([-1], np.int64), seq, seq, axis=0)
+    scores = g.op("Mul", g.op("MatMul", "q", g.op("Transpose", "k", perm=[0, 2, 1])), g.const(D ** -0.5))
+    viewed = g.op("Reshape", g.op("Add", scores, "alibi"), view)
+    probs = g.op("Softmax", g.op("Where", "sel", g.const(LOWEST), viewed), axis=-1)
+    out = g.op("MatMul", g.op("Reshape", probs, merge), "v")
+    bh = [q_batch, "seq", D]
+    return g.model({"ids": (np.int64, ["batch", "seq"]), "q": bh, "k": bh, "v": bh, "alibi": [q_batch, 1, "seq"],
+                    "sel": (np.bool_, ["batch", 1, "seq", "seq"])}, {out: bh}, 18)
+
+
+def test_symbolic_dims_prove_the_view():
+    """'2*batch' is batch times the view's 2 heads: the view is proven from the dim names."""
+    model = dynamic_bloom()
+    shapes = {"ids": (2, S), "q": (2 * H, S, D), "k": (2 * H, S, D), "v": (2 * H, S, D), "alibi": (2 * H, 1, S),
+              "sel": (2, 1, S, S)}
+    assert_rewrites(model, RULES, expect={"fusegraph.MaskedAttention": 1, "Softmax": 0}, shapes=shapes)
+
+
+def test_symbolic_dims_that_do_not_prove_the_view_are_refused():
+    """Q's batch named 4*batch against a view of batch x 2 heads: no proof the rows are kept."""
+    assert_unchanged(dynamic_bloom(q_batch=f"{2 * H}*batch"), RULES)
+
+
+@pytest.mark.parametrize("dim, product", [
+    (8, (8, ())), ("batch", (1, ("batch",))), ("4*batch", (4, ("batch",))), ("seq*2*batch", (2, ("batch", "seq"))),
+    (-1, None), (0, None), (None, None), ("unk__3", None), ("((seq**2)//seq)", None), ("seq+1", None),
+])
+def test_a_dim_reads_as_a_product_or_as_nothing(dim, product):
+    """Only plain products prove anything: -1, 0 (a Reshape's rest and copy), TorchScript's
+    fresh names and expressions other than products read as unknown."""
+    assert attention_views.as_product(dim) == product
