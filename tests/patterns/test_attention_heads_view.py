@@ -25,7 +25,7 @@ LOWEST = np.finfo(np.float32).min
 
 
 def bloom(*, b=B, mask="add", view=(B, H, S, -1), merge=(B * H, S, -1), v_shape=None, fill=LOWEST,
-          mask_batch=None, bias="alibi", opset=18):
+          mask_batch=None, sel_shape=None, bias="alibi", bias_shape=None, axis=-1, merge_perm=None, opset=18):
     """The attention as Bloom exports it; `merge=None` leaves the probabilities 4-D for a 4-D V;
     `bias="position"` adds a run-time [B*H, S, S] term instead of the ALiBi constant, as
     DeBERTa adds its c2p + p2c position scores."""
@@ -33,14 +33,17 @@ def bloom(*, b=B, mask="add", view=(B, H, S, -1), merge=(B * H, S, -1), v_shape=
     n = b * H
     kt = g.op("Transpose", "k", perm=[0, 2, 1])
     scores = g.op("Mul", g.op("MatMul", "q", kt), g.const(D ** -0.5))
-    alibi = g.const(np.linspace(-1, 0, n * S).reshape(n, 1, S)) if bias == "alibi" else "pos"
+    shape = bias_shape or (n, 1, S)
+    alibi = g.const(np.linspace(-1, 0, int(np.prod(shape))).reshape(shape)) if bias == "alibi" else "pos"
     viewed = g.op("Reshape", g.op("Add", scores, alibi), g.const(view, np.int64))
-    sel_shape = [mask_batch or b, 1, S, S]
+    sel_shape = sel_shape or [mask_batch or b, 1, S, S]
     if mask == "add":  # the padding mask as Bloom adds it: 0 where kept, the lowest value where not
         masked = g.op("Add", viewed, g.op("Where", "sel", g.const(0.0), g.const(fill)))
     else:  # masked_fill
         masked = g.op("Where", "sel", g.const(fill), viewed)
-    probs = g.op("Softmax", masked, axis=-1)
+    probs = g.op("Softmax", masked, axis=axis)
+    if merge_perm is not None:  # the heads permuted before the merge
+        probs = g.op("Transpose", probs, perm=list(merge_perm))
     v_dims = v_shape or ([n, S, D] if merge is not None else [b, H, S, D])
     if merge is not None:
         probs = g.op("Reshape", probs, g.const(merge, np.int64))
@@ -69,13 +72,18 @@ def test_a_mask_on_the_heads_view_fuses(kw):
 
 
 @pytest.mark.parametrize("kw", [
-    {"view": (B, H, 2 * S, -1)},               # the rows regrouped: Softmax over half rows
+    {"view": (B, H, 2 * S, -1), "sel_shape": [B, 1, 1, 1]},  # the rows regrouped: Softmax over half rows
     {"merge": (B * H * 2, S // 2, -1), "v_shape": [B * H * 2, S, D]},  # merged to another shape
     {"merge": None, "v_shape": [1, H, S, D]},  # V of one batch broadcast over the view's two
     {"b": 1, "view": (1, H, S, -1), "mask_batch": 2},  # a mask that grows the view's batch of 1
     {"fill": -1e4},                            # a fill that is a score, not a mask
     {"opset": 12},                             # below the fused op's opset
-], ids=["rows-regrouped", "merged-elsewhere", "v-batch-broadcast", "mask-grows", "fill-score", "opset-12"])
+    {"axis": 2},                               # the Softmax over the queries
+    {"merge_perm": (1, 0, 2, 3)},              # the heads permuted before the merge
+    {"bias_shape": (2, B * H, 1, S), "view": (2 * B, H, S, -1), "merge": (2 * B * H, S, -1),
+     "v_shape": [2 * B * H, S, D], "mask_batch": 1},  # a bias of rank 4 that grows the 3-D scores
+], ids=["rows-regrouped", "merged-elsewhere", "v-batch-broadcast", "mask-grows", "fill-score", "opset-12",
+        "softmax-axis", "heads-permuted", "bias-grows"])
 def test_near_misses_of_the_heads_view_are_refused(kw):
     assert_unchanged(bloom(**kw), RULES)
 
