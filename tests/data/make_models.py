@@ -37,7 +37,8 @@ vocab 64) so that the corpus stays under 60 MB: KV-cache decode steps (Llama, GP
 K/V in, present out), RoBERTa, DistilBERT, ModernBERT, DINOv2, Swin, CLIP vision, DeiT,
 wav2vec2, HuBERT, Gemma2 (soft-capping), Gemma (GeGLU, MQA), Bloom and MPT (ALiBi), Falcon
 and GPT-BigCode (MQA), nn.MultiheadAttention (heads in the batch), Mixtral (MoE), Phi, GPT-J,
-GPT-NeoX (partial / interleaved RoPE) and the original T5 encoder. Each is exported with its
+GPT-NeoX (partial / interleaved RoPE), the original T5 encoder and DeBERTa-v2 (disentangled
+attention). Each is exported with its
 sdpa attention (eager where the family has no sdpa or sdpa drops what it tests: Gemma2's
 soft-cap) by every exporter, static at batch 1 (the shape users export at) and dynamic.
 Their counts are derived from the built model (``derive_expected``: the attention, norm,
