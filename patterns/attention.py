@@ -536,8 +536,8 @@ def heads_view_exact(q, v=None, mask=None, bias=None, k_bh=None, viewed=None, me
         return True
     flat = viewed.producer.inputs[0]
     product = attention_views.as_product
-    scores = [[product(d) for d in ((flat.shape if flat.rank == 3 else (None,) * 3)[axis], x.shape[i])] for axis, x, i in
-              ((0, q, 0), (1, q, 1), (2, k_bh, 1))]
+    # [B*H, Sq, Sk] as Q and K say it (the biased scores' own type would take in a bias that grew them)
+    scores = [[product(q.shape[0]), product(k_bh.shape[0])], [product(q.shape[1])], [product(k_bh.shape[1])]]
     view = attention_views.dims_of(viewed)
     if not attention_views.splits_heads(scores, view):
         return reject(f"the Reshape of the scores {_dims(flat.shape or ())} to {_dims(viewed.shape or ())} "

@@ -127,3 +127,20 @@ def test_a_dim_reads_as_a_product_or_as_nothing(dim, product):
     """Only plain products prove anything: -1, 0 (a Reshape's rest and copy), TorchScript's
     fresh names and expressions other than products read as unknown."""
     assert attention_views.as_product(dim) == product
+
+
+def test_a_bias_that_grows_the_queries_does_not_prove_the_view():
+    """Q [n, sq, 8] with a bias [n, sb, sk]: fed sq = 1 and sb = 4, the bias grows the scores to
+    4 query rows and the view and merge (read from the bias' shape) keep them; the fused op
+    would answer 1 row. Sq is read from Q, never from the biased scores: refused."""
+    g = Builder()
+    rows = g.op("Slice", g.op("Shape", "bias"), g.const([1], np.int64), g.const([3], np.int64))
+    view = g.op("Concat", g.const([-1, H], np.int64), rows, axis=0)
+    merge = g.op("Concat", g.const([-1], np.int64), rows, axis=0)
+    scores = g.op("MatMul", "q", g.op("Transpose", "k", perm=[0, 2, 1]))
+    viewed = g.op("Reshape", g.op("Add", scores, "bias"), view)
+    probs = g.op("Softmax", g.op("Where", "sel", g.const(LOWEST), viewed), axis=-1)
+    out = g.op("MatMul", g.op("Reshape", probs, merge), "v")
+    model = g.model({"q": ["n", "sq", D], "k": ["n", "sk", D], "v": ["n", "sk", D], "bias": ["n", "sb", "sk"],
+                     "sel": (np.bool_, [1, 1, 1, 1])}, {out: ["n", "sb", D]}, 18)
+    assert_unchanged(model, RULES)
