@@ -25,7 +25,14 @@ is matched in the forms the PyTorch exporters (TorchScript and dynamo, eager and
 - K^T as Transpose(K, [0,1,3,2]) or folded into the head split, Transpose(K_bshd, [0,2,3,1]);
 - grouped/multi-query KV repeated as Reshape(Expand(Unsqueeze(kv, 2))) (HF's repeat_kv): the
   fused op takes the un-repeated KV when the shapes prove the Reshape only merges the heads
-  and the repeats, else the repeated KV (still correct, just not grouped).
+  and the repeats, else the repeated KV (still correct, just not grouped); a single KV head
+  broadcast by the MatMuls ([B, 1, S, D]) is taken as it is;
+- with the heads in the batch ([B*H, S, D] throughout), the mask and the Softmax applied to a
+  4-D view of the scores, Reshape(scores + bias, [B, H, S, -1]), merged back to [B*H, S, S] or
+  meeting a V [B, H, S, D] (Bloom's ALiBi, DeBERTa's position terms as the bias): the fused op
+  takes the mask seen through the graph's own view (`heads_split`, proven by `attention_views`).
+  A scale computed at run time from Q's shape (SDPA's sqrt(1/sqrt(D)) on Q and K^T) is a
+  constant once the canonicalizer folds it (D static); otherwise it is refused.
 
 The target is chosen per match: `attention.onnx` emits the standard opset-23 `Attention` (which
 TensorRT maps to its native attention layer) in models of opset 23 or newer, where that op
@@ -53,7 +60,7 @@ from fusegraph.ops.fused_ops import DOMAIN
 from fusegraph.pattern import Attr, Const, Pattern, PatternOps, Var, optional
 from fusegraph.rule import Rule, reject
 
-from . import attention_masks
+from . import attention_masks, attention_views
 from .conditions import computes_in_float32, opset
 from .priorities import ATTENTION, ATTENTION_ONNX
 
@@ -170,6 +177,11 @@ def key_transposed(op: PatternOps, k: Pattern, k_kv: Pattern, k_bshd: Pattern, k
                   "k_post")
 
 
+def key_in_batch(op: PatternOps, k_bh: Pattern) -> Pattern:
+    """K^T [B*H, D, S] of a 3-D attention alone (`key_transposed`'s last form)."""
+    return scaled(op, op.Transpose(scaled(op, k_bh, "k_pre"), perm=[0, 2, 1]), "k_post")
+
+
 def _is_scalar_zero(a: np.ndarray) -> bool:
     return a.size == 1 and a.ndim <= 4 and a.item() == 0
 
@@ -180,14 +192,38 @@ def soft_capped(op: PatternOps, scores: Pattern) -> Pattern:
     return op.Mul(op.Tanh(op.Div(scores, Const(name="cap_div"))), Const(name="cap_mul")) | scores
 
 
-def _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped: bool):
-    scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_transposed(op, k, k_kv, k_bshd, k_bh)), "s")
-    scores = optional(op.Cast(soft_capped(op, scores) if capped else scores, to=Attr("cast_scores")))
-    biased = op.Add(scores, bias) | scores  # ALiBi's, before a Where mask
-    masked = (op.Add(op.Add(scores, bias), mask) | op.Add(scores, mask) | op.Where(keep, biased, Const(name="fill"))
-              | op.Where(drop, Const(name="fill"), biased) | scores)
-    softmax = op.Softmax(optional(op.Cast(masked, to=Attr("cast_masked"))), axis=Attr("axis"))
-    return op.MatMul(_probabilities(op, softmax), repeated_kv(op, v_kv, "v") | v)
+def _scores(op: PatternOps, q: Pattern, key_t: Pattern, capped: bool) -> Pattern:
+    """Q·K^T scaled, soft-capped or not, cast or not."""
+    scores = scaled(op, op.MatMul(scaled(op, q, "q"), key_t), "s")
+    return optional(op.Cast(soft_capped(op, scores) if capped else scores, to=Attr("cast_scores")))
+
+
+def _softmax(op: PatternOps, scores: Pattern, mask, bias, keep, drop, view=None) -> Pattern:
+    """Softmax of the scores masked by an additive mask, a position bias (ALiBi's) then a mask,
+    a Where over either, or nothing; `view(x)` is what the mask and the Softmax see of x."""
+    view = view or (lambda x: x)
+    biased = view(op.Add(scores, bias) | scores)
+    masked = (op.Add(biased, mask) | op.Where(keep, biased, Const(name="fill"))
+              | op.Where(drop, Const(name="fill"), biased) | view(scores))
+    return _probabilities(op, op.Softmax(optional(op.Cast(masked, to=Attr("cast_masked"))), axis=Attr("axis")))
+
+
+def heads_split(op: PatternOps, scores: Pattern) -> Pattern:
+    """The 3-D scores [B*H, Sq, Sk] viewed as [B, H, Sq, Sk] by a Reshape (captured as `viewed`,
+    its target as `scores_4d`) for the mask and the Softmax, as Bloom exports its ALiBi
+    attention (`attention_views`)."""
+    return op.Reshape(scores, Var("scores_4d")).named("viewed")
+
+
+def _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped: bool, views: bool):
+    """The probabilities of the scores, or (`views`) of their 4-D view (heads in the batch only)
+    merged back to [B*H, Sq, Sk] (`merged`, by `probs_3d`) or left 4-D for a 4-D V, times V."""
+    probs = _softmax(op, _scores(op, q, key_transposed(op, k, k_kv, k_bshd, k_bh), capped), mask, bias, keep, drop)
+    if views:
+        in_view = _softmax(op, _scores(op, q, key_in_batch(op, k_bh), capped), mask, bias, keep, drop,
+                           lambda x: heads_split(op, x))
+        probs = probs | op.Reshape(in_view, Var("probs_3d")).named("merged") | in_view
+    return op.MatMul(probs, repeated_kv(op, v_kv, "v") | v)
 
 
 def _probabilities(op: PatternOps, softmax: Pattern) -> Pattern:
@@ -196,14 +232,15 @@ def _probabilities(op: PatternOps, softmax: Pattern) -> Pattern:
 
 def onnx_attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
     """What opset-23 `Attention` computes in both runtimes: no NaN guard (it leaves a NaN row
-    NaN) and no soft cap (TensorRT's parser refuses `softcap`)."""
-    return _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=False)
+    NaN) and no soft cap (TensorRT's parser refuses `softcap`); no 4-D view of 3-D scores (its
+    mask, a bias and a mask on two shapes, is no `Attention` mask input)."""
+    return _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=False, views=False)
 
 
 def attention(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop):
     """The eager form, or SDPA's with the NaN guard after the Softmax (captured as `nan_fill`),
     the scores soft-capped or not."""
-    eager = _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=True)
+    eager = _eager(op, q, k, k_kv, k_bshd, k_bh, v, v_kv, mask, bias, keep, drop, capped=True, views=True)
     probs, value = eager.node.inputs
     guarded = op.Where(op.IsNaN(probs), Const(name="nan_fill", where=_is_scalar_zero, why="0"), probs) | probs
     return op.MatMul(guarded, value)
@@ -281,8 +318,12 @@ def _hard_fill(fill) -> np.ndarray:
 
 
 def is_causal(q, k=None, k_kv=None, k_bshd=None, mask=None, bias=None, keep=None, drop=None, fill=None,
-              k_bh=None) -> bool:
-    """Whether the mask is a proven causal triangle (`attention_masks.is_causal_triangle`)."""
+              k_bh=None, viewed=None) -> bool:
+    """Whether the mask is a proven causal triangle (`attention_masks.is_causal_triangle`). A
+    bias on the 3-D scores and a mask on their 4-D view (`heads_split`) do not add up as
+    arrays: that mask is never taken for causal."""
+    if viewed is not None and bias is not None:
+        return False
     q_len = q.shape[-2] if q.rank in (3, 4) else None
     return attention_masks.is_causal_triangle(constant_mask(mask, bias, keep, drop, fill), q_len,
                                               key_len(k, k_kv, k_bshd, k_bh))
@@ -336,8 +377,9 @@ def scales_keep_range(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
     return True
 
 
-def softmax_on_last_axis(axis, q) -> bool:
-    return axis == -1 or (axis == 3 and q.rank == 4) or reject(f"softmax on axis {axis}, not the last")
+def softmax_on_last_axis(axis, q, viewed=None) -> bool:
+    return axis == -1 or (axis == 3 and (q.rank == 4 or viewed is not None)) or reject(
+        f"softmax on axis {axis}, not the last")
 
 
 def repeated_heads(kv, grown, merged):
@@ -354,14 +396,15 @@ def repeated_heads(kv, grown, merged):
 
 
 def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_grown=None, v_merged=None,
-                 k_bh=None, kt_shape=None) -> bool:
+                 k_bh=None, kt_shape=None, viewed=None, merged=None) -> bool:
     """The op takes 4-D [B, H, S, D]: K^T's 4-D perm proves K's rank; Q's and V's must be 4
     where known (TorchScript exports carry no shapes; their Q and V are the head split's).
     Query head h reads kv head h // (Hq / Hkv), so the query heads must be a multiple of K's
     and V's: Q with one head broadcast against K with four is another computation. Symbolic
     head counts (TorchScript's unk__ dims) are taken as the exporter's head split wrote them."""
     if heads_in_batch(k_bh, kt_shape):
-        return _three_dims_agree(q, k_bh, v)
+        # probabilities left in their 4-D view meet a 4-D V (`heads_view_exact` proves it)
+        return _three_dims_agree(q, k_bh, None if viewed is not None and merged is None else v)
     if k_bh is not None and _dim(q, 0) not in (None, int(kt_shape.const_value[0])):
         return reject(f"K^T is split into batch {int(kt_shape.const_value[0])}, Q has batch {_dim(q, 0)}")
     for name, x in (("q", q), ("k", k or k_kv or k_bshd), ("v", v or v_kv)):
@@ -391,12 +434,14 @@ def heads_layout(q, k, k_kv, k_bshd, v, v_kv, k_grown=None, k_merged=None, v_gro
 
 def _three_dims_agree(q, k_bh, v) -> bool:
     """Q, K and V [B*H, S, D] with the same B*H and D (where known): a broadcast batch or a
-    4-D Q against the 3-D K^T would be another computation."""
+    4-D Q against the 3-D K^T would be another computation. (V None: Q and K alone.)"""
     for name, x in (("q", q), ("k", k_bh), ("v", v)):
+        if name == "v" and v is None:
+            continue
         if x is None or x.rank != 3:
             return reject(f"{name} is not [B*H, S, D] (rank {x.rank if x is not None else None})")
     for axis, what in ((0, "B*H"), (2, "D")):
-        dims = {x.shape[axis] for x in (q, k_bh)} | ({v.shape[0]} if axis == 0 else set())
+        dims = {x.shape[axis] for x in (q, k_bh)} | ({v.shape[0]} if axis == 0 and v is not None else set())
         if len(dims) != 1:
             return reject(f"Q, K and V differ in {what}: {sorted(map(str, dims))}")
     return True
@@ -446,23 +491,71 @@ def fills_mask_hard(fill, nan_fill) -> bool:
         f"the Where fill {a.item()} is a score, not a mask (only -inf or the lowest {a.dtype} masks exactly)")
 
 
-def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop, k_bh=None, kt_shape=None) -> bool:
+def mask_fits(q, k, k_kv, k_bshd, mask, bias, keep, drop, k_bh=None, kt_shape=None, viewed=None) -> bool:
     """The mask broadcasts into the scores [B, Hq, Sq, Sk] ([B*H, Sq, Sk] with the heads in the
-    batch) without growing them (where known)."""
+    batch; the mask after a `heads_split` into their 4-D view, the bias before it into the 3-D
+    scores) without growing them. Where a scores' dim is 1 (a decode step's one query, a batch
+    of 1), the mask's dim there must be proven 1: an unknown or symbolic one may be 8 at run
+    time and broadcast the scores up, and so may a mask of unknown rank; elsewhere a dim the
+    scores hold is the mask's too or a broadcast error in the original, never a growth."""
     rank = 3 if heads_in_batch(k_bh, kt_shape) else 4
     scores = (*(q.shape[:-1] if q.rank == rank else (None,) * (rank - 1)), key_len(k, k_kv, k_bshd, k_bh))
+    view = None if viewed is None else attention_views.static_dims(attention_views.dims_of(viewed) or [[None]] * 4)
     for m in (mask, bias, keep, drop):
-        if m is None:
-            continue
-        if rank == 3 and m.rank is None:
-            return reject("the mask's rank is unknown: it may grow the 3-D scores")
-        if m.shape is None:
-            continue
-        if len(m.shape) > rank:
-            return reject(f"mask has rank {len(m.shape)} > {rank}")
-        for md, sd in zip(reversed(m.shape), reversed(scores)):
-            if sd == 1 and md not in (1, None):
-                return reject(f"mask dim {md} would grow the scores' dim 1")
+        if m is not None:
+            _fits(m, *((view, 4) if view is not None and m is not bias else (scores, rank)))
+    return True
+
+
+def _fits(m, scores: tuple, rank: int) -> bool:
+    """`mask_fits` for one mask against scores of `rank` dims `scores` (None where unknown)."""
+    if m.rank is None:
+        if rank == 3 or 1 in scores:
+            return reject(f"the mask's rank is unknown: it may grow the {rank}-D scores {_dims(scores)}")
+        return True
+    if m.rank > rank:
+        return reject(f"mask has rank {m.rank} > {rank}")
+    for md, sd in zip(reversed(m.shape), reversed(scores)):
+        if sd == 1 and md != 1:
+            return reject(f"mask dim {md if md is not None else '?'} may grow the scores' dim 1")
+    return True
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def heads_view_exact(q, v=None, mask=None, bias=None, k_bh=None, viewed=None, merged=None) -> bool:
+    """A 4-D view of 3-D scores for the mask and the Softmax (`heads_split`) is the 3-D
+    attention only where the shapes prove it regroups B*H alone, and the view is merged back to
+    [B*H, Sq, Sk] before meeting V [B*H, Sk, D], or meets a V [B, H, Sk, D] split as the view
+    is (a static export whose Reshapes around the second MatMul were folded away)
+    (`attention_views`): a Reshape to [B, H, 2*Sq, Sk/2], or one that mixes the heads' rows, is
+    another Softmax, and a V of one batch broadcast over the view's B another product."""
+    if viewed is None:  # (the pattern views 3-D scores alone: `key_in_batch`)
+        return True
+    flat = viewed.producer.inputs[0]
+    product = attention_views.as_product
+    # [B*H, Sq, Sk] as Q and K say it (the biased scores' own type would take in a bias that grew them)
+    scores = [[product(q.shape[0]), product(k_bh.shape[0])], [product(q.shape[1])], [product(k_bh.shape[1])]]
+    view = attention_views.dims_of(viewed)
+    if not attention_views.splits_heads(scores, view):
+        return reject(f"the Reshape of the scores {_dims(flat.shape or ())} to {_dims(viewed.shape or ())} "
+                      "is not proven to split B*H alone (keeping Sq and Sk)")
+    if merged is None:
+        if v is None:
+            return reject("V is repeated from fewer kv heads: the view takes a V [B, H, Sk, D] as it is")
+        values = attention_views.dims_of(v)
+        if not (values is not None and len(values) == 4 and all(
+                attention_views.proven_equal(values[i], view[i]) for i in (0, 1))
+                and attention_views.proven_equal(values[2], scores[2])):
+            return reject(f"V {_dims(v.shape or ())} is not proven split as the scores' view "
+                          f"{_dims(viewed.shape or ())}")
+    elif not attention_views.merges_heads(scores, view, attention_views.dims_of(merged)):
+        return reject(f"the Reshape of the probabilities to {_dims(merged.shape or ())} is not proven to "
+                      "merge them back to [B*H, Sq, Sk]")
+    if bias is None and mask is not None and not mask.dtype:
+        return reject("the mask's type is unknown: no zeros of it to view in its place")
     return True
 
 
@@ -595,6 +688,42 @@ def additive_mask(op, mask, bias, keep, drop, fill):
     return op.Where(drop, _hard_fill(fill), kept)
 
 
+def _dims_of(op, x, start: int, end: int):
+    return op.Slice(op.Shape(x), _ints(start), _ints(end))
+
+
+def heads_view_mask(op, q, k_bh, mask, bias, keep, drop, fill, scores_4d):
+    """The [B*H, Sq, Sk] mask the 3-D fused op takes where the graph masked a 4-D view of the
+    scores (`heads_split`): the bias (or zeros of the mask's type) broadcast to the scores'
+    [B*H, Sq, Sk], viewed by the graph's own target, masked as the graph masks the view
+    (`additive_mask`'s float32 Where for a hard fill), and merged back to [B*H, Sq, Sk].
+    Built full size: the view's B and H exist only as that target says them."""
+    rows = op.Concat(_dims_of(op, q, 0, 2), _dims_of(op, k_bh, 1, 2), axis=0)
+    if keep is None and drop is None:
+        base = bias if bias is not None else np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(mask.dtype))
+        return op.Reshape(op.Add(op.Reshape(op.Expand(base, rows), scores_4d), mask), rows)
+    kept = np.zeros((), np.float32) if bias is None else bias if bias.dtype == FLOAT else op.Cast(bias, to=FLOAT)
+    view = op.Reshape(op.Expand(kept, rows), scores_4d)
+    hard = _hard_fill(fill)
+    return op.Reshape(op.Where(keep, view, hard) if keep is not None else op.Where(drop, hard, view), rows)
+
+
+def _values_in_batch(op, v, viewed, merged):
+    """V as [B*H, Sk, D]: a 4-D V [B, H, Sk, D] met by the probabilities' view (`heads_view_exact`)
+    merges its heads into the batch."""
+    if viewed is None or merged is not None:
+        return v
+    return op.Reshape(v, op.Concat(_ints(-1), _dims_of(op, v, 2, 4), axis=0))
+
+
+def _output_from_batch(op, y, q, v, viewed, merged):
+    """The fused op's [1, B*H, Sq, D] as the graph's output: [B*H, Sq, D], or [B, H, Sq, D] split
+    as V is where the probabilities stayed in their 4-D view."""
+    if viewed is None or merged is not None:
+        return op.Squeeze(y, _ints(0))
+    return op.Reshape(y, op.Concat(_dims_of(op, v, 0, 2), _dims_of(op, q, 1, 2), _dims_of(op, v, 3, 4), axis=0))
+
+
 def to_four_dims(op, x, rank: int):
     """A [B*H, ...] tensor of the 3-D form as one batch of B*H heads: [1, B*H, ...] (a mask of
     rank 2 or less broadcasts as it is)."""
@@ -607,10 +736,11 @@ def _mask_rank(mask=None, bias=None, keep=None, drop=None) -> int:
 
 
 def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=None, bias=None, keep=None, drop=None,
-                 fill=None, nan_fill=None, k_bh=None, kt_shape=None, **captures):
+                 fill=None, nan_fill=None, k_bh=None, kt_shape=None, viewed=None, merged=None, scores_4d=None,
+                 **captures):
     """BMM-Softmax-BMM -> fusegraph.Attention / MaskedAttention"""
-    key, value = kv_operands(op, k, k_kv, k_bshd, v, v_kv, k_bh, kt_shape)
-    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh)
+    key, value = kv_operands(op, k, k_kv, k_bshd, _values_in_batch(op, v, viewed, merged), v_kv, k_bh, kt_shape)
+    causal = is_causal(q, k, k_kv, k_bshd, mask, bias, keep, drop, fill, k_bh, viewed)
     cap = softcap(captures)
     attrs = dict(scale=total_scale(captures), is_causal=int(causal), softcap=cap, softcapped=int(cap != 0),
                  zero_nan_rows=int(nan_fill is not None), _domain=DOMAIN)
@@ -619,11 +749,14 @@ def to_fusegraph(op, q, k=None, k_kv=None, k_bshd=None, v=None, v_kv=None, mask=
     if causal or (mask is None and keep is None and drop is None):
         y = op.Attention(*qkv, **attrs)
     else:
-        additive = additive_mask(op, mask, bias, keep, drop, fill)
-        if three:
-            additive = to_four_dims(op, additive, _mask_rank(mask, bias, keep, drop))
+        if viewed is not None:
+            additive = to_four_dims(op, heads_view_mask(op, q, k_bh, mask, bias, keep, drop, fill, scores_4d), 3)
+        else:
+            additive = additive_mask(op, mask, bias, keep, drop, fill)
+            if three:
+                additive = to_four_dims(op, additive, _mask_rank(mask, bias, keep, drop))
         y = op.MaskedAttention(*qkv, additive, **attrs)
-    return op.Squeeze(y, np.array([0], np.int64)) if three else y
+    return _output_from_batch(op, y, q, v, viewed, merged) if three else y
 
 
 def repeated_for_onnx(op, kv, grown, merged, kt_shape=None):
@@ -676,18 +809,25 @@ EXAMPLE = {
     "cap_div": np.array(5.0, np.float32), "cap_mul": np.array(5.0, np.float32),
 }
 #: The same with Q, K and V [B*H, S, D] (`heads_in_batch`), masks over [B*H, Sq, Sk]; a branch
-#: that builds V by repeat_kv builds it 3-D (which no repeat_kv is, so V is taken whole).
+#: that builds V by repeat_kv builds it 3-D (which no repeat_kv is, so V is taken whole); a branch
+#: that views the scores 4-D for the mask (`heads_split`) splits B*H = 2 into [1, 2].
 IN_BATCH_EXAMPLE = {**EXAMPLE, "q": ((2, 3, 4), np.float32), "v": ((2, 3, 4), np.float32),
-                    "v_merged": _ints(2, 3, 4),
+                    "v_merged": _ints(2, 3, 4), "scores_4d": _ints(1, 2, 3, 3), "probs_3d": _ints(2, 3, 3),
                     "mask": ((2, 3, 3), np.float32), "bias": ((2, 1, 3), np.float32),
                     "keep": ((1, 3, 3), np.bool_), "drop": ((2, 3, 3), np.bool_)}
 _ABOVE = np.triu(np.ones((1, 1, 3, 3), bool), k=1)
 CAUSAL_EXAMPLE = {**EXAMPLE, "mask": np.where(_ABOVE, -np.inf, 0).astype(np.float32),
                   "bias": np.zeros((1, 2, 3, 3), np.float32), "keep": ~_ABOVE, "drop": _ABOVE}
+#: The same with the probabilities left in the scores' 4-D view [1, 2, 3, 3] (`heads_split`)
+#: meeting V [1, 2, 3, 4] (which a branch that builds V by repeat_kv builds by an Expand that also
+#: grows the heads: no repeat_kv, so V is taken whole).
+IN_VIEW_EXAMPLE = {**IN_BATCH_EXAMPLE, "v": ((1, 2, 3, 4), np.float32), "v_merged": _ints(1, 2, 3, 4),
+                   "v_grown": _ints(1, 2, 1, 3, 4)}
 IN_BATCH_CAUSAL_EXAMPLE = {**IN_BATCH_EXAMPLE, "mask": CAUSAL_EXAMPLE["mask"][0],
                            "bias": np.zeros((2, 3, 3), np.float32), "keep": ~_ABOVE[0], "drop": _ABOVE[0]}
+IN_VIEW_CAUSAL_EXAMPLE = {**IN_BATCH_CAUSAL_EXAMPLE, **{k: IN_VIEW_EXAMPLE[k] for k in ("v", "v_merged", "v_grown")}}
 
-CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last_axis, heads_layout,
+CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last_axis, heads_layout, heads_view_exact,
               casts_widen_losslessly, fills_mask_hard, mask_fits, bias_joins_mask_exactly, math_fits_float32]
 
 RULES = [
@@ -695,5 +835,6 @@ RULES = [
          [opset_at_least(ONNX_ATTENTION_OPSET)] + CONDITIONS + [onnx_attention_is_exact, positive_scale],
          priority=ATTENTION_ONNX, examples=[EXAMPLE, CAUSAL_EXAMPLE, IN_BATCH_EXAMPLE, IN_BATCH_CAUSAL_EXAMPLE]),
     Rule("attention.fusegraph", attention, to_fusegraph, [opset_at_least(MIN_OPSET)] + CONDITIONS + [body_fits_opset],
-         priority=ATTENTION, examples=[EXAMPLE, CAUSAL_EXAMPLE, IN_BATCH_EXAMPLE, IN_BATCH_CAUSAL_EXAMPLE]),
+         priority=ATTENTION, examples=[EXAMPLE, CAUSAL_EXAMPLE, IN_BATCH_EXAMPLE, IN_BATCH_CAUSAL_EXAMPLE,
+                                       IN_VIEW_EXAMPLE, IN_VIEW_CAUSAL_EXAMPLE]),
 ]

@@ -37,7 +37,8 @@ vocab 64) so that the corpus stays under 60 MB: KV-cache decode steps (Llama, GP
 K/V in, present out), RoBERTa, DistilBERT, ModernBERT, DINOv2, Swin, CLIP vision, DeiT,
 wav2vec2, HuBERT, Gemma2 (soft-capping), Gemma (GeGLU, MQA), Bloom and MPT (ALiBi), Falcon
 and GPT-BigCode (MQA), nn.MultiheadAttention (heads in the batch), Mixtral (MoE), Phi, GPT-J,
-GPT-NeoX (partial / interleaved RoPE) and the original T5 encoder. Each is exported with its
+GPT-NeoX (partial / interleaved RoPE), the original T5 encoder and DeBERTa-v2 (disentangled
+attention). Each is exported with its
 sdpa attention (eager where the family has no sdpa or sdpa drops what it tests: Gemma2's
 soft-cap) by every exporter, static at batch 1 (the shape users export at) and dynamic.
 Their counts are derived from the built model (``derive_expected``: the attention, norm,
@@ -463,6 +464,15 @@ WIDE = [{"static_batch": 1, "attns": SDPA, "call_kwargs": {}, **a} for a in [
     dict(name="gpt_neox", build=_tiny(T.GPTNeoXConfig, T.GPTNeoXModel, **_lm(rotary_pct=0.5)),
          inputs=TEXT, outputs=["last_hidden_state"], rope=True,
          notes="partial RoPE (half of each head), per-head fused QKV, parallel residual, exact GELU"),
+    dict(name="deberta_v2", build=_tiny(T.DebertaV2Config, T.DebertaV2Model,
+                                        **_lm(type_vocab_size=0, relative_attention=True, position_buckets=8,
+                                              max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                                              position_biased_input=False, norm_rel_ebd="layer_norm",
+                                              share_att_key=True)),
+         inputs=TEXT, outputs=["last_hidden_state"], attns=EAGER,
+         notes="disentangled attention: Q·Kᵀ/s plus the c2p and p2c relative-position terms (GatherElements of "
+               "Q·posKᵀ and K·posQᵀ), heads in the batch, Where(Not(mask), lowest, ·); LayerNorm'd relative "
+               "embeddings"),
     dict(name="t5_encoder", build=_tiny(T.T5Config, T.T5EncoderModel, **_text(num_layers=L, d_model=H, d_kv=8,
                                                                              num_heads=HEADS, d_ff=FF,
                                                                              feed_forward_proj="relu")),

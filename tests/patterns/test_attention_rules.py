@@ -275,6 +275,22 @@ def test_decoy_mask_that_grows_the_scores():
     _assert_not_fused(g.model(out, [1, 2, 4, 8], 18))
 
 
+@pytest.mark.parametrize("mask_shape", [[1, 1, None, 4], [1, 1, "rows", 4], None],
+                         ids=["unknown-dim", "symbolic-dim", "unknown-rank"])
+def test_a_mask_not_proven_to_keep_the_one_query_is_refused(mask_shape):
+    """One query (a decode step) against a mask whose query dim is not proven 1: fed 4 rows at
+    run time it broadcasts the scores to 4 queries, which the fused op would not. The same
+    graph with the mask's dim proven 1 fuses (the control)."""
+    def decode(shape):
+        g = Graph(np.float32)
+        q, k, v = g.input("q", [1, 2, 1, 8]), g.input("k", [1, 2, 4, 8]), g.input("v", [1, 2, 4, 8])
+        g.inputs["mask"] = (np.float32, shape)
+        scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), "mask")
+        return g.model(g.op("MatMul", g.op("Softmax", scores, axis=-1), v), [1, 2, None, 8], 18)
+    _assert_not_fused(decode(mask_shape))
+    assert_rewrites(decode([1, 1, 1, 4]), RULES, expect={"fusegraph.MaskedAttention": 1})
+
+
 def test_gqa_needs_proof_of_the_repeat():
     """An Expand that also broadcasts the batch is not a plain head repeat: the repeated KV goes
     in as is (an ordinary attention), never the un-repeated one."""
