@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fusegraph.api import rewrite_with_report
 from fusegraph.patterns import attention
-from fusegraph.verify.testing import assert_rewrites, make_model, manifest_feeds, node, op_counts
+from fusegraph.graph_builder import GraphBuilder
+from fusegraph.verify.testing import assert_rewrites, manifest_feeds, op_counts
 from fusegraph.verify import compare, run
 
 from corpus import (MANIFEST, MODELS, assert_original_does_not_run,
@@ -27,30 +28,16 @@ MASKS = ("none", "add", "keep", "masked_fill", "bias_and_mask", "causal_const", 
 K_FORMS = ("bhsd", "bshd", "batched")
 
 
-class Graph:
-    """Nodes, initializers and inputs of one test model."""
+class Graph(GraphBuilder):
+    """The one graph builder, with this file's model: one output of the graph's type (and
+    untyped extra outputs); `np_dtype` is that type as numpy names it."""
 
     def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
-        self.nodes, self.inits, self.inputs = [], {}, {}
-
-    def op(self, op_type, *inputs, **attrs):
-        out = f"t{len(self.nodes)}"
-        self.nodes.append(node(op_type, list(inputs), [out], **attrs))
-        return out
-
-    def const(self, value, dtype=None):
-        name = f"c{len(self.inits)}"
-        self.inits[name] = np.asarray(value, dtype=dtype or self.dtype)
-        return name
-
-    def input(self, name, shape, dtype=None):
-        self.inputs[name] = (dtype or self.dtype, list(shape))
-        return name
+        super().__init__(dtype)
+        self.np_dtype = np.dtype(dtype)
 
     def model(self, out, out_shape, opset, extra_outputs=()):
-        outputs = {out: (self.dtype, out_shape), **{o: (self.dtype, None) for o in extra_outputs}}
-        return make_model(self.nodes, self.inputs, outputs, self.inits, opset=opset)
+        return super().model({}, {out: out_shape, **{o: None for o in extra_outputs}}, opset)
 
 
 def repeat_kv(g, x, b, hkv, group, s, d):
@@ -98,7 +85,7 @@ def build(*, dtype, b, hkv, group, s, d, scale_form, scale, mask, softmax_fp32, 
         scores = g.op("Div", scores, g.const(1 / scale))
     if softmax_fp32:
         scores = g.op("Cast", scores, to=onnx.TensorProto.FLOAT)
-    fdt = np.float32 if softmax_fp32 else g.dtype
+    fdt = np.float32 if softmax_fp32 else g.np_dtype
     fill = np.finfo(fdt).min if fill == "lowest" else -np.inf  # the fills that mask exactly
     tril = np.tril(np.ones((s, s), bool))
     if mask == "add":
@@ -122,7 +109,7 @@ def build(*, dtype, b, hkv, group, s, d, scale_form, scale, mask, softmax_fp32, 
         scores = g.op("Where", keep, scores, g.const(fill, fdt))
     probs = g.op("Softmax", scores, axis=-1)
     if softmax_fp32:
-        probs = g.op("Cast", probs, to=onnx.helper.np_dtype_to_tensor_dtype(g.dtype))
+        probs = g.op("Cast", probs, to=g.dtype)
     if nan_guard:
         probs = g.op("Where", g.op("IsNaN", probs), g.const(0.0), probs)
     out = g.op("MatMul", probs, v)
@@ -284,7 +271,7 @@ def test_a_mask_not_proven_to_keep_the_one_query_is_refused(mask_shape):
     def decode(shape):
         g = Graph(np.float32)
         q, k, v = g.input("q", [1, 2, 1, 8]), g.input("k", [1, 2, 4, 8]), g.input("v", [1, 2, 4, 8])
-        g.inputs["mask"] = (np.float32, shape)
+        g.input("mask", shape)
         scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), "mask")
         return g.model(g.op("MatMul", g.op("Softmax", scores, axis=-1), v), [1, 2, None, 8], 18)
     _assert_not_fused(decode(mask_shape))

@@ -14,7 +14,8 @@ import pytest
 
 from fusegraph.api import rewrite_with_report
 from fusegraph.patterns import attention
-from fusegraph.verify.testing import assert_rewrites, assert_unchanged, make_model, node, op_counts
+from fusegraph.graph_builder import GraphBuilder
+from fusegraph.verify.testing import assert_rewrites, assert_unchanged, op_counts
 from fusegraph.verify import run
 
 RULES = attention.RULES
@@ -22,32 +23,28 @@ B, H, S, D = 2, 4, 6, 8
 F32_LOW = float(np.finfo(np.float32).min)
 
 
-class Graph:
-    """A tiny builder: `g.op("Add", a, b)` returns the output name; constants as initializers
-    (`overridable` ones also graph inputs, i.e. defaults a caller may feed)."""
+class Graph(GraphBuilder):
+    """The one graph builder in float32, with this file's model (one output); constants whose
+    `role` is `overridable` are also graph inputs, i.e. defaults a caller may feed."""
 
     def __init__(self, overridable=()):
-        self.nodes, self.inits, self.inputs, self.overridable = [], {}, {}, overridable
-
-    def op(self, op_type, *ins, **attrs):
-        out = f"t{len(self.nodes)}"
-        self.nodes.append(node(op_type, list(ins), [out], **attrs))
-        return out
+        super().__init__(np.float32)
+        self.overridable = overridable
 
     def const(self, value, dtype=np.float32, role=None):
-        name = f"c{len(self.inits)}"
-        self.inits[name] = np.asarray(value, dtype)
+        name = super().const(value, dtype)
         if role in self.overridable:
-            self.inputs[name] = (self.inits[name].dtype, list(self.inits[name].shape))
+            array = np.asarray(value, dtype)
+            self.input(name, list(array.shape), array.dtype)
         return name
 
     def model(self, out, shape, opset=18):
-        return make_model(self.nodes, self.inputs, {out: (np.float32, shape)}, self.inits, opset=opset)
+        return super().model({}, {out: shape}, opset)
 
 
 def _qkv(g: Graph):
     for x in "qkv":
-        g.inputs[x] = (np.float32, [B, H, S, D])
+        g.input(x, [B, H, S, D])
     return g.op("Mul", g.op("MatMul", "q", g.op("Transpose", "k", perm=[0, 1, 3, 2])), g.const(D ** -0.5))
 
 
@@ -92,7 +89,7 @@ def softcapped(div=50.0, mul=50.0, mask=True, guard=False, opset=18, overridable
     scores = g.op("Mul", g.op("Tanh", g.op("Div", scores, g.const(np.full(cap_shape, div), role="cap"))),
                   g.const(mul))
     if mask:
-        g.inputs["mask"] = (np.float32, [B, 1, S, S])
+        g.input("mask", [B, 1, S, S])
         scores = g.op("Add", scores, "mask")
     probs = g.op("Softmax", scores, axis=-1)
     if guard:
@@ -142,12 +139,12 @@ def alibi(fill=F32_LOW, kind="drop", bias_shape=(H, 1, S), bias_input=False, gua
     g = Graph()
     scores = _qkv(g)
     if bias_input:
-        g.inputs["alibi"] = (np.float32, list(bias_shape))
+        g.input("alibi", list(bias_shape))
         bias = "alibi"
     else:
         bias = g.const(np.linspace(-4, 0, int(np.prod(bias_shape))).reshape(bias_shape))
     biased = g.op("Add", scores, bias)
-    g.inputs["sel"] = (np.bool_, [B, 1, S, S])
+    g.input("sel", [B, 1, S, S], np.bool_)
     fill_c = g.const(fill)
     masked = g.op("Where", "sel", fill_c, biased) if kind == "drop" else g.op("Where", "sel", biased, fill_c)
     probs = g.op("Softmax", masked, axis=-1)
@@ -190,10 +187,10 @@ def test_a_bias_that_grows_the_scores_is_refused():
     """A [2, H, S, S] bias over scores of batch 1 would add a batch: another computation."""
     g = Graph()
     for x in "qkv":
-        g.inputs[x] = (np.float32, [1, H, S, D])
+        g.input(x, [1, H, S, D])
     scores = g.op("Mul", g.op("MatMul", "q", g.op("Transpose", "k", perm=[0, 1, 3, 2])), g.const(D ** -0.5))
     biased = g.op("Add", scores, g.const(np.zeros((2, H, S, S))))
-    g.inputs["sel"] = (np.bool_, [1, 1, S, S])
+    g.input("sel", [1, 1, S, S], np.bool_)
     masked = g.op("Where", "sel", g.const(F32_LOW), biased)
     assert_unchanged(g.model(g.op("MatMul", g.op("Softmax", masked, axis=-1), "v"), [2, H, S, D]), RULES)
 
@@ -203,8 +200,7 @@ def merged_heads(split=(B, H, D, S), perm=(0, 2, 1), q_batch=B, scale=D ** -0.25
     """nn.MultiheadAttention as dynamo exports it at static shapes: K [B*H, S, D] transposed in
     3-D and split back into [B, H, D, S]; sqrt(scale) on Q and on K^T."""
     g = Graph(overridable)
-    g.inputs.update(q=(np.float32, [q_batch, H, S, D]), k=(np.float32, [split[0] * H, S, D]),
-                    v=(np.float32, [q_batch, H, S, D]))
+    g.input("q", [q_batch, H, S, D]), g.input("k", [split[0] * H, S, D]), g.input("v", [q_batch, H, S, D])
     kt = g.op("Reshape", g.op("Transpose", "k", perm=list(perm)), g.const(split, np.int64, role="split"))
     scores = g.op("MatMul", g.op("Mul", "q", g.const(scale)), g.op("Mul", kt, g.const(scale)))
     model = g.model(g.op("MatMul", g.op("Softmax", scores, axis=-1), "v"), [q_batch, H, S, D])
@@ -237,17 +233,17 @@ def three_d(mask=None, sk=S, v_rank=3, perm=(0, 2, 1), scale=D ** -0.5, guard=Fa
     """softmax(Q K^T * scale (+ mask)) V on [B*H, S, D], as diffusion UNets export it (self- and
     cross-attention, baddbmm's zeros as the mask) and ALiBi models before their Reshape."""
     g = Graph()
-    g.inputs.update(q=(np.float32, [B * H, S, D]), k=(np.float32, [B * H, sk, D]),
-                    v=(np.float32, [B * H, sk, D] if v_rank == 3 else [1, B * H, sk, D]))
+    g.input("q", [B * H, S, D]), g.input("k", [B * H, sk, D])
+    g.input("v", [B * H, sk, D] if v_rank == 3 else [1, B * H, sk, D])
     scores = g.op("Mul", g.op("MatMul", "q", g.op("Transpose", "k", perm=list(perm))), g.const(scale))
     if mask == "zeros":
         scores = g.op("Add", scores, g.const(np.zeros((B * H, S, sk))))
     elif mask == "alibi":  # [B*H, 1, Sk] bias, then a boolean mask with the lowest fill
         scores = g.op("Add", scores, g.const(np.linspace(-3, 0, B * H * sk).reshape(B * H, 1, sk)))
-        g.inputs["sel"] = (np.bool_, [B * H, S, sk])
+        g.input("sel", [B * H, S, sk], np.bool_)
         scores = g.op("Where", "sel", g.const(F32_LOW), scores)
     elif mask is not None:
-        g.inputs["mask"] = (np.float32, list(mask))
+        g.input("mask", list(mask))
         scores = g.op("Add", scores, "mask")
     probs = g.op("Softmax", scores, axis=-1)
     if guard:
