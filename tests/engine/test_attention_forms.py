@@ -15,7 +15,8 @@ from engine_models import requires_tensorrt, save
 from fusegraph.api import rewrite_with_report
 from fusegraph.plugins.engine import build_engine
 from fusegraph.patterns import attention
-from fusegraph.verify.testing import make_model, node, op_counts
+from fusegraph.graph_builder import GraphBuilder
+from fusegraph.verify.testing import op_counts
 from fusegraph.verify import make_inputs, run
 
 pytestmark = [pytest.mark.tensorrt, requires_tensorrt]
@@ -29,19 +30,9 @@ def attention_graph(*, dtype=np.float32, heads=4, kv_heads=4, d=D, mask=None, gu
     """softmax(Q K^T / sqrt(d) (+ mask)) V as exporters write it; `mask` is None, ("add", shape,
     dtype) for an input, ("causal", fill) for a constant triangle, or ("keep", fill); `softcap`
     caps the scores as Gemma 2 does, cap * tanh(s / cap)."""
-    nodes, inits, inputs = [], {}, {}
-
-    def op(op_type, *ins, **attrs):
-        out = f"t{len(nodes)}"
-        nodes.append(node(op_type, list(ins), [out], **attrs))
-        return out
-
-    def const(value, dt):
-        name = f"c{len(inits)}"
-        inits[name] = np.asarray(value, dt)
-        return name
-
-    inputs.update(q=(dtype, [B, heads, S, d]), k=(dtype, [B, kv_heads, S, d]), v=(dtype, [B, kv_heads, S, d]))
+    g = GraphBuilder(dtype)
+    op, const = g.op, g.const
+    g.input("q", [B, heads, S, d]), g.input("k", [B, kv_heads, S, d]), g.input("v", [B, kv_heads, S, d])
     k, v = "k", "v"
     if kv_heads != heads:  # HF's repeat_kv
         group = heads // kv_heads
@@ -56,12 +47,12 @@ def attention_graph(*, dtype=np.float32, heads=4, kv_heads=4, d=D, mask=None, gu
         scores = op("Cast", scores, to=TP.FLOAT)
     above = np.triu(np.ones((S, S), bool), k=1)
     if mask is not None and mask[0] == "add":
-        inputs["mask"] = (mask[2], list(mask[1]))
+        g.input("mask", list(mask[1]), mask[2])
         scores = op("Add", scores, "mask")
     elif mask is not None and mask[0] == "causal":
         scores = op("Add", scores, const(np.where(above, mask[1], 0), sdt))
     elif mask is not None and mask[0] == "keep":
-        inputs["keep"] = (np.bool_, [B, 1, S, S])
+        g.input("keep", [B, 1, S, S], np.bool_)
         scores = op("Where", "keep", scores, const(mask[1], sdt))
     probs = op("Softmax", scores, axis=-1)
     if softmax_fp32:
@@ -69,7 +60,7 @@ def attention_graph(*, dtype=np.float32, heads=4, kv_heads=4, d=D, mask=None, gu
     if guard:
         probs = op("Where", op("IsNaN", probs), const(0.0, dtype), probs)
     out = op("MatMul", probs, v)
-    return make_model(nodes, inputs, {out: (dtype, [B, heads, S, d])}, inits, opset=opset)
+    return g.model({}, {out: (dtype, [B, heads, S, d])}, opset)
 
 
 F32_LOW = float(np.finfo(np.float32).min)

@@ -23,6 +23,7 @@ import pytest
 
 from fusegraph.api import rewrite_with_report
 from fusegraph.patterns import attention
+from fusegraph.graph_builder import GraphBuilder
 from fusegraph.verify.testing import make_model, node, op_counts
 from fusegraph.verify import run
 
@@ -66,24 +67,19 @@ def _np(t: int) -> np.dtype:
 
 
 def build(s: Spec) -> onnx.ModelProto:
-    nodes, inits, inputs = [], {}, {}
-
-    def op(op_type, *ins, **attrs):
-        out = f"t{len(nodes)}"
-        nodes.append(node(op_type, list(ins), [out], **attrs))
-        return out
+    g = GraphBuilder(s.dtype)
+    op = g.op
 
     def const(value, dtype, role=None):
-        name = f"c{len(inits)}"
-        inits[name] = np.asarray(value, dtype=dtype)
-        if role in s.overridable:
-            inputs[name] = (inits[name].dtype, list(inits[name].shape))
+        name = g.const(value, dtype)
+        if role in s.overridable:  # a default the caller may feed
+            g.input(name, list(np.shape(value)), dtype)
         return name
 
     dt = np.dtype(s.dtype)
-    inputs["q"] = (dt, [s.b, s.hq, s.sq, s.d])
-    inputs["k"] = (dt, [s.b, s.hkv, s.sk, s.d])
-    inputs["v"] = (dt, [s.b, s.hkv, s.sk, s.d])
+    g.input("q", [s.b, s.hq, s.sq, s.d], dt)
+    g.input("k", [s.b, s.hkv, s.sk, s.d], dt)
+    g.input("v", [s.b, s.hkv, s.sk, s.d], dt)
     scale = np.full(s.scale_shape, 1 / np.sqrt(s.d))
     scores = op("Mul", op("MatMul", "q", op("Transpose", "k", perm=list(s.perm))), const(scale, dt, "scale"))
     if s.scores_to is not None:
@@ -92,25 +88,25 @@ def build(s: Spec) -> onnx.ModelProto:
     if s.mask is not None:
         kind = s.mask[0]
         if kind == "add":
-            inputs["mask"] = (s.mask[2], list(s.mask[1]))
+            g.input("mask", list(s.mask[1]), s.mask[2])
             scores = op("Add", scores, "mask")
         elif kind == "bias_then":  # T5: (scores + position bias) + a mask given as an input or Where(keep, 0, fill)
             scores = op("Add", scores, const(np.linspace(-3, 3, s.sq * s.sk).reshape(1, 1, s.sq, s.sk), sdt))
             if s.mask[1] == "input":
-                inputs["mask"] = (sdt, [s.b, 1, 1, s.sk])
+                g.input("mask", [s.b, 1, 1, s.sk], sdt)
                 scores = op("Add", scores, "mask")
             else:
-                inputs["sel"] = (np.bool_, [s.b, 1, 1, s.sk])
+                g.input("sel", [s.b, 1, 1, s.sk], np.bool_)
                 scores = op("Add", scores, op("Where", "sel", const(0.0, sdt), const(s.mask[1], sdt)))
         elif kind == "add_where":  # HF's additive mask: Where(keep, 0, fill) of a boolean input
-            inputs["sel"] = (np.bool_, [s.b, 1, s.sq, s.sk])
+            g.input("sel", [s.b, 1, s.sq, s.sk], np.bool_)
             scores = op("Add", scores, op("Where", "sel", const(0.0, sdt), const(s.mask[1], sdt)))
         elif kind == "const":
             scores = op("Add", scores, const(s.mask[1], sdt, "mask"))
         elif kind == "keep_const":
             scores = op("Where", const(s.mask[1], np.bool_), scores, const(s.mask[2], sdt, "fill"))
         else:
-            inputs["sel"] = (np.bool_, list(s.mask[1]))
+            g.input("sel", list(s.mask[1]), np.bool_)
             fill = const(s.mask[2], sdt, "fill")
             scores = op("Where", "sel", scores, fill) if kind == "keep" else op("Where", "sel", fill, scores)
     if s.masked_to is not None:
@@ -122,7 +118,7 @@ def build(s: Spec) -> onnx.ModelProto:
         probs = op("Where", op("IsNaN", probs), const(0.0, dt), probs)
     out = op("MatMul", probs, "v")
     out_shape = [1] * (len(s.scale_shape) - 4) + [s.b, max(s.hq, s.hkv), s.sq, s.d]
-    return make_model(nodes, inputs, {out: (dt, out_shape)}, inits, opset=s.opset)
+    return g.model({}, {out: (dt, out_shape)}, s.opset)
 
 
 # -- adversarial inputs ----------------------------------------------------------------------

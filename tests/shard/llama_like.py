@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from hypothesis import strategies as st
-from onnx import helper
 
-from fusegraph.verify.testing import make_model
+from fusegraph.graph_builder import GraphBuilder
 
 
 @dataclass(frozen=True)
@@ -51,22 +50,15 @@ def configs(tp: int):
 
 def build(c: Config, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    nodes, inits = [], {}
-    counter = [0]
-
-    def name(base):
-        counter[0] += 1
-        return f"{base}_{counter[0]}"
+    g = GraphBuilder(np.float32)
 
     def const(base, array):
-        n = name(base)
-        inits[n] = np.asarray(array)
-        return n
+        array = np.asarray(array)
+        return g.weight(array, array.dtype, hint=base)
 
     def op(op_type, inputs, **attrs):
-        out = name(op_type.lower())
-        nodes.append(helper.make_node(op_type, inputs, [out], name=out + "_node", **attrs))
-        return out
+        out = g.fresh(op_type.lower())
+        return g.op(op_type, *inputs, outputs=out, name=out + "_node", **attrs)
 
     def weight(k, n):
         return const("w", (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32))
@@ -134,11 +126,11 @@ def build(c: Config, seed: int = 0) -> onnx.ModelProto:
     outputs = {}
     if c.lm_head:
         out = op("MatMul", [out, weight(c.hidden, c.vocab)])
-        nodes[-1].output[0] = "logits"
+        g.nodes[-1].output[0] = "logits"
         outputs["logits"] = (np.float32, [c.batch, c.seq, c.vocab])
     else:
-        nodes[-1].output[0] = "hidden"
+        g.nodes[-1].output[0] = "hidden"
         outputs["hidden"] = (np.float32, [c.batch, c.seq, c.hidden])
-    model = make_model(nodes, {ids: (np.int64, [c.batch, c.seq])}, outputs, inits, opset=17)
+    model = g.model({ids: (np.int64, [c.batch, c.seq])}, outputs, 17)
     onnx.checker.check_model(model, full_check=True)
     return model
