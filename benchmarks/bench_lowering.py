@@ -153,15 +153,19 @@ def _ints(name: str, *v: int) -> onnx.NodeProto:
     return node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(v, np.int64), name))
 
 
-def rope(seq):
+def rope(seq, batch=1):
+    """Llama's rotate-half RoPE as HF exports it: the tables cos and sin of Concat(freqs, freqs),
+    unsqueezed over the heads (computed once per model and read by every layer's Q and K; here
+    by one Q)."""
     h = HEAD_DIM // 2
-    nodes = [_ints("s0", 0), _ints("sh", h), _ints("se", 2**62), _ints("ax", -1),
+    nodes = [_ints("s0", 0), _ints("sh", h), _ints("se", 2**62), _ints("ax", -1), _ints("hd", 1),
+             node("Concat", ["f", "f"], ["emb"], axis=-1), node("Cos", ["emb"], ["c"]), node("Sin", ["emb"], ["s"]),
+             node("Unsqueeze", ["c", "hd"], ["cos"]), node("Unsqueeze", ["s", "hd"], ["sin"]),
              node("Slice", ["x", "s0", "sh", "ax"], ["x1"]), node("Slice", ["x", "sh", "se", "ax"], ["x2"]),
              node("Neg", ["x2"], ["nx2"]), node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
              node("Mul", ["x", "cos"], ["xc"]), node("Mul", ["rot", "sin"], ["rs"]), node("Add", ["xc", "rs"], ["y"])]
-    shape = [1, HEADS, seq, HEAD_DIM]
-    return make_model(nodes, {"x": ("float32", shape), "cos": ("float32", [1, 1, seq, HEAD_DIM]),
-                              "sin": ("float32", [1, 1, seq, HEAD_DIM])}, {"y": ("float32", shape)})
+    shape = [batch, HEADS, seq, HEAD_DIM]
+    return make_model(nodes, {"x": ("float32", shape), "f": ("float32", [batch, seq, h])}, {"y": ("float32", shape)})
 
 
 def _attention(seq, causal: bool):
@@ -251,23 +255,25 @@ def main(argv=None) -> None:
              f"onnxruntime {ort.__version__}, 1 thread; median of {args.runs} interleaved runs. Command: "
              f"`python benchmarks/bench_lowering.py --seq {' '.join(map(str, args.seq))} --runs {args.runs}`. "
              "Cells: median microseconds; x: median over the rounds of original / form (above 1 is faster). "
-             "Blocks at hidden 512, 8 heads of 64, batch 1.", "",
-             "| block | seq | original | portable | onnxruntime | max abs (portable, onnxruntime) |",
-             "|---|---|---|---|---|---|"]
+             "Blocks at hidden 512, 8 heads of 64, batch 1. A/A: the original in a second session "
+             "(the noise floor of a ratio).", "",
+             "| block | seq | original | A/A | portable | onnxruntime | max abs (portable, onnxruntime) |",
+             "|---|---|---|---|---|---|---|"]
     for name in args.only:
         make = BLOCKS[name]
         for seq in args.seq:
             original = make(seq)
             f = feeds(original, seq)
             rewrites = [rewrite_with_report(original, target=target) for target in ("portable", "onnxruntime")]
-            (base, *forms), (want, *got) = timed([original] + [m for m, _ in rewrites], f, args.runs)
+            (base, again, *forms), (want, _, *got) = timed([original, original] + [m for m, _ in rewrites], f, args.runs)
             cells, errs = [], []
             for t, out, (_, report) in zip(forms, got, rewrites):
                 fusions = ",".join(sorted(report.per_rule)) or "nothing fused"
                 cells.append(f"{np.median(t) * 1e6:.0f} ({paired_ratio(base, t):.2f}x)"
                              + ("" if report.fusions else f" [{fusions}]"))
                 errs.append(max(float(np.nanmax(np.abs(g - w))) for g, w in zip(out, want)))
-            lines.append(f"| {name} | {seq} | {np.median(base) * 1e6:.0f} | {cells[0]} | {cells[1]} | "
+            lines.append(f"| {name} | {seq} | {np.median(base) * 1e6:.0f} | {paired_ratio(base, again):.2f}x | "
+                         f"{cells[0]} | {cells[1]} | "
                          f"{errs[0]:.1e}, {errs[1]:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))

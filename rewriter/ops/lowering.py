@@ -91,6 +91,67 @@ def _matmul_bias_gelu_tanh_ort(op, x, w, b):
     return op.FastGelu(op.MatMul(x, w), b, _domain=MS_DOMAIN)
 
 
+def _rope(op: PatternOps, x, cos, sin):
+    return op.RotaryEmbedding(x, cos, sin, _domain=DOMAIN, interleaved=0)
+
+
+def half_table_freqs(table, trig: str):
+    """freqs where `table` is trig(Concat(freqs, freqs)) over the last axis, unsqueezed at the
+    head axis (1): the rotate-half tables as HF exports compute them, once per model for every
+    layer (so a walk, not a pattern: the table's other readers would refuse a match). Else None."""
+    unsqueeze = table.producer
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.inputs) != 2:
+        return None
+    axes = unsqueeze.inputs[1].const_value if unsqueeze.inputs[1] is not None else None
+    if axes is None or axes.size != 1 or int(axes.reshape(())) not in (1, -3):
+        return None
+    wave = unsqueeze.inputs[0].producer
+    if wave is None or wave.op_type != trig or wave.domain:
+        return None
+    concat = wave.inputs[0].producer
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.attr("axis") not in (-1, 2):
+        return None
+    freqs = concat.inputs[0]
+    return freqs if concat.inputs[1] is freqs and freqs.rank == 3 else None
+
+
+def _rope_ort(op, x, cos, sin):
+    """fusegraph.RotaryEmbedding (rotate-half) -> com.microsoft.RotaryEmbedding
+
+    The contrib op reads its tables as caches [rows, rotary_dim / 2] at `position_ids` [B, S]:
+    the cos and sin of freqs [Bf, S, rotary_dim / 2] (the table's first half, which equals its
+    second) are the cache, each row read at its own place (position_ids = arange(Bf * S)
+    viewed [Bf, S], broadcast to X's batch when Bf is 1). ONNX Runtime merges the layers'
+    identical cache and position computations into one (common subexpressions)."""
+    freqs = half_table_freqs(cos, "Cos")
+    ints = lambda *v: op.const(np.array(v, np.int64))  # noqa: E731
+    lead = op.Slice(op.Shape(freqs), ints(0), ints(2))  # [Bf, S]
+    seq = op.Slice(lead, ints(1), ints(2))
+    count = op.Reshape(op.Mul(op.Slice(lead, ints(0), ints(1)), seq), op.const(np.zeros(0, np.int64)))  # a scalar
+    positions = op.Reshape(op.Range(op.const(np.array(0, np.int64)), count, op.const(np.array(1, np.int64))), lead)
+    positions = op.Expand(positions, op.Concat(op.Slice(op.Shape(x), ints(0), ints(1)), seq, axis=0))
+    cache = ints(-1, freqs.shape[-1])
+    return op.RotaryEmbedding(x, positions, op.Reshape(op.Cos(freqs), cache), op.Reshape(op.Sin(freqs), cache),
+                              _domain=MS_DOMAIN, interleaved=0)
+
+
+def rope_fits_the_contrib_kernel(x, cos, sin) -> bool:
+    """X [B, H, S, D] float32 rotated over all its D channels (ONNX Runtime's kernel passes
+    channels beyond rotary_dim through only with num_heads stated, not measured here), by
+    rotate-half tables of one freqs [1 or B, S, D / 2] (`half_table_freqs`)."""
+    if x.dtype != onnx.TensorProto.FLOAT:
+        return reject(f"element type {x.dtype}: lowered for float32 only")
+    if x.rank != 4:
+        return reject(f"X of rank {x.rank}: the kernel's layout here is X [B, H, S, D]")
+    freqs = half_table_freqs(cos, "Cos")
+    if freqs is None or half_table_freqs(sin, "Sin") is not freqs:
+        return reject("the tables are not Cos and Sin of one Concat(freqs, freqs) unsqueezed at the head axis")
+    d, half = x.shape[-1], freqs.shape[-1]
+    if not isinstance(d, int) or not isinstance(half, int) or 2 * half != d:
+        return reject(f"freqs' last dim {half} is not half of X's head dim {d}: a partial rotation or unknown dims")
+    return True
+
+
 def _split_gemm(op: PatternOps, x, w, b, sizes):
     return op.Split(op.MatMulBias(x, w, b, _domain=DOMAIN), sizes, axis=Attr("axis"), _outputs=3)
 
@@ -149,6 +210,7 @@ def split_of_constant_matrix(x, w, sizes, axis, b=None) -> bool:
 def _lowerings_onnxruntime() -> list[Rule]:
     name = "lower.onnxruntime."
     return [
+        Rule(name + "RotaryEmbedding", _rope, _rope_ort, [rope_fits_the_contrib_kernel]),
         Rule(name + "RMSNorm", _rms_norm, _rms_norm_ort, [float32_only]),
         Rule(name + "GeluTanh", _gelu_tanh, _gelu_tanh_ort, [float32_only]),
         Rule(name + "MatMulGeluTanh", _matmul_gelu_tanh, _matmul_gelu_tanh_ort, [float32_only]),
