@@ -165,7 +165,7 @@ def rope(seq, batch=1):
              node("Neg", ["x2"], ["nx2"]), node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
              node("Mul", ["x", "cos"], ["xc"]), node("Mul", ["rot", "sin"], ["rs"]), node("Add", ["xc", "rs"], ["y"])]
     shape = [batch, HEADS, seq, HEAD_DIM]
-    return make_model(nodes, {"x": ("float32", shape), "f": ("float32", [batch, seq, h])}, {"y": ("float32", shape)})
+    return make_model(nodes, {"x": ("float32", shape), "f": ("float32", [1, seq, h])}, {"y": ("float32", shape)})
 
 
 def _attention(seq, causal: bool):

@@ -118,27 +118,22 @@ def half_table_freqs(table, trig: str):
 def _rope_ort(op, x, cos, sin):
     """fusegraph.RotaryEmbedding (rotate-half) -> com.microsoft.RotaryEmbedding
 
-    The contrib op reads its tables as caches [rows, rotary_dim / 2] at `position_ids` [B, S]:
-    the cos and sin of freqs [Bf, S, rotary_dim / 2] (the table's first half, which equals its
-    second) are the cache, each row read at its own place (position_ids = arange(Bf * S)
-    viewed [Bf, S], broadcast to X's batch when Bf is 1). ONNX Runtime merges the layers'
-    identical cache and position computations into one (common subexpressions)."""
+    The contrib op reads its tables as caches [rows, rotary_dim / 2] from row position_ids[0]
+    on (a [1] tensor: every batch row at the same positions): the cos and sin of freqs
+    [1, S, rotary_dim / 2] (the table's first half, which equals its second) viewed [S, rd / 2],
+    read from row 0. Two nodes per call, the Cos and Sin shared by every layer's."""
     freqs = half_table_freqs(cos, "Cos")
-    ints = lambda *v: op.const(np.array(v, np.int64))  # noqa: E731
-    lead = op.Slice(op.Shape(freqs), ints(0), ints(2))  # [Bf, S]
-    seq = op.Slice(lead, ints(1), ints(2))
-    count = op.Reshape(op.Mul(op.Slice(lead, ints(0), ints(1)), seq), op.const(np.zeros(0, np.int64)))  # a scalar
-    positions = op.Reshape(op.Range(op.const(np.array(0, np.int64)), count, op.const(np.array(1, np.int64))), lead)
-    positions = op.Expand(positions, op.Concat(op.Slice(op.Shape(x), ints(0), ints(1)), seq, axis=0))
-    cache = ints(-1, freqs.shape[-1])
-    return op.RotaryEmbedding(x, positions, op.Reshape(op.Cos(freqs), cache), op.Reshape(op.Sin(freqs), cache),
-                              _domain=MS_DOMAIN, interleaved=0)
+    cache = op.const(np.array([-1, freqs.shape[-1]], np.int64))
+    return op.RotaryEmbedding(x, op.const(np.zeros(1, np.int64)), op.Reshape(op.Cos(freqs), cache),
+                              op.Reshape(op.Sin(freqs), cache), _domain=MS_DOMAIN, interleaved=0)
 
 
 def rope_fits_the_contrib_kernel(x, cos, sin) -> bool:
     """X [B, H, S, D] float32 rotated over all its D channels (ONNX Runtime's kernel passes
     channels beyond rotary_dim through only with num_heads stated, not measured here), by
-    rotate-half tables of one freqs [1 or B, S, D / 2] (`half_table_freqs`)."""
+    rotate-half tables of one freqs [1, S, D / 2] (`half_table_freqs`): one table for the batch,
+    as exports compute it from one position range (a table per batch row would need position
+    ids computed per call, which cost a decode step more than the kernel saves)."""
     if x.dtype != onnx.TensorProto.FLOAT:
         return reject(f"element type {x.dtype}: lowered for float32 only")
     if x.rank != 4:
@@ -146,6 +141,8 @@ def rope_fits_the_contrib_kernel(x, cos, sin) -> bool:
     freqs = half_table_freqs(cos, "Cos")
     if freqs is None or half_table_freqs(sin, "Sin") is not freqs:
         return reject("the tables are not Cos and Sin of one Concat(freqs, freqs) unsqueezed at the head axis")
+    if freqs.shape[0] != 1:
+        return reject(f"freqs of batch {freqs.shape[0]}: one table for the batch (batch 1) only")
     d, half = x.shape[-1], freqs.shape[-1]
     if not isinstance(d, int) or not isinstance(half, int) or 2 * half != d:
         return reject(f"freqs' last dim {half} is not half of X's head dim {d}: a partial rotation or unknown dims")
