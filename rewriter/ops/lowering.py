@@ -8,8 +8,9 @@ fusion, a *target* lowers each fused op into the operators that runtime executes
 
 - `portable` (default): the fused ops and their local functions, unchanged; any ONNX runtime.
 - `onnxruntime`: ONNX Runtime's contrib ops where its CPU provider has a kernel that beats the
-  portable form (`com.microsoft.FastGelu`, and `SimplifiedLayerNormalization`, which ONNX
-  Runtime registers in the default domain), and the decomposition again where a fusion is
+  portable form (`com.microsoft.FastGelu`, `com.microsoft.RotaryEmbedding`, and
+  `SimplifiedLayerNormalization`, which ONNX Runtime registers in the default domain), and the
+  decomposition again where a fusion is
   slower there than what it replaced: the `qkv` rules' one GEMM on concatenated weights and
   its Split (a copy of Q, K and V) become three GEMMs. The output is for ONNX Runtime only:
   `onnx.checker` does not know these ops.
@@ -194,16 +195,19 @@ def split_of_constant_matrix(x, w, sizes, axis, b=None) -> bool:
 
 
 #: The ops whose contrib kernel beat the portable form in `bench_lowering.py` (RMSNorm 2.3-2.5x,
-#: tanh-GELU 2.5-2.8x, Linear + tanh-GELU 1.1-1.3x), and the split GEMM whose three GEMMs beat it
-#: at prefill sizes (the fused one with its Split 0.93-0.97x of them at 128-512 rows; 1.04x at
-#: one row, a decode step, where the node saved weighs more: a few microseconds per layer).
-#: Measured no faster, so left portable: SkipRMSNorm (0.96x as SkipSimplifiedLayerNormalization),
-#: SkipLayerNorm (ONNX Runtime's SkipLayerNormalization, with the bias it takes from the GEMM
-#: before, 0.15-0.6x of LayerNormalization and the Adds), erf GELU and Linear + GELU (ONNX
-#: Runtime fuses the decomposition itself), SiLU and QuickGELU (level), SwiGLU, and
-#: MaskedAttention as com.microsoft.MultiHeadAttention (Q transposed to BSD, K and V as BNSH,
-#: the mask expanded to its attention_bias: 1.00x of the portable body at seq 128 and 512; it
-#: would also need the dead-row guard and Hq == Hkv).
+#: tanh-GELU 2.5-2.8x, Linear + tanh-GELU 1.1-1.3x, rotate-half RoPE 1.4x at one row and
+#: 2.1-2.3x at 128-512 rows), and the split GEMM whose three GEMMs beat it at prefill sizes (the
+#: fused one with its Split 0.93-0.97x of them at 128-512 rows; 1.04x at one row, a decode step,
+#: where the node saved weighs more: a few microseconds per layer).
+#: Measured no faster, so left portable (benchmarks/RESULTS.md §7.5, the contrib forms timed
+#: next to each block): SkipRMSNorm (SkipSimplifiedLayerNormalization 0.99x of the export at 128
+#: rows, where the portable body runs 1.6x), SkipLayerNorm (ONNX Runtime's SkipLayerNormalization,
+#: with the bias it takes from the GEMM before, 0.15-0.6x of LayerNormalization and the Adds),
+#: erf GELU and Linear + GELU (ONNX Runtime fuses the decomposition itself), SiLU and QuickGELU
+#: (level), SwiGLU, and attention: com.microsoft.MultiHeadAttention and GroupQueryAttention
+#: (Q, or Q, K and V, transposed to [B, S, H * D], a padding mask as attention_bias, causal by
+#: their flag) ran 0.76x and 0.67-0.75x of the export at 128 rows and 0.9-1.1x at 512-1024, with
+#: or without a mask (ONNX Runtime 1.32's CPU kernels: MLAS GEMMs and a softmax, as the export).
 def _lowerings_onnxruntime() -> list[Rule]:
     name = "lower.onnxruntime."
     return [
