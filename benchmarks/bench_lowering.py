@@ -153,10 +153,11 @@ def _ints(name: str, *v: int) -> onnx.NodeProto:
     return node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(v, np.int64), name))
 
 
-def rope(seq, batch=1):
+def rope(seq, batch=1, symbolic=False):
     """Llama's rotate-half RoPE as HF exports it: the tables cos and sin of Concat(freqs, freqs),
     unsqueezed over the heads (computed once per model and read by every layer's Q and K; here
-    by one Q)."""
+    by one Q). `symbolic`: the sequence dims as an export's shape inference leaves them, X's
+    and the table's not tied to one another (the onnxruntime lowering broadcasts the table)."""
     h = HEAD_DIM // 2
     nodes = [_ints("s0", 0), _ints("sh", h), _ints("se", 2**62), _ints("ax", -1), _ints("hd", 1),
              node("Concat", ["f", "f"], ["emb"], axis=-1), node("Cos", ["emb"], ["c"]), node("Sin", ["emb"], ["s"]),
@@ -164,8 +165,13 @@ def rope(seq, batch=1):
              node("Slice", ["x", "s0", "sh", "ax"], ["x1"]), node("Slice", ["x", "sh", "se", "ax"], ["x2"]),
              node("Neg", ["x2"], ["nx2"]), node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
              node("Mul", ["x", "cos"], ["xc"]), node("Mul", ["rot", "sin"], ["rs"]), node("Add", ["xc", "rs"], ["y"])]
-    shape = [batch, HEADS, seq, HEAD_DIM]
-    return make_model(nodes, {"x": ("float32", shape), "f": ("float32", [1, seq, h])}, {"y": ("float32", shape)})
+    shape = [batch, HEADS, "seq" if symbolic else seq, HEAD_DIM]
+    return make_model(nodes, {"x": ("float32", shape), "f": ("float32", [1, "positions" if symbolic else seq, h])},
+                      {"y": ("float32", shape)})
+
+
+def rope_symbolic(seq):
+    return rope(seq, symbolic=True)
 
 
 def _attention(seq, causal: bool):
@@ -261,15 +267,16 @@ BLOCKS = {"RMSNorm": rms_norm, "SkipRMSNorm": skip_rms_norm, "SkipLayerNorm": sk
           "MatMulBias + SkipLayerNorm": linear_skip_layer_norm, "QKV projections": qkv_projections, "Gelu": gelu_erf,
           "GeluTanh": gelu_tanh, "Silu": silu, "QuickGelu": quick_gelu,
           "MatMulBiasGelu": linear_gelu, "MatMulBiasGeluTanh": linear_gelu_tanh, "SwiGLU": swiglu, "RotaryEmbedding": rope,
+          "RotaryEmbedding (symbolic dims)": rope_symbolic,
           "MaskedAttention": attention_padding, "Attention (causal)": attention_causal}
 
 
 def feeds(model: onnx.ModelProto, seq: int) -> dict[str, np.ndarray]:
-    """Random inputs; a symbolic dim is the batch (1) or the sequence (`seq`)."""
+    """Random inputs; a symbolic dim is the batch (1) or else the sequence (`seq`)."""
     rng = np.random.default_rng(0)
     out = {}
     for i in model.graph.input:
-        shape = [d.dim_value if d.HasField("dim_value") else seq if d.dim_param == "seq" else 1
+        shape = [d.dim_value if d.HasField("dim_value") else 1 if d.dim_param == "batch" else seq
                  for d in i.type.tensor_type.shape.dim]
         out[i.name] = rng.standard_normal(shape).astype(np.float32)
     if "mask" in out:

@@ -122,11 +122,24 @@ def _rope_ort(op, x, cos, sin):
     The contrib op reads its tables as caches [rows, rotary_dim / 2] from row position_ids[0]
     on (a [1] tensor: every batch row at the same positions): the cos and sin of freqs
     [1, S, rotary_dim / 2] (the table's first half, which equals its second) viewed [S, rd / 2],
-    read from row 0. Two nodes per call, the Cos and Sin shared by every layer's."""
+    read from row 0. Two nodes per call, the Cos and Sin shared by every layer's. Where the
+    table's length is not known to be X's sequence (an export's Range of a symbolic length), it
+    is broadcast to X's first (`same_positions`): a one-row table rotates every position alike
+    there, as it does in the portable op, where the kernel would refuse it."""
     freqs = half_table_freqs(cos, "Cos")
     cache = op.const(np.array([-1, freqs.shape[-1]], np.int64))
-    return op.RotaryEmbedding(x, op.const(np.zeros(1, np.int64)), op.Reshape(op.Cos(freqs), cache),
-                              op.Reshape(op.Sin(freqs), cache), _domain=MS_DOMAIN, interleaved=0)
+    tables = op.Cos(freqs), op.Sin(freqs)
+    if not same_positions(x, freqs):
+        ints = lambda *v: op.const(np.array(v, np.int64))  # noqa: E731
+        rows = op.Concat(ints(1), op.Slice(op.Shape(x), ints(2), ints(3)), ints(1), axis=0)  # [1, S, 1]
+        tables = tuple(op.Expand(t, rows) for t in tables)
+    return op.RotaryEmbedding(x, op.const(np.zeros(1, np.int64)), *(op.Reshape(t, cache) for t in tables),
+                              _domain=MS_DOMAIN, interleaved=0)
+
+
+def same_positions(x, freqs) -> bool:
+    """Is freqs' length X's sequence, as shapes state it (the same number or symbol)?"""
+    return freqs.shape[1] == x.shape[2] and freqs.shape[1] is not None
 
 
 def rope_fits_the_contrib_kernel(x, cos, sin) -> bool:
@@ -144,6 +157,9 @@ def rope_fits_the_contrib_kernel(x, cos, sin) -> bool:
         return reject("the tables are not Cos and Sin of one Concat(freqs, freqs) unsqueezed at the head axis")
     if freqs.shape[0] != 1:
         return reject(f"freqs of batch {freqs.shape[0]}: one table for the batch (batch 1) only")
+    rows, seq = freqs.shape[1], x.shape[2]
+    if isinstance(rows, int) and rows != 1 and isinstance(seq, int) and rows != seq:
+        return reject(f"a table of {rows} positions for a sequence of {seq}")
     d, half = x.shape[-1], freqs.shape[-1]
     if not isinstance(d, int) or not isinstance(half, int) or 2 * half != d:
         return reject(f"freqs' last dim {half} is not half of X's head dim {d}: a partial rotation or unknown dims")

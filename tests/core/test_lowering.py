@@ -260,6 +260,8 @@ def rope_feeds(model: onnx.ModelProto, seed: int) -> dict:
     ([3, 4, 6, 16], [1, 6, 8]),     # one table broadcast over the batch
     (["b", 2, "s", 8], [1, "s", 4]),  # symbolic batch and sequence, as exported
     ([2, 8, 1, 64], [1, 1, 32]),    # a decode step's one position
+    ([1, 4, 7, 16], [1, 1, 8]),     # one position's table for every position (broadcast)
+    (["b", 2, "s", 8], [1, "t", 4]),  # a table whose length shapes do not tie to the sequence
 ])
 def test_rope_lowers_to_the_contrib_kernel_with_equal_outputs(x_shape, freqs_shape):
     """ONNX Runtime's RotaryEmbedding kernel ran 1.4-2.2x faster than the exported
@@ -293,6 +295,7 @@ def refusals(model: onnx.ModelProto, rule: str) -> list[str]:
     ("head axis", lambda: rope_model([1, 7, 4, 16], [1, 7, 8], axes=2)),  # X [B, S, H, D]
     ("float32 only", lambda: rope_model([1, 4, 7, 16], [1, 7, 8], dtype="float16")),  # not measured
     ("batch 1", lambda: rope_model([3, 2, 5, 8], [3, 5, 4])),  # a table per batch row
+    ("a table of 3 positions", lambda: rope_model([1, 2, 5, 8], [1, 3, 4])),  # no broadcast: invalid
 ])
 def test_rope_the_contrib_kernel_does_not_compute_stays_portable(why, model):
     import fusegraph.ops.rope_ops  # noqa: F401
