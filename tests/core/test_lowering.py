@@ -3,6 +3,9 @@ what its target kernel does not cover."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +21,10 @@ from fusegraph.verify import compare, make_inputs, run
 
 import fusegraph.ops.activation_ops  # noqa: F401  (registers the fused ops used below)
 import fusegraph.ops.norm_ops  # noqa: F401
+import fusegraph.ops.rope_ops  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_lowering  # noqa: E402  (the exported blocks the lowerings were measured on)
 
 node = helper.make_node
 
@@ -267,7 +274,6 @@ def test_rope_lowers_to_the_contrib_kernel_with_equal_outputs(x_shape, freqs_sha
     """ONNX Runtime's RotaryEmbedding kernel ran 1.4-2.2x faster than the exported
     Slice/Neg/Concat/Mul/Add chain (benchmarks/RESULTS.md §7.5); its caches are the table's first
     half, read at the rows position_ids name: equal outputs to the portable op on every shape."""
-    import fusegraph.ops.rope_ops  # noqa: F401
     model = rope_model(x_shape, freqs_shape)
     lowered, report = rewrite_with_report(model, lowering_rules("onnxruntime"))
     assert report.per_rule["lower.onnxruntime.RotaryEmbedding"] == 1
@@ -298,17 +304,12 @@ def refusals(model: onnx.ModelProto, rule: str) -> list[str]:
     ("a table of 3 positions", lambda: rope_model([1, 2, 5, 8], [1, 3, 4])),  # no broadcast: invalid
 ])
 def test_rope_the_contrib_kernel_does_not_compute_stays_portable(why, model):
-    import fusegraph.ops.rope_ops  # noqa: F401
     [reason] = refusals(model(), "lower.onnxruntime.RotaryEmbedding")
     assert why in reason, reason
 
 
 def test_an_exported_rope_rewrites_and_lowers_in_one_run():
     """From the export's decomposition: fused (rope rule), then lowered, outputs equal."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import bench_lowering
     exported = bench_lowering.rope(9, batch=2)
     lowered, report = rewrite_with_report(exported, target="onnxruntime")
     assert report.per_rule["lower.onnxruntime.RotaryEmbedding"] == 1, report.per_rule
