@@ -11,7 +11,11 @@ ONNX Runtime's CPU provider (1 thread, default graph optimizations) as
 * `portable`: fusegraph's rewrite (the fused op with its local function, which ONNX Runtime
   inlines);
 * `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops, and the
-  Q/K/V projections as three GEMMs again).
+  Q/K/V projections as three GEMMs again);
+* `A/A`: the original in a second session, the noise floor of every ratio in its row;
+* contrib forms not lowered to (`CANDIDATES`): ONNX Runtime's kernels for the op written by
+  hand as a lowering would write them, so an op that stays portable has the number that kept
+  it there.
 
 Each cell is the median of `--runs` runs, the forms taking turns run by run; x is the median
 over those rounds of original / form (above 1 is faster), steadier on a shared machine than a
