@@ -210,20 +210,23 @@ def split_of_constant_matrix(x, w, sizes, axis, b=None) -> bool:
     return True
 
 
-#: The ops whose contrib kernel beat the portable form in `bench_lowering.py` (RMSNorm 2.3-2.5x,
-#: tanh-GELU 2.5-2.8x, Linear + tanh-GELU 1.1-1.3x, rotate-half RoPE 1.4x at one row and
-#: 2.1-2.3x at 128-512 rows), and the split GEMM whose three GEMMs beat it at prefill sizes (the
-#: fused one with its Split 0.93-0.97x of them at 128-512 rows; 1.04x at one row, a decode step,
-#: where the node saved weighs more: a few microseconds per layer).
+#: The ops whose contrib kernel beat the portable form in `bench_lowering.py` (RMSNorm 1.4-2.4x
+#: of the export, tanh-GELU 1.7-2.9x, Linear + tanh-GELU 1.1-1.2x, rotate-half RoPE 1.1-1.4x at
+#: one row and 1.9-2.3x at 128-512 rows, where the portable body runs 0.6-0.9x), and the split
+#: GEMM whose three GEMMs beat it at prefill sizes (the fused one with its Split 0.89-0.92x of
+#: the export at 128-512 rows, the three 0.98-1.00x; at one row, a decode step, level).
 #: Measured no faster, so left portable (benchmarks/RESULTS.md §7.5, the contrib forms timed
-#: next to each block): SkipRMSNorm (SkipSimplifiedLayerNormalization 0.99x of the export at 128
-#: rows, where the portable body runs 1.6x), SkipLayerNorm (ONNX Runtime's SkipLayerNormalization,
-#: with the bias it takes from the GEMM before, 0.15-0.6x of LayerNormalization and the Adds),
-#: erf GELU and Linear + GELU (ONNX Runtime fuses the decomposition itself), SiLU and QuickGELU
-#: (level), SwiGLU, and attention: com.microsoft.MultiHeadAttention and GroupQueryAttention
-#: (Q, or Q, K and V, transposed to [B, S, H * D], a padding mask as attention_bias, causal by
-#: their flag) ran 0.76x and 0.67-0.75x of the export at 128 rows and 0.9-1.1x at 512-1024, with
-#: or without a mask (ONNX Runtime 1.32's CPU kernels: MLAS GEMMs and a softmax, as the export).
+#: next to each block): SkipRMSNorm (SkipSimplifiedLayerNormalization 1.00-1.05x of the export at
+#: 128-512 rows, where the portable body runs 1.5-1.6x), SkipLayerNorm (ONNX Runtime's
+#: SkipLayerNormalization, with the bias it takes from the GEMM before, 0.15-0.6x of
+#: LayerNormalization and the Adds), erf GELU and Linear + GELU (ONNX Runtime fuses the
+#: decomposition itself), SiLU and QuickGELU (level), SwiGLU, and attention:
+#: com.microsoft.MultiHeadAttention and GroupQueryAttention (Q, or Q, K and V, transposed to
+#: [B, S, H * D], a padding mask as attention_bias, causal by their flag) ran 0.68-0.79x of the
+#: export at 1-128 rows and 0.90-1.08x at 512-1024 with a padding mask (ONNX Runtime 1.32's CPU
+#: kernels: MLAS GEMMs and a softmax, as the export); only GroupQueryAttention's purely causal
+#: form gained (1.12x at 1024 rows), which no measured model has (Llama's mask is causal and
+#: padding in one, an attention_bias to that kernel).
 def _lowerings_onnxruntime() -> list[Rule]:
     name = "lower.onnxruntime."
     return [
