@@ -11,7 +11,11 @@ ONNX Runtime's CPU provider (1 thread, default graph optimizations) as
 * `portable`: fusegraph's rewrite (the fused op with its local function, which ONNX Runtime
   inlines);
 * `onnxruntime`: the same rewrite lowered with `--target onnxruntime` (contrib ops, and the
-  Q/K/V projections as three GEMMs again).
+  Q/K/V projections as three GEMMs again);
+* `A/A`: the original in a second session, the noise floor of every ratio in its row;
+* contrib forms not lowered to (`CANDIDATES`): ONNX Runtime's kernels for the op written by
+  hand as a lowering would write them, so an op that stays portable has the number that kept
+  it there.
 
 Each cell is the median of `--runs` runs, the forms taking turns run by run; x is the median
 over those rounds of original / form (above 1 is faster), steadier on a shared machine than a
@@ -153,15 +157,25 @@ def _ints(name: str, *v: int) -> onnx.NodeProto:
     return node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(v, np.int64), name))
 
 
-def rope(seq):
+def rope(seq, batch=1, symbolic=False):
+    """Llama's rotate-half RoPE as HF exports it: the tables cos and sin of Concat(freqs, freqs),
+    unsqueezed over the heads (computed once per model and read by every layer's Q and K; here
+    by one Q). `symbolic`: the sequence dims as an export's shape inference leaves them, X's
+    and the table's not tied to one another (the onnxruntime lowering broadcasts the table)."""
     h = HEAD_DIM // 2
-    nodes = [_ints("s0", 0), _ints("sh", h), _ints("se", 2**62), _ints("ax", -1),
+    nodes = [_ints("s0", 0), _ints("sh", h), _ints("se", 2**62), _ints("ax", -1), _ints("hd", 1),
+             node("Concat", ["f", "f"], ["emb"], axis=-1), node("Cos", ["emb"], ["c"]), node("Sin", ["emb"], ["s"]),
+             node("Unsqueeze", ["c", "hd"], ["cos"]), node("Unsqueeze", ["s", "hd"], ["sin"]),
              node("Slice", ["x", "s0", "sh", "ax"], ["x1"]), node("Slice", ["x", "sh", "se", "ax"], ["x2"]),
              node("Neg", ["x2"], ["nx2"]), node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
              node("Mul", ["x", "cos"], ["xc"]), node("Mul", ["rot", "sin"], ["rs"]), node("Add", ["xc", "rs"], ["y"])]
-    shape = [1, HEADS, seq, HEAD_DIM]
-    return make_model(nodes, {"x": ("float32", shape), "cos": ("float32", [1, 1, seq, HEAD_DIM]),
-                              "sin": ("float32", [1, 1, seq, HEAD_DIM])}, {"y": ("float32", shape)})
+    shape = [batch, HEADS, "seq" if symbolic else seq, HEAD_DIM]
+    return make_model(nodes, {"x": ("float32", shape), "f": ("float32", [1, "positions" if symbolic else seq, h])},
+                      {"y": ("float32", shape)})
+
+
+def rope_symbolic(seq):
+    return rope(seq, symbolic=True)
 
 
 def _attention(seq, causal: bool):
@@ -187,19 +201,86 @@ def attention_causal(seq):
     return _attention(seq, causal=True)
 
 
+# -- contrib forms measured by hand (what a lowering would write), for the ops left portable ------
+def _with(original: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """The block's inputs, outputs and weights around other nodes (ONNX Runtime's contrib
+    domain imported): the same feeds and, where the block draws random weights, the same ones."""
+    m = onnx.ModelProto()
+    m.CopyFrom(original)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return m
+
+
+def skip_simplified_layer_norm(original, seq):
+    """SkipRMSNorm as com.microsoft.SkipSimplifiedLayerNormalization (its 4th output the sum)."""
+    return _with(original, [node("SkipSimplifiedLayerNormalization", ["x", "r", "gamma"], ["y", "", "", "s"],
+                                 domain="com.microsoft", epsilon=1e-6)])
+
+
+def _to_bsd(x: str) -> list[onnx.NodeProto]:
+    return [node("Transpose", [x], [f"{x}_t"], perm=[0, 2, 1, 3]), node("Reshape", [f"{x}_t", "bsd"], [f"{x}3"])]
+
+
+def _contrib_attention(original, seq, op_type: str) -> onnx.ModelProto:
+    """The attention block (Q, K, V [1, H, S, D] in, Y [1, H, S, D] out) as an ONNX Runtime
+    contrib op: Q (and K, V for GroupQueryAttention) transposed to [B, S, H * D], the padding
+    mask expanded to the op's attention_bias, the causal block by the op's own flag; Y back to
+    [B, H, S, D]. The Transposes are the lowering's price where the graph around does not
+    cancel them."""
+    causal = not any(i.name == "mask" for i in original.graph.input)
+    nodes = [_ints("bsd", 0, 0, -1), _ints("bsnh", 0, 0, HEADS, HEAD_DIM)] + _to_bsd("q")
+    bias = []
+    if not causal:
+        nodes += [_ints("bias_shape", 1, 1, seq, seq), node("Expand", ["mask", "bias_shape"], ["bias"])]
+        bias = ["bias"]
+    if op_type == "MultiHeadAttention":
+        nodes.append(node(op_type, ["q3", "k", "v", "", "", *bias], ["o"], domain="com.microsoft",
+                          num_heads=HEADS, scale=1 / math.sqrt(HEAD_DIM), unidirectional=int(causal)))
+    else:
+        nodes += _to_bsd("k") + _to_bsd("v") + [
+            node("Constant", [], ["seqlens_k"], value=onnx.numpy_helper.from_array(np.array([seq - 1], np.int32))),
+            node("Constant", [], ["total"], value=onnx.numpy_helper.from_array(np.array(seq, np.int32))),
+            node(op_type, ["q3", "k3", "v3", "", "", "seqlens_k", "total", "", "", "", *bias], ["o"],
+                 domain="com.microsoft", num_heads=HEADS, kv_num_heads=HEADS, scale=1 / math.sqrt(HEAD_DIM),
+                 causal=int(causal))]
+    nodes += [node("Reshape", ["o", "bsnh"], ["o4"]), node("Transpose", ["o4"], ["y"], perm=[0, 2, 1, 3])]
+    m = _with(original, nodes)
+    del m.graph.initializer[:]
+    return m
+
+
+def multi_head_attention(original, seq):
+    return _contrib_attention(original, seq, "MultiHeadAttention")
+
+
+def group_query_attention(original, seq):
+    return _contrib_attention(original, seq, "GroupQueryAttention")
+
+
+#: Contrib forms timed next to a block's: the measurements that keep an op portable.
+CANDIDATES = {"SkipRMSNorm": {"SkipSimplifiedLayerNormalization": skip_simplified_layer_norm},
+              "MaskedAttention": {"MultiHeadAttention": multi_head_attention,
+                                  "GroupQueryAttention": group_query_attention},
+              "Attention (causal)": {"MultiHeadAttention": multi_head_attention,
+                                     "GroupQueryAttention": group_query_attention}}
+
+
 BLOCKS = {"RMSNorm": rms_norm, "SkipRMSNorm": skip_rms_norm, "SkipLayerNorm": skip_layer_norm,
           "MatMulBias + SkipLayerNorm": linear_skip_layer_norm, "QKV projections": qkv_projections, "Gelu": gelu_erf,
           "GeluTanh": gelu_tanh, "Silu": silu, "QuickGelu": quick_gelu,
           "MatMulBiasGelu": linear_gelu, "MatMulBiasGeluTanh": linear_gelu_tanh, "SwiGLU": swiglu, "RotaryEmbedding": rope,
+          "RotaryEmbedding (symbolic dims)": rope_symbolic,
           "MaskedAttention": attention_padding, "Attention (causal)": attention_causal}
 
 
 def feeds(model: onnx.ModelProto, seq: int) -> dict[str, np.ndarray]:
-    """Random inputs; a symbolic dim is the batch (1) or the sequence (`seq`)."""
+    """Random inputs; a symbolic dim is the batch (1) or else the sequence (`seq`)."""
     rng = np.random.default_rng(0)
     out = {}
     for i in model.graph.input:
-        shape = [d.dim_value if d.HasField("dim_value") else seq if d.dim_param == "seq" else 1
+        shape = [d.dim_value if d.HasField("dim_value") else 1 if d.dim_param == "batch" else seq
                  for d in i.type.tensor_type.shape.dim]
         out[i.name] = rng.standard_normal(shape).astype(np.float32)
     if "mask" in out:
@@ -233,6 +314,10 @@ def timed(models: list[onnx.ModelProto], f: dict, runs: int) -> tuple[list[list[
     return times, outs
 
 
+def max_abs(outs: list[np.ndarray], want: list[np.ndarray]) -> float:
+    return max(float(np.nanmax(np.abs(g - w))) for g, w in zip(outs, want))
+
+
 def paired_ratio(base: list[float], form: list[float]) -> float:
     """The median over rounds of original / form, each round's two runs side by side in time: on
     a shared machine steadier than the ratio of the medians, which a burst of load in one
@@ -251,24 +336,30 @@ def main(argv=None) -> None:
              f"onnxruntime {ort.__version__}, 1 thread; median of {args.runs} interleaved runs. Command: "
              f"`python benchmarks/bench_lowering.py --seq {' '.join(map(str, args.seq))} --runs {args.runs}`. "
              "Cells: median microseconds; x: median over the rounds of original / form (above 1 is faster). "
-             "Blocks at hidden 512, 8 heads of 64, batch 1.", "",
-             "| block | seq | original | portable | onnxruntime | max abs (portable, onnxruntime) |",
-             "|---|---|---|---|---|---|"]
+             "Blocks at hidden 512, 8 heads of 64, batch 1. A/A: the original in a second session "
+             "(the noise floor of a ratio).", "",
+             "| block | seq | original | A/A | portable | onnxruntime | max abs (portable, onnxruntime) "
+             "| contrib forms not lowered to (max abs) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in args.only:
         make = BLOCKS[name]
         for seq in args.seq:
             original = make(seq)
             f = feeds(original, seq)
             rewrites = [rewrite_with_report(original, target=target) for target in ("portable", "onnxruntime")]
-            (base, *forms), (want, *got) = timed([original] + [m for m, _ in rewrites], f, args.runs)
+            candidates = {label: build(original, seq) for label, build in CANDIDATES.get(name, {}).items()}
+            models = [original, original] + [m for m, _ in rewrites] + list(candidates.values())
+            (base, again, *forms), (want, _, *got) = timed(models, f, args.runs)
             cells, errs = [], []
             for t, out, (_, report) in zip(forms, got, rewrites):
                 fusions = ",".join(sorted(report.per_rule)) or "nothing fused"
                 cells.append(f"{np.median(t) * 1e6:.0f} ({paired_ratio(base, t):.2f}x)"
                              + ("" if report.fusions else f" [{fusions}]"))
-                errs.append(max(float(np.nanmax(np.abs(g - w))) for g, w in zip(out, want)))
-            lines.append(f"| {name} | {seq} | {np.median(base) * 1e6:.0f} | {cells[0]} | {cells[1]} | "
-                         f"{errs[0]:.1e}, {errs[1]:.1e} |")
+                errs.append(max_abs(out, want))
+            contrib = "; ".join(f"{label} {np.median(t) * 1e6:.0f} ({paired_ratio(base, t):.2f}x, {max_abs(out, want):.1e})"
+                                for label, t, out in zip(candidates, forms[2:], got[2:])) or "-"
+            lines.append(f"| {name} | {seq} | {np.median(base) * 1e6:.0f} | {paired_ratio(base, again):.2f}x | "
+                         f"{cells[0]} | {cells[1]} | {errs[0]:.1e}, {errs[1]:.1e} | {contrib} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 

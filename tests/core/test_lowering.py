@@ -3,6 +3,9 @@ what its target kernel does not cover."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +21,10 @@ from fusegraph.verify import compare, make_inputs, run
 
 import fusegraph.ops.activation_ops  # noqa: F401  (registers the fused ops used below)
 import fusegraph.ops.norm_ops  # noqa: F401
+import fusegraph.ops.rope_ops  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_lowering  # noqa: E402  (the exported blocks the lowerings were measured on)
 
 node = helper.make_node
 
@@ -103,8 +110,12 @@ def test_a_split_across_other_axes_or_of_a_weight_fed_at_run_time_stays():
         assert not report.fusions, report.per_rule
 
 
+#: Lowerings with tests of their own further down.
+TESTED_BELOW = {"RotaryEmbedding"}
+
+
 def test_every_onnxruntime_lowering_is_covered_here():
-    assert {r.name.rsplit(".", 1)[1] for r in lowering_rules("onnxruntime")} == set(CASES) | set(SPLIT_CASES)
+    assert {r.name.rsplit(".", 1)[1] for r in lowering_rules("onnxruntime")} == set(CASES) | set(SPLIT_CASES) | TESTED_BELOW
 
 
 def test_float16_keeps_the_portable_op():
@@ -225,3 +236,82 @@ def test_rewriting_a_rewritten_model_writes_this_targets_bodies_afresh():
         [body] = [f for f in model.functions if f.domain == fused_ops.DOMAIN]
         assert body == want[target], target
         assert other in model.functions
+
+
+# -- RoPE as com.microsoft.RotaryEmbedding ----------------------------------------------------
+def rope_model(x_shape: list, freqs_shape: list, interleaved: int = 0, axes: int = 1, second: str = "f",
+               dtype: str = "float32") -> onnx.ModelProto:
+    """fusegraph.RotaryEmbedding fed the tables HF exports compute: cos and sin of
+    Concat(freqs, `second`) (freqs twice: the rotate-half layout), unsqueezed at `axes`."""
+    inputs = {"x": (dtype, x_shape), "f": (dtype, freqs_shape)}
+    if second != "f":
+        inputs[second] = (dtype, freqs_shape)
+    nodes = [node("Concat", ["f", second], ["emb"], axis=-1), node("Cos", ["emb"], ["c"]), node("Sin", ["emb"], ["s"]),
+             node("Unsqueeze", ["c", "axes"], ["cos"]), node("Unsqueeze", ["s", "axes"], ["sin"]),
+             node("RotaryEmbedding", ["x", "cos", "sin"], ["y"], domain=fused_ops.DOMAIN, interleaved=interleaved,
+                  rotary_dim=2 * freqs_shape[-1])]
+    m = make_model(nodes, inputs, {"y": (dtype, x_shape)}, {"axes": np.array([axes], np.int64)})
+    m.opset_import.append(helper.make_opsetid(fused_ops.DOMAIN, fused_ops.VERSION))
+    fused_ops.attach_functions(m)
+    return m
+
+
+def rope_feeds(model: onnx.ModelProto, seed: int) -> dict:
+    """Angles up to +-20 radians (positions times frequencies), X of unit scale."""
+    feeds = make_inputs(model, seed=seed)
+    return {k: v * 20 if k != "x" else v for k, v in feeds.items()}
+
+
+@pytest.mark.parametrize("x_shape, freqs_shape", [
+    ([1, 4, 7, 16], [1, 7, 8]),     # prefill, batch 1
+    ([3, 4, 6, 16], [1, 6, 8]),     # one table broadcast over the batch
+    (["b", 2, "s", 8], [1, "s", 4]),  # symbolic batch and sequence, as exported
+    ([2, 8, 1, 64], [1, 1, 32]),    # a decode step's one position
+    ([1, 4, 7, 16], [1, 1, 8]),     # one position's table for every position (broadcast)
+    (["b", 2, "s", 8], [1, "t", 4]),  # a table whose length shapes do not tie to the sequence
+])
+def test_rope_lowers_to_the_contrib_kernel_with_equal_outputs(x_shape, freqs_shape):
+    """ONNX Runtime's RotaryEmbedding kernel ran 1.4-2.2x faster than the exported
+    Slice/Neg/Concat/Mul/Add chain (benchmarks/RESULTS.md §7.5); its caches are the table's first
+    half, read at the rows position_ids name: equal outputs to the portable op on every shape."""
+    model = rope_model(x_shape, freqs_shape)
+    lowered, report = rewrite_with_report(model, lowering_rules("onnxruntime"))
+    assert report.per_rule["lower.onnxruntime.RotaryEmbedding"] == 1
+    assert op_counts(lowered)["com.microsoft.RotaryEmbedding"] == 1
+    assert not any(n.domain == fused_ops.DOMAIN for n in lowered.graph.node)
+    for seed in (1, 2):
+        feeds = rope_feeds(model, seed)
+        diffs = compare(run(model, feeds), run(lowered, feeds))
+        assert all(d.ok for d in diffs), diffs
+
+
+def refusals(model: onnx.ModelProto, rule: str) -> list[str]:
+    """Why `rule` (a lowering) refused each candidate in `model`; fails if it lowered any."""
+    from fusegraph.ir import Graph
+    from fusegraph.rewrite import Rewriter
+    report = Rewriter(lowering_rules("onnxruntime"), explain=rule).run(Graph(model))
+    assert not report.fusions, report.per_rule
+    return [m.reason for m in report.near_misses if m.rule == rule]
+
+
+@pytest.mark.parametrize("why, model", [
+    ("interleaved=1", lambda: rope_model([1, 4, 7, 16], [1, 7, 8], interleaved=1)),
+    ("one Concat(freqs, freqs)", lambda: rope_model([1, 4, 7, 16], [1, 7, 8], second="g")),  # halves of two tables
+    ("partial rotation", lambda: rope_model([1, 4, 7, 32], [1, 7, 8])),
+    ("head axis", lambda: rope_model([1, 7, 4, 16], [1, 7, 8], axes=2)),  # X [B, S, H, D]
+    ("float32 only", lambda: rope_model([1, 4, 7, 16], [1, 7, 8], dtype="float16")),  # not measured
+    ("batch 1", lambda: rope_model([3, 2, 5, 8], [3, 5, 4])),  # a table per batch row
+    ("a table of 3 positions", lambda: rope_model([1, 2, 5, 8], [1, 3, 4])),  # no broadcast: invalid
+])
+def test_rope_the_contrib_kernel_does_not_compute_stays_portable(why, model):
+    [reason] = refusals(model(), "lower.onnxruntime.RotaryEmbedding")
+    assert why in reason, reason
+
+
+def test_an_exported_rope_rewrites_and_lowers_in_one_run():
+    """From the export's decomposition: fused (rope rule), then lowered, outputs equal."""
+    exported = bench_lowering.rope(9, batch=2)
+    lowered, report = rewrite_with_report(exported, target="onnxruntime")
+    assert report.per_rule["lower.onnxruntime.RotaryEmbedding"] == 1, report.per_rule
+    feeds = rope_feeds(exported, 3)
+    assert all(d.ok for d in compare(run(exported, feeds), run(lowered, feeds)))
