@@ -391,9 +391,11 @@ def gemm_launch(x_ptr, w_ptr, wu_ptr, b_ptr, bu_ptr, y_ptr, M, N, K, act, dtype)
             _ptr("wu_ptr", dtype, wu_ptr or w_ptr), _ptr("b_ptr", dtype, b_ptr or w_ptr),
             _ptr("bu_ptr", dtype, bu_ptr or b_ptr or w_ptr), _ptr("y_ptr", dtype, y_ptr),
             *_ints(M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wk=N, stride_wn=1, stride_ym=N)]
+    paired = glu and cfg.get("PAIRED", False) and gemm_epilogue.pairable(w_ptr, wu_ptr)
     const = (("ACT", act), ("HAS_BIAS", bool(b_ptr)), ("GLU", glu),
              ("EVEN_K", K % cfg["BLOCK_K"] == 0), ("BLOCK_M", cfg["BLOCK_M"]),
-             ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"]), ("GROUP_M", cfg["GROUP_M"]))
+             ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"]), ("GROUP_M", cfg["GROUP_M"]),
+             ("PAIRED", paired))
     return KernelLaunch(gemm_epilogue.gemm_kernel, tuple(args), const,
                         gemm_epilogue.gemm_grid(M, N, cfg), cfg["num_warps"], cfg["num_stages"])
 
