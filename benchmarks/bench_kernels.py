@@ -425,21 +425,10 @@ def bench_gemm(ceil, quick):
     return cfg
 
 
-SWIGLU_CONFIGS = [  # two-dot (128 x 128 twice) and paired (one 128 x 256 dot) main loops
+SWIGLU_CONFIGS = [  # two-dot (128 x 128 twice; the default before issue 14's run F) and paired
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
-     "PAIRED": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4,
-     "PAIRED": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4,
-     "PAIRED": True},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4,
-     "PAIRED": True},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4,
-     "PAIRED": True},
-    {"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
-     "PAIRED": True},
+    *[{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": g, "num_warps": 8, "num_stages": st,
+       "PAIRED": True} for bk, g, st in ((64, 16, 4), (64, 8, 4), (64, 32, 4), (64, 16, 3), (128, 16, 2))],
 ]
 
 

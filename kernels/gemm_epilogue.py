@@ -10,7 +10,10 @@ Tiling: classic output tiles [BLOCK_M, BLOCK_N], K stepped by BLOCK_K with softw
 pipelining (``num_stages``), programs ordered in groups of GROUP_M row-tiles so
 neighbouring programs share W tiles in L2.  Row and column offsets wrap modulo M and N
 (the rows loaded past the edge are real data, just never stored), which keeps the inner
-loop free of M/N masks; K is masked only when it is not a multiple of BLOCK_K.
+loop free of M/N masks; K is masked only when it is not a multiple of BLOCK_K.  SwiGLU's
+default (``PAIRED``) loads the gate and up tiles side by side and runs one dot twice as
+wide, which the tensor cores do at the plain GEMM's rate; the two-dot loop stays for
+weights that are not 16-byte aligned.
 """
 
 from __future__ import annotations
@@ -209,8 +212,13 @@ def gemm_config(M: int, N: int, K: int, glu: bool, itemsize: int = 2) -> dict:
     so BLOCK_K (then the stage count) shrinks until the buffers fit ``SMEM_BUDGET``."""
     if M <= 128:
         cfg = _small_m_config(M, N)
+        if glu:
+            cfg["PAIRED"] = True
     elif glu:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        # Paired: one 128 x 256 dot per K step (the plain GEMM's tile) instead of two 128 x
+        # 128 dots.  H200, M8192 N14336 K4096: 3.14 -> 2.92 ms (issue 14, KERNEL_NOTES.md).
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8,
+               "num_stages": 4, "PAIRED": True}
     else:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], triton.next_power_of_2(M)))

@@ -155,3 +155,25 @@ def test_paired_swiglu_reads_wu_wherever_it_lies(device, check):
         ref = reference.swiglu(x.cpu().numpy(), g.cpu().numpy(), u.cpu().numpy(), act="Silu",
                                compute_dtype=np.float64)
         check(y, ref, "float32", what)
+
+
+def test_swiglu_defaults_pair_only_aligned_weights():
+    """SwiGLU's default tiles take the paired loop, through the torch entry's config and the
+    torch-free launcher alike; the launcher falls back to two dots when Wu is not 16-byte
+    aligned (its pointer pattern keys the prepared launch, so the two never mix), and a
+    plain GEMM never pairs."""
+    from fusegraph.kernels import launch
+
+    for m in (1, 16, 128, 2048, 8192):
+        assert gemm_epilogue.gemm_config(m, 14336, 4096, True)["PAIRED"]
+        assert not gemm_epilogue.gemm_config(m, 14336, 4096, False).get("PAIRED")
+    p = 1 << 20
+
+    def paired(wu_ptr, glu=True):
+        desc = launch.gemm_launch(p, p, wu_ptr if glu else 0, 0, 0, p, 4096, 11008, 4096,
+                                  "Silu", "bfloat16")
+        return dict(desc.constexprs)["PAIRED"]
+
+    assert paired(p + 2 * 4096 * 11008)
+    assert not paired(p + 2 * 4096 * 11008 + 2)
+    assert not paired(0, glu=False)
