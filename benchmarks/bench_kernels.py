@@ -327,6 +327,47 @@ def bench_decode(ceil, quick):
 
 
 DECODE_RATIOS: list = []
+DECODE_SMALL_SHAPES = ((64, 32, 4, 1024), (64, 32, 8, 1024), (8, 32, 4, 4096), (1, 32, 4, 16384),
+                       (1, 32, 8, 1024))
+
+
+def bench_decode_small(ceil, quick):
+    """Small batch or short cache, where the split count and tile decide (device time,
+    CUDA graphs over rotating K/V copies): split programs per SM x BLOCK_N x stages."""
+    print("decode attention, split/tile sweep on short caches (CUDA graph device time)", flush=True)
+    d = 128
+    configs = [{"BLOCK_N": n, "num_warps": 4, "num_stages": st, "programs_per_sm": pps}
+               for n in (32, 64) for st in (3, 4) for pps in (1, 2, 4, 8)]
+    for b, hq, hkv, sk in DECODE_SMALL_SHAPES:
+        q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
+        k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
+        o = poison(torch.empty_like(q))
+        shape = f"B{b} {hq}:{hkv} Sk{sk}"
+        nbytes = 2 * k.numel() * k.element_size()
+        copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
+        kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+        results = []
+        for cfg in configs:
+            poison(o)
+            decode_attention.decode_attention(q, k, v, config=cfg, out=o)
+            if not check(f"decode {shape} {cfg}", o, want, BF16):
+                continue
+            results.append((graph_ms([lambda kk=kk, vv=vv, cfg=cfg: decode_attention.decode_attention(
+                q, kk, vv, config=cfg, out=o) for kk, vv in kvs]), cfg))
+        results.sort(key=lambda t: t[0])
+        for ms, cfg in results[:6]:
+            print(f"    sweep decode {shape} {cfg}: {ms * 1e3:.1f} us", flush=True)
+        row("decode", shape, "fused triton default (CUDA graph)", graph_ms(
+            [lambda kk=kk, vv=vv: entry.attention(q, kk, vv, out=o) for kk, vv in kvs]),
+            nbytes=nbytes, ceil=ceil)
+        row("decode", shape, f"fused triton best of sweep {results[0][1]} (CUDA graph)",
+            results[0][0], nbytes=nbytes, ceil=ceil)
+        row("decode", shape, "torch sdpa default (CUDA graph)", graph_ms(
+            [lambda kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+             for kk, vv in kvs]), nbytes=nbytes, ceil=ceil)
+        del q, k, v, kvs
+        torch.cuda.empty_cache()
 
 
 def graph_ms(fns, reps=10) -> float:
@@ -905,6 +946,7 @@ def main():
                 "norms": lambda: bench_norms(ceil, args.quick),
                 "rope": lambda: bench_rope(ceil, args.quick),
                 "decode": lambda: bench_decode(ceil, args.quick),
+                "decode_small": lambda: bench_decode_small(ceil, args.quick),
                 "gemm_llm": lambda: bench_gemm_llm(ceil, args.quick),
                 "launch": check_launch_path}
     failed = []
