@@ -331,6 +331,40 @@ DECODE_SMALL_SHAPES = ((64, 32, 4, 1024), (64, 32, 8, 1024), (8, 32, 4, 4096), (
                        (1, 32, 8, 1024))
 
 
+def bench_decode_splits(ceil, quick):
+    """Split programs per SM (1, 2, 4) at the default tile on every decode shape, CUDA-graph
+    device time over rotating K/V copies: which split rule the caches want."""
+    print("decode attention, programs per SM on every shape (CUDA graph device time)", flush=True)
+    d = 128
+    for hq, hkv in DECODE_GQA:
+        for b, sk in (DECODE_SHAPES[:4] if quick else DECODE_SHAPES):
+            q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
+            k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
+            o = poison(torch.empty_like(q))
+            shape = f"B{b} {hq}:{hkv} Sk{sk}"
+            nbytes = 2 * k.numel() * k.element_size()
+            copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
+            kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+            want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+            line = []
+            for pps in (1, 2, 4):
+                cfg = {"programs_per_sm": pps}
+                poison(o)
+                decode_attention.decode_attention(q, k, v, config=cfg, out=o)
+                if check(f"decode {shape} {pps} programs per SM", o, want, BF16):
+                    ms = row("decode", shape, f"fused triton {pps} programs per SM (CUDA graph)",
+                             graph_ms([lambda kk=kk, vv=vv, cfg=cfg: decode_attention.decode_attention(
+                                 q, kk, vv, config=cfg, out=o) for kk, vv in kvs]),
+                             nbytes=nbytes, ceil=ceil)
+                    line.append(f"{pps}/SM {ms * 1e3:.1f}")
+            ms = row("decode", shape, "torch sdpa default (CUDA graph)", graph_ms(
+                [lambda kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+                 for kk, vv in kvs]), nbytes=nbytes, ceil=ceil)
+            print(f"    splits {shape}: {', '.join(line)}, sdpa {ms * 1e3:.1f} us", flush=True)
+            del q, k, v, kvs
+            torch.cuda.empty_cache()
+
+
 def bench_decode_small(ceil, quick):
     """Small batch or short cache, where the split count and tile decide (device time,
     CUDA graphs over rotating K/V copies): split programs per SM x BLOCK_N x stages."""
@@ -947,6 +981,7 @@ def main():
                 "rope": lambda: bench_rope(ceil, args.quick),
                 "decode": lambda: bench_decode(ceil, args.quick),
                 "decode_small": lambda: bench_decode_small(ceil, args.quick),
+                "decode_splits": lambda: bench_decode_splits(ceil, args.quick),
                 "gemm_llm": lambda: bench_gemm_llm(ceil, args.quick),
                 "launch": check_launch_path}
     failed = []
