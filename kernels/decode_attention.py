@@ -190,6 +190,20 @@ def workspace_elems(batch: int, heads_q: int, cfg: dict, head_dim: int) -> tuple
     return rows * head_dim, rows * 2
 
 
+def workspace_bound_bytes(batch: int, heads_q: int, heads_kv: int, head_dim: int,
+                          num_sms: int) -> int:
+    """Bytes of fp32 partials and pairs that any decode step with at most ``batch`` sequences
+    (any cache length) needs on a GPU of ``num_sms`` SMs: what a TensorRT plugin reserves as
+    its workspace from the profile's largest shape.  ``with_splits`` picks
+    SPLITS <= ceil(p * num_sms / (batch * heads_kv)) with p <= PROGRAMS_PER_SM, so
+    batch * heads_kv * SPLITS < PROGRAMS_PER_SM * num_sms + batch * heads_kv, and the rows
+    (batch * heads_q * SPLITS) are that times the group size; a few MB for 7B-class shapes.
+    Growing in ``batch`` and ``heads_q`` and falling in ``heads_kv``, so the largest query
+    heads with the fewest kv heads bound a range of them."""
+    rows = heads_q // heads_kv * PROGRAMS_PER_SM * num_sms + batch * heads_q
+    return 4 * rows * (head_dim + 2)
+
+
 def takes(seq_q: int, softcap: float) -> bool:
     """Whether an attention call is these kernels': one query token, and no soft cap (they
     compute none); the prefill kernel takes the rest."""
