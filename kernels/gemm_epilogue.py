@@ -123,8 +123,7 @@ def _paired_glu_mainloop(x_ptrs, w_ptr, wu_ptr, first_n, N, rk, K, stride_xk, st
                          BLOCK_K: tl.constexpr):
     """X @ [Wg tile | Wu tile] into one [BLOCK_M, 2 BLOCK_N] accumulator.  Column c of the
     wide tile is gate column first_n + c for c < BLOCK_N and up column first_n + c - BLOCK_N
-    after (modulo N, as in the kernel): each half is contiguous, so the loads stay 16-byte
-    vectors."""
+    after: each half is contiguous, so the loads stay 16-byte cp.async copies."""
     cols = tl.arange(0, 2 * BLOCK_N)
     col_n = first_n + cols % BLOCK_N
     # Columns past N are masked rather than wrapped as in the kernel: `% N` on the doubled
