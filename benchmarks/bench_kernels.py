@@ -627,6 +627,76 @@ def bench_gemm_llm(ceil, quick):
         torch.cuda.empty_cache()
 
 
+def _tile(bm, bn, bk, w, st, g=1, **extra):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=st, **extra)
+
+
+SMALL_M_DEVICE_CONFIGS = {  # tried in device time (the do_bench sweep above is host-bound)
+    16: [_tile(16, 32, 256, 4, 4), _tile(16, 64, 128, 4, 4), _tile(16, 128, 128, 4, 4),
+         _tile(16, 32, 128, 4, 6), _tile(16, 64, 256, 4, 3), _tile(16, 128, 64, 4, 6),
+         _tile(16, 256, 64, 8, 4), _tile(16, 32, 256, 2, 4), _tile(16, 64, 128, 8, 4)],
+    128: [_tile(64, 64, 128, 4, 4, 8), _tile(64, 128, 64, 4, 4, 8), _tile(128, 64, 64, 4, 4, 8),
+          _tile(128, 128, 64, 8, 4, 8), _tile(64, 64, 64, 4, 5, 8), _tile(128, 64, 128, 8, 3, 8),
+          _tile(64, 256, 64, 8, 3, 8)],
+}
+
+
+def bench_small_m(ceil, quick):
+    """Small-M MatMul + bias + Silu and SwiGLU tiles in device time: CUDA graphs that rotate
+    over enough weight copies to exceed the L2 (small M streams the weights).  M 1 and 16
+    share the M <= 16 tiles, M 128 the M <= 128 ones."""
+    print("small-M GEMM and SwiGLU tiles (CUDA graph device time, L2-cold weights)", flush=True)
+    for n, k in LLM_NK:
+        copies = max(2, -(-256 * 2**20 // (k * n * 2)))
+        ws = [torch.randn(k, n, device=DEV, dtype=BF16) / math.sqrt(k) for _ in range(copies)]
+        wus = [torch.randn(k, n, device=DEV, dtype=BF16) / math.sqrt(k) for _ in range(copies)]
+        bias = torch.randn(n, device=DEV, dtype=BF16)
+        for m in (1, 16, 128):
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            y = poison(torch.empty(m, n, device=DEV, dtype=BF16))
+            shape = f"M{m} N{n} K{k}"
+            w, wu = ws[0], wus[0]
+            ref = F.silu(x.float() @ w.float() + bias.float())
+            glu_ref = F.silu(x.float() @ w.float()) * (x.float() @ wu.float())
+
+            def gemm(cfg=None):
+                return [lambda w=w: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", config=cfg, out=y)
+                        for w in ws]
+
+            def glu(cfg=None):
+                return [lambda w=w, wu=wu: gemm_epilogue.swiglu(x, w, wu, config=cfg, out=y)
+                        for w, wu in zip(ws, wus)]
+
+            res = {}
+            for cfg in SMALL_M_DEVICE_CONFIGS[16 if m <= 16 else 128]:
+                for is_glu in ((False, True) if n == 11008 else (False,)):
+                    c = dict(cfg, PAIRED=True) if is_glu else cfg
+                    calls = glu(c) if is_glu else gemm(c)
+                    poison(y)
+                    try:
+                        calls[0]()
+                    except Exception as exc:
+                        print(f"  config {cfg_name(cfg)} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    if check(f"{'swiglu' if is_glu else 'gemm'} {shape} {cfg_name(cfg)}", y,
+                             glu_ref if is_glu else ref, BF16):
+                        res.setdefault(is_glu, []).append((graph_ms(calls), cfg_name(cfg)))
+            for is_glu, times in res.items():
+                times.sort()
+                default = graph_ms(glu() if is_glu else gemm())
+                torch_calls = ([lambda w=w, wu=wu: F.silu(x @ w) * (x @ wu) for w, wu in zip(ws, wus)]
+                               if is_glu else [lambda w=w: F.silu(torch.addmm(bias, x, w)) for w in ws])
+                torch_ms = graph_ms(torch_calls)
+                what = "swiglu" if is_glu else "gemm+silu"
+                row(f"small-M {what}", shape, "fused triton default (CUDA graph, L2-cold)", default,
+                    nbytes=(m * k + k * n * (2 if is_glu else 1) + m * n) * 2, ceil=ceil)
+                print(f"    small-M {what} {shape}: default {default * 1e3:.1f} us, torch "
+                      f"{torch_ms * 1e3:.1f} us; best " +
+                      ", ".join(f"{name} {t * 1e3:.1f}" for t, name in times[:4]), flush=True)
+        del ws, wus
+        torch.cuda.empty_cache()
+
+
 # --- norms and RoPE --------------------------------------------------------------------------
 
 def unfused_rms(x, r, g, eps):
@@ -983,6 +1053,7 @@ def main():
                 "decode_small": lambda: bench_decode_small(ceil, args.quick),
                 "decode_splits": lambda: bench_decode_splits(ceil, args.quick),
                 "gemm_llm": lambda: bench_gemm_llm(ceil, args.quick),
+                "small_m": lambda: bench_small_m(ceil, args.quick),
                 "launch": check_launch_path}
     failed = []
     for name in args.only.split(","):
