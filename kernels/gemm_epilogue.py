@@ -209,15 +209,17 @@ def gemm_config(M: int, N: int, K: int, glu: bool, itemsize: int = 2) -> dict:
     """Tiles for an H100-class GPU (from benchmarks/KERNEL_NOTES.md), clipped for small problems.
     ``itemsize`` is the element size of X/W: fp32 tiles are twice as large in shared memory,
     so BLOCK_K (then the stage count) shrinks until the buffers fit ``SMEM_BUDGET``."""
-    if M <= 128:
+    if glu and M > 64:
+        # Paired: one 128 x 256 dot per K step (the plain GEMM's tile) instead of two 128 x
+        # 128 dots.  H200 (issue 14, KERNEL_NOTES.md): M8192 N14336 K4096 3.14 -> 2.92 ms;
+        # also at M 128 (N11008 K4096: 63.4 -> 49.2 us over the 64-row small-M tile; M 17-64
+        # keep that tile, not measured with this one).
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8,
+               "num_stages": 4, "PAIRED": True}
+    elif M <= 128:
         cfg = _small_m_config(M, N)
         if glu:
             cfg["PAIRED"] = True
-    elif glu:
-        # Paired: one 128 x 256 dot per K step (the plain GEMM's tile) instead of two 128 x
-        # 128 dots.  H200, M8192 N14336 K4096: 3.14 -> 2.92 ms (issue 14, KERNEL_NOTES.md).
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8,
-               "num_stages": 4, "PAIRED": True}
     else:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], triton.next_power_of_2(M)))
