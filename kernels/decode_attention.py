@@ -191,10 +191,13 @@ def workspace_elems(batch: int, heads_q: int, cfg: dict, head_dim: int) -> tuple
 
 
 def workspace_bound_bytes(batch: int, heads_q: int, heads_kv: int, head_dim: int,
-                          num_sms: int) -> int:
+                          num_sms: int = NUM_SMS) -> int:
     """Bytes of fp32 partials and pairs that any decode step with at most ``batch`` sequences
     (any cache length) needs on a GPU of ``num_sms`` SMs: what a TensorRT plugin reserves as
-    its workspace from the profile's largest shape.  ``with_splits`` picks
+    its workspace from the profile's largest shape.  The plugin sizes it for ``NUM_SMS``
+    without asking the device (an engine may be built where it does not run, or on no GPU):
+    a GPU with more SMs may need more at small batches, and the launcher then takes its own
+    buffer rather than overrun the reserved one.  ``with_splits`` picks
     SPLITS <= ceil(p * num_sms / (batch * heads_kv)) with p <= PROGRAMS_PER_SM, so
     batch * heads_kv * SPLITS < PROGRAMS_PER_SM * num_sms + batch * heads_kv, and the rows
     (batch * heads_q * SPLITS) are that times the group size; a few MB for 7B-class shapes.

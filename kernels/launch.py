@@ -20,8 +20,8 @@ everything per call, 78.5 us on the H200 machine's host).
 
 One query token (``Attention`` with Sq = 1) launches the split-KV decode kernels
 (``decode_attention.py``); their fp32 partials live in the caller's workspace when it passes
-one large enough (a TensorRT plugin's, sized by ``decode_workspace_bound``), else in a
-buffer this module allocates per (context, stream) and keeps.
+one large enough (a TensorRT plugin's, sized by ``decode_attention.workspace_bound_bytes``),
+else in a buffer this module allocates per (context, stream) and keeps.
 
 Kernel ABI (read from triton/backends/nvidia/driver.py, Triton 3.6-3.9): the cubin's
 entry takes every non-constexpr argument in declaration order, then two hidden pointers,
@@ -478,13 +478,6 @@ def _sm_count(ctx: int) -> int:
     device = int(_check(drv.cuCtxGetDevice()))
     return int(_check(drv.cuDeviceGetAttribute(
         drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device)))
-
-
-def decode_workspace_bound(batch: int, heads_q: int, heads_kv: int, head_dim: int) -> int:
-    """Bytes that hold the decode partials of any step up to ``batch`` sequences on the
-    current device (``decode_attention.workspace_bound_bytes``)."""
-    return decode_attention.workspace_bound_bytes(batch, heads_q, heads_kv, head_dim,
-                                                  _sm_count(_context_handle()))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -175,15 +175,16 @@ class Attention(PluginCore):
 
     def workspace_bytes(self, min_shapes, max_shapes):
         """The split-KV decode kernels' partials (one query token, no soft cap): a bound over
-        every batch up to the largest, a few MB (`decode_attention.workspace_bound_bytes`)."""
+        every batch up to the largest, a few MB (`decode_attention.workspace_bound_bytes`).
+        The same number for the same shapes wherever it is asked, so what `enqueue` is told
+        never exceeds what the build reserved."""
         from fusegraph.kernels import decode_attention
-        from fusegraph.kernels.launch import decode_workspace_bound
 
         softcap = self.attributes["softcap"] if self.attributes["softcapped"] else 0.0
         if not decode_attention.takes(min_shapes[0][2], softcap):
             return 0
         batch, heads_q, _, head_dim = max_shapes[0]
-        return decode_workspace_bound(batch, heads_q, min_shapes[1][1], head_dim)
+        return decode_attention.workspace_bound_bytes(batch, heads_q, min_shapes[1][1], head_dim)
 
     def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_attention
