@@ -327,6 +327,81 @@ def bench_decode(ceil, quick):
 
 
 DECODE_RATIOS: list = []
+DECODE_SMALL_SHAPES = ((64, 32, 4, 1024), (64, 32, 8, 1024), (8, 32, 4, 4096), (1, 32, 4, 16384),
+                       (1, 32, 8, 1024))
+
+
+def bench_decode_splits(ceil, quick):
+    """Split programs per SM (1, 2, 4) at the default tile on every decode shape, CUDA-graph
+    device time over rotating K/V copies: which split rule the caches want."""
+    print("decode attention, programs per SM on every shape (CUDA graph device time)", flush=True)
+    d = 128
+    for hq, hkv in DECODE_GQA:
+        for b, sk in (DECODE_SHAPES[:4] if quick else DECODE_SHAPES):
+            q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
+            k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
+            o = poison(torch.empty_like(q))
+            shape = f"B{b} {hq}:{hkv} Sk{sk}"
+            nbytes = 2 * k.numel() * k.element_size()
+            copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
+            kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+            want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+            line = []
+            for pps in (1, 2, 4):
+                cfg = {"programs_per_sm": pps}
+                poison(o)
+                decode_attention.decode_attention(q, k, v, config=cfg, out=o)
+                if check(f"decode {shape} {pps} programs per SM", o, want, BF16):
+                    ms = row("decode", shape, f"fused triton {pps} programs per SM (CUDA graph)",
+                             graph_ms([lambda kk=kk, vv=vv, cfg=cfg: decode_attention.decode_attention(
+                                 q, kk, vv, config=cfg, out=o) for kk, vv in kvs]),
+                             nbytes=nbytes, ceil=ceil)
+                    line.append(f"{pps}/SM {ms * 1e3:.1f}")
+            ms = row("decode", shape, "torch sdpa default (CUDA graph)", graph_ms(
+                [lambda kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+                 for kk, vv in kvs]), nbytes=nbytes, ceil=ceil)
+            print(f"    splits {shape}: {', '.join(line)}, sdpa {ms * 1e3:.1f} us", flush=True)
+            del q, k, v, kvs
+            torch.cuda.empty_cache()
+
+
+def bench_decode_small(ceil, quick):
+    """Small batch or short cache, where the split count and tile decide (device time,
+    CUDA graphs over rotating K/V copies): split programs per SM x BLOCK_N x stages."""
+    print("decode attention, split/tile sweep on short caches (CUDA graph device time)", flush=True)
+    d = 128
+    configs = [{"BLOCK_N": n, "num_warps": 4, "num_stages": st, "programs_per_sm": pps}
+               for n in (32, 64) for st in (3, 4) for pps in (1, 2, 4, 8)]
+    for b, hq, hkv, sk in DECODE_SMALL_SHAPES:
+        q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
+        k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
+        o = poison(torch.empty_like(q))
+        shape = f"B{b} {hq}:{hkv} Sk{sk}"
+        nbytes = 2 * k.numel() * k.element_size()
+        copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
+        kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+        results = []
+        for cfg in configs:
+            poison(o)
+            decode_attention.decode_attention(q, k, v, config=cfg, out=o)
+            if not check(f"decode {shape} {cfg}", o, want, BF16):
+                continue
+            results.append((graph_ms([lambda kk=kk, vv=vv, cfg=cfg: decode_attention.decode_attention(
+                q, kk, vv, config=cfg, out=o) for kk, vv in kvs]), cfg))
+        results.sort(key=lambda t: t[0])
+        for ms, cfg in results[:6]:
+            print(f"    sweep decode {shape} {cfg}: {ms * 1e3:.1f} us", flush=True)
+        row("decode", shape, "fused triton default (CUDA graph)", graph_ms(
+            [lambda kk=kk, vv=vv: entry.attention(q, kk, vv, out=o) for kk, vv in kvs]),
+            nbytes=nbytes, ceil=ceil)
+        row("decode", shape, f"fused triton best of sweep {results[0][1]} (CUDA graph)",
+            results[0][0], nbytes=nbytes, ceil=ceil)
+        row("decode", shape, "torch sdpa default (CUDA graph)", graph_ms(
+            [lambda kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+             for kk, vv in kvs]), nbytes=nbytes, ceil=ceil)
+        del q, k, v, kvs
+        torch.cuda.empty_cache()
 
 
 def graph_ms(fns, reps=10) -> float:
@@ -421,28 +496,83 @@ def bench_gemm(ceil, quick):
             bench(lambda: TORCH_ACTS[act](x @ w + bias)), flops=flops, ceil=ceil)
         row("matmul+bias+act", f"{shape} {act}", "torch addmm, act",
             bench(lambda: TORCH_ACTS[act](torch.addmm(bias, x, w))), flops=flops, ceil=ceil)
-    # SwiGLU, Llama-like MLP shape
-    m, k, n = 8192, 4096, 14336
-    shape = f"M{m} N{n} K{k}"
-    x = torch.randn(m, k, device=DEV, dtype=BF16)
-    wg, wu = (torch.randn(k, n, device=DEV, dtype=BF16) / 64 for _ in range(2))
-    wcat = torch.cat([wg, wu], 1)
-    y = poison(torch.empty(m, n, device=DEV, dtype=BF16))
-    flops = 4 * m * n * k
-    scfg = sweep("swiglu", lambda c: gemm_epilogue.swiglu(x, wg, wu, config=c, out=y),
-                 [c for c in GEMM_CONFIGS if c["BLOCK_N"] <= 128] or GEMM_CONFIGS, flops)
-    poison(y)
-    gemm_epilogue.swiglu(x, wg, wu, config=scfg, out=y)
-    check(f"swiglu {shape}", y, F.silu(x.float() @ wg.float()) * (x.float() @ wu.float()), BF16)
-    row("swiglu", shape, "fused triton (swept tile)",
-        bench(lambda: gemm_epilogue.swiglu(x, wg, wu, config=scfg, out=y)), flops=flops, ceil=ceil)
-    row("swiglu", shape, "fused triton default config",
-        bench(lambda: gemm_epilogue.swiglu(x, wg, wu, out=y)), flops=flops, ceil=ceil)
-    row("swiglu", shape, "torch matmul [K,2N] alone", bench(lambda: x @ wcat), flops=flops, ceil=ceil)
-    row("swiglu", shape, "torch 2 matmuls, silu, mul (unfused)",
-        bench(lambda: F.silu(x @ wg) * (x @ wu)), flops=flops, ceil=ceil)
     torch.cuda.empty_cache()
-    return cfg, scfg
+    return cfg
+
+
+SWIGLU_CONFIGS = [  # two-dot (128 x 128 twice; the default before issue 14's run F) and paired
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    *[{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": g, "num_warps": 8, "num_stages": st,
+       "PAIRED": True} for bk, g, st in ((64, 16, 4), (64, 8, 4), (64, 32, 4), (64, 16, 3), (128, 16, 2))],
+]
+
+
+RAGGED_SWIGLU = (77, 1001, 300)
+SWIGLU_SHAPES = ((8192, 14336, 4096), *[(m, 11008, 4096) for m in (1, 16, 128, 2048)])  # M, N, K
+
+
+def cfg_name(cfg) -> str:
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}"
+            f"s{cfg['num_stages']}g{cfg['GROUP_M']}{' paired' if cfg.get('PAIRED') else ''}")
+
+
+def bench_swiglu(ceil, quick):
+    """SwiGLU at the Llama MLP shape (M 8192) and at a 7B model's up projection for decode
+    to prefill M; each fused variant and the torch sequences timed in interleaved rounds."""
+    print("SwiGLU act(X Wg) * (X Wu) (bf16)", flush=True)
+    m, n, k = RAGGED_SWIGLU
+    x = torch.randn(m, k, device=DEV, dtype=BF16)
+    wcat = torch.randn(k, 2 * n + 8, device=DEV, dtype=BF16) / 17
+    wg, wu = wcat[:, :n], wcat[:, n:2 * n]  # one packed weight, as an exporter may leave it
+    for cfg in (None, *SWIGLU_CONFIGS[:3]):
+        y = poison(torch.empty(m, n, device=DEV, dtype=BF16))
+        gemm_epilogue.swiglu(x, wg, wu, config=cfg, out=y)
+        check(f"swiglu ragged {cfg and cfg_name(cfg)}", y,
+              F.silu(x.float() @ wg.float()) * (x.float() @ wu.float()), BF16)
+    best = None
+    for m, n, k in SWIGLU_SHAPES:
+        if quick and m not in (8192, 16):
+            continue
+        shape = f"M{m} N{n} K{k}"
+        x = torch.randn(m, k, device=DEV, dtype=BF16)
+        wg, wu = (torch.randn(k, n, device=DEV, dtype=BF16) / 64 for _ in range(2))
+        wcat = torch.cat([wg, wu], 1)
+        y = poison(torch.empty(m, n, device=DEV, dtype=BF16))
+        flops, nbytes = 4 * m * n * k, (m * k + 2 * k * n + m * n) * 2
+        perf = {"nbytes": nbytes} if m <= 16 else {"flops": flops}
+        ref = F.silu(x.float() @ wg.float()) * (x.float() @ wu.float())
+        configs = SWIGLU_CONFIGS if m > 128 else [
+            dict(c, PAIRED=p) for c in (gemm_epilogue.gemm_config(m, n, k, True),) for p in (False, True)]
+        fns = {"fused triton default config": lambda: gemm_epilogue.swiglu(x, wg, wu, out=y)}
+        for cfg in configs:
+            poison(y)
+            try:
+                gemm_epilogue.swiglu(x, wg, wu, config=cfg, out=y)
+            except Exception as exc:
+                print(f"  config {cfg_name(cfg)} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            if check(f"swiglu {shape} {cfg_name(cfg)}", y, ref, BF16):
+                fns[f"fused triton {cfg_name(cfg)}"] = (
+                    lambda cfg=cfg: gemm_epilogue.swiglu(x, wg, wu, config=cfg, out=y))
+        fns["torch matmul [K,2N] alone"] = lambda: x @ wcat
+        fns["torch 2 matmuls, silu, mul (unfused)"] = lambda: F.silu(x @ wg) * (x @ wu)
+        times = {name: [] for name in fns}
+        for _ in range(2):  # interleaved rounds: the spread between them is the noise
+            for name, fn in fns.items():
+                times[name].append(bench(fn))
+        for name, ts in times.items():
+            row("swiglu", shape, name, min(ts), ceil=ceil, **perf)
+            print(f"    rounds {name}: {', '.join(f'{t:.4f}' for t in ts)}", flush=True)
+        if m <= 2048:  # device time without host launch cost
+            for name in ("fused triton default config", "torch matmul [K,2N] alone",
+                         "torch 2 matmuls, silu, mul (unfused)"):
+                row("swiglu", shape, f"{name} (CUDA graph)", graph_ms([fns[name]] * 20),
+                    ceil=ceil, **perf)
+        if m == 8192:
+            best = min((min(ts), name) for name, ts in times.items() if name.startswith("fused"))
+        del x, wg, wu, wcat, y
+        torch.cuda.empty_cache()
+    return best
 
 
 LLM_NK = ((4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008))  # 7B: o/qkv/up/down
@@ -487,7 +617,83 @@ def bench_gemm_llm(ceil, quick):
             row("mm+bias+silu", shape, "torch addmm, silu",
                 bench(lambda: F.silu(torch.addmm(bias, x, w))), ceil=ceil, **perf)
             row("mm+bias+silu", shape, "torch matmul alone", bench(lambda: x @ w), ceil=ceil, **perf)
+            if m <= 128:  # 10-50 us kernels: device time without the host's launch noise
+                row("mm+bias+silu", shape, "fused triton default config (CUDA graph)",
+                    graph_ms([lambda: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", out=y)] * 20),
+                    ceil=ceil, **perf)
+                row("mm+bias+silu", shape, "torch addmm, silu (CUDA graph)",
+                    graph_ms([lambda: F.silu(torch.addmm(bias, x, w))] * 20), ceil=ceil, **perf)
         del w
+        torch.cuda.empty_cache()
+
+
+def _tile(bm, bn, bk, w, st, g=1, **extra):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=st, **extra)
+
+
+SMALL_M_DEVICE_CONFIGS = {  # tried in device time (the do_bench sweep above is host-bound)
+    16: [_tile(16, 32, 256, 4, 4), _tile(16, 64, 128, 4, 4), _tile(16, 128, 128, 4, 4),
+         _tile(16, 32, 128, 4, 6), _tile(16, 64, 256, 4, 3), _tile(16, 128, 64, 4, 6),
+         _tile(16, 256, 64, 8, 4), _tile(16, 32, 256, 2, 4), _tile(16, 64, 128, 8, 4)],
+    128: [_tile(64, 64, 128, 4, 4, 8), _tile(64, 128, 64, 4, 4, 8), _tile(128, 64, 64, 4, 4, 8),
+          _tile(128, 128, 64, 8, 4, 8), _tile(64, 64, 64, 4, 5, 8), _tile(128, 64, 128, 8, 3, 8),
+          _tile(64, 256, 64, 8, 3, 8)],
+}
+
+
+def bench_small_m(ceil, quick):
+    """Small-M MatMul + bias + Silu and SwiGLU tiles in device time: CUDA graphs that rotate
+    over enough weight copies to exceed the L2 (small M streams the weights).  M 1 and 16
+    share the M <= 16 tiles, M 128 the M <= 128 ones."""
+    print("small-M GEMM and SwiGLU tiles (CUDA graph device time, L2-cold weights)", flush=True)
+    for n, k in LLM_NK:
+        copies = max(2, -(-256 * 2**20 // (k * n * 2)))
+        ws = [torch.randn(k, n, device=DEV, dtype=BF16) / math.sqrt(k) for _ in range(copies)]
+        wus = [torch.randn(k, n, device=DEV, dtype=BF16) / math.sqrt(k) for _ in range(copies)]
+        bias = torch.randn(n, device=DEV, dtype=BF16)
+        for m in (1, 16, 128):
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            y = poison(torch.empty(m, n, device=DEV, dtype=BF16))
+            shape = f"M{m} N{n} K{k}"
+            w, wu = ws[0], wus[0]
+            ref = F.silu(x.float() @ w.float() + bias.float())
+            glu_ref = F.silu(x.float() @ w.float()) * (x.float() @ wu.float())
+
+            def gemm(cfg=None):
+                return [lambda w=w: gemm_epilogue.matmul_bias_act(x, w, bias, "Silu", config=cfg, out=y)
+                        for w in ws]
+
+            def glu(cfg=None):
+                return [lambda w=w, wu=wu: gemm_epilogue.swiglu(x, w, wu, config=cfg, out=y)
+                        for w, wu in zip(ws, wus)]
+
+            res = {}
+            for cfg in SMALL_M_DEVICE_CONFIGS[16 if m <= 16 else 128]:
+                for is_glu in ((False, True) if n == 11008 else (False,)):
+                    c = dict(cfg, PAIRED=True) if is_glu else cfg
+                    calls = glu(c) if is_glu else gemm(c)
+                    poison(y)
+                    try:
+                        calls[0]()
+                    except Exception as exc:
+                        print(f"  config {cfg_name(cfg)} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    if check(f"{'swiglu' if is_glu else 'gemm'} {shape} {cfg_name(cfg)}", y,
+                             glu_ref if is_glu else ref, BF16):
+                        res.setdefault(is_glu, []).append((graph_ms(calls), cfg_name(cfg)))
+            for is_glu, times in res.items():
+                times.sort()
+                default = graph_ms(glu() if is_glu else gemm())
+                torch_calls = ([lambda w=w, wu=wu: F.silu(x @ w) * (x @ wu) for w, wu in zip(ws, wus)]
+                               if is_glu else [lambda w=w: F.silu(torch.addmm(bias, x, w)) for w in ws])
+                torch_ms = graph_ms(torch_calls)
+                what = "swiglu" if is_glu else "gemm+silu"
+                row(f"small-M {what}", shape, "fused triton default (CUDA graph, L2-cold)", default,
+                    nbytes=(m * k + k * n * (2 if is_glu else 1) + m * n) * 2, ceil=ceil)
+                print(f"    small-M {what} {shape}: default {default * 1e3:.1f} us, torch "
+                      f"{torch_ms * 1e3:.1f} us; best " +
+                      ", ".join(f"{name} {t * 1e3:.1f}" for t, name in times[:4]), flush=True)
+        del ws, wus
         torch.cuda.empty_cache()
 
 
@@ -824,7 +1030,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="one size per op, fewer tile sweeps")
-    ap.add_argument("--only", default="launch,norms,decode,gemm_llm,gemm,attention,rope")
+    ap.add_argument("--only", default="launch,norms,decode,gemm_llm,gemm,swiglu,attention,rope")
     ap.add_argument("--no-sweep", action="store_true",
                     help="skip the decode, short-row norm and 7B-shape GEMM tile sweeps")
     args = ap.parse_args()
@@ -839,11 +1045,15 @@ def main():
     ceil = ceilings()
     tuned = {}
     sections = {"attention": lambda: bench_attention(ceil, args.quick),
-                "gemm": lambda: tuned.update(zip(("gemm", "swiglu"), bench_gemm(ceil, args.quick))),
+                "gemm": lambda: tuned.update(gemm=bench_gemm(ceil, args.quick)),
+                "swiglu": lambda: tuned.update(swiglu=bench_swiglu(ceil, args.quick)),
                 "norms": lambda: bench_norms(ceil, args.quick),
                 "rope": lambda: bench_rope(ceil, args.quick),
                 "decode": lambda: bench_decode(ceil, args.quick),
+                "decode_small": lambda: bench_decode_small(ceil, args.quick),
+                "decode_splits": lambda: bench_decode_splits(ceil, args.quick),
                 "gemm_llm": lambda: bench_gemm_llm(ceil, args.quick),
+                "small_m": lambda: bench_small_m(ceil, args.quick),
                 "launch": check_launch_path}
     failed = []
     for name in args.only.split(","):

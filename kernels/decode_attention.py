@@ -9,8 +9,8 @@ once (2 * B * Hkv * Sk * D elements); everything here serves that:
 - one program per (batch, kv head, key split) loads the GROUP query heads that share the
   kv head as the rows of one [BLOCK_G, D] tile, so K/V are read once for the whole group
   and QK^T / PV are small tensor-core dots (BLOCK_G >= 16 rows, the padding masked);
-- the keys are split into ``splits`` contiguous ranges (flash-decoding) so that about
-  ``PROGRAMS_PER_SM`` programs per SM stream the cache at once, whatever the batch;
+- the keys are split into ``splits`` contiguous ranges (flash-decoding) so that 2-4
+  programs per SM stream the cache at once, whatever the batch (``with_splits``);
 - each split writes its unnormalised fp32 output with its running max and denominator
   (log2 domain); a second, tiny kernel rescales and sums the splits per query head.  With
   one split (large batch x kv heads) the first kernel writes O itself and the second is
@@ -30,7 +30,11 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-PROGRAMS_PER_SM = 4  # split programs per SM the split count aims at (H200 sweep, KERNEL_NOTES.md)
+# Split programs per SM the split count aims at (H200 sweeps, KERNEL_NOTES.md): 4 once the
+# batch x kv heads alone fill the SMs (B64: 2 splits beat 1 by 7% at 8k-32k keys), 2 below
+# (B1-B16: 4 per SM read 5-13% slower than 2, shorter splits each pay the pipeline ramp).
+PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM_SMALL_BATCH = 2
 NUM_SMS = 132        # H100/H200 SXM; the launcher passes the device's own count
 MAX_SPLITS = 256
 SMEM_BUDGET = 200 * 1024  # as in attention.py: below the 227 KB opt-in limit of sm_90
@@ -161,10 +165,14 @@ def decode_config(group: int, head_dim: int, itemsize: int = 2) -> dict:
 
 
 def with_splits(cfg: dict, batch: int, heads_kv: int, seq_k: int, num_sms: int = NUM_SMS,
-                programs_per_sm: int = PROGRAMS_PER_SM) -> dict:
-    """``cfg`` plus SPLITS and SPLIT_LEN: about ``programs_per_sm`` programs per SM, never a
-    split without keys (SPLIT_LEN is a multiple of BLOCK_N, so only the last split has a
-    ragged block)."""
+                programs_per_sm: int | None = None) -> dict:
+    """``cfg`` plus SPLITS and SPLIT_LEN: about ``programs_per_sm`` programs per SM (by
+    default ``PROGRAMS_PER_SM``, or ``PROGRAMS_PER_SM_SMALL_BATCH`` while batch x kv heads
+    is below the SM count), never a split without keys (SPLIT_LEN is a multiple of BLOCK_N,
+    so only the last split has a ragged block)."""
+    if programs_per_sm is None:
+        programs_per_sm = (PROGRAMS_PER_SM if batch * heads_kv >= num_sms
+                           else PROGRAMS_PER_SM_SMALL_BATCH)
     seq_k = max(seq_k, 1)
     blocks = triton.cdiv(seq_k, cfg["BLOCK_N"])
     want = triton.cdiv(programs_per_sm * num_sms, max(batch * heads_kv, 1))
@@ -180,6 +188,23 @@ def workspace_elems(batch: int, heads_q: int, cfg: dict, head_dim: int) -> tuple
         return 0, 0
     rows = batch * heads_q * cfg["SPLITS"]
     return rows * head_dim, rows * 2
+
+
+def workspace_bound_bytes(batch: int, heads_q: int, heads_kv: int, head_dim: int,
+                          num_sms: int = NUM_SMS) -> int:
+    """Bytes of fp32 partials and pairs that any decode step with at most ``batch`` sequences
+    (any cache length) needs on a GPU of ``num_sms`` SMs: what a TensorRT plugin reserves as
+    its workspace from the profile's largest shape.  The plugin sizes it for ``NUM_SMS``
+    without asking the device (an engine may be built where it does not run, or on no GPU):
+    a GPU with more SMs may need more at small batches, and the launcher then takes its own
+    buffer rather than overrun the reserved one.  ``with_splits`` picks
+    SPLITS <= ceil(p * num_sms / (batch * heads_kv)) with p <= PROGRAMS_PER_SM, so
+    batch * heads_kv * SPLITS < PROGRAMS_PER_SM * num_sms + batch * heads_kv, and the rows
+    (batch * heads_q * SPLITS) are that times the group size; a few MB for 7B-class shapes.
+    Growing in ``batch`` and ``heads_q`` and falling in ``heads_kv``, so the largest query
+    heads with the fewest kv heads bound a range of them."""
+    rows = heads_q // heads_kv * PROGRAMS_PER_SM * num_sms + batch * heads_q
+    return 4 * rows * (head_dim + 2)
 
 
 def takes(seq_q: int, softcap: float) -> bool:
@@ -209,7 +234,7 @@ def decode_attention(q, k, v, mask=None, scale=None, is_causal=False, config=Non
     group = hq // hkv
     cfg = dict(decode_config(group, d, q.element_size()), **(config or {}))
     cfg = with_splits(cfg, bsz, hkv, sk_seen, _sm_count(q.device),
-                      cfg.pop("programs_per_sm", PROGRAMS_PER_SM))
+                      cfg.pop("programs_per_sm", None))
     n_part, n_ml = workspace_elems(bsz, hq, cfg, d)
     part = torch.empty(max(n_part, 1), device=q.device, dtype=torch.float32)
     ml = torch.empty(max(n_ml, 1), device=q.device, dtype=torch.float32)

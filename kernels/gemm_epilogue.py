@@ -10,7 +10,10 @@ Tiling: classic output tiles [BLOCK_M, BLOCK_N], K stepped by BLOCK_K with softw
 pipelining (``num_stages``), programs ordered in groups of GROUP_M row-tiles so
 neighbouring programs share W tiles in L2.  Row and column offsets wrap modulo M and N
 (the rows loaded past the edge are real data, just never stored), which keeps the inner
-loop free of M/N masks; K is masked only when it is not a multiple of BLOCK_K.
+loop free of M/N masks; K is masked only when it is not a multiple of BLOCK_K.  SwiGLU's
+default (``PAIRED``) loads the gate and up tiles side by side and runs one dot twice as
+wide, which the tensor cores do at the plain GEMM's rate; the two-dot loop stays for
+weights that are not 16-byte aligned.
 """
 
 from __future__ import annotations
@@ -75,8 +78,13 @@ def gemm_kernel(
     M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, stride_ym,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PAIRED: tl.constexpr = False,
 ):
-    """Y = act(X@W + b), or with GLU: Y = act(X@W + b) * (X@Wu + bu).  W, Wu share strides."""
+    """Y = act(X@W + b), or with GLU: Y = act(X@W + b) * (X@Wu + bu).  W, Wu share strides.
+    GLU with PAIRED: the gate and up tiles are loaded side by side as one [BLOCK_K,
+    2 BLOCK_N] operand and multiplied in one dot (one wide MMA per A tile instead of two
+    narrow ones, so A is read from shared memory once per K step), then split in the
+    epilogue."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -90,6 +98,66 @@ def gemm_kernel(
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    if GLU and PAIRED:
+        acc = _paired_glu_mainloop(x_ptrs, w_ptr, wu_ptr, pid_n * BLOCK_N, N, rk, K, stride_xk,
+                                   stride_wk, stride_wn, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        if HAS_BIAS:
+            gate += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+            up += tl.load(bu_ptr + rn).to(tl.float32)[None, :]
+        acc = apply_activation(gate, ACT) * up
+    else:
+        acc = _mainloop_and_epilogue(x_ptrs, w_ptr, wu_ptr, b_ptr, bu_ptr, rn, rk, K,
+                                     stride_xk, stride_wk, stride_wn, ACT, HAS_BIAS, GLU,
+                                     EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_ptrs = y_ptr + om.to(tl.int64)[:, None] * stride_ym + on[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(om < M)[:, None] & (on < N)[None, :])
+
+
+@triton.jit
+def _paired_glu_mainloop(x_ptrs, w_ptr, wu_ptr, first_n, N, rk, K, stride_xk, stride_wk,
+                         stride_wn, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """X @ [Wg tile | Wu tile] into one [BLOCK_M, 2 BLOCK_N] accumulator.  Column c of the
+    wide tile is gate column first_n + c for c < BLOCK_N and up column first_n + c - BLOCK_N
+    after: each half is contiguous, so the loads stay 16-byte cp.async copies."""
+    cols = tl.arange(0, 2 * BLOCK_N)
+    col_n = first_n + cols % BLOCK_N
+    # Columns past N are masked rather than wrapped as in the kernel: `% N` on the doubled
+    # index hides its contiguity from the compiler (scalar loads, no cp.async pipeline).
+    col_ok = (col_n < N)[None, :]
+    w_off = rk[:, None] * stride_wk + col_n[None, :] * stride_wn
+    # Wu's offset from Wg in elements: a select between two pointer tiles would hide the
+    # halves' contiguity and turn the loads into scalars.  Callers pass PAIRED only with
+    # 16-byte aligned Wg and Wu, so the offset is a multiple of 16 bytes.
+    item_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+    up_offset = (wu_ptr.to(tl.int64, bitcast=True) - w_ptr.to(tl.int64, bitcast=True)) // item_bytes
+    up_offset = tl.multiple_of(up_offset, 16 // item_bytes)
+    w_ptrs = w_ptr + (w_off + (cols >= BLOCK_N).to(tl.int64)[None, :] * up_offset)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+        else:
+            k_left = K - k
+            a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & col_ok, other=0.0)
+        acc = tl.dot(a, w, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _mainloop_and_epilogue(x_ptrs, w_ptr, wu_ptr, b_ptr, bu_ptr, rn, rk, K, stride_xk,
+                           stride_wk, stride_wn, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           GLU: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act(X @ W + b) (times X @ Wu + bu with GLU, one dot per operand) in fp32."""
     w_off = rk[:, None] * stride_wk + rn[None, :] * stride_wn
     w_ptrs = w_ptr + w_off
     wu_ptrs = wu_ptr + w_off
@@ -121,11 +189,7 @@ def gemm_kernel(
         if HAS_BIAS:
             acc_up += tl.load(bu_ptr + rn).to(tl.float32)[None, :]
         acc = acc * acc_up
-
-    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    y_ptrs = y_ptr + om.to(tl.int64)[:, None] * stride_ym + on[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(om < M)[:, None] & (on < N)[None, :])
+    return acc
 
 
 # Shared memory a config may plan for: the H100/H200 opt-in limit is 227 KB per block; the
@@ -145,10 +209,17 @@ def gemm_config(M: int, N: int, K: int, glu: bool, itemsize: int = 2) -> dict:
     """Tiles for an H100-class GPU (from benchmarks/KERNEL_NOTES.md), clipped for small problems.
     ``itemsize`` is the element size of X/W: fp32 tiles are twice as large in shared memory,
     so BLOCK_K (then the stage count) shrinks until the buffers fit ``SMEM_BUDGET``."""
-    if M <= 128:
+    if glu and M > 64:
+        # Paired: one 128 x 256 dot per K step (the plain GEMM's tile) instead of two 128 x
+        # 128 dots.  H200 (issue 14, KERNEL_NOTES.md): M8192 N14336 K4096 3.14 -> 2.92 ms;
+        # also at M 128 (N11008 K4096: 63.4 -> 49.2 us over the 64-row small-M tile; M 17-64
+        # keep that tile, not measured with this one).
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8,
+               "num_stages": 4, "PAIRED": True}
+    elif M <= 128:
         cfg = _small_m_config(M, N)
-    elif glu:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        if glu:
+            cfg["PAIRED"] = True
     else:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], triton.next_power_of_2(M)))
@@ -177,6 +248,12 @@ def _small_m_config(M: int, N: int) -> dict:
             "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
 
 
+def pairable(wg_ptr: int, wu_ptr: int) -> bool:
+    """Whether the paired SwiGLU main loop may read Wg and Wu: it addresses Wu as an offset
+    from Wg that it declares a multiple of 16 bytes."""
+    return wg_ptr % 16 == 0 and wu_ptr % 16 == 0
+
+
 def gemm_grid(M: int, N: int, cfg: dict) -> tuple:
     return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), 1, 1)
 
@@ -195,6 +272,7 @@ def _run(x, w, wu, b, bu, act, config, out):
     y = x.new_empty((M, N)) if out is None else out.view(M, N)
     cfg = dict(config or gemm_config(M, N, K, glu, x.element_size()))
     meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    cfg["PAIRED"] = glu and cfg.get("PAIRED", False) and pairable(w.data_ptr(), wu.data_ptr())
     gemm_kernel[gemm_grid(M, N, cfg)](
         x2, w, w if wu is None else wu, w if b is None else b, w if bu is None else bu, y,
         M, N, K, x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), y.stride(0),

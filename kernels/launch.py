@@ -19,8 +19,9 @@ the kept buffer and launches, a few microseconds of host time (issue 14: ``run``
 everything per call, 78.5 us on the H200 machine's host).
 
 One query token (``Attention`` with Sq = 1) launches the split-KV decode kernels
-(``decode_attention.py``); their fp32 partials live in a workspace this module allocates
-per (context, stream) and keeps (TensorRT's plugin workspace is not passed to the cores).
+(``decode_attention.py``); their fp32 partials live in the caller's workspace when it passes
+one large enough (a TensorRT plugin's, sized by ``decode_attention.workspace_bound_bytes``),
+else in a buffer this module allocates per (context, stream) and keeps.
 
 Kernel ABI (read from triton/backends/nvidia/driver.py, Triton 3.6-3.9): the cubin's
 entry takes every non-constexpr argument in declaration order, then two hidden pointers,
@@ -391,9 +392,11 @@ def gemm_launch(x_ptr, w_ptr, wu_ptr, b_ptr, bu_ptr, y_ptr, M, N, K, act, dtype)
             _ptr("wu_ptr", dtype, wu_ptr or w_ptr), _ptr("b_ptr", dtype, b_ptr or w_ptr),
             _ptr("bu_ptr", dtype, bu_ptr or b_ptr or w_ptr), _ptr("y_ptr", dtype, y_ptr),
             *_ints(M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wk=N, stride_wn=1, stride_ym=N)]
+    paired = glu and cfg.get("PAIRED", False) and gemm_epilogue.pairable(w_ptr, wu_ptr)
     const = (("ACT", act), ("HAS_BIAS", bool(b_ptr)), ("GLU", glu),
              ("EVEN_K", K % cfg["BLOCK_K"] == 0), ("BLOCK_M", cfg["BLOCK_M"]),
-             ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"]), ("GROUP_M", cfg["GROUP_M"]))
+             ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"]), ("GROUP_M", cfg["GROUP_M"]),
+             ("PAIRED", paired))
     return KernelLaunch(gemm_epilogue.gemm_kernel, tuple(args), const,
                         gemm_epilogue.gemm_grid(M, N, cfg), cfg["num_warps"], cfg["num_stages"])
 
@@ -446,14 +449,17 @@ def attention_launch(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
 
 def launch_attention(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q, seq_k,
                      head_dim, scale, is_causal, dtype, stream, mask_ptr=0,
-                     mask_strides=(0, 0, 0, 0), mask_dtype=None, softcap=0.0, zero_nan_rows=True) -> None:
+                     mask_strides=(0, 0, 0, 0), mask_dtype=None, softcap=0.0, zero_nan_rows=True,
+                     workspace=(0, 0)) -> None:
     """``Attention``; ``scale`` None = 1/sqrt(D).  An additive mask broadcastable to
     [B, Hq, Sq, Sk] is passed as ``mask_ptr`` with its (b, h, q, k) element strides, 0 on
     broadcast axes (e.g. a contiguous [Sq, Sk] mask: (0, 0, Sk, 1)).  One query token
-    (Sq = 1, a decode step) without a soft cap goes to the split-KV decode kernels."""
+    (Sq = 1, a decode step) without a soft cap goes to the split-KV decode kernels, whose
+    partials go to ``workspace`` (device pointer, bytes) when it holds them."""
     if decode_attention.takes(seq_q, softcap):
         _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
-                is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype, zero_nan_rows)
+                is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype, zero_nan_rows,
+                workspace)
         return
     pointers = (q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr)
     enqueue_cached(("attention", batch, heads_q, heads_kv, seq_q, seq_k, head_dim, scale,
@@ -465,15 +471,21 @@ def launch_attention(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_q
                                             zero_nan_rows))
 
 
+@functools.lru_cache(maxsize=64)
+def _sm_count(ctx: int) -> int:
+    """Multiprocessors of context ``ctx``'s device (``ctx`` is current)."""
+    drv = _driver()
+    device = int(_check(drv.cuCtxGetDevice()))
+    return int(_check(drv.cuDeviceGetAttribute(
+        drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device)))
+
+
 @functools.lru_cache(maxsize=1024)
 def decode_plan(ctx: int, batch: int, heads_kv: int, group: int, seq_k: int, head_dim: int,
                 is_causal: bool, dtype: str) -> tuple:
     """(config with the split, keys seen, fp32 workspace elements (partials, pairs)) of one
     decode step on ``ctx``'s device: the split count depends on its SM count."""
-    drv = _driver()
-    device = int(_check(drv.cuCtxGetDevice()))
-    sms = int(_check(drv.cuDeviceGetAttribute(
-        drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device)))
+    sms = _sm_count(ctx)
     seen = min(seq_k, 1) if is_causal else seq_k  # upper-left causal: the query sees key 0
     cfg = decode_attention.with_splits(
         decode_attention.decode_config(group, head_dim, _itemsize(dtype)),
@@ -543,13 +555,20 @@ def _workspace(ctx: int, stream, nbytes: int) -> int:
 
 
 def _decode(q_ptr, k_ptr, v_ptr, o_ptr, batch, heads_q, heads_kv, seq_k, head_dim, scale,
-            is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype, zero_nan_rows=True) -> None:
+            is_causal, dtype, stream, mask_ptr, mask_strides, mask_dtype, zero_nan_rows=True,
+            workspace=(0, 0)) -> None:
     if heads_q % heads_kv:
         raise ValueError(f"query heads {heads_q} must be a multiple of kv heads {heads_kv}")
     ctx = _context_handle()
     cfg, seen, (n_part, n_ml) = decode_plan(ctx, batch, heads_kv, heads_q // heads_kv, seq_k,
                                             head_dim, bool(is_causal), dtype)
-    part_ptr = _workspace(ctx, stream, 4 * (n_part + n_ml)) if n_part else 0
+    need = 4 * (n_part + n_ml)
+    if not n_part:
+        part_ptr = 0
+    elif workspace[0] and workspace[1] >= need:
+        part_ptr = workspace[0]
+    else:
+        part_ptr = _workspace(ctx, stream, need)
     ml_ptr = part_ptr + 4 * n_part if n_part else 0
     pointers = (q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, mask_ptr)
     key = ("decode", batch, heads_q, heads_kv, seq_k, head_dim, scale, is_causal, dtype,

@@ -111,10 +111,18 @@ class PluginCore:
             return dtypes[0] in self.dtypes
         return dtypes[pos] == dtypes[0]
 
+    def workspace_bytes(self, min_shapes: Sequence[Sequence[int]], max_shapes: Sequence[Sequence[int]]) -> int:
+        """Device scratch the kernels need for any input shapes between `min_shapes` and
+        `max_shapes` (TensorRT's getWorkspaceSize, asked with a profile's bounds); TensorRT
+        hands it to every `enqueue`, so nothing is allocated per call. None by default."""
+        return 0
+
     # -- run time ---------------------------------------------------------------------------
     def enqueue(self, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], inputs: Sequence[int],
-                outputs: Sequence[int], stream: int) -> None:
-        """Launch the kernel on `stream` with device pointers (ints) to dense row-major tensors."""
+                outputs: Sequence[int], stream: int, workspace: tuple[int, int] = (0, 0)) -> None:
+        """Launch the kernel on `stream` with device pointers (ints) to dense row-major tensors;
+        `workspace` is (device pointer, bytes) of scratch, at least `workspace_bytes` of these
+        shapes, or (0, 0) for none (the kernels then use scratch of their own)."""
         raise NotImplementedError
 
 
@@ -132,7 +140,7 @@ class MatMulAct(PluginCore):
         if len(shapes) > 2 and tuple(shapes[2]) != (w[1],):
             raise ValueError(f"{self.op}: B {tuple(shapes[2])} must be ({w[1]},)")
 
-    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_matmul_bias_act
 
         x, w = shapes[0], shapes[1]
@@ -165,7 +173,20 @@ class Attention(PluginCore):
         q, k = shapes[0], shapes[1]
         return broadcast_strides("MaskedAttention: mask", tuple(shapes[3]), (q[0], q[1], q[2], k[2]))
 
-    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+    def workspace_bytes(self, min_shapes, max_shapes):
+        """The split-KV decode kernels' partials (one query token, no soft cap): a bound over
+        every batch up to the largest, a few MB (`decode_attention.workspace_bound_bytes`).
+        The same number for the same shapes wherever it is asked, so what `enqueue` is told
+        never exceeds what the build reserved."""
+        from fusegraph.kernels import decode_attention
+
+        softcap = self.attributes["softcap"] if self.attributes["softcapped"] else 0.0
+        if not decode_attention.takes(min_shapes[0][2], softcap):
+            return 0
+        batch, heads_q, _, head_dim = max_shapes[0]
+        return decode_attention.workspace_bound_bytes(batch, heads_q, min_shapes[1][1], head_dim)
+
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_attention
 
         b, hq, sq, d = shapes[0]
@@ -177,7 +198,7 @@ class Attention(PluginCore):
                          mask_strides=self.mask_strides(shapes) if has_mask else (0, 0, 0, 0),
                          mask_dtype=dtypes[3] if has_mask else None,
                          softcap=self.attributes["softcap"] if self.attributes["softcapped"] else 0.0,
-                         zero_nan_rows=bool(self.attributes["zero_nan_rows"]))
+                         zero_nan_rows=bool(self.attributes["zero_nan_rows"]), workspace=workspace)
 
 
 class MaskedAttention(Attention):
@@ -204,7 +225,7 @@ class GatedMatMul(PluginCore):
         if len(wg) != 2 or wg != wu or len(x) < 2 or x[-1] != wg[0]:
             raise ValueError(f"{self.op}: X {x}, Wg {wg}, Wu {wu} need Wg == Wu 2-D and X[-1] == Wg[0]")
 
-    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_swiglu
 
         x, w = shapes[0], shapes[1]
@@ -233,7 +254,7 @@ class _Norm(PluginCore):
 class RMSNorm(_Norm):
     op = "RMSNorm"
 
-    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_rms_norm
 
         rows, cols = self._rows_cols(shapes)
@@ -243,7 +264,7 @@ class RMSNorm(_Norm):
 class SkipRMSNorm(_Norm):
     op = "SkipRMSNorm"
 
-    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_skip_rms_norm
 
         rows, cols = self._rows_cols(shapes)
@@ -254,7 +275,7 @@ class SkipRMSNorm(_Norm):
 class SkipLayerNorm(_Norm):
     op = "SkipLayerNorm"
 
-    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_skip_layer_norm
 
         rows, cols = self._rows_cols(shapes)
@@ -288,7 +309,7 @@ class RotaryEmbedding(PluginCore):
             raise ValueError(f"RotaryEmbedding: cos {cos} and sin {sin} must match and end in rotary_dim {rd}")
         return broadcast_strides("RotaryEmbedding: cos", cos[:-1], x[:3], inner=rd)
 
-    def enqueue(self, shapes, dtypes, inputs, outputs, stream):
+    def enqueue(self, shapes, dtypes, inputs, outputs, stream, workspace=(0, 0)):
         from fusegraph.kernels.launch import launch_rotary_embedding
 
         b, h, s, d = shapes[0]

@@ -136,15 +136,18 @@ def plugin_classes() -> tuple[type, type]:
             self.core.check_shapes([tuple(i.dims) for i in inputs])
 
         def get_workspace_size(self, inputs: list[Any], outputs: list[Any]) -> int:
-            return 0
+            return self.core.workspace_bytes([tuple(i.min) for i in inputs], [tuple(i.max) for i in inputs])
 
         def get_fields_to_serialize(self) -> Any:
             return attributes_to_fields(self.core)
 
         def enqueue(self, input_desc: list[Any], output_desc: list[Any], inputs: list[int],
                     outputs: list[int], workspace: int, stream: int) -> None:
-            self.core.enqueue([tuple(d.dims) for d in input_desc], [dtype_name(d.type) for d in input_desc],
-                              [int(p) for p in inputs], [int(p) for p in outputs], int(stream))
+            shapes = [tuple(d.dims) for d in input_desc]
+            # TensorRT reserved workspace_bytes over the profile, at least what these shapes need
+            scratch = (int(workspace), self.core.workspace_bytes(shapes, shapes)) if workspace else (0, 0)
+            self.core.enqueue(shapes, [dtype_name(d.type) for d in input_desc],
+                              [int(p) for p in inputs], [int(p) for p in outputs], int(stream), scratch)
 
     class Creator(trt.IPluginCreatorV3One):
         def __init__(self, core_cls: type[PluginCore]) -> None:

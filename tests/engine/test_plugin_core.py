@@ -102,3 +102,25 @@ def test_broadcast_strides():
     assert rope.cs_strides([x, (2, 1, 6, 8), (2, 1, 6, 8)]) == (48, 0, 8)
     with pytest.raises(ValueError):
         RotaryEmbedding(rotary_dim=7).cs_strides([x, (6, 7), (6, 7)])
+
+
+def test_attention_reserves_the_decode_partials_as_workspace(monkeypatch):
+    """TensorRT's workspace carries the split-KV decode partials: Attention asks for the bound
+    over its profile (largest batch and query heads, fewest kv heads) when one query token
+    can reach it, nothing when it cannot (Sq >= 2 throughout, or a soft cap, which the decode
+    kernels leave to the prefill kernel), and its enqueue hands the pointer to the launcher."""
+    from fusegraph.kernels import decode_attention, launch
+
+    launched = []
+    monkeypatch.setattr(launch, "launch_attention", lambda *a, **kw: launched.append(kw["workspace"]))
+    lo = [(1, 32, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128)]
+    hi = [(64, 32, 1, 128), (64, 8, 4096, 128), (64, 8, 4096, 128)]
+    reserved = Attention().workspace_bytes(lo, hi)  # no device asked: CPU-only builds work
+    assert reserved == decode_attention.workspace_bound_bytes(64, 32, 8, 128) > 0
+    assert Attention().workspace_bytes(lo, lo) <= reserved  # what enqueue is told, per shape
+    assert Attention().workspace_bytes([(1, 32, 16, 128)] + lo[1:], hi) == 0  # prefill only
+    assert Attention(softcapped=1, softcap=30.0).workspace_bytes(lo, hi) == 0
+    assert MaskedAttention().workspace_bytes(lo + [(1, 1, 1, 1)], hi + [(64, 1, 1, 4096)]) == reserved
+    Attention().enqueue(hi, ["float16"] * 3, [1, 2, 3], [4], 0, workspace=(1 << 20, reserved))
+    assert launched == [(1 << 20, reserved)]
+    assert RMSNorm().workspace_bytes([(2, 8), (8,)], [(2, 8), (8,)]) == 0

@@ -74,6 +74,38 @@ def test_split_plan_covers_every_key_once():
             assert splits == 1
 
 
+def test_small_batches_aim_at_fewer_programs_per_sm():
+    """Below one program per SM from the batch alone, the split count aims at 2 programs per
+    SM (the H200 sweep: 4 read 5-13% slower there); from there on at 4."""
+    small = decode_attention.with_splits({"BLOCK_N": 64}, 1, 4, 131072, 132)
+    assert small["SPLITS"] == 64  # ~2 x 132 programs over 4 (batch, kv head) pairs, whole blocks
+    large = decode_attention.with_splits({"BLOCK_N": 64}, 64, 8, 32768, 132)
+    assert large["SPLITS"] == 2   # ceil(4 x 132 / 512)
+    forced = decode_attention.with_splits({"BLOCK_N": 64}, 1, 4, 131072, 132, programs_per_sm=4)
+    assert forced["SPLITS"] == 128
+
+
+def test_workspace_bound_holds_every_plan_up_to_the_batch():
+    """What a plugin reserves from its profile's largest batch holds the partials of every
+    step it may run: any smaller batch, any cache length, fewer query heads or more kv heads,
+    and both programs-per-SM regimes (the batch crossing the SM count)."""
+    for sms in (132, 78, 7):
+        for hq, hkv, d in ((32, 4, 128), (32, 8, 128), (8, 8, 64), (64, 8, 128)):
+            bound = decode_attention.workspace_bound_bytes(70, hq, hkv, d, sms)
+            for batch in (1, 2, 3, 16, 17, 33, 64, 70):
+                for sk in (1, 63, 1000, 4096, 131072):
+                    for q_heads, kv_heads in ((hq, hkv), (hq // 2, hkv), (hq, 2 * hkv)):
+                        if q_heads < kv_heads or q_heads % kv_heads:
+                            continue
+                        cfg = decode_attention.with_splits(
+                            decode_attention.decode_config(q_heads // kv_heads, d, 2),
+                            batch, kv_heads, sk, sms)
+                        n_part, n_ml = decode_attention.workspace_elems(batch, q_heads, cfg, d)
+                        assert 4 * (n_part + n_ml) <= bound, (sms, hq, hkv, batch, sk, cfg)
+    llama = decode_attention.workspace_bound_bytes(64, 32, 8, 128, 132)
+    assert llama < 8 * 2**20  # a few MB: cheap to reserve in every engine with decode steps
+
+
 def test_attention_entry_sends_one_query_token_to_decode(device, check, monkeypatch):
     """``attention.attention`` with Sq = 1 and no config runs the decode kernels (GQA 8:1)."""
     rng = np.random.default_rng(4)

@@ -115,3 +115,65 @@ def test_small_m_default_tiles_match_reference(device, check, m, n):
     t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     y = gemm_epilogue.matmul_bias_act(t(x), t(w), t(b), "Silu")
     check(y, reference.matmul_bias_act(x, w, b, "Silu", compute_dtype=np.float64), "float32")
+
+
+PAIRED = dict(SMALL, PAIRED=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 50),
+       act=st.sampled_from(["Silu", "Gelu"]), bias=st.booleans(),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_paired_swiglu_matches_reference(device, check, m, n, k, act, bias, dtype, seed):
+    """The one-dot main loop over [Wg tile | Wu tile], split into gate and up in the
+    epilogue: ragged N (columns past N masked off the loads) and ragged K."""
+    rng = np.random.default_rng(seed)
+    x = _data(rng, (m, k), dtype)
+    wg, wu = (_data(rng, (k, n), dtype, 1 / np.sqrt(k)) for _ in range(2))
+    bg, bu = (_data(rng, n, dtype) if bias else None for _ in range(2))
+    t = lambda a: None if a is None else torch.from_numpy(a).to(device)  # noqa: E731
+    y = gemm_epilogue.swiglu(t(x), t(wg), t(wu), t(bg), t(bu), act, config=PAIRED)
+    check(y, reference.swiglu(x, wg, wu, bg, bu, act, compute_dtype=np.float64), dtype, act)
+
+
+def test_paired_swiglu_reads_wu_wherever_it_lies(device, check):
+    """Wu addressed as an offset from Wg: below Wg in memory, inside one [K, 2N] buffer (the
+    usual packed weight), and misaligned (a view one element in: not pairable, so the
+    two-dot loop runs instead of a main loop whose 16-byte promise would be false)."""
+    rng = np.random.default_rng(7)
+    k, n = 24, 40
+    x = torch.from_numpy(_data(rng, (33, k), "float32")).to(device)
+    packed = torch.from_numpy(_data(rng, (k, 2 * n + 1), "float32", 0.2)).to(device)
+    wg, wu = packed[:, :n], packed[:, n:2 * n]
+    cases = {"packed": (wg, wu), "up first": (wu, wg)}
+    flat = torch.from_numpy(_data(rng, 2 * k * n + 1, "float32", 0.2)).to(device)
+    odd_wg, odd_wu = flat[1:k * n + 1].view(k, n), flat[k * n + 1:].view(k, n)
+    assert not gemm_epilogue.pairable(odd_wg.data_ptr(), odd_wu.data_ptr())
+    cases["misaligned"] = (odd_wg, odd_wu)
+    for what, (g, u) in cases.items():
+        y = gemm_epilogue.swiglu(x, g, u, config=PAIRED)
+        ref = reference.swiglu(x.cpu().numpy(), g.cpu().numpy(), u.cpu().numpy(), act="Silu",
+                               compute_dtype=np.float64)
+        check(y, ref, "float32", what)
+
+
+def test_swiglu_defaults_pair_only_aligned_weights():
+    """SwiGLU's default tiles take the paired loop, through the torch entry's config and the
+    torch-free launcher alike; the launcher falls back to two dots when Wu is not 16-byte
+    aligned (its pointer pattern keys the prepared launch, so the two never mix), and a
+    plain GEMM never pairs."""
+    from fusegraph.kernels import launch
+
+    for m in (1, 16, 128, 2048, 8192):
+        assert gemm_epilogue.gemm_config(m, 14336, 4096, True)["PAIRED"]
+        assert not gemm_epilogue.gemm_config(m, 14336, 4096, False).get("PAIRED")
+    p = 1 << 20
+
+    def paired(wu_ptr, glu=True):
+        desc = launch.gemm_launch(p, p, wu_ptr if glu else 0, 0, 0, p, 4096, 11008, 4096,
+                                  "Silu", "bfloat16")
+        return dict(desc.constexprs)["PAIRED"]
+
+    assert paired(p + 2 * 4096 * 11008)
+    assert not paired(p + 2 * 4096 * 11008 + 2)
+    assert not paired(0, glu=False)

@@ -299,7 +299,13 @@ cfg, seen, (n_part, n_ml) = L.decode_plan(7, 1, 8, 8, 4096, 128, False, "bfloat1
 out["decode"] = [len(fake.loads), fake.launches[:], fake.allocs[:], fake.frees[:], cfg, n_part, n_ml]
 L.launch_attention(A, B, B + (1 << 19), Y, 64, 64, 8, 1, 4096, 128, None, False, "bfloat16", 3)
 L.launch_attention(A, B, B + (1 << 19), Y, 64, 64, 8, 1, 4096, 128, None, False, "bfloat16", 9)
-out["grow"] = [fake.allocs, fake.frees]
+out["grow"] = [fake.allocs[:], fake.frees[:]]
+fake.launches.clear()
+W = 5 << 20  # a caller's workspace (a TensorRT plugin's): used when it holds the partials
+for size in (1 << 30, 16):
+    L.launch_attention(A, B, B + (1 << 19), Y, 1, 64, 8, 1, 4096, 128, None, False, "bfloat16", 3,
+                       workspace=(W, size))
+out["given"] = [fake.launches[:], len(fake.allocs)]
 print(json.dumps(out))
 """
 
@@ -340,3 +346,8 @@ def test_cached_launches_reuse_compiles_and_write_each_calls_pointers():
     assert len(allocs) == 3 and allocs[1] > allocs[0] and frees == [["sync", 3], ["free", ws]]
     direct = launches[4]
     assert direct[1] == [1, 128 * 8, 1] and direct[4][6] == Y  # writes O itself
+    given, n_allocs = result["given"]
+    W = 5 << 20
+    assert given[0][4][4:6] == [W, W + 4 * n_part] and given[1][4][:2] == [W, W + 4 * n_part]
+    assert given[2][4][4:6] == [ws, ws + 4 * n_part]  # 16 bytes hold nothing: its own buffer
+    assert n_allocs == 3  # and no allocation for either call
