@@ -153,10 +153,11 @@ def shard_file(src: str, out_dir: str, tp: int, *, external: bool | None = None)
                          " (-o takes an existing folder for the rank models)")
     model, data = model_io.load_checked(src)
     base_dir = os.path.dirname(os.path.abspath(src))
+    # Planned first: the plan refuses a tp that divides nothing, before a name per rank is made.
+    sharder = Sharder(model, tp, base_dir, source=src)
     targets = [os.path.join(out_dir, f"rank{r}.onnx") for r in range(tp)]
     for path in targets:
         model_io.check_output(path, src, data)
-    sharder = Sharder(model, tp, base_dir, source=src)
     report = sharder.report()
     for r, path in enumerate(targets):
         rank = sharder.rank_model(r)
