@@ -105,12 +105,16 @@ def _rule_set(spec: str | None, files: list[str] | None = None):
 
 def _load_rule_file(path: str) -> list:
     """The `RULES` list of a user's Python file: patterns written as in patterns/*.py."""
+    import importlib.machinery
     import importlib.util
 
     from .rule import Rule
     if not os.path.isfile(path):
         raise InputError(f"--rule-file {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"fusegraph_user_rules_{abs(hash(path))}", path)
+    # Read as Python source whatever its name ends with (spec_from_file_location gives no
+    # spec for `rules.txt` or a model passed by mistake): what is not Python fails below.
+    name = f"fusegraph_user_rules_{abs(hash(path))}"
+    spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(name, path))
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
