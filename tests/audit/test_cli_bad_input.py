@@ -124,3 +124,22 @@ def test_shard_refuses_a_huge_tp_before_naming_its_ranks(tmp_path, capsys):
     err = _one_error_line(capsys, ["shard", str(tmp_path / "m.onnx"), "--tp", str(10 ** 12), "-o", str(out)])
     assert "tp 1000000000000" in err
     assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"\x08\x07\x12\x00binary", b"def f(:\n", b"\xff\xfe not utf-8\n", b"RULES = 5\n"],
+                         ids=["binary", "syntax", "encoding", "no_rule_list"])
+@pytest.mark.parametrize("suffix", [".py", ".onnx", ".txt"])
+def test_a_rule_file_that_is_no_python_rule_list_is_one_error_line(files, capsys, content, suffix):
+    """Whatever its name ends with (it used to be a traceback, exit 1, for any suffix but .py)."""
+    rule_file = files / f"rules{suffix}"
+    rule_file.write_bytes(content)
+    err = _one_error_line(capsys, [str(files / "ok.onnx"), "-o", str(files / "o.onnx"), "--rule-file", str(rule_file)])
+    assert "--rule-file" in err and not (files / "o.onnx").exists()
+
+
+def test_a_rule_file_named_otherwise_than_py_still_loads(files, capsys):
+    rule_file = files / "rules.txt"
+    rule_file.write_text('from fusegraph import Rule\n'
+                         'RULES = [Rule("relu_to_my", lambda op, x: op.Relu(x), lambda op, x: op.Relu(x, _domain="my"))]\n')
+    assert main([str(files / "ok.onnx"), "-o", str(files / "o.onnx"), "--rule-file", str(rule_file)]) == 0
+    assert [(n.domain, n.op_type) for n in onnx.load(files / "o.onnx").graph.node] == [("my", "Relu")]
