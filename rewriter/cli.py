@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Sequence
 
-from .errors import ArgumentParser, InputError
+from .errors import ArgumentParser, InputError, tolerance
 
 SUBCOMMANDS = """commands:
   rewrite IN.onnx -o OUT.onnx ...       rewrite a model (this help)
@@ -145,8 +145,8 @@ def _rewrite_main(argv: list[str]) -> int:
     p.add_argument("--verify", action="store_true", help="run original and rewritten in ONNX Runtime and compare "
                    "before writing: a mismatch writes nothing (exit 1)")
     p.add_argument("--shape", action="append", metavar="NAME:DIMS", help="input shape for --verify, e.g. input_ids:1x128")
-    p.add_argument("--atol", type=float, help="absolute tolerance for --verify (default by dtype)")
-    p.add_argument("--rtol", type=float, help="relative tolerance for --verify (default by dtype)")
+    p.add_argument("--atol", type=tolerance, help="absolute tolerance for --verify (default by dtype)")
+    p.add_argument("--rtol", type=tolerance, help="relative tolerance for --verify (default by dtype)")
     p.add_argument("--target", default="portable", choices=("portable", "onnxruntime", "tensorrt"),
                    help="lower the fused ops for this runtime (default portable: ONNX local functions)")
     p.add_argument("--report", metavar="REPORT.html", help="write an HTML report: each fusion drawn, every rule's "

@@ -143,3 +143,16 @@ def test_a_rule_file_named_otherwise_than_py_still_loads(files, capsys):
                          'RULES = [Rule("relu_to_my", lambda op, x: op.Relu(x), lambda op, x: op.Relu(x, _domain="my"))]\n')
     assert main([str(files / "ok.onnx"), "-o", str(files / "o.onnx"), "--rule-file", str(rule_file)]) == 0
     assert [(n.domain, n.op_type) for n in onnx.load(files / "o.onnx").graph.node] == [("my", "Relu")]
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "1e-3x"])
+@pytest.mark.parametrize("command", ["rewrite", "verify", "verify-shards"])
+def test_a_tolerance_that_is_no_finite_non_negative_number_is_one_error_line(files, capsys, value, command):
+    """--atol nan passed any exact match and refused any other silently, -1 refused everything."""
+    ok = str(files / "ok.onnx")
+    argv = {"rewrite": [ok, "-o", str(files / "o.onnx"), "--verify"], "verify": ["verify", ok, ok],
+            "verify-shards": ["verify-shards", ok, str(files)]}[command]
+    for option in ("--atol", "--rtol"):
+        err = _one_error_line(capsys, argv + [option, value])
+        assert option in err
+    assert not (files / "o.onnx").exists()
