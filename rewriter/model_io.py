@@ -96,6 +96,7 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
     except InputError as e:
         raise InputError(f"{source}: {e}") from None
     _check_fusion_record(model, source)
+    _check_names_and_ops(model, default, source)
     defined = {v.name for v in graph.inputs} | set(graph.initializers) | set(graph.constants)
     for v in graph.values.values():
         if v.producer is None and v.consumers and v.name not in defined:
@@ -106,6 +107,36 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
         if v.producer is None and v.name not in defined:
             raise InputError(f"{source}: graph output {v.name!r} is not computed by any node")
     graph.toposort()
+
+
+def _check_names_and_ops(model: onnx.ModelProto, opset: int, source: str) -> None:
+    """What ONNX Runtime refuses to load and the rewriter would carry into its output: a graph
+    input named twice, a node output that redefines a graph input or an initializer (each
+    name is defined once), and a standard op that does not exist at the model's opset (`Foo`,
+    or `Gelu` before opset 20) unless a local function defines it. The main graph only, one
+    pass over its nodes."""
+    g = model.graph
+    inputs = [i.name for i in g.input]
+    if len(set(inputs)) != len(inputs):
+        twice = next(n for n in inputs if inputs.count(n) > 1)
+        raise InputError(f"{source}: graph input {twice!r} is declared twice")
+    defined = set(inputs) | {t.name for t in g.initializer}
+    local = {(f.domain, f.name) for f in model.functions}
+    known: dict[str, bool] = {}
+    for n in g.node:
+        for out in n.output:
+            if out in defined:
+                raise InputError(f"{source}: node {n.name!r} ({n.op_type}) redefines {out!r}, "
+                                 "a graph input or initializer")
+        if n.domain in ("", "ai.onnx") and (n.domain, n.op_type) not in local:
+            if n.op_type not in known:
+                try:
+                    onnx.defs.get_schema(n.op_type, opset, "")
+                    known[n.op_type] = True
+                except onnx.defs.SchemaError:
+                    known[n.op_type] = False
+            if not known[n.op_type]:
+                raise InputError(f"{source}: node {n.name!r}: {n.op_type!r} is no ONNX op at opset {opset}")
 
 
 def _check_fusion_record(model: onnx.ModelProto, source: str) -> None:
