@@ -50,6 +50,7 @@ from onnx import helper, numpy_helper
 from . import external_data, model_io
 from .ops import collectives
 from .errors import InputError
+from .ir import Graph
 
 #: Rank weights above this many bytes go to an external data file beside the rank model.
 EXTERNAL_DATA_ABOVE = 1 << 30
@@ -183,6 +184,9 @@ class Sharder:
     def __init__(self, model: onnx.ModelProto, tp: int, base_dir: str | None = None, source: str = "model"):
         if not isinstance(tp, int) or tp < 1:
             raise InputError(f"--tp {tp!r}: the tensor-parallel size must be a positive integer")
+        # What `rewrite` refuses (an opset onnx does not know or too old, a cycle, a dangling
+        # input, a redefined name) is refused here too, before inference prints its own lines.
+        model_io.validate(model, Graph(model, base_dir), source)
         self.model, self.tp, self.base_dir, self.source = model, tp, base_dir, source
         graph = model.graph
         self.nodes = list(graph.node)
