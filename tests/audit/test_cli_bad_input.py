@@ -4,7 +4,9 @@ The README's contract holds for `rewrite`, `verify`, `shard`, `verify-shards`, `
 `inspect` alike: a truncated or non-ONNX file, an IR version or opset onnx does not know, a
 cycle, a dangling input. `build` used to hand such models to TensorRT's parser, which built an
 opset-99 model (exit 0) and reported a cycle in four lines; `inspect` described a truncated or
-empty engine file and exited 0; `shard --tp 99999999999` made a name per rank before the plan
+empty engine file and exited 0; `rewrite` wrote models ONNX Runtime refuses (an op unknown at
+the model's opset, a graph input declared twice, an initializer redefined by a node); `shard`
+printed shape inference's own line before its error; `shard --tp 99999999999` made a name per rank before the plan
 refused the tp (minutes, unbounded memory); `build --shape x:1e20` ended in a traceback.
 """
 
@@ -32,9 +34,18 @@ def _bad_models() -> dict:
     cycle = make_model([node("Relu", ["b"], ["a"]), node("Add", ["a", "x"], ["b"]), node("Relu", ["b"], ["y"])],
                        {"x": (F, [2, 4])}, {"y": (F, [2, 4])})
     dangling = make_model([node("Add", ["x", "ghost"], ["y"])], {"x": (F, [2, 4])}, {"y": (F, [2, 4])})
+    unknown_op = make_model([node("Foo", ["x"], ["y"])], {"x": (F, [2, 4])}, {"y": (F, [2, 4])})
+    too_new_op = make_model([node("Gelu", ["x"], ["y"])], {"x": (F, [2, 4])}, {"y": (F, [2, 4])}, opset=17)
+    input_twice = _relu()
+    input_twice.graph.input.append(input_twice.graph.input[0])
+    redefined = make_model([node("Relu", ["x"], ["w"]), node("Add", ["w", "x"], ["y"])], {"x": (F, [2, 4])},
+                           {"y": (F, [2, 4])}, {"w": np.ones((2, 4), F)})
     return {"truncated": good[:-7], "text": b"hello world\n", "empty": b"",
             "cycle": cycle.SerializeToString(), "dangling": dangling.SerializeToString(),
-            "opset99": _relu(opset=99).SerializeToString(), "ir99": _relu(ir_version=99).SerializeToString()}
+            "opset99": _relu(opset=99).SerializeToString(), "ir99": _relu(ir_version=99).SerializeToString(),
+            "opset5": _relu(opset=5).SerializeToString(), "unknown_op": unknown_op.SerializeToString(),
+            "op_newer_than_opset": too_new_op.SerializeToString(), "input_twice": input_twice.SerializeToString(),
+            "initializer_redefined": redefined.SerializeToString()}
 
 
 BAD = _bad_models()
