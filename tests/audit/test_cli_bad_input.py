@@ -167,3 +167,22 @@ def test_a_tolerance_that_is_no_finite_non_negative_number_is_one_error_line(fil
         err = _one_error_line(capsys, argv + [option, value])
         assert option in err
     assert not (files / "o.onnx").exists()
+
+
+def test_verify_shards_takes_the_ranks_of_the_last_shard_into_the_folder(tmp_path, capsys):
+    """`shard --tp 2` then `--tp 1` into one folder leaves rank1.onnx of the first run; shard.json
+    says tp 1, and verify-shards compared rank0 (tp 1) with that stale rank1 (exit 2: "the rank
+    models do not call the same collectives")."""
+    rng = np.random.default_rng(0)
+    model = make_model([node("MatMul", ["x", "w"], ["h"]), node("Relu", ["h"], ["r"]), node("MatMul", ["r", "w2"], ["y"])],
+                       {"x": (F, [2, 4])}, {"y": (F, [2, 4])},
+                       {"w": rng.standard_normal((4, 8)).astype(F), "w2": rng.standard_normal((8, 4)).astype(F)})
+    onnx.save(model, tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["shard", str(tmp_path / "m.onnx"), "--tp", "2", "-o", str(out)]) == 0
+    assert main(["shard", str(tmp_path / "m.onnx"), "--tp", "1", "-o", str(out)]) == 0
+    assert (out / "rank1.onnx").exists()
+    capsys.readouterr()
+    assert main(["verify-shards", str(tmp_path / "m.onnx"), str(out)]) == 0
+    assert "ranks: 1" in capsys.readouterr().out
