@@ -377,6 +377,24 @@ def scales_keep_range(q, k=None, k_kv=None, k_bshd=None, **captures) -> bool:
     return True
 
 
+def scales_exact_under_softcap(cap_div=None, **captures) -> bool:
+    """Under a soft cap, a factor on Q or K is a power of two. The fused op scales Q·Kᵀ once;
+    the original rounds Q·f (or K·f) before the product, which moves a score by an ulp of its
+    terms, not of its sum: where the terms cancel, that is no longer small next to the cap, and
+    the tanh spreads it over the whole cap (a mutation run: Q×1.001 then ×2 on the scores, at
+    ±1e4 inputs, 2e4 off). A power of two scales exactly; the factor on the scores is applied
+    where the fused op applies its scale. Without a cap, softmax keeps such a difference small."""
+    if cap_div is None:
+        return True
+    for site in ("q", "k_pre", "k_post"):
+        for kind in ("mul", "div"):
+            c = captures.get(f"{site}_{kind}")
+            if c is not None and np.frexp(abs(float(c.const_value.astype(np.float64).reshape(-1)[0])))[0] != 0.5:
+                return reject(f"scale {kind} {c.name!r} on {site.split('_')[0].upper()} is no power of two: before "
+                              "a soft cap, the original's rounding there differs from one folded scale")
+    return True
+
+
 def softmax_on_last_axis(axis, q, viewed=None) -> bool:
     return axis == -1 or (axis == 3 and (q.rank == 4 or viewed is not None)) or reject(
         f"softmax on axis {axis}, not the last")
@@ -827,7 +845,8 @@ IN_BATCH_CAUSAL_EXAMPLE = {**IN_BATCH_EXAMPLE, "mask": CAUSAL_EXAMPLE["mask"][0]
                            "bias": np.zeros((2, 3, 3), np.float32), "keep": ~_ABOVE[0], "drop": _ABOVE[0]}
 IN_VIEW_CAUSAL_EXAMPLE = {**IN_BATCH_CAUSAL_EXAMPLE, **{k: IN_VIEW_EXAMPLE[k] for k in ("v", "v_merged", "v_grown")}}
 
-CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, softmax_on_last_axis, heads_layout, heads_view_exact,
+CONDITIONS = [scales_are_scalars, scales_keep_range, caps_agree, scales_exact_under_softcap, softmax_on_last_axis,
+              heads_layout, heads_view_exact,
               casts_widen_losslessly, fills_mask_hard, mask_fits, bias_joins_mask_exactly, math_fits_float32]
 
 RULES = [

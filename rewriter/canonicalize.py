@@ -315,7 +315,7 @@ class _Evaluator:
             if a is None:
                 return None
             args.append(a)
-        if not _output_fits(op, args, self.max_elements):
+        if not _output_fits(node, args, self.max_elements):
             return None
         if self.ops is not None and op in _INTEGER_ONLY and args[0].dtype.kind not in "biu":
             return None  # folded values must be ONNX Runtime's bit for bit (analysis takes numpy's)
@@ -732,10 +732,23 @@ def _clamped_range(start: int, end: int, rank: int) -> tuple[int, int]:
     return clamp(start), clamp(end)
 
 
-def _output_fits(op: str, args: list[np.ndarray | None], max_elements: int) -> bool:
-    """Ops that can make a large tensor from small inputs are sized before they run."""
+def _output_fits(node: Node, args: list[np.ndarray | None], max_elements: int) -> bool:
+    """Ops that can make a large tensor from small inputs are sized before they run: three
+    inputs of 1024 elements broadcast by a Where or Max to 2^30, a Gather of 1024 rows by 1024
+    indices to 2^20 (and analysis caps inputs at 2^20). An op outside `FOLDABLE` (analysis
+    only: OneHot, Pad, MatMul, ...) is sized by its inferred output shape, and not run without one."""
+    op = node.op_type
     try:
-        if op == "ConstantOfShape":
+        if op in _ELEMENTWISE:
+            n = _elements(np.broadcast_shapes(*(a.shape for a in args if a is not None)))
+        elif op == "Gather":
+            data, indices = args[0], args[1]
+            n = data.size // max(data.shape[node.attr("axis", 0)], 1) * indices.size if data.ndim else None
+        elif op not in FOLDABLE:
+            shapes = [v.shape if v is not None else None for v in node.outputs]
+            n = None if any(s is None or not all(isinstance(d, int) for d in s) for s in shapes) else \
+                max(_elements(s) for s in shapes)
+        elif op == "ConstantOfShape":
             n = _elements(args[0]) if args[0].ndim == 1 and (args[0] >= 0).all() else None
         elif op == "Expand":
             n = _elements(np.broadcast_shapes(args[0].shape, tuple(int(d) for d in args[1])))

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Sequence
 
-from .errors import ArgumentParser, InputError
+from .errors import ArgumentParser, InputError, tolerance
 
 SUBCOMMANDS = """commands:
   rewrite IN.onnx -o OUT.onnx ...       rewrite a model (this help)
@@ -105,12 +105,16 @@ def _rule_set(spec: str | None, files: list[str] | None = None):
 
 def _load_rule_file(path: str) -> list:
     """The `RULES` list of a user's Python file: patterns written as in patterns/*.py."""
+    import importlib.machinery
     import importlib.util
 
     from .rule import Rule
     if not os.path.isfile(path):
         raise InputError(f"--rule-file {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"fusegraph_user_rules_{abs(hash(path))}", path)
+    # Read as Python source whatever its name ends with (spec_from_file_location gives no
+    # spec for `rules.txt` or a model passed by mistake): what is not Python fails below.
+    name = f"fusegraph_user_rules_{abs(hash(path))}"
+    spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(name, path))
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -141,8 +145,8 @@ def _rewrite_main(argv: list[str]) -> int:
     p.add_argument("--verify", action="store_true", help="run original and rewritten in ONNX Runtime and compare "
                    "before writing: a mismatch writes nothing (exit 1)")
     p.add_argument("--shape", action="append", metavar="NAME:DIMS", help="input shape for --verify, e.g. input_ids:1x128")
-    p.add_argument("--atol", type=float, help="absolute tolerance for --verify (default by dtype)")
-    p.add_argument("--rtol", type=float, help="relative tolerance for --verify (default by dtype)")
+    p.add_argument("--atol", type=tolerance, help="absolute tolerance for --verify (default by dtype)")
+    p.add_argument("--rtol", type=tolerance, help="relative tolerance for --verify (default by dtype)")
     p.add_argument("--target", default="portable", choices=("portable", "onnxruntime", "tensorrt"),
                    help="lower the fused ops for this runtime (default portable: ONNX local functions)")
     p.add_argument("--report", metavar="REPORT.html", help="write an HTML report: each fusion drawn, every rule's "

@@ -16,3 +16,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise InputError(message)
+
+
+def tolerance(text: str) -> float:
+    """An --atol/--rtol value: a finite number >= 0 (a NaN tolerance passes only exact equality
+    and a negative one nothing, silently: both are typos, not tolerances)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid tolerance {text!r}: expected a number >= 0") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid tolerance {text!r}: expected a finite number >= 0")
+    return value

@@ -96,6 +96,7 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
     except InputError as e:
         raise InputError(f"{source}: {e}") from None
     _check_fusion_record(model, source)
+    _check_names_and_ops(model, default, source)
     defined = {v.name for v in graph.inputs} | set(graph.initializers) | set(graph.constants)
     for v in graph.values.values():
         if v.producer is None and v.consumers and v.name not in defined:
@@ -106,6 +107,56 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
         if v.producer is None and v.name not in defined:
             raise InputError(f"{source}: graph output {v.name!r} is not computed by any node")
     graph.toposort()
+
+
+#: Ops ONNX Runtime registers in the default domain at versions ONNX does not: its
+#: transformers optimizer writes LayerNormalization into opset < 17 models, and
+#: SimplifiedLayerNormalization (`--target onnxruntime` too). A model with them is ONNX
+#: Runtime's own, valid there.
+RUNTIME_DEFAULT_DOMAIN_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
+
+
+def _check_names_and_ops(model: onnx.ModelProto, opset: int, source: str) -> None:
+    """What ONNX Runtime refuses to load and the rewriter would carry into its output: a graph
+    input named twice, a node output that redefines a graph input or an initializer (each
+    name is defined once), and a standard op used below the opset that introduced it (`Gelu`
+    before 20) unless a local function defines it or ONNX Runtime registers it there
+    (`RUNTIME_DEFAULT_DOMAIN_OPS`). An op name ONNX does not know at any opset passes: in the
+    default domain that is how TensorRT names its plugins (`EfficientNMS_TRT`; its parser
+    resolves an unknown op through the plugin registry), and the rewriter leaves such a node
+    as it is. The main graph only, one pass over its nodes."""
+    g = model.graph
+    inputs = [i.name for i in g.input]
+    if len(set(inputs)) != len(inputs):
+        twice = next(n for n in inputs if inputs.count(n) > 1)
+        raise InputError(f"{source}: graph input {twice!r} is declared twice")
+    defined = set(inputs) | {t.name for t in g.initializer}
+    local = {(f.domain, f.name) for f in model.functions}
+    too_new: dict[str, int | None] = {}
+    for n in g.node:
+        for out in n.output:
+            if out in defined:
+                raise InputError(f"{source}: node {n.name!r} ({n.op_type}) redefines {out!r}, "
+                                 "a graph input or initializer")
+        if n.domain in ("", "ai.onnx") and (n.domain, n.op_type) not in local:
+            if n.op_type not in too_new:
+                too_new[n.op_type] = _introduced_after(n.op_type, opset)
+            if too_new[n.op_type] is not None:
+                raise InputError(f"{source}: node {n.name!r}: {n.op_type!r} is an ONNX op from opset "
+                                 f"{too_new[n.op_type]}, not at the model's opset {opset}")
+
+
+def _introduced_after(op_type: str, opset: int) -> int | None:
+    """The opset that introduced standard op `op_type` where that is after `opset`; None where
+    the op exists at `opset`, ONNX Runtime registers it there, or ONNX knows no such op."""
+    if op_type in RUNTIME_DEFAULT_DOMAIN_OPS or not onnx.defs.has(op_type):
+        return None
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+        return None
+    except onnx.defs.SchemaError:
+        return min(s.since_version for s in onnx.defs.get_all_schemas_with_history()
+                   if s.name == op_type and s.domain == "")
 
 
 def _check_fusion_record(model: onnx.ModelProto, source: str) -> None:

@@ -50,6 +50,7 @@ from onnx import helper, numpy_helper
 from . import external_data, model_io
 from .ops import collectives
 from .errors import InputError
+from .ir import Graph
 
 #: Rank weights above this many bytes go to an external data file beside the rank model.
 EXTERNAL_DATA_ABOVE = 1 << 30
@@ -153,10 +154,11 @@ def shard_file(src: str, out_dir: str, tp: int, *, external: bool | None = None)
                          " (-o takes an existing folder for the rank models)")
     model, data = model_io.load_checked(src)
     base_dir = os.path.dirname(os.path.abspath(src))
+    # Planned first: the plan refuses a tp that divides nothing, before a name per rank is made.
+    sharder = Sharder(model, tp, base_dir, source=src)
     targets = [os.path.join(out_dir, f"rank{r}.onnx") for r in range(tp)]
     for path in targets:
         model_io.check_output(path, src, data)
-    sharder = Sharder(model, tp, base_dir, source=src)
     report = sharder.report()
     for r, path in enumerate(targets):
         rank = sharder.rank_model(r)
@@ -182,6 +184,9 @@ class Sharder:
     def __init__(self, model: onnx.ModelProto, tp: int, base_dir: str | None = None, source: str = "model"):
         if not isinstance(tp, int) or tp < 1:
             raise InputError(f"--tp {tp!r}: the tensor-parallel size must be a positive integer")
+        # What `rewrite` refuses (an opset onnx does not know or too old, a cycle, a dangling
+        # input, a redefined name) is refused here too, before inference prints its own lines.
+        model_io.validate(model, Graph(model, base_dir), source)
         self.model, self.tp, self.base_dir, self.source = model, tp, base_dir, source
         graph = model.graph
         self.nodes = list(graph.node)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from fusegraph.errors import InputError
+from fusegraph.errors import InputError, tolerance
 
 #: (atol, rtol) per output dtype: an element passes if |a - b| <= atol + rtol * |b|.
 TOLERANCES = {
@@ -42,8 +42,8 @@ def add_comparison_options(parser) -> None:
     input shapes or arrays, tolerances, the seed of the random inputs, JSON output."""
     parser.add_argument("--shape", action="append", metavar="NAME:DIMS")
     parser.add_argument("--inputs", help=".npz file with the input arrays")
-    parser.add_argument("--atol", type=float)
-    parser.add_argument("--rtol", type=float)
+    parser.add_argument("--atol", type=tolerance)
+    parser.add_argument("--rtol", type=tolerance)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
 

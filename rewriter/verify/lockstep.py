@@ -146,10 +146,27 @@ def rank_files(folder: str) -> list[str]:
             found[int(m.group(1))] = path
     if not found:
         raise InputError(f"{folder}: no rank0.onnx .. rankN.onnx in it (written by `rewrite shard`)")
+    tp = _manifest_tp(folder)
+    if tp is not None and all(r in found for r in range(tp)):
+        # the last `rewrite shard` into the folder wrote these: rank files past its tp are an
+        # earlier, larger tp's
+        found = {r: path for r, path in found.items() if r < tp}
     missing = [r for r in range(max(found) + 1) if r not in found]
     if missing:
         raise InputError(f"{folder}: rank{missing[0]}.onnx is missing (found ranks {sorted(found)})")
     return [found[r] for r in range(len(found))]
+
+
+def _manifest_tp(folder: str) -> int | None:
+    """The tp of the `shard.json` that `rewrite shard` wrote last into `folder` (None without a
+    readable one: then the rank files found are the ranks)."""
+    import json
+    try:
+        with open(os.path.join(folder, "shard.json")) as f:
+            tp = json.load(f).get("tp")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tp if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1 else None
 
 
 def embedding_vocab(model: onnx.ModelProto) -> dict[str, int]:
