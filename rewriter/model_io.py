@@ -34,6 +34,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from . import external_data
+from .ops import fused_ops
 from .errors import InputError
 from .ir import Graph
 from .rewrite import FUSIONS_KEY
@@ -96,6 +97,7 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
     except InputError as e:
         raise InputError(f"{source}: {e}") from None
     _check_fusion_record(model, source)
+    _check_own_domain(model, default, source)
     _check_names_and_ops(model, default, source)
     defined = {v.name for v in graph.inputs} | set(graph.initializers) | set(graph.constants)
     for v in graph.values.values():
@@ -157,6 +159,20 @@ def _introduced_after(op_type: str, opset: int) -> int | None:
     except onnx.defs.SchemaError:
         return min(s.since_version for s in onnx.defs.get_all_schemas_with_history()
                    if s.name == op_type and s.domain == "")
+
+
+def _check_own_domain(model: onnx.ModelProto, opset: int, source: str) -> None:
+    """A fused op's local function in the `fusegraph` domain is fusegraph's to write: each
+    rewrite replaces it with this version's body (`fused_ops.attach_functions`). A model that
+    defines one otherwise would change meaning silently, so it is refused, unless a fusegraph
+    rewrite wrote the model (its fusion record: bodies of an older fusegraph are replaced
+    by design) or the body is one this fusegraph writes."""
+    if any(p.key == FUSIONS_KEY for p in model.metadata_props):
+        return
+    for f in model.functions:
+        if f.domain == fused_ops.DOMAIN and f.name in fused_ops.REGISTRY and not fused_ops.writes(f, opset):
+            raise InputError(f"{source}: the model defines function {f.domain}.{f.name} itself, which fusegraph "
+                             f"writes (the {f.domain!r} domain is fusegraph's own): give it another domain")
 
 
 def _check_fusion_record(model: onnx.ModelProto, source: str) -> None:

@@ -56,6 +56,9 @@ MIN_OPSET = 12
 POLYMORPHIC_OPSET = 15
 #: The IR version that has `overload` on functions and nodes.
 OVERLOAD_IR_VERSION = 10
+#: The runtimes a model is rewritten for (`rewrite --target`): bodies may differ per target
+#: (`Body.target`), and `fusegraph.ops.lowering` lowers fused ops for each.
+TARGETS = ("portable", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,20 @@ class FusedOp:
         if dtype is not None:
             f.overload = overload(dtype)
         return f
+
+
+def writes(f: onnx.FunctionProto, opset: int) -> bool:
+    """Whether `f` is a body this fusegraph writes into a model of default-domain `opset`, for
+    some target: the `fusegraph` domain is fusegraph's own, and a model that defines one of its
+    ops otherwise (by hand, or adversarially) would have that definition replaced."""
+    op = REGISTRY.get(f.name) if f.domain == DOMAIN else None
+    if op is None or opset < op.min_opset:
+        return False
+    dtype = onnx.TensorProto.DataType.Value(f.overload.upper()) if f.overload else None
+    if (opset < POLYMORPHIC_OPSET) != (dtype is not None):
+        return False
+    own = f.SerializeToString(deterministic=True)
+    return any(op.function(opset, dtype, target).SerializeToString(deterministic=True) == own for target in TARGETS)
 
 
 def overload(dtype: int) -> str:

@@ -39,9 +39,7 @@ import onnx
 from fusegraph.pattern import Attr, PatternOps
 from fusegraph.rule import Rule, reject
 
-from .fused_ops import DOMAIN
-
-TARGETS = ("portable", "onnxruntime", "tensorrt")
+from .fused_ops import DOMAIN, TARGETS
 MS_DOMAIN = "com.microsoft"
 
 

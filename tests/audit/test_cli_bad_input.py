@@ -4,8 +4,8 @@ The README's contract holds for `rewrite`, `verify`, `shard`, `verify-shards`, `
 `inspect` alike: a truncated or non-ONNX file, an IR version or opset onnx does not know, a
 cycle, a dangling input. `build` used to hand such models to TensorRT's parser, which built an
 opset-99 model (exit 0) and reported a cycle in four lines; `inspect` described a truncated or
-empty engine file and exited 0; `rewrite` wrote models ONNX Runtime refuses (an op unknown at
-the model's opset, a graph input declared twice, an initializer redefined by a node); `shard`
+empty engine file and exited 0; `rewrite` wrote models ONNX Runtime refuses (a standard op used
+before the opset that introduced it, a graph input declared twice, an initializer redefined by a node); `shard`
 printed shape inference's own line before its error; `shard --tp 99999999999` made a name per rank before the plan
 refused the tp (minutes, unbounded memory); `build --shape x:1e20` ended in a traceback.
 """

@@ -16,6 +16,7 @@ from fusegraph.api import rewrite_with_report
 from fusegraph.cli import main
 from fusegraph.errors import InputError
 from fusegraph.ops.lowering import TARGETS, lowering_rules
+from fusegraph.rewrite import FUSIONS_KEY
 from fusegraph.verify.testing import make_model, op_counts
 from fusegraph.verify import compare, make_inputs, run
 
@@ -231,6 +232,7 @@ def test_rewriting_a_rewritten_model_writes_this_targets_bodies_afresh():
     model.functions.append(other)
     stale = model.functions[0]
     stale.doc_string = "a body from an older fusegraph"
+    helper.set_model_props(model, {FUSIONS_KEY: "[]"})  # as the older rewrite left it
     for target in ("tensorrt", "portable"):
         model, _ = rewrite_with_report(model, target=target)
         [body] = [f for f in model.functions if f.domain == fused_ops.DOMAIN]
