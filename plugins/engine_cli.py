@@ -134,9 +134,19 @@ def _inspect_text(r: dict[str, Any]) -> str:
 
 
 def _profiles(args: argparse.Namespace) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each input's --min/--opt/--max; an input given a fixed --shape too, or one of them twice,
+    is refused (one of the two would be dropped silently)."""
+    fixed = {name for name, _ in args.shape}
+    if len(fixed) != len(args.shape):
+        raise InputError(f"--shape {next(n for n, _ in args.shape if [m for m, _ in args.shape].count(n) > 1)!r} "
+                         "is given twice")
     ranges: dict[str, dict[str, tuple[int, ...]]] = {}
     for which in ("min", "opt", "max"):
         for name, dims in getattr(args, which):
+            if name in fixed:
+                raise InputError(f"input {name!r} has a fixed --shape and a --{which}: give one or the other")
+            if which in ranges.get(name, {}):
+                raise InputError(f"--{which} {name!r} is given twice")
             ranges.setdefault(name, {})[which] = dims
     return ranges
 

@@ -159,6 +159,8 @@ def _rewrite_main(argv: list[str]) -> int:
 
     rules = _rule_set(args.rules, args.rule_file)
     if args.list_rules:
+        if args.model:
+            raise InputError(f"--list-rules lists the rules and reads no model ({args.model!r} given)")
         for r in rules.by_priority():
             print(f"{r.name:32s} {r.priority:4d}  {r.description}")
         return 0

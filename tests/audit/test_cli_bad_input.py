@@ -138,6 +138,22 @@ def test_build_refuses_a_bad_shape(files, capsys, shape):
     assert not (files / "x.engine").exists()
 
 
+@requires_tensorrt
+@pytest.mark.parametrize("extra", [["--shape", "x:2x4", "--min", "x:1x4"], ["--shape", "x:2x4", "--shape", "x:3x4"],
+                                   ["--max", "x:2x4", "--max", "x:3x4"]], ids=["shape_and_min", "shape_twice", "max_twice"])
+def test_build_refuses_two_shapes_for_one_input(files, capsys, extra):
+    """One of the two used to win silently."""
+    _one_error_line(capsys, ["build", str(files / "ok.onnx"), "-o", str(files / "x.engine"), *extra])
+    assert not (files / "x.engine").exists()
+
+
+def test_list_rules_reads_no_model(files, capsys):
+    """`rewrite --list-rules m.onnx` listed the rules and ignored the model it was given."""
+    err = _one_error_line(capsys, ["--list-rules", str(files / "ok.onnx")])
+    assert "--list-rules" in err
+    assert main(["--list-rules"]) == 0 and "attention" in capsys.readouterr().out
+
+
 def test_shard_refuses_a_huge_tp_before_naming_its_ranks(tmp_path, capsys):
     """A tp that divides no head count or column count is refused by the plan, at once."""
     w = np.ones((4, 6), F)
