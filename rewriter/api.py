@@ -14,7 +14,7 @@ import onnx
 from .canonicalize import canonicalize as canonicalize_graph
 from .errors import InputError
 from .interop import to_proto
-from .ir import Graph
+from .ir import Graph, write_inferred_types
 from .ops.lowering import lowering_rules
 from .model_io import check_output, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
@@ -78,7 +78,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
         clock.lap("match")
         out = finalize(graph, report, target)
     if _has_untyped_new_values(graph):
-        out = onnx.shape_inference.infer_shapes(out)
+        write_inferred_types(out)
     clock.lap("write")
     report.stages = clock.seconds
     return out, report

@@ -18,6 +18,7 @@ it reads from enclosing scopes are opaque there, like graph inputs.
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -190,10 +191,15 @@ class Graph:
                  proto: onnx.GraphProto | None = None, parent: "Graph | None" = None):
         self.model = model
         self.base_dir = base_dir
-        self.proto = g = model.graph if proto is None else proto
+        self.proto = model.graph if proto is None else proto
         self.parent = parent
         self.root: Graph = self if parent is None else parent.root
-        self.opset = {o.domain or "": o.version for o in model.opset_import}
+        self._index()
+
+    def _index(self) -> None:
+        """Read the graph from its proto: nodes, values, constants, the op index."""
+        g = self.proto
+        self.opset = {o.domain or "": o.version for o in self.model.opset_import}
         self.values: dict[str, Value] = {}
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
         input_names = {i.name for i in g.input}
@@ -261,6 +267,15 @@ class Graph:
         for t in g.sparse_initializer:
             self.value(t.values.name)
 
+    def reload(self) -> None:
+        """Index the graph anew from its proto, as `to_model` wrote it: fresh nodes and values
+        (those held before are stale), types inferred again when asked for. The old ones are
+        collected at once: nodes and values reference each other, and while the cyclic
+        collector is paused (`fusegraph.api` pauses it for the rewrite) a whole second IR of
+        a large graph would stay in memory."""
+        self._index()
+        gc.collect()
+
     # -- lookup -------------------------------------------------------------------------
     def value(self, name: str) -> Value:
         v = self.values.get(name)
@@ -299,18 +314,22 @@ class Graph:
 
         Exporters that write no value_info (torch.onnx's TorchScript path) leave rules blind to
         shapes; inference with data propagation keeps symbolic dims through Shape/Gather/Concat
-        chains. It runs on the model as loaded (external data is not read) and only on demand,
-        so rules that never ask about intermediate types never pay for it. A subgraph body keeps
-        the types its own value_info declares.
+        chains. It runs on the model as loaded, without its weights (`infer_types`), and only
+        on demand, so rules that never ask about intermediate types never pay for it. A
+        subgraph body keeps the types its own value_info declares.
         """
         self._inferred = True
         if self.parent is not None:
             return
         try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
+            inferred = infer_types(self.model)
         except (onnx.shape_inference.InferenceError, ValueError):
             return
-        for vi in inferred.graph.value_info:
+        # Kept apart from the inferred model, whose copy of the nodes would otherwise stay
+        # alive as long as one of its value_info is referenced.
+        types = onnx.GraphProto()
+        types.value_info.extend(inferred.graph.value_info)
+        for vi in types.value_info:
             self._value_info.setdefault(vi.name, vi)
 
     def _read_constant(self, v: Value) -> np.ndarray | None:
@@ -500,8 +519,17 @@ class Graph:
         body is written back into its GraphProto, which its node's attribute holds."""
         order = self.toposort()
         g = self.proto
-        g.ClearField("node")
-        g.node.extend([n.to_proto() for n in order])
+        # The protos stay where they are and are reordered in place; only new and changed
+        # nodes are copied in. (Clearing and refilling the field would copy every node, and
+        # every kept weight below, into the model's memory, which frees nothing until the
+        # model goes: three copies of the graph for a rewrite with canonicalization.)
+        position: dict[int, int] = {}
+        for i, n in enumerate(order):
+            if n.proto is None:
+                g.node.append(n.to_proto())
+                n.proto = g.node[-1]
+            position[id(n.proto)] = i
+        _keep_in_place(g.node, lambda p: position.get(id(p)))
         values = self.values
         input_names = {v.name for v in self.inputs}
 
@@ -510,10 +538,8 @@ class Graph:
             v = values.get(name)
             return v is not None and (bool(v.consumers) or name in self.output_names or name in input_names)
         if not all(used(name) for name in self.initializers):
-            keep = [t for t in g.initializer if used(t.name)]
-            g.ClearField("initializer")
-            g.initializer.extend(keep)
-            self.initializers = {t.name: t for t in keep}
+            _keep_in_place(g.initializer, lambda t: 0 if used(t.name) else None)
+            self.initializers = {t.name: t for t in g.initializer}
             self.constants = {name: t for name, t in self.constants.items()
                               if name in self.initializers or isinstance(t, onnx.SparseTensorProto)}
 
@@ -521,9 +547,7 @@ class Graph:
             v = values.get(name)
             return v is not None and v.producer is not None and v.producer.alive
         if not all(produced(vi.name) for vi in g.value_info):
-            keep_vi = [vi for vi in g.value_info if produced(vi.name)]
-            g.ClearField("value_info")
-            g.value_info.extend(keep_vi)
+            _keep_in_place(g.value_info, lambda vi: 0 if produced(vi.name) else None)
         return self.model
 
     def body_protos(self) -> Iterator[onnx.GraphProto]:
@@ -552,6 +576,20 @@ class Graph:
             v = self.value(name)
             v.consumers[node] = None
             node.implicit_inputs.append(v)
+
+
+def _keep_in_place(field, rank) -> None:
+    """Keep the elements of a repeated message field that `rank` gives a number, ordered by it
+    (stably), and drop those it gives None, without copying any: the field is sorted in place
+    and cut."""
+    items = list(field)  # held, so that the sort sees these same objects (ids stay theirs)
+    ranks = {id(item): rank(item) for item in items}
+    kept = [r for r in ranks.values() if r is not None]
+    if len(kept) == len(items) and all(a <= b for a, b in zip(kept, kept[1:])):
+        return
+    last = len(items)
+    field.sort(key=lambda item: last if ranks[id(item)] is None else ranks[id(item)])
+    del field[len(kept):]
 
 
 def _splice(ordered: list[Node], added: list[Node]) -> list[Node]:
@@ -693,6 +731,71 @@ def _omitted_output(node: Node, graph: Graph) -> Value:
     v.producer = node
     v._type = None
     return v
+
+
+def infer_types(model: onnx.ModelProto, *, data_prop: bool = True,
+                default_opset: int | None = None) -> onnx.ModelProto:
+    """ONNX shape inference of `model` without a copy of its weights: the model inference sees
+    (and returns, typed) is `model` with every tensor of rank 2 or more, initializer or
+    `Constant`, reduced to its name, element type and dims.
+
+    `onnx.shape_inference.infer_shapes` serializes the model it is given and returns an
+    inferred copy of it, weights included: on a model of 20 MB of weights, that is three more
+    copies at the peak and one that stays alive as long as any of its value_info is referenced.
+    Inference reads the data of tensors of rank 0 or 1 only (Reshape/Expand/Slice/Pad shapes,
+    axes, scales; data propagation reads 1-D integers alone), so what it infers is the same.
+    `default_opset` infers as if the model imported that version of the default domain (the
+    model itself is left as it is). Raises what `infer_shapes` raises."""
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    for imp in model.opset_import:
+        version = default_opset if default_opset is not None and imp.domain in ("", "ai.onnx") else imp.version
+        skeleton.opset_import.add(domain=imp.domain, version=version)
+    skeleton.functions.extend(model.functions)
+    g, s = model.graph, skeleton.graph
+    s.name = g.name
+    s.input.extend(g.input)
+    s.output.extend(g.output)
+    s.value_info.extend(g.value_info)
+    s.sparse_initializer.extend(g.sparse_initializer)
+    s.initializer.extend(_type_only(t) if len(t.dims) > 1 else t for t in g.initializer)
+    s.node.extend(_constant_type_only(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else n
+                  for n in g.node)
+    return onnx.shape_inference.infer_shapes(skeleton, data_prop=data_prop)
+
+
+def write_inferred_types(model: onnx.ModelProto) -> None:
+    """Type `model` in place as `onnx.shape_inference.infer_shapes(model)` would return it (the
+    same value_info, graph output types and If/Loop/Scan bodies), without its copies of the
+    weights (`infer_types`)."""
+    inferred = infer_types(model, data_prop=False).graph
+    g = model.graph
+    g.ClearField("value_info")
+    g.value_info.extend(inferred.value_info)
+    for out, typed in zip(g.output, inferred.output):
+        if out != typed:
+            out.CopyFrom(typed)
+    for n, typed in zip(g.node, inferred.node):
+        if _has_subgraph(n) and n != typed:  # inference types the bodies' values too
+            n.CopyFrom(typed)
+
+
+def _type_only(t: onnx.TensorProto) -> onnx.TensorProto:
+    return onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+
+
+def _constant_type_only(n: onnx.NodeProto) -> onnx.NodeProto:
+    """A `Constant` node whose tensor of rank 2 or more is reduced to its type (`infer_types`)."""
+    value = next((a for a in n.attribute if a.name == "value"), None)
+    if value is None or len(value.t.dims) <= 1:
+        return n
+    typed = onnx.NodeProto(name=n.name, op_type=n.op_type, domain=n.domain, input=n.input, output=n.output)
+    for a in n.attribute:
+        if a.name == "value":
+            typed.attribute.add(name=a.name, type=a.type, t=_type_only(a.t))
+        else:
+            typed.attribute.append(a)
+    return typed
 
 
 def _densify(t: onnx.SparseTensorProto) -> np.ndarray:
