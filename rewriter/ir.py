@@ -18,6 +18,7 @@ it reads from enclosing scopes are opaque there, like graph inputs.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections import defaultdict
 from typing import Any, Iterator
@@ -28,6 +29,7 @@ from onnx import helper, numpy_helper
 
 from . import external_data
 from .errors import InputError
+from .serialize import serialized
 
 #: Constants bigger than this are never read from external data just to test a pattern's
 #: constraint: weights stay on disk, scales and epsilons (a few elements) are read.
@@ -267,14 +269,25 @@ class Graph:
         for t in g.sparse_initializer:
             self.value(t.values.name)
 
-    def reload(self) -> None:
+    def reload(self, *, infer: bool = False) -> None:
         """Index the graph anew from its proto, as `to_model` wrote it: fresh nodes and values
-        (those held before are stale), types inferred again when asked for. The old ones are
-        collected at once: nodes and values reference each other, and while the cyclic
-        collector is paused (`fusegraph.api` pauses it for the rewrite) a whole second IR of
-        a large graph would stay in memory."""
-        self._index()
+        (those held before are stale), types inferred again when asked for, or now (`infer`).
+
+        Memory: the old nodes and values are collected before the new ones are made (they
+        reference each other: while `fusegraph.api` pauses the cyclic collector they would
+        stay), and inference with `infer` runs in between, on the model alone: ONNX's
+        inference takes about twice the graph's size (its C++ copy of the nodes and what it
+        infers), which would otherwise come on top of the IR's."""
+        self.nodes, self.values, self.by_op, self.with_bodies = [], {}, defaultdict(list), []
+        self.inputs, self.outputs, self._value_info = [], [], None
         gc.collect()
+        inferred = self._inferred_types() if infer else None
+        self._index()
+        if infer:
+            self._inferred = True
+            self._value_info = self._declared_types()
+            for vi in inferred.value_info if inferred is not None else ():
+                self._value_info.setdefault(vi.name, vi)
 
     # -- lookup -------------------------------------------------------------------------
     def value(self, name: str) -> Value:
@@ -288,10 +301,7 @@ class Graph:
 
     def _type_of(self, name: str, infer: bool = True) -> onnx.TypeProto | None:
         if self._value_info is None:
-            g = self.proto
-            self._value_info = {vi.name: vi for vi in g.value_info}
-            for vi in list(g.input) + list(g.output):
-                self._value_info[vi.name] = vi
+            self._value_info = self._declared_types()
         init = self.constants.get(name)
         if init is not None:
             dense = init.values if isinstance(init, onnx.SparseTensorProto) else init
@@ -309,8 +319,16 @@ class Graph:
             return vi.type
         return None
 
+    def _declared_types(self) -> dict[str, onnx.ValueInfoProto]:
+        g = self.proto
+        declared = {vi.name: vi for vi in g.value_info}
+        for vi in list(g.input) + list(g.output):
+            declared[vi.name] = vi
+        return declared
+
     def _infer_types(self) -> None:
-        """Run ONNX shape inference once, the first time a rule asks for a type nobody wrote.
+        """Run ONNX shape inference once, the first time a rule asks for a type nobody wrote
+        (unless `reload(infer=True)` ran it already).
 
         Exporters that write no value_info (torch.onnx's TorchScript path) leave rules blind to
         shapes; inference with data propagation keeps symbolic dims through Shape/Gather/Concat
@@ -319,18 +337,23 @@ class Graph:
         subgraph body keeps the types its own value_info declares.
         """
         self._inferred = True
+        inferred = self._inferred_types()
+        for vi in inferred.value_info if inferred is not None else ():
+            self._value_info.setdefault(vi.name, vi)
+
+    def _inferred_types(self) -> onnx.GraphProto | None:
+        """What inference adds (value_info), or None for a subgraph body or where it fails."""
         if self.parent is not None:
-            return
+            return None
         try:
             inferred = infer_types(self.model)
         except (onnx.shape_inference.InferenceError, ValueError):
-            return
+            return None
         # Kept apart from the inferred model, whose copy of the nodes would otherwise stay
         # alive as long as one of its value_info is referenced.
         types = onnx.GraphProto()
         types.value_info.extend(inferred.graph.value_info)
-        for vi in types.value_info:
-            self._value_info.setdefault(vi.name, vi)
+        return types
 
     def _read_constant(self, v: Value) -> np.ndarray | None:
         t = self.constants.get(v.name)
@@ -740,28 +763,45 @@ def infer_types(model: onnx.ModelProto, *, data_prop: bool = True,
     `Constant`, reduced to its name, element type and dims.
 
     `onnx.shape_inference.infer_shapes` serializes the model it is given and returns an
-    inferred copy of it, weights included: on a model of 20 MB of weights, that is three more
-    copies at the peak and one that stays alive as long as any of its value_info is referenced.
+    inferred copy of it, weights included: on a model of 20 MB of weights, three more copies
+    at the peak and one that stays alive as long as any of its value_info is referenced.
     Inference reads the data of tensors of rank 0 or 1 only (Reshape/Expand/Slice/Pad shapes,
     axes, scales; data propagation reads 1-D integers alone), so what it infers is the same.
+    The reduced model is serialized straight from `model`, piece by piece (`serialize`).
     `default_opset` infers as if the model imported that version of the default domain (the
     model itself is left as it is). Raises what `infer_shapes` raises."""
-    skeleton = onnx.ModelProto()
-    skeleton.ir_version = model.ir_version
-    for imp in model.opset_import:
-        version = default_opset if default_opset is not None and imp.domain in ("", "ai.onnx") else imp.version
-        skeleton.opset_import.add(domain=imp.domain, version=version)
-    skeleton.functions.extend(model.functions)
-    g, s = model.graph, skeleton.graph
-    s.name = g.name
-    s.input.extend(g.input)
-    s.output.extend(g.output)
-    s.value_info.extend(g.value_info)
-    s.sparse_initializer.extend(g.sparse_initializer)
-    s.initializer.extend(_type_only(t) if len(t.dims) > 1 else t for t in g.initializer)
-    s.node.extend(_constant_type_only(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else n
-                  for n in g.node)
-    return onnx.shape_inference.infer_shapes(skeleton, data_prop=data_prop)
+    def types_only(field: str, item):
+        if field == "initializer" and len(item.dims) > 1:
+            return _type_only(item)
+        if field == "node" and item.op_type == "Constant" and item.domain in ("", "ai.onnx"):
+            return _constant_type_only(item)
+        if field == "opset_import" and default_opset is not None and item.domain in ("", "ai.onnx"):
+            return onnx.OperatorSetIdProto(domain=item.domain, version=default_opset)
+        return item
+    reduced = b"".join(serialized(model, types_only))
+    try:
+        return onnx.shape_inference.infer_shapes(reduced, data_prop=data_prop)
+    finally:
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere a
+    no-op). ONNX's C++ inference frees what it built (about twice the graph's size) into the C
+    heap, where Python's own small objects (the IR's nodes and values, in arenas of their own)
+    never reuse it: without this it would stay in the process for the rest of the rewrite."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
 
 
 def write_inferred_types(model: onnx.ModelProto) -> None:

@@ -31,13 +31,13 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import onnx
-from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
 from . import external_data
 from .errors import InputError
 from .ir import Graph
 from .rewrite import FUSIONS_KEY
+from .serialize import serialized
 
 #: The newest IR version ONNX Runtime 1.31 loads; onnx 1.23 would write 14 by default.
 MAX_IR_VERSION = 13
@@ -217,63 +217,6 @@ def _write(path: str, model: onnx.ModelProto) -> None:
     with open(path, "wb") as f:
         for piece in serialized(model):
             f.write(piece)
-
-
-def serialized(model: onnx.ModelProto) -> Iterator[bytes]:
-    """The bytes of `model.SerializeToString()`, in pieces: the graph's nodes, initializers and
-    value infos one at a time, so that saving never holds a second copy of the model.
-
-    (`SerializeToString` builds the whole file in memory beside the model, a buffer that grows
-    by doubling, before a byte is written.) A message's fields serialize in field-number
-    order, which `ListFields` gives; the graph is written behind its length, summed from its
-    pieces by a first pass. A model or graph with fields this onnx does not know (unknown
-    fields, kept where they are read) is serialized at once, as before."""
-    if unknown_fields.UnknownFieldSet(model) or unknown_fields.UnknownFieldSet(model.graph):
-        yield model.SerializeToString()
-        return
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            yield _key(field.number) + _varint(sum(len(piece) for piece in _pieces(value)))
-            yield from _pieces(value)
-        else:
-            yield from _field_pieces(model, field, value)
-
-
-def _pieces(message) -> Iterator[bytes]:
-    for field, value in message.ListFields():
-        yield from _field_pieces(message, field, value)
-
-
-def _field_pieces(message, field, value) -> Iterator[bytes]:
-    """One field of `message`, serialized: a repeated message element by element."""
-    if field.is_repeated and field.message_type is not None:
-        key = _key(field.number)
-        for item in value:
-            data = item.SerializeToString()
-            yield key + _varint(len(data)) + data
-        return
-    alone = type(message)()
-    if field.is_repeated:
-        getattr(alone, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(alone, field.name).CopyFrom(value)
-    else:
-        setattr(alone, field.name, value)
-    yield alone.SerializeToString()
-
-
-def _key(number: int) -> bytes:
-    """The tag of a length-delimited field."""
-    return _varint(number << 3 | 2)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _point_external_data(model: onnx.ModelProto, location: str) -> None:
