@@ -66,6 +66,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
     with _gc_paused():
         graph = Graph(model, base_dir)
         validate(model, graph, source)
+        graph.reload(infer=True)  # typed apart from the IR, checked first (`Graph.reload`)
         clock.lap("load")
         canonical = canonicalize_graph(graph) if canonicalize else None
         graph = canonical.graph if canonical else graph
@@ -77,7 +78,11 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
             canonical.amend(report)
         clock.lap("match")
         out = finalize(graph, report, target)
-    if _has_untyped_new_values(graph):
+        untyped = _has_untyped_new_values(graph)
+    # The IR is done with: freed before the model is typed and saved, so neither adds to it.
+    graph = canonical = None
+    gc.collect()
+    if untyped:
         write_inferred_types(out)
     clock.lap("write")
     report.stages = clock.seconds

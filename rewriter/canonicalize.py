@@ -153,7 +153,7 @@ def canonicalize(graph: Graph) -> Canonicalized:
         model = graph.to_model()
         if steps["fold_constants"] or steps["fold_shapes"]:
             _drop_unknown_dims(model.graph)
-        graph.reload()
+        graph.reload(infer=True)
         graph.toposort()
     # Proven on the types of the canonical graph (folding typed more of the Expand inputs),
     # then typed by one more inference, only where a proof added a static dim.
@@ -161,7 +161,7 @@ def canonicalize(graph: Graph) -> Canonicalized:
     if proven:
         steps["prove_shapes"] = len(proven)
         _write_proven_dims(graph.to_model().graph, proven)
-        graph.reload()
+        graph.reload(infer=True)
         graph.toposort()
     return Canonicalized(graph, steps, ops_before, _op_counts(graph), time.perf_counter() - start)
 
