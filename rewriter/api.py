@@ -93,7 +93,9 @@ def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, 
                  explain: str | Collection[str] | None = None, progress: bool = False, in_place: bool = False,
                  check: Callable[[str], bool] | None = None, target: str = "portable",
                  canonicalize: bool = True, trace: bool = False) -> RewriteReport:
-    """Rewrite the model at `src` into `dst`; external data is never loaded into memory.
+    """Rewrite the model at `src` into `dst`; external data is never loaded into memory, and
+    no second copy of the model is made (inference sees it without its weights, the output is
+    serialized piece by piece: `fusegraph.ir`, `fusegraph.serialize`).
 
     The output is checked before any work (`model_io.check_output`: `dst` equal to `src` needs
     `in_place`; one of `src`'s data files, a folder or a device is refused) and written

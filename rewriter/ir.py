@@ -10,6 +10,12 @@ while the goal is the whole rewrite in under 2 s. This IR keeps only what matchi
 - the original NodeProto for every untouched node, so exporting copies protos instead of
   rebuilding them, and initializers never leave their TensorProto (external data stays on disk).
 
+Memory: the graph is never copied whole. Export (`to_model`) reorders and cuts the model's own
+repeated fields in place, copying in only new and changed nodes; shape inference is handed the
+model with its weights reduced to their types (`infer_types`), and `reload(infer=True)` runs it
+between the old index freed and the new one built, so ONNX's C++ inference (about twice the
+graph's size, without the weights) never comes on top of the IR.
+
 Constants follow the ONNX IR: an initializer (dense or in `sparse_initializer`) or a `Constant`
 node's output, except an initializer that is also a graph input, which is only a default the
 caller may override. The body of an If/Loop/Scan is a `Graph` of its own (`subgraph`); the values
@@ -797,7 +803,7 @@ def _return_freed_memory() -> None:
 def _libc_malloc_trim():
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc
         return None
 
 
