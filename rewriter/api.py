@@ -14,7 +14,7 @@ import onnx
 from .canonicalize import canonicalize as canonicalize_graph
 from .errors import InputError
 from .interop import to_proto
-from .ir import Graph
+from .ir import Graph, write_inferred_types
 from .ops.lowering import lowering_rules
 from .model_io import check_output, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
@@ -66,6 +66,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
     with _gc_paused():
         graph = Graph(model, base_dir)
         validate(model, graph, source)
+        graph.reload(infer=True)  # typed apart from the IR, checked first (`Graph.reload`)
         clock.lap("load")
         canonical = canonicalize_graph(graph) if canonicalize else None
         graph = canonical.graph if canonical else graph
@@ -77,8 +78,12 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
             canonical.amend(report)
         clock.lap("match")
         out = finalize(graph, report, target)
-    if _has_untyped_new_values(graph):
-        out = onnx.shape_inference.infer_shapes(out)
+        untyped = _has_untyped_new_values(graph)
+    # The IR is done with: freed before the model is typed and saved, so neither adds to it.
+    graph = canonical = None
+    gc.collect()
+    if untyped:
+        write_inferred_types(out)
     clock.lap("write")
     report.stages = clock.seconds
     return out, report
@@ -88,7 +93,9 @@ def rewrite_file(src: str, dst: str, rules: RuleSet | list[Rule] | None = None, 
                  explain: str | Collection[str] | None = None, progress: bool = False, in_place: bool = False,
                  check: Callable[[str], bool] | None = None, target: str = "portable",
                  canonicalize: bool = True, trace: bool = False) -> RewriteReport:
-    """Rewrite the model at `src` into `dst`; external data is never loaded into memory.
+    """Rewrite the model at `src` into `dst`; external data is never loaded into memory, and
+    no second copy of the model is made (inference sees it without its weights, the output is
+    serialized piece by piece: `fusegraph.ir`, `fusegraph.serialize`).
 
     The output is checked before any work (`model_io.check_output`: `dst` equal to `src` needs
     `in_place`; one of `src`'s data files, a folder or a device is refused) and written

@@ -10,6 +10,12 @@ while the goal is the whole rewrite in under 2 s. This IR keeps only what matchi
 - the original NodeProto for every untouched node, so exporting copies protos instead of
   rebuilding them, and initializers never leave their TensorProto (external data stays on disk).
 
+Memory: the graph is never copied whole. Export (`to_model`) reorders and cuts the model's own
+repeated fields in place, copying in only new and changed nodes; shape inference is handed the
+model with its weights reduced to their types (`infer_types`), and `reload(infer=True)` runs it
+between the old index freed and the new one built, so ONNX's C++ inference (about twice the
+graph's size, without the weights) never comes on top of the IR.
+
 Constants follow the ONNX IR: an initializer (dense or in `sparse_initializer`) or a `Constant`
 node's output, except an initializer that is also a graph input, which is only a default the
 caller may override. The body of an If/Loop/Scan is a `Graph` of its own (`subgraph`); the values
@@ -18,6 +24,8 @@ it reads from enclosing scopes are opaque there, like graph inputs.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -27,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from . import external_data
 from .errors import InputError
+from .serialize import serialized
 
 #: Constants bigger than this are never read from external data just to test a pattern's
 #: constraint: weights stay on disk, scales and epsilons (a few elements) are read.
@@ -190,10 +199,15 @@ class Graph:
                  proto: onnx.GraphProto | None = None, parent: "Graph | None" = None):
         self.model = model
         self.base_dir = base_dir
-        self.proto = g = model.graph if proto is None else proto
+        self.proto = model.graph if proto is None else proto
         self.parent = parent
         self.root: Graph = self if parent is None else parent.root
-        self.opset = {o.domain or "": o.version for o in model.opset_import}
+        self._index()
+
+    def _index(self) -> None:
+        """Read the graph from its proto: nodes, values, constants, the op index."""
+        g = self.proto
+        self.opset = {o.domain or "": o.version for o in self.model.opset_import}
         self.values: dict[str, Value] = {}
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
         input_names = {i.name for i in g.input}
@@ -261,6 +275,26 @@ class Graph:
         for t in g.sparse_initializer:
             self.value(t.values.name)
 
+    def reload(self, *, infer: bool = False) -> None:
+        """Index the graph anew from its proto, as `to_model` wrote it: fresh nodes and values
+        (those held before are stale), types inferred again when asked for, or now (`infer`).
+
+        Memory: the old nodes and values are collected before the new ones are made (they
+        reference each other: while `fusegraph.api` pauses the cyclic collector they would
+        stay), and inference with `infer` runs in between, on the model alone: ONNX's
+        inference takes about twice the graph's size (its C++ copy of the nodes and what it
+        infers), which would otherwise come on top of the IR's."""
+        self.nodes, self.values, self.by_op, self.with_bodies = [], {}, defaultdict(list), []
+        self.inputs, self.outputs, self._value_info = [], [], None
+        gc.collect()
+        inferred = self._inferred_types() if infer else None
+        self._index()
+        if infer:
+            self._inferred = True
+            self._value_info = self._declared_types()
+            for vi in inferred.value_info if inferred is not None else ():
+                self._value_info.setdefault(vi.name, vi)
+
     # -- lookup -------------------------------------------------------------------------
     def value(self, name: str) -> Value:
         v = self.values.get(name)
@@ -273,10 +307,7 @@ class Graph:
 
     def _type_of(self, name: str, infer: bool = True) -> onnx.TypeProto | None:
         if self._value_info is None:
-            g = self.proto
-            self._value_info = {vi.name: vi for vi in g.value_info}
-            for vi in list(g.input) + list(g.output):
-                self._value_info[vi.name] = vi
+            self._value_info = self._declared_types()
         init = self.constants.get(name)
         if init is not None:
             dense = init.values if isinstance(init, onnx.SparseTensorProto) else init
@@ -294,24 +325,41 @@ class Graph:
             return vi.type
         return None
 
+    def _declared_types(self) -> dict[str, onnx.ValueInfoProto]:
+        g = self.proto
+        declared = {vi.name: vi for vi in g.value_info}
+        for vi in list(g.input) + list(g.output):
+            declared[vi.name] = vi
+        return declared
+
     def _infer_types(self) -> None:
-        """Run ONNX shape inference once, the first time a rule asks for a type nobody wrote.
+        """Run ONNX shape inference once, the first time a rule asks for a type nobody wrote
+        (unless `reload(infer=True)` ran it already).
 
         Exporters that write no value_info (torch.onnx's TorchScript path) leave rules blind to
         shapes; inference with data propagation keeps symbolic dims through Shape/Gather/Concat
-        chains. It runs on the model as loaded (external data is not read) and only on demand,
-        so rules that never ask about intermediate types never pay for it. A subgraph body keeps
-        the types its own value_info declares.
+        chains. It runs on the model as loaded, without its weights (`infer_types`), and only
+        on demand, so rules that never ask about intermediate types never pay for it. A
+        subgraph body keeps the types its own value_info declares.
         """
         self._inferred = True
-        if self.parent is not None:
-            return
-        try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
-        except (onnx.shape_inference.InferenceError, ValueError):
-            return
-        for vi in inferred.graph.value_info:
+        inferred = self._inferred_types()
+        for vi in inferred.value_info if inferred is not None else ():
             self._value_info.setdefault(vi.name, vi)
+
+    def _inferred_types(self) -> onnx.GraphProto | None:
+        """What inference adds (value_info), or None for a subgraph body or where it fails."""
+        if self.parent is not None:
+            return None
+        try:
+            inferred = infer_types(self.model)
+        except (onnx.shape_inference.InferenceError, ValueError):
+            return None
+        # Kept apart from the inferred model, whose copy of the nodes would otherwise stay
+        # alive as long as one of its value_info is referenced.
+        types = onnx.GraphProto()
+        types.value_info.extend(inferred.graph.value_info)
+        return types
 
     def _read_constant(self, v: Value) -> np.ndarray | None:
         t = self.constants.get(v.name)
@@ -500,8 +548,17 @@ class Graph:
         body is written back into its GraphProto, which its node's attribute holds."""
         order = self.toposort()
         g = self.proto
-        g.ClearField("node")
-        g.node.extend([n.to_proto() for n in order])
+        # The protos stay where they are and are reordered in place; only new and changed
+        # nodes are copied in. (Clearing and refilling the field would copy every node, and
+        # every kept weight below, into the model's memory, which frees nothing until the
+        # model goes: three copies of the graph for a rewrite with canonicalization.)
+        position: dict[int, int] = {}
+        for i, n in enumerate(order):
+            if n.proto is None:
+                g.node.append(n.to_proto())
+                n.proto = g.node[-1]
+            position[id(n.proto)] = i
+        _keep_in_place(g.node, lambda p: position.get(id(p)))
         values = self.values
         input_names = {v.name for v in self.inputs}
 
@@ -510,10 +567,8 @@ class Graph:
             v = values.get(name)
             return v is not None and (bool(v.consumers) or name in self.output_names or name in input_names)
         if not all(used(name) for name in self.initializers):
-            keep = [t for t in g.initializer if used(t.name)]
-            g.ClearField("initializer")
-            g.initializer.extend(keep)
-            self.initializers = {t.name: t for t in keep}
+            _keep_in_place(g.initializer, lambda t: 0 if used(t.name) else None)
+            self.initializers = {t.name: t for t in g.initializer}
             self.constants = {name: t for name, t in self.constants.items()
                               if name in self.initializers or isinstance(t, onnx.SparseTensorProto)}
 
@@ -521,9 +576,7 @@ class Graph:
             v = values.get(name)
             return v is not None and v.producer is not None and v.producer.alive
         if not all(produced(vi.name) for vi in g.value_info):
-            keep_vi = [vi for vi in g.value_info if produced(vi.name)]
-            g.ClearField("value_info")
-            g.value_info.extend(keep_vi)
+            _keep_in_place(g.value_info, lambda vi: 0 if produced(vi.name) else None)
         return self.model
 
     def body_protos(self) -> Iterator[onnx.GraphProto]:
@@ -552,6 +605,20 @@ class Graph:
             v = self.value(name)
             v.consumers[node] = None
             node.implicit_inputs.append(v)
+
+
+def _keep_in_place(field, rank) -> None:
+    """Keep the elements of a repeated message field that `rank` gives a number, ordered by it
+    (stably), and drop those it gives None, without copying any: the field is sorted in place
+    and cut."""
+    items = list(field)  # held, so that the sort sees these same objects (ids stay theirs)
+    ranks = {id(item): rank(item) for item in items}
+    kept = [r for r in ranks.values() if r is not None]
+    if len(kept) == len(items) and all(a <= b for a, b in zip(kept, kept[1:])):
+        return
+    last = len(items)
+    field.sort(key=lambda item: last if ranks[id(item)] is None else ranks[id(item)])
+    del field[len(kept):]
 
 
 def _splice(ordered: list[Node], added: list[Node]) -> list[Node]:
@@ -693,6 +760,88 @@ def _omitted_output(node: Node, graph: Graph) -> Value:
     v.producer = node
     v._type = None
     return v
+
+
+def infer_types(model: onnx.ModelProto, *, data_prop: bool = True,
+                default_opset: int | None = None) -> onnx.ModelProto:
+    """ONNX shape inference of `model` without a copy of its weights: the model inference sees
+    (and returns, typed) is `model` with every tensor of rank 2 or more, initializer or
+    `Constant`, reduced to its name, element type and dims.
+
+    `onnx.shape_inference.infer_shapes` serializes the model it is given and returns an
+    inferred copy of it, weights included: on a model of 20 MB of weights, three more copies
+    at the peak and one that stays alive as long as any of its value_info is referenced.
+    Inference reads the data of tensors of rank 0 or 1 only (Reshape/Expand/Slice/Pad shapes,
+    axes, scales; data propagation reads 1-D integers alone), so what it infers is the same.
+    The reduced model is serialized straight from `model`, piece by piece (`serialize`).
+    `default_opset` infers as if the model imported that version of the default domain (the
+    model itself is left as it is). Raises what `infer_shapes` raises."""
+    def types_only(field: str, item):
+        if field == "initializer" and len(item.dims) > 1:
+            return _type_only(item)
+        if field == "node" and item.op_type == "Constant" and item.domain in ("", "ai.onnx"):
+            return _constant_type_only(item)
+        if field == "opset_import" and default_opset is not None and item.domain in ("", "ai.onnx"):
+            return onnx.OperatorSetIdProto(domain=item.domain, version=default_opset)
+        return item
+    reduced = b"".join(serialized(model, types_only))
+    try:
+        return onnx.shape_inference.infer_shapes(reduced, data_prop=data_prop)
+    finally:
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere a
+    no-op). ONNX's C++ inference frees what it built (about twice the graph's size) into the C
+    heap, where Python's own small objects (the IR's nodes and values, in arenas of their own)
+    never reuse it: without this it would stay in the process for the rest of the rewrite."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def write_inferred_types(model: onnx.ModelProto) -> None:
+    """Type `model` in place as `onnx.shape_inference.infer_shapes(model)` would return it (the
+    same value_info, graph output types and If/Loop/Scan bodies), without its copies of the
+    weights (`infer_types`)."""
+    inferred = infer_types(model, data_prop=False).graph
+    g = model.graph
+    g.ClearField("value_info")
+    g.value_info.extend(inferred.value_info)
+    for out, typed in zip(g.output, inferred.output):
+        if out != typed:
+            out.CopyFrom(typed)
+    for n, typed in zip(g.node, inferred.node):
+        if _has_subgraph(n) and n != typed:  # inference types the bodies' values too
+            n.CopyFrom(typed)
+
+
+def _type_only(t: onnx.TensorProto) -> onnx.TensorProto:
+    return onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+
+
+def _constant_type_only(n: onnx.NodeProto) -> onnx.NodeProto:
+    """A `Constant` node whose tensor of rank 2 or more is reduced to its type (`infer_types`)."""
+    value = next((a for a in n.attribute if a.name == "value"), None)
+    if value is None or len(value.t.dims) <= 1:
+        return n
+    typed = onnx.NodeProto(name=n.name, op_type=n.op_type, domain=n.domain, input=n.input, output=n.output)
+    for a in n.attribute:
+        if a.name == "value":
+            typed.attribute.add(name=a.name, type=a.type, t=_type_only(a.t))
+        else:
+            typed.attribute.append(a)
+    return typed
 
 
 def _densify(t: onnx.SparseTensorProto) -> np.ndarray:

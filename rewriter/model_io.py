@@ -38,6 +38,7 @@ from .ops import fused_ops
 from .errors import InputError
 from .ir import Graph
 from .rewrite import FUSIONS_KEY
+from .serialize import serialized
 
 #: The newest IR version ONNX Runtime 1.31 loads; onnx 1.23 would write 14 by default.
 MAX_IR_VERSION = 13
@@ -281,7 +282,8 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None = None,
 
 def _write(path: str, model: onnx.ModelProto) -> None:
     with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+        for piece in serialized(model):
+            f.write(piece)
 
 
 def _point_external_data(model: onnx.ModelProto, location: str) -> None:

@@ -97,6 +97,7 @@ class SubgraphFunctions:
         has a function of that name: the user's own body stays) and point each node at its body."""
         have = {(f.domain, f.name) for f in model.functions}
         overload_of = {n.outputs[0].name: ov for n, ov in self.calls.items() if n.alive}
+        self.calls = {}  # the nodes are let go: the rewrite frees its IR once the model is written
         used: set[tuple[str, str, str]] = set()
         for proto in nested_nodes(model.graph):
             ov = overload_of.get(proto.output[0]) if proto.output else None

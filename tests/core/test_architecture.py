@@ -22,7 +22,7 @@ PACKAGES = {"rewriter": "fusegraph", "patterns": "fusegraph.patterns", "plugins"
 
 CORE = {f"fusegraph.{m}" for m in ("errors", "external_data", "ir", "pattern", "matcher", "rule", "dispatch",
                                    "typecheck", "rewrite", "subgraph_functions", "canonicalize",
-                                   "model_io")}
+                                   "model_io", "serialize")}
 #: Modules of the TensorRT side that run the whole pipeline (`rewrite build --rewrite`), so
 #: they sit with the command line on top.
 TENSORRT_TOOLS = {"fusegraph.plugins.engine", "fusegraph.plugins.engine_cli"}
