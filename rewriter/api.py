@@ -14,7 +14,7 @@ import onnx
 from .canonicalize import canonicalize as canonicalize_graph
 from .errors import InputError
 from .interop import to_proto
-from .ir import Graph, write_inferred_types
+from .ir import YOUNG_GENERATIONS, Graph, write_inferred_types
 from .ops.lowering import lowering_rules
 from .model_io import check_output, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
@@ -81,7 +81,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
         untyped = _has_untyped_new_values(graph)
     # The IR is done with: freed before the model is typed and saved, so neither adds to it.
     graph = canonical = None
-    gc.collect()
+    gc.collect(YOUNG_GENERATIONS)
     if untyped:
         write_inferred_types(out)
     clock.lap("write")

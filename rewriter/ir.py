@@ -40,6 +40,10 @@ from .serialize import serialized
 #: Constants bigger than this are never read from external data just to test a pattern's
 #: constraint: weights stay on disk, scales and epsilons (a few elements) are read.
 MAX_EXTERNAL_CONST_ELEMENTS = 4096
+#: The collector generations that hold an IR built while `gc` is paused (`fusegraph.api`):
+#: freeing one collects these only, since a full collection would rescan the caller's whole
+#: heap (0.5 s a rewrite in a long-lived process such as a test run).
+YOUNG_GENERATIONS = 1
 
 _SUBGRAPH_ATTR_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
@@ -286,7 +290,7 @@ class Graph:
         infers), which would otherwise come on top of the IR's."""
         self.nodes, self.values, self.by_op, self.with_bodies = [], {}, defaultdict(list), []
         self.inputs, self.outputs, self._value_info = [], [], None
-        gc.collect()
+        gc.collect(YOUNG_GENERATIONS)
         inferred = self._inferred_types() if infer else None
         self._index()
         if infer:
