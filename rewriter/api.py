@@ -16,7 +16,7 @@ from .errors import InputError
 from .interop import to_proto
 from .ir import YOUNG_GENERATIONS, Graph, write_inferred_types
 from .ops.lowering import lowering_rules
-from .model_io import check_output, load_checked, save_model, validate
+from .model_io import check_output, check_own_domain, load_checked, save_model, validate
 from .rewrite import RewriteReport, Rewriter, finalize
 from .rule import Rule, RuleSet
 
@@ -66,6 +66,7 @@ def rewrite_with_report(model: onnx.ModelProto, rules: RuleSet | list[Rule] | No
     with _gc_paused():
         graph = Graph(model, base_dir)
         validate(model, graph, source)
+        check_own_domain(model, source)
         graph.reload(infer=True)  # typed apart from the IR, checked first (`Graph.reload`)
         clock.lap("load")
         canonical = canonicalize_graph(graph) if canonicalize else None

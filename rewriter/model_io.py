@@ -98,7 +98,6 @@ def validate(model: onnx.ModelProto, graph: Graph, source: str = "model") -> Non
     except InputError as e:
         raise InputError(f"{source}: {e}") from None
     _check_fusion_record(model, source)
-    _check_own_domain(model, default, source)
     _check_names_and_ops(model, default, source)
     defined = {v.name for v in graph.inputs} | set(graph.initializers) | set(graph.constants)
     for v in graph.values.values():
@@ -162,12 +161,14 @@ def _introduced_after(op_type: str, opset: int) -> int | None:
                    if s.name == op_type and s.domain == "")
 
 
-def _check_own_domain(model: onnx.ModelProto, opset: int, source: str) -> None:
-    """A fused op's local function in the `fusegraph` domain is fusegraph's to write: each
-    rewrite replaces it with this version's body (`fused_ops.attach_functions`). A model that
-    defines one otherwise would change meaning silently, so it is refused, unless a fusegraph
-    rewrite wrote the model (its fusion record: bodies of an older fusegraph are replaced
-    by design) or the body is one this fusegraph writes."""
+def check_own_domain(model: onnx.ModelProto, source: str = "model") -> None:
+    """Before a rewrite: a fused op's local function in the `fusegraph` domain is fusegraph's to
+    write, and each rewrite replaces it with this version's body (`fused_ops.attach_functions`).
+    A model that defines one otherwise would change meaning silently, so it is refused, unless
+    a fusegraph rewrite wrote the model (its fusion record: bodies of an older fusegraph are
+    replaced by design) or the body is one this fusegraph writes. (Building an engine keeps a
+    model's functions as they are: `build` does not ask this.)"""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if any(p.key == FUSIONS_KEY for p in model.metadata_props):
         return
     for f in model.functions:
