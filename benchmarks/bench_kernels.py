@@ -241,6 +241,19 @@ def sdpa_decode_rows(op, shape, q, k, v, nbytes, ceil):
     return best
 
 
+def _decode_case(b, hq, hkv, sk, d):
+    """One decode shape: Q, K, V, a poisoned output, its label, the K/V bytes, enough K/V copies
+    to pass 256 MiB (L2-cold graph replays) and torch SDPA's answer."""
+    q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
+    k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
+    o = poison(torch.empty_like(q))
+    nbytes = 2 * k.numel() * k.element_size()
+    copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
+    kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+    return q, k, v, o, f"B{b} {hq}:{hkv} Sk{sk}", nbytes, kvs, want
+
+
 def bench_decode(ceil, quick):
     print("decode attention (bf16, D=128, one query token; GB/s over the K/V read)", flush=True)
     d = 128
@@ -288,14 +301,9 @@ def bench_decode(ceil, quick):
         print(f"  decode per-shape best us: {[round(per_shape[sh] * 1e3, 1) for sh in shapes]}")
     for hq, hkv in DECODE_GQA:
         for b, sk in (DECODE_SHAPES[:4] if quick else DECODE_SHAPES):
-            q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
-            k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
-            o = poison(torch.empty_like(q))
-            shape = f"B{b} {hq}:{hkv} Sk{sk}"
-            nbytes = 2 * k.numel() * k.element_size()
+            q, k, v, o, shape, nbytes, kvs, want = _decode_case(b, hq, hkv, sk, d)
             entry.attention(q, k, v, out=o)
-            want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            check(f"decode {shape} vs torch sdpa", o, want.float(), BF16)
+            check(f"decode {shape} vs torch sdpa", o, want, BF16)
             fused = row("decode", shape, "fused triton split-KV (torch entry, cached launcher)",
                         bench(lambda: entry.attention(q, k, v, out=o)), nbytes=nbytes, ceil=ceil)
             if best_cfg is not None:
@@ -308,8 +316,6 @@ def bench_decode(ceil, quick):
                         d, 1, False))), nbytes=nbytes, ceil=ceil)
             torch_best = sdpa_decode_rows("decode", shape, q, k, v, nbytes, ceil)
             # device time alone: CUDA graphs of calls over rotating K/V copies (L2-cold)
-            copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
-            kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
             g_fused = graph_ms([lambda kk=kk, vv=vv: entry.attention(q, kk, vv, out=o)
                                 for kk, vv in kvs])
             g_torch = graph_ms([lambda kk=kk, vv=vv: F.scaled_dot_product_attention(
@@ -338,14 +344,7 @@ def bench_decode_splits(ceil, quick):
     d = 128
     for hq, hkv in DECODE_GQA:
         for b, sk in (DECODE_SHAPES[:4] if quick else DECODE_SHAPES):
-            q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
-            k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
-            o = poison(torch.empty_like(q))
-            shape = f"B{b} {hq}:{hkv} Sk{sk}"
-            nbytes = 2 * k.numel() * k.element_size()
-            copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
-            kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
-            want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+            q, k, v, o, shape, nbytes, kvs, want = _decode_case(b, hq, hkv, sk, d)
             line = []
             for pps in (1, 2, 4):
                 cfg = {"programs_per_sm": pps}
@@ -373,14 +372,7 @@ def bench_decode_small(ceil, quick):
     configs = [{"BLOCK_N": n, "num_warps": 4, "num_stages": st, "programs_per_sm": pps}
                for n in (32, 64) for st in (3, 4) for pps in (1, 2, 4, 8)]
     for b, hq, hkv, sk in DECODE_SMALL_SHAPES:
-        q = torch.randn(b, hq, 1, d, device=DEV, dtype=BF16)
-        k, v = (torch.randn(b, hkv, sk, d, device=DEV, dtype=BF16) for _ in range(2))
-        o = poison(torch.empty_like(q))
-        shape = f"B{b} {hq}:{hkv} Sk{sk}"
-        nbytes = 2 * k.numel() * k.element_size()
-        copies = max(1, min(32, -(-256 * 2**20 // nbytes)))
-        kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
-        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+        q, k, v, o, shape, nbytes, kvs, want = _decode_case(b, hq, hkv, sk, d)
         results = []
         for cfg in configs:
             poison(o)

@@ -33,17 +33,23 @@ def test_matmul_bias_act_matches_reference(device, check, m, n, k, act, bias, dt
     check(y, reference.matmul_bias_act(x, w, b, act, compute_dtype=np.float64), dtype, act)
 
 
+#: The two main loops: two dots (gate and up) per K step, or one dot over [Wg tile | Wu tile]
+#: split into gate and up in the epilogue (ragged N: columns past N are masked off the loads).
+LOOPS = {"two_dots": SMALL, "paired": dict(SMALL, PAIRED=True)}
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
 @settings(max_examples=15, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 50),
        act=st.sampled_from(["Silu", "Gelu"]), bias=st.booleans(),
        dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
-def test_swiglu_matches_reference(device, check, m, n, k, act, bias, dtype, seed):
+def test_swiglu_matches_reference(device, check, loop, m, n, k, act, bias, dtype, seed):
     rng = np.random.default_rng(seed)
     x = _data(rng, (m, k), dtype)
     wg, wu = (_data(rng, (k, n), dtype, 1 / np.sqrt(k)) for _ in range(2))
     bg, bu = (_data(rng, n, dtype) if bias else None for _ in range(2))
     t = lambda a: None if a is None else torch.from_numpy(a).to(device)  # noqa: E731
-    y = gemm_epilogue.swiglu(t(x), t(wg), t(wu), t(bg), t(bu), act, config=SMALL)
+    y = gemm_epilogue.swiglu(t(x), t(wg), t(wu), t(bg), t(bu), act, config=LOOPS[loop])
     check(y, reference.swiglu(x, wg, wu, bg, bu, act, compute_dtype=np.float64), dtype, act)
 
 
@@ -117,23 +123,7 @@ def test_small_m_default_tiles_match_reference(device, check, m, n):
     check(y, reference.matmul_bias_act(x, w, b, "Silu", compute_dtype=np.float64), "float32")
 
 
-PAIRED = dict(SMALL, PAIRED=True)
-
-
-@settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 50),
-       act=st.sampled_from(["Silu", "Gelu"]), bias=st.booleans(),
-       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
-def test_paired_swiglu_matches_reference(device, check, m, n, k, act, bias, dtype, seed):
-    """The one-dot main loop over [Wg tile | Wu tile], split into gate and up in the
-    epilogue: ragged N (columns past N masked off the loads) and ragged K."""
-    rng = np.random.default_rng(seed)
-    x = _data(rng, (m, k), dtype)
-    wg, wu = (_data(rng, (k, n), dtype, 1 / np.sqrt(k)) for _ in range(2))
-    bg, bu = (_data(rng, n, dtype) if bias else None for _ in range(2))
-    t = lambda a: None if a is None else torch.from_numpy(a).to(device)  # noqa: E731
-    y = gemm_epilogue.swiglu(t(x), t(wg), t(wu), t(bg), t(bu), act, config=PAIRED)
-    check(y, reference.swiglu(x, wg, wu, bg, bu, act, compute_dtype=np.float64), dtype, act)
+PAIRED = LOOPS["paired"]
 
 
 def test_paired_swiglu_reads_wu_wherever_it_lies(device, check):
