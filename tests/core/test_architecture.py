@@ -32,29 +32,33 @@ TRANSFORMS = {"fusegraph.sharding"}
 TOOLS = {"fusegraph.cli", "fusegraph.report", "fusegraph.shard_cli"}
 
 
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def layer(module: str) -> tuple[int, str]:
     """(rank, name) of a module's layer: a module may import its own layer and lower ones."""
     if module == "fusegraph.graph_builder":
         return -1, "builder"  # under everything: the fused-op bodies are built with it
     if module == "fusegraph.ops.lowering":
         return 2, "rules"  # rules over fused ops, run by the driver like the library's
-    if module == "fusegraph.ops" or module.startswith("fusegraph.ops."):
+    if in_package(module, "fusegraph.ops"):
         return 0, "ops"
     if module in CORE:
         return 1, "core"
-    if module == "fusegraph.patterns" or module.startswith("fusegraph.patterns."):
+    if in_package(module, "fusegraph.patterns"):
         return 2, "rules"
-    if module == "fusegraph.kernels" or module.startswith("fusegraph.kernels."):
+    if in_package(module, "fusegraph.kernels"):
         return 1, "kernels"
     if module in TENSORRT_TOOLS:
         return 5, "tools"
-    if module == "fusegraph.plugins" or module.startswith("fusegraph.plugins."):
+    if in_package(module, "fusegraph.plugins"):
         return 2, "plugins"
     if module in TRANSFORMS:
         return 2, "rules"
     if module in ("fusegraph", "fusegraph.api", "fusegraph.interop"):
         return 3, "api"
-    if module == "fusegraph.verify" or module.startswith("fusegraph.verify."):
+    if in_package(module, "fusegraph.verify"):
         return 4, "verify"
     if module in TOOLS:
         return 5, "tools"
